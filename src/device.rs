@@ -1,0 +1,266 @@
+//! Choosing the device, and seeding everything random.
+//!
+//! # Devices
+//!
+//! [`best_device`] picks, in one call, the fastest device this build and this
+//! machine offer: CUDA if the `cuda` feature is compiled in and a GPU is
+//! present, else Metal likewise, else the CPU. The environment variable
+//! `AIMASS_DEVICE` (`cpu`, `cuda`, `cuda:N`, `metal`, `auto`) overrides the
+//! choice, and [`select_device`] takes an explicit request that overrides
+//! both. Asking for a backend that is not compiled in, or for a GPU that is
+//! not there, is an [`Error`], never a silent fallback to the CPU.
+//!
+//! ```
+//! use aimass::device::{select_device, DeviceRequest};
+//!
+//! let cpu = select_device(DeviceRequest::Cpu)?;
+//! assert!(cpu.is_cpu());
+//! // Parsing follows the `AIMASS_DEVICE` syntax.
+//! let req: DeviceRequest = "cuda:1".parse()?;
+//! assert_eq!(req, DeviceRequest::Cuda(1));
+//! # Ok::<(), aimass::Error>(())
+//! ```
+//!
+//! # Seeding
+//!
+//! Everything random in aimass (initialisation, shuffling, augmentation,
+//! episode sampling) draws from a [`SeededRng`] made by [`rng`] or
+//! [`rng_stream`]. The generator is ChaCha8 (crate `rand_chacha`): the same
+//! seed gives the same numbers on every platform, and independent streams can
+//! be derived from one seed without correlation (e.g. one per sample so that
+//! augmentations do not depend on the number of threads).
+//!
+//! ```
+//! use aimass::device::{rng, rng_stream};
+//! use rand::Rng;
+//!
+//! let a: f32 = rng(42).random();
+//! let b: f32 = rng(42).random();
+//! assert_eq!(a, b);
+//! let c: f32 = rng_stream(42, 1).random();
+//! assert_ne!(a, c);
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::Device;
+use rand::SeedableRng;
+
+use crate::{Error, Result};
+
+/// The name of the environment variable that overrides the automatic choice.
+pub const DEVICE_ENV_VAR: &str = "AIMASS_DEVICE";
+
+/// Which device to run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum DeviceRequest {
+    /// The best available: CUDA GPU 0, else Metal, else CPU. Honours
+    /// `AIMASS_DEVICE` when it is set.
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// The CUDA GPU with this ordinal (requires the `cuda` feature).
+    Cuda(usize),
+    /// The default Metal GPU (requires the `metal` feature).
+    Metal,
+}
+
+impl fmt::Display for DeviceRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceRequest::Auto => write!(f, "auto"),
+            DeviceRequest::Cpu => write!(f, "cpu"),
+            DeviceRequest::Cuda(i) => write!(f, "cuda:{i}"),
+            DeviceRequest::Metal => write!(f, "metal"),
+        }
+    }
+}
+
+impl FromStr for DeviceRequest {
+    type Err = Error;
+
+    /// Parses `auto`, `cpu`, `cuda`, `cuda:N`, `metal` (case-insensitive,
+    /// surrounding spaces ignored).
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        let bad = || {
+            Error::config(
+                DEVICE_ENV_VAR,
+                format!("{s:?}"),
+                "expected one of `auto`, `cpu`, `cuda`, `cuda:N` (N a GPU ordinal), `metal`",
+            )
+        };
+        match t.as_str() {
+            "" | "auto" => Ok(DeviceRequest::Auto),
+            "cpu" => Ok(DeviceRequest::Cpu),
+            "cuda" | "gpu" => Ok(DeviceRequest::Cuda(0)),
+            "metal" | "mps" => Ok(DeviceRequest::Metal),
+            other => match other.strip_prefix("cuda:") {
+                Some(n) => n.parse::<usize>().map(DeviceRequest::Cuda).map_err(|_| bad()),
+                None => Err(bad()),
+            },
+        }
+    }
+}
+
+/// The request given by `AIMASS_DEVICE`, or `None` when it is unset or empty.
+///
+/// A value that does not parse is an [`Error::Config`] naming the variable.
+pub fn env_request() -> Result<Option<DeviceRequest>> {
+    match std::env::var(DEVICE_ENV_VAR) {
+        Ok(v) if v.trim().is_empty() => Ok(None),
+        Ok(v) => v.parse().map(Some),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(v)) => Err(Error::config(
+            DEVICE_ENV_VAR,
+            format!("{v:?}"),
+            "the value is not valid UTF-8",
+        )),
+    }
+}
+
+/// The best device: `AIMASS_DEVICE` if set, else CUDA, Metal, CPU in that order.
+pub fn best_device() -> Result<Device> {
+    select_device(DeviceRequest::Auto)
+}
+
+/// Opens the requested device.
+///
+/// `Auto` consults `AIMASS_DEVICE` first, then probes the compiled-in GPU
+/// backends for a present device, then falls back to the CPU. Any explicit
+/// request either opens exactly that device or returns an error:
+/// [`Error::BackendNotCompiled`] when the backend's feature is off,
+/// [`Error::DeviceUnavailable`] when the hardware is absent.
+pub fn select_device(request: DeviceRequest) -> Result<Device> {
+    match request {
+        DeviceRequest::Auto => match env_request()? {
+            Some(DeviceRequest::Auto) | None => Ok(auto_device()),
+            Some(explicit) => select_device(explicit),
+        },
+        DeviceRequest::Cpu => Ok(Device::Cpu),
+        DeviceRequest::Cuda(ordinal) => open_cuda(ordinal),
+        DeviceRequest::Metal => open_metal(),
+    }
+}
+
+fn auto_device() -> Device {
+    if let Ok(d) = open_cuda(0) {
+        return d;
+    }
+    if let Ok(d) = open_metal() {
+        return d;
+    }
+    Device::Cpu
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize) -> Result<Device> {
+    Device::new_cuda(ordinal).map_err(|e| Error::DeviceUnavailable {
+        device: format!("cuda:{ordinal}"),
+        reason: format!("{e}; check `nvidia-smi` and the GPU ordinal"),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_ordinal: usize) -> Result<Device> {
+    Err(Error::BackendNotCompiled {
+        backend: "CUDA".to_string(),
+        feature: "cuda".to_string(),
+    })
+}
+
+#[cfg(feature = "metal")]
+fn open_metal() -> Result<Device> {
+    Device::new_metal(0).map_err(|e| Error::DeviceUnavailable {
+        device: "metal".to_string(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(not(feature = "metal"))]
+fn open_metal() -> Result<Device> {
+    Err(Error::BackendNotCompiled {
+        backend: "Metal".to_string(),
+        feature: "metal".to_string(),
+    })
+}
+
+/// A short human-readable name for a device (`cpu`, `cuda:0`, `metal`).
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// The seeded random number generator used everywhere in aimass (ChaCha8).
+pub type SeededRng = rand_chacha::ChaCha8Rng;
+
+/// A generator seeded with `seed`: the single seeding entry point of aimass.
+pub fn rng(seed: u64) -> SeededRng {
+    SeededRng::seed_from_u64(seed)
+}
+
+/// An independent stream `stream` of the generator seeded with `seed`.
+///
+/// Streams of one seed do not overlap, so per-sample or per-worker randomness
+/// can be drawn in any order, on any number of threads, with identical results.
+pub fn rng_stream(seed: u64, stream: u64) -> SeededRng {
+    let mut r = SeededRng::seed_from_u64(seed);
+    r.set_stream(stream);
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_requests() {
+        assert_eq!("cpu".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cpu);
+        assert_eq!(" CUDA ".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cuda(0));
+        assert_eq!("cuda:3".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cuda(3));
+        assert_eq!("metal".parse::<DeviceRequest>().unwrap(), DeviceRequest::Metal);
+        assert_eq!("auto".parse::<DeviceRequest>().unwrap(), DeviceRequest::Auto);
+        for bad in ["tpu", "cuda:", "cuda:x", "cuda:-1"] {
+            let e = bad.parse::<DeviceRequest>().unwrap_err();
+            assert!(matches!(e, Error::Config { ref field, .. } if field == DEVICE_ENV_VAR), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for r in [DeviceRequest::Auto, DeviceRequest::Cpu, DeviceRequest::Cuda(2), DeviceRequest::Metal] {
+            assert_eq!(r.to_string().parse::<DeviceRequest>().unwrap(), r);
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_feature_is_typed_error() {
+        let e = select_device(DeviceRequest::Cuda(0)).unwrap_err();
+        assert!(matches!(e, Error::BackendNotCompiled { .. }), "{e}");
+        assert!(e.to_string().contains("--features cuda"));
+    }
+
+    #[cfg(not(feature = "metal"))]
+    #[test]
+    fn metal_without_feature_is_typed_error() {
+        let e = select_device(DeviceRequest::Metal).unwrap_err();
+        assert!(matches!(e, Error::BackendNotCompiled { .. }), "{e}");
+    }
+
+    #[test]
+    fn streams_are_reproducible_and_distinct() {
+        use rand::Rng;
+        let a: Vec<u32> = (0..8).map(|_| 0).scan(rng_stream(7, 3), |r, _: u32| Some(r.random())).collect();
+        let b: Vec<u32> = (0..8).map(|_| 0).scan(rng_stream(7, 3), |r, _: u32| Some(r.random())).collect();
+        let c: Vec<u32> = (0..8).map(|_| 0).scan(rng_stream(7, 4), |r, _: u32| Some(r.random())).collect();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+}

@@ -1,0 +1,61 @@
+//! # aimass
+//!
+//! A deep-learning **training** library for Rust, built on
+//! [candle](https://github.com/huggingface/candle). Candle gives tensors,
+//! autograd and devices; aimass gives what every training program otherwise
+//! writes by hand: optimizers with momentum and clipping, learning-rate
+//! schedules, model families with train/eval modes, classification,
+//! distillation and self-supervised losses, data pipelines with batched
+//! augmentation, and (in later releases) whole trainers for self-supervised
+//! pretraining, teacher-student distillation and meta-learning.
+//!
+//! aimass is candle interop, not a new framework: parameters live in a
+//! [`candle_nn::VarMap`], models are built from a [`candle_nn::VarBuilder`],
+//! and anything that implements candle's `Module`/`ModuleT` can be used.
+//! Every fallible function returns [`Result`], whose [`Error`] says what
+//! went wrong and where.
+//!
+//! ```
+//! use aimass::prelude::*;
+//!
+//! // Pick a device (honours AIMASS_DEVICE), normalise embeddings and compare them.
+//! let device = aimass::device::select_device(aimass::device::DeviceRequest::Cpu)?;
+//! let z = Tensor::new(&[[3.0f32, 4.0], [1.0, 0.0]], &device)?;
+//! let zn = aimass::ops::l2_normalize(&z, 1, 1e-12)?;
+//! let sim = aimass::ops::cosine_similarity_matrix(&zn, &zn)?;
+//! assert!((sim.to_vec2::<f32>()?[0][1] - 0.6).abs() < 1e-6);
+//! # Ok::<(), aimass::Error>(())
+//! ```
+//!
+//! ## Modules
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`error`] | [`Error`] and [`Result`] |
+//! | [`device`] | device selection (`AIMASS_DEVICE`) and the seeded RNG |
+//! | [`ops`] | differentiable tensor ops candle lacks or gets wrong |
+//!
+//! Cargo features `cuda`, `cudnn`, `metal`, `mkl`, `accelerate` and `nccl`
+//! forward to candle's. The CPU is the default and needs no system library.
+#![deny(missing_docs)]
+
+pub use candle_core as candle;
+pub use candle_nn;
+
+pub mod device;
+pub mod error;
+pub mod ops;
+pub mod nn;
+pub mod optim;
+pub mod loss;
+pub mod data;
+
+pub use error::{Error, Result};
+
+/// The names most programs need, in one `use aimass::prelude::*;`.
+pub mod prelude {
+    pub use crate::device::{best_device, select_device, DeviceRequest};
+    pub use crate::error::{Context, Error, Result};
+    pub use candle_core::{DType, Device, Module, ModuleT, Tensor, Var, D};
+    pub use candle_nn::{VarBuilder, VarMap};
+}
