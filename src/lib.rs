@@ -53,6 +53,7 @@ pub mod loss;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod train;
 
 pub use error::{Error, Result};
 
