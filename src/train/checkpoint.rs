@@ -299,24 +299,29 @@ impl Checkpoint {
     /// mis-shaped tensor is an error that names it, and then no var has been
     /// changed.
     pub fn restore_varmap(&self, prefix: &str, varmap: &candle_nn::VarMap) -> Result<()> {
-        let data = varmap.data().lock().map_err(|_| {
-            Error::invalid("Checkpoint::restore_varmap", "the VarMap lock is poisoned")
-        })?;
+        self.check_varmap(prefix, varmap)?;
+        let data = varmap.data().lock().map_err(|_| Error::invalid("Checkpoint::restore_varmap", "the VarMap lock is poisoned"))?;
+        let saved = self.tensors_with_prefix(prefix);
+        for (name, var) in data.iter() {
+            if let Some(t) = saved.get(name) {
+                var.set(t)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks, without changing anything, that the tensors under `prefix`
+    /// match the vars of `varmap` exactly (names, shapes, dtypes).
+    pub fn check_varmap(&self, prefix: &str, varmap: &candle_nn::VarMap) -> Result<()> {
+        let data = varmap.data().lock().map_err(|_| Error::invalid("Checkpoint::check_varmap", "the VarMap lock is poisoned"))?;
         let saved = self.tensors_with_prefix(prefix);
         let vars: BTreeMap<&String, &Var> = data.iter().collect();
         check_same_names(prefix, saved.keys(), vars.keys().copied())?;
         for (name, var) in &vars {
             let t = &saved[*name];
             if t.dims() != var.dims() || t.dtype() != var.dtype() {
-                return Err(Error::shape(
-                    format!("restoring `{prefix}/{name}`"),
-                    format!("{:?} {:?}", var.dims(), var.dtype()),
-                    (t.dims(), t.dtype()),
-                ));
+                return Err(Error::shape(format!("restoring `{prefix}/{name}`"), format!("{:?} {:?}", var.dims(), var.dtype()), (t.dims(), t.dtype())));
             }
-        }
-        for (name, var) in vars {
-            var.set(&saved[name])?;
         }
         Ok(())
     }
