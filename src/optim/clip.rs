@@ -78,7 +78,13 @@ pub(crate) fn tensor_norm(t: &Tensor, p: f64) -> Result<f64> {
     }
     let a = t.to_dtype(DType::F64)?.abs()?;
     let n = if p.is_infinite() {
-        a.flatten_all()?.max(0)?.to_scalar::<f64>()?
+        // The sum carries a NaN that `max` would skip.
+        let s = a.sum_all()?.to_scalar::<f64>()?;
+        if s.is_nan() {
+            f64::NAN
+        } else {
+            a.flatten_all()?.max(0)?.to_scalar::<f64>()?
+        }
     } else if p == 2.0 {
         a.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt()
     } else if p == 1.0 {
