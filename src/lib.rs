@@ -42,13 +42,13 @@
 pub use candle_core as candle;
 pub use candle_nn;
 
+pub mod data;
 pub mod device;
 pub mod error;
-pub mod ops;
-pub mod nn;
-pub mod optim;
 pub mod loss;
-pub mod data;
+pub mod nn;
+pub mod ops;
+pub mod optim;
 
 pub use error::{Error, Result};
 
