@@ -692,3 +692,76 @@ fn torch_sequential_head_state_dict_loads_from_file() {
         .clone();
     assert!(max_abs_diff(&rv, &fx["after_train.1.running_var"]) < 1e-5);
 }
+
+// ------------------------------------------------------------------ gradients
+
+/// Central finite differences of `loss()` with respect to a few entries of
+/// `var`, compared with the autograd gradient `g` (f64).
+fn check_fd(name: &str, var: &Var, g: &Tensor, loss: &dyn Fn() -> f64) {
+    let base: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+    let gv: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+    let h = 1e-6;
+    for i in (0..base.len()).step_by((base.len() / 4).max(1)).take(4) {
+        let mut p = base.clone();
+        p[i] += h;
+        var.set(&Tensor::from_vec(p.clone(), var.shape(), &cpu()).unwrap())
+            .unwrap();
+        let lp = loss();
+        p[i] -= 2.0 * h;
+        var.set(&Tensor::from_vec(p, var.shape(), &cpu()).unwrap())
+            .unwrap();
+        let lm = loss();
+        var.set(&Tensor::from_vec(base.clone(), var.shape(), &cpu()).unwrap())
+            .unwrap();
+        let fd = (lp - lm) / (2.0 * h);
+        assert!(
+            (fd - gv[i]).abs() < 1e-6 * (1.0 + fd.abs()),
+            "{name}[{i}]: autograd {} vs finite difference {fd}",
+            gv[i]
+        );
+    }
+}
+
+#[test]
+fn train_mode_gradients_match_finite_differences() {
+    let dev = cpu();
+    let vm = VarMap::new();
+    // ImageNet stem (7x7/2 conv, max pool), both stage kinds, downsample, classifier.
+    let cfg = ResNetConfig::resnet18()
+        .with_layers([1, 1])
+        .with_widths([2, 4])
+        .with_in_channels(1)
+        .with_num_classes(Some(3));
+    let net = ResNet::new(cfg, seeded_var_builder(&vm, 3, DType::F64, &dev)).unwrap();
+    let x = Tensor::arange(0f64, 2. * 16. * 16., &dev)
+        .unwrap()
+        .reshape((2, 1, 16, 16))
+        .unwrap()
+        .affine(0.37, 0.0)
+        .unwrap()
+        .sin()
+        .unwrap();
+    let wts = Tensor::new(&[[0.3f64, -1.2, 0.7], [1.1, 0.4, -0.5]], &dev).unwrap();
+    let loss = || -> Tensor {
+        (net.forward_t(&x, true).unwrap() * &wts)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqr()
+            .unwrap()
+    };
+    let grads = loss().backward().unwrap();
+    let lf = || loss().to_scalar::<f64>().unwrap();
+    let vars = params::named_vars(&vm).unwrap();
+    for n in [
+        "conv1.weight",
+        "bn1.weight",
+        "layer1.0.conv2.weight",
+        "layer2.0.downsample.0.weight",
+        "layer2.0.bn1.bias",
+        "fc.weight",
+    ] {
+        let v = &vars.iter().find(|(k, _)| k == n).unwrap().1;
+        check_fd(n, v, grads.get(v.as_tensor()).unwrap(), &lf);
+    }
+}

@@ -4,7 +4,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::nn::init::{torch_bias_init, torch_weight_init};
-use crate::nn::ops_shim as ops;
+use crate::ops;
 use crate::{Error, Result};
 
 /// Configuration of a [`Conv2d`] layer (torch's `nn.Conv2d` arguments).

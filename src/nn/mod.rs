@@ -56,7 +56,6 @@ mod heads;
 pub mod init;
 mod linear;
 mod mlp;
-mod ops_shim;
 pub mod params;
 mod pool;
 mod resnet;

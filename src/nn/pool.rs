@@ -2,7 +2,7 @@
 
 use candle_core::{Module, Tensor};
 
-use crate::nn::ops_shim as ops;
+use crate::ops;
 use crate::{Error, Result};
 
 /// Global average pooling: `(N, C, H, W) → (N, C)` (torch's
@@ -19,10 +19,7 @@ impl GlobalAvgPool {
 
 /// Global average pooling of an NCHW tensor to `(N, C)`.
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
-    if x.rank() != 4 {
-        return Err(Error::shape("global_avg_pool", "(N, C, H, W)", x.dims()));
-    }
-    Ok(x.mean(3)?.mean(2)?)
+    ops::global_avg_pool2d(x)
 }
 
 impl Module for GlobalAvgPool {
