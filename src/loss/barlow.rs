@@ -14,7 +14,7 @@
 //! factor (N−1)/N inside `c`); we follow the authors. Needs N >= 2.
 
 use super::check_same_shape;
-use super::ops_shim as ops;
+use crate::ops;
 use super::{check_batch, check_float, check_non_negative, check_positive, check_rank};
 use crate::Result;
 use candle_core::Tensor;

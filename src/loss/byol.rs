@@ -12,7 +12,7 @@
 //! only by the EMA). The symmetric form is the *sum* of the two directions,
 //! as in the paper (`L + L̃`); lightly averages them instead (half of ours).
 
-use super::ops_shim as ops;
+use crate::ops;
 use super::{check_batch, check_float, check_positive, check_rank, check_same_shape};
 use crate::Result;
 use candle_core::Tensor;

@@ -29,7 +29,7 @@
 //!
 //! **MSE**: `mean((x − y)²)` (torch's `F.mse_loss`).
 
-use super::ops_shim as ops;
+use crate::ops;
 use super::{check_float, check_rank, check_same_shape, class_indices, Reduction};
 use crate::{Error, Result};
 use candle_core::Tensor;

@@ -15,7 +15,7 @@
 //! The hard-label cross-entropy and mdistiller's warm-up factor are left to
 //! the caller. The teacher is detached.
 
-use super::ops_shim as ops;
+use crate::ops;
 use super::{check_batch, check_float, check_non_negative, check_positive, check_rank};
 use super::{check_same_shape, class_indices, one_hot};
 use crate::Result;

@@ -18,7 +18,7 @@
 //! parameters (`weight`, `bias`) are created in the given `VarBuilder` and
 //! must be handed to the optimizer with the student's.
 
-use super::ops_shim as ops;
+use crate::ops;
 use super::{check_float, check_non_negative, check_rank, check_same_shape, Mse, MseConfig};
 use crate::{Error, Result};
 use candle_core::Tensor;

@@ -59,7 +59,6 @@ mod dkd;
 mod hint;
 mod kd;
 mod kl;
-mod ops_shim;
 mod rkd;
 mod simsiam;
 mod vicreg;

@@ -17,7 +17,7 @@
 //! directions of coincident points are 0, as in RepDistiller. The teacher is
 //! detached. The angle term costs `O(N²·D + N³)` memory.
 
-use super::ops_shim as ops;
+use crate::ops;
 use super::{check_batch, check_float, check_non_negative};
 use crate::{Error, Result};
 use candle_core::Tensor;

@@ -11,7 +11,7 @@
 //! The cosine uses torch's `F.cosine_similarity` eps (1e-8). The loss lies in
 //! [−1, 1]; −1 is perfect agreement.
 
-use super::ops_shim as ops;
+use crate::ops;
 use super::{check_batch, check_float, check_positive, check_rank, check_same_shape};
 use crate::Result;
 use candle_core::Tensor;

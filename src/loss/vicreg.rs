@@ -16,7 +16,7 @@
 //! as large). Needs N >= 2.
 
 use super::check_same_shape;
-use super::ops_shim as ops;
+use crate::ops;
 use super::{check_batch, check_float, check_non_negative, check_positive, check_rank};
 use crate::Result;
 use candle_core::Tensor;
