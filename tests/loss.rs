@@ -879,3 +879,51 @@ fn f32_inputs_work_everywhere() {
         1e-5,
     );
 }
+
+#[test]
+fn key_queue_is_a_fifo_that_wraps() {
+    let dev = Device::Cpu;
+    let init = Tensor::new(&[[1.0f64, 0.0], [1.0, 0.0], [1.0, 0.0]], &dev).unwrap();
+    let mut q = KeyQueue::new(&init).unwrap();
+    // Pushed keys are normalised: [0, 2] -> [0, 1], [3, 4] -> [0.6, 0.8].
+    q.push(&Tensor::new(&[[0.0f64, 2.0], [3.0, 4.0]], &dev).unwrap())
+        .unwrap();
+    assert_eq!(q.pointer(), 2);
+    q.push(&Tensor::new(&[[-1.0f64, 0.0], [0.0, -5.0]], &dev).unwrap())
+        .unwrap();
+    assert_eq!(q.pointer(), 1);
+    let got = q.keys().to_vec2::<f64>().unwrap();
+    assert_eq!(got, vec![vec![0.0, -1.0], vec![0.6, 0.8], vec![-1.0, 0.0]]);
+    assert!(q
+        .push(&Tensor::ones((4, 2), DType::F64, &dev).unwrap())
+        .is_err());
+    assert!(q
+        .push(&Tensor::ones((1, 3), DType::F64, &dev).unwrap())
+        .is_err());
+    // Seeded random queues are reproducible and unit-norm.
+    let mk = || {
+        let mut r = aimass::device::rng(7);
+        KeyQueue::random(16, 4, &mut r, DType::F32, &dev).unwrap()
+    };
+    let (a, b) = (mk(), mk());
+    assert_eq!(
+        a.keys().to_vec2::<f32>().unwrap(),
+        b.keys().to_vec2::<f32>().unwrap()
+    );
+    let norms = a
+        .keys()
+        .sqr()
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-5));
+    assert!(info_nce(
+        &Tensor::ones((2, 4), DType::F32, &dev).unwrap(),
+        &Tensor::ones((2, 4), DType::F32, &dev).unwrap(),
+        Some(a.keys()),
+        0.2
+    )
+    .is_ok());
+}

@@ -19,8 +19,8 @@
 //! adaptive average pooling); the ratio must be an integer in each spatial
 //! dimension. Channel counts may differ. The teacher is detached.
 
-use crate::ops;
 use super::{check_batch, check_float, check_non_negative, check_positive, check_rank};
+use crate::ops;
 use crate::{Error, Result};
 use candle_core::Tensor;
 

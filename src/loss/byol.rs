@@ -12,8 +12,8 @@
 //! only by the EMA). The symmetric form is the *sum* of the two directions,
 //! as in the paper (`L + L̃`); lightly averages them instead (half of ours).
 
-use crate::ops;
 use super::{check_batch, check_float, check_positive, check_rank, check_same_shape};
+use crate::ops;
 use crate::Result;
 use candle_core::Tensor;
 

@@ -29,8 +29,8 @@
 //!
 //! **MSE**: `mean((x − y)²)` (torch's `F.mse_loss`).
 
-use crate::ops;
 use super::{check_float, check_rank, check_same_shape, class_indices, Reduction};
+use crate::ops;
 use crate::{Error, Result};
 use candle_core::Tensor;
 

@@ -28,8 +28,8 @@
 //! τ = 0.2 (MoCo v2; MoCo v1 used 0.07). The queue form is not symmetric
 //! (MoCo v1/v2); symmetrise by calling it twice with the views swapped.
 
-use crate::ops;
 use super::{check_batch, check_float, check_positive, check_rank, check_same_shape};
+use crate::ops;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 

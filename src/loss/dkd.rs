@@ -15,9 +15,9 @@
 //! The hard-label cross-entropy and mdistiller's warm-up factor are left to
 //! the caller. The teacher is detached.
 
-use crate::ops;
 use super::{check_batch, check_float, check_non_negative, check_positive, check_rank};
 use super::{check_same_shape, class_indices, one_hot};
+use crate::ops;
 use crate::Result;
 use candle_core::{Tensor, D};
 

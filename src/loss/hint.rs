@@ -18,8 +18,8 @@
 //! parameters (`weight`, `bias`) are created in the given `VarBuilder` and
 //! must be handed to the optimizer with the student's.
 
-use crate::ops;
 use super::{check_float, check_non_negative, check_rank, check_same_shape, Mse, MseConfig};
+use crate::ops;
 use crate::{Error, Result};
 use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};

@@ -16,9 +16,9 @@
 //! `alpha` for the hard cross-entropy instead, and TextBrewer leaves out `T²`.
 //! Defaults: `T = 4`, `alpha = 0.9` (RepDistiller's CIFAR-100 setting).
 
-use crate::ops;
 use super::{check_batch, check_float, check_positive, check_rank, check_same_shape};
 use super::{CrossEntropy, CrossEntropyConfig};
+use crate::ops;
 use crate::{Error, Result};
 use candle_core::Tensor;
 

@@ -20,7 +20,7 @@
 //! |---|---|
 //! | classification | [`cross_entropy`] (label smoothing, class weights, ignore index), [`binary_cross_entropy_with_logits`] (stable for any logit), [`mse_loss`], [`kl_div`] |
 //! | distillation | [`kd_loss`] / [`Kd`] (Hinton), [`dkd_loss`] (decoupled KD), [`Hint`] (FitNets), [`attention_transfer`], [`rkd_distance`] / [`rkd_angle`] / [`Rkd`] |
-//! | self-supervised | [`nt_xent`] (SimCLR), [`info_nce`] (MoCo, with a queue of negatives), [`byol_loss`], [`negative_cosine`] (SimSiam), [`barlow_twins`], [`vicreg`] |
+//! | self-supervised | [`nt_xent`] (SimCLR), [`info_nce`] (MoCo, with a [`KeyQueue`] of negatives), [`byol_loss`], [`negative_cosine`] (SimSiam), [`barlow_twins`], [`vicreg`] |
 //!
 //! Targets and teachers are never differentiated: teacher logits and
 //! features, BYOL/SimSiam targets and MoCo keys and queues are detached
@@ -59,6 +59,7 @@ mod dkd;
 mod hint;
 mod kd;
 mod kl;
+mod queue;
 mod rkd;
 mod simsiam;
 mod vicreg;
@@ -75,6 +76,7 @@ pub use dkd::{dkd_loss, Dkd, DkdConfig};
 pub use hint::{hint_loss, Hint, HintConfig, HintRegressor};
 pub use kd::{kd_loss, Kd, KdConfig};
 pub use kl::{kl_div, KlDiv, KlDivConfig};
+pub use queue::KeyQueue;
 pub use rkd::{rkd_angle, rkd_distance, Rkd, RkdConfig};
 pub use simsiam::{negative_cosine, SimSiamLoss, SimSiamLossConfig};
 pub use vicreg::{vicreg, VicReg, VicRegConfig, VicRegTerms};

@@ -17,8 +17,8 @@
 //! directions of coincident points are 0, as in RepDistiller. The teacher is
 //! detached. The angle term costs `O(N²·D + N³)` memory.
 
-use crate::ops;
 use super::{check_batch, check_float, check_non_negative};
+use crate::ops;
 use crate::{Error, Result};
 use candle_core::Tensor;
 

@@ -11,8 +11,8 @@
 //! The cosine uses torch's `F.cosine_similarity` eps (1e-8). The loss lies in
 //! [−1, 1]; −1 is perfect agreement.
 
-use crate::ops;
 use super::{check_batch, check_float, check_positive, check_rank, check_same_shape};
+use crate::ops;
 use crate::Result;
 use candle_core::Tensor;
 

@@ -16,8 +16,8 @@
 //! as large). Needs N >= 2.
 
 use super::check_same_shape;
-use crate::ops;
 use super::{check_batch, check_float, check_non_negative, check_positive, check_rank};
+use crate::ops;
 use crate::Result;
 use candle_core::Tensor;
 
