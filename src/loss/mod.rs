@@ -7,10 +7,10 @@
 //! - a **configured** form, `Xxx::new(XxxConfig)` then `.forward(...)`, whose
 //!   `XxxConfig::default()` holds the paper's values and whose constructor
 //!   rejects bad values (temperature ≤ 0, smoothing outside [0, 1], ...) with
-//!   [`Error::Config`](crate::Error::Config) naming the field.
+//!   [`Error::Config`] naming the field.
 //!
 //! Every loss checks its inputs (ranks, matching shapes, empty batches, a
-//! batch of one for contrastive losses) and returns an [`Error`](crate::Error)
+//! batch of one for contrastive losses) and returns an [`Error`]
 //! instead of panicking or producing a silent NaN. All of them are
 //! differentiable with candle's autograd (they are built from `crate::ops` and
 //! candle ops that have a backward pass) and were checked against PyTorch
