@@ -45,8 +45,9 @@ fn setup(dev: &Device) -> (Vec<Var>, GradStore) {
 }
 
 fn torch_peer() -> Option<f64> {
-    let path = std::env::var("AIMASS_TORCH_PEER")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/bench/torch_peer.py").to_string());
+    let path = std::env::var("AIMASS_TORCH_PEER").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/bench/torch_peer.py").to_string()
+    });
     if !std::path::Path::new(&path).exists() {
         println!("torch peer: {path} not found, skipped");
         return None;
@@ -57,18 +58,35 @@ fn torch_peer() -> Option<f64> {
         .ok()?;
     let s = String::from_utf8_lossy(&out.stdout);
     let line = s.lines().find(|l| l.contains("\"adamw_10m\""))?;
-    let ms = line.split("\"ms\":").nth(1)?.split(',').next()?.trim().parse::<f64>().ok()?;
+    let ms = line
+        .split("\"ms\":")
+        .nth(1)?
+        .split(',')
+        .next()?
+        .trim()
+        .parse::<f64>()
+        .ok()?;
     Some(ms)
 }
 
 fn main() {
-    let iters = std::env::var("AIMASS_BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let iters = std::env::var("AIMASS_BENCH_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
     let dev = Device::Cpu;
     let threads = rayon::current_num_threads();
     println!("AdamW step, 10 x (1000x1000) f32, median of {iters} after 2 warm-up, {threads} rayon threads");
 
     let (vars, grads) = setup(&dev);
-    let named = |vars: &[Var]| vec![ParamGroup::new(vars.iter().enumerate().map(|(i, v)| (format!("p{i}"), v.clone())).collect())];
+    let named = |vars: &[Var]| {
+        vec![ParamGroup::new(
+            vars.iter()
+                .enumerate()
+                .map(|(i, v)| (format!("p{i}"), v.clone()))
+                .collect(),
+        )]
+    };
     let cfg = AdamWConfig::default().with_lr(1e-3);
     let mut fused = AdamW::new(cfg.clone(), named(&vars)).unwrap();
     let ours = time(iters, || fused.step(&grads).unwrap());
@@ -78,11 +96,19 @@ fn main() {
     println!("aimass AdamW (candle ops):  {ours_ops:8.2} ms");
     let mut cnn = <aimass::candle_nn::AdamW as aimass::candle_nn::Optimizer>::new(
         vars.clone(),
-        aimass::candle_nn::ParamsAdamW { lr: 1e-3, ..Default::default() },
+        aimass::candle_nn::ParamsAdamW {
+            lr: 1e-3,
+            ..Default::default()
+        },
     )
     .unwrap();
-    let candle = time(iters, || aimass::candle_nn::Optimizer::step(&mut cnn, &grads).unwrap());
-    println!("candle-nn AdamW:            {candle:8.2} ms   (aimass fused is {:.2}x faster)", candle / ours);
+    let candle = time(iters, || {
+        aimass::candle_nn::Optimizer::step(&mut cnn, &grads).unwrap()
+    });
+    println!(
+        "candle-nn AdamW:            {candle:8.2} ms   (aimass fused is {:.2}x faster)",
+        candle / ours
+    );
     match torch_peer() {
         Some(t) => println!(
             "torch AdamW(foreach=True):  {t:8.2} ms   (aimass fused / torch = {:.2})",

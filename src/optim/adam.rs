@@ -116,7 +116,13 @@ macro_rules! adam_config {
     };
 }
 
-adam_config!(AdamConfig, "Adam", "torch.optim.Adam", 0.0, "L2 penalty added to the gradient (torch default 0).");
+adam_config!(
+    AdamConfig,
+    "Adam",
+    "torch.optim.Adam",
+    0.0,
+    "L2 penalty added to the gradient (torch default 0)."
+);
 adam_config!(
     AdamWConfig,
     "AdamW",
@@ -147,7 +153,9 @@ fn update(core: &mut Core, h: Params, decoupled: bool, i: usize, g: &Tensor) -> 
     let grp = core.group_of(i);
     let lr = core.lr * grp.lr_scale;
     let wd = grp.weight_decay;
-    let Some(slot) = core.slots.get_mut(i) else { return Ok(()) };
+    let Some(slot) = core.slots.get_mut(i) else {
+        return Ok(());
+    };
     let p = slot.var.as_tensor().clone();
     for b in slot.bufs.iter_mut() {
         if b.is_none() {
@@ -160,7 +168,11 @@ fn update(core: &mut Core, h: Params, decoupled: bool, i: usize, g: &Tensor) -> 
         beta1: h.beta1,
         beta2: h.beta2,
         eps: h.eps,
-        decay_mul: if decoupled && wd != 0.0 { 1.0 - lr * wd } else { 1.0 },
+        decay_mul: if decoupled && wd != 0.0 {
+            1.0 - lr * wd
+        } else {
+            1.0
+        },
         l2: if decoupled { 0.0 } else { wd },
         step_size: lr / (1.0 - h.beta1.powf(t)),
         bc2_sqrt: (1.0 - h.beta2.powf(t)).sqrt(),
@@ -171,8 +183,12 @@ fn update(core: &mut Core, h: Params, decoupled: bool, i: usize, g: &Tensor) -> 
         muts.extend(bufs.iter());
         if fused::applicable(&muts, g) {
             match p.dtype() {
-                DType::F32 => return fused::with_slices::<f32>(&muts, g, |s, g| fused::adam(s, g, coef)),
-                DType::F64 => return fused::with_slices::<f64>(&muts, g, |s, g| fused::adam(s, g, coef)),
+                DType::F32 => {
+                    return fused::with_slices::<f32>(&muts, g, |s, g| fused::adam(s, g, coef))
+                }
+                DType::F64 => {
+                    return fused::with_slices::<f64>(&muts, g, |s, g| fused::adam(s, g, coef))
+                }
                 _ => {}
             }
         }
@@ -186,7 +202,11 @@ fn update(core: &mut Core, h: Params, decoupled: bool, i: usize, g: &Tensor) -> 
     if coef.l2 != 0.0 {
         g = (g + (&p * coef.l2)?)?;
     }
-    let p0 = if coef.decay_mul != 1.0 { (&p * coef.decay_mul)? } else { p.clone() };
+    let p0 = if coef.decay_mul != 1.0 {
+        (&p * coef.decay_mul)?
+    } else {
+        p.clone()
+    };
     let m = (m + ((&g - m)? * (1.0 - h.beta1))?)?;
     let v = ((v * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
     let vmax = match bufs.get(2) {
@@ -196,7 +216,11 @@ fn update(core: &mut Core, h: Params, decoupled: bool, i: usize, g: &Tensor) -> 
     let denom = ((vmax.as_ref().unwrap_or(&v).sqrt()? / coef.bc2_sqrt)? + h.eps)?;
     let newp = (p0 - ((&m / denom)? * coef.step_size)?)?;
     slot.var.set(&newp)?;
-    slot.bufs = std::iter::once(m).chain(std::iter::once(v)).chain(vmax).map(Some).collect();
+    slot.bufs = std::iter::once(m)
+        .chain(std::iter::once(v))
+        .chain(vmax)
+        .map(Some)
+        .collect();
     Ok(())
 }
 
@@ -221,7 +245,11 @@ impl Adam {
             buf_names(h.amsgrad),
             true,
         )?;
-        Ok(Self { core, cfg: config, h })
+        Ok(Self {
+            core,
+            cfg: config,
+            h,
+        })
     }
 
     /// The configuration.
@@ -255,7 +283,11 @@ impl AdamW {
             buf_names(h.amsgrad),
             true,
         )?;
-        Ok(Self { core, cfg: config, h })
+        Ok(Self {
+            core,
+            cfg: config,
+            h,
+        })
     }
 
     /// The configuration.
