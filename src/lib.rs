@@ -34,6 +34,10 @@
 //! | [`error`] | [`Error`] and [`Result`] |
 //! | [`device`] | device selection (`AIMASS_DEVICE`) and the seeded RNG |
 //! | [`ops`] | differentiable tensor ops candle lacks or gets wrong |
+//! | [`nn`] | layers and model families with train/eval modes |
+//! | [`optim`] | optimizers, clipping, learning-rate schedules, EMA |
+//! | [`loss`] | classification, distillation and self-supervised losses |
+//! | [`data`] | datasets, readers, loader, augmentations, episodes |
 //!
 //! Cargo features `cuda`, `cudnn`, `metal`, `mkl`, `accelerate` and `nccl`
 //! forward to candle's. The CPU is the default and needs no system library.
@@ -42,13 +46,13 @@
 pub use candle_core as candle;
 pub use candle_nn;
 
+pub mod data;
 pub mod device;
 pub mod error;
-pub mod ops;
-pub mod nn;
-pub mod optim;
 pub mod loss;
-pub mod data;
+pub mod nn;
+pub mod ops;
+pub mod optim;
 
 pub use error::{Error, Result};
 
