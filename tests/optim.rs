@@ -877,7 +877,7 @@ fn reduce_on_plateau_matches_torch() {
         ),
         ("default", 1.0, ReduceLrOnPlateauConfig::default()),
     ];
-    for (case, sign, cfg) in cases {
+    for (case, sign, cfg) in cases.clone() {
         let want = f[&format!("plateau.{case}")].to_vec1::<f64>().unwrap();
         let mut s = ReduceLrOnPlateau::new(cfg, 0.1).unwrap();
         let mut reductions = 0;
@@ -895,6 +895,25 @@ fn reduce_on_plateau_matches_torch() {
             "{case}: the fixture must exercise a reduction"
         );
     }
+    // Checkpoint mid-run (inside a cooldown) and resume in a fresh scheduler.
+    let want = f["plateau.min_rel"].to_vec1::<f64>().unwrap();
+    let cfg = cases[0].2.clone();
+    let mut s = ReduceLrOnPlateau::new(cfg.clone(), 0.1).unwrap();
+    for m in &metric[..40] {
+        s.step(*m);
+    }
+    let st = s.state_dict().unwrap();
+    let mut r = ReduceLrOnPlateau::new(cfg, 0.5).unwrap();
+    r.load_state_dict(&st).unwrap();
+    for (t, m) in metric.iter().enumerate().skip(40) {
+        assert!(
+            (r.step(*m) - want[t]).abs() <= 1e-15 * want[t],
+            "resumed plateau at {t}"
+        );
+    }
+    let mut bad = st.clone();
+    bad.remove("best");
+    assert!(r.load_state_dict(&bad).is_err());
 }
 
 #[test]

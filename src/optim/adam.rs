@@ -40,7 +40,8 @@ macro_rules! adam_config {
             /// Gradient clipping applied before each step (default none).
             pub grad_clip: Option<GradClip>,
             /// Fused in-place CPU update: `None` (default) uses it for f32/f64
-            /// CPU parameters, `Some(false)` always uses candle ops.
+            /// CPU parameters (so does `Some(true)`), `Some(false)` always uses
+            /// candle ops.
             pub fused: Option<bool>,
         }
 

@@ -17,6 +17,10 @@
 //!
 //! [`ReduceLrOnPlateau`] is driven by a monitored metric instead of the step.
 
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+
 use crate::{Error, Result};
 
 /// A learning rate as a function of the step (number of scheduler steps so far).
@@ -653,5 +657,66 @@ impl ReduceLrOnPlateau {
     /// The best metric seen so far.
     pub fn best(&self) -> f64 {
         self.best
+    }
+
+    /// The scheduler's position as named f64 scalars (`lr`, `best`,
+    /// `num_bad_epochs`, `cooldown_counter`), for checkpoints.
+    pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
+        let mut m = HashMap::new();
+        for (k, v) in [
+            ("lr", self.lr),
+            ("best", self.best),
+            ("num_bad_epochs", self.num_bad as f64),
+            ("cooldown_counter", self.cooldown_counter as f64),
+        ] {
+            m.insert(k.to_string(), Tensor::new(v, &Device::Cpu)?);
+        }
+        Ok(m)
+    }
+
+    /// Restores a position saved by [`ReduceLrOnPlateau::state_dict`]; a
+    /// missing or malformed entry is an error and changes nothing.
+    pub fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let get = |k: &str| -> Result<f64> {
+            let t = state.get(k).ok_or_else(|| {
+                Error::invalid(
+                    "ReduceLrOnPlateau::load_state_dict",
+                    format!("missing `{k}`"),
+                )
+            })?;
+            if t.elem_count() != 1 {
+                return Err(Error::shape(
+                    format!("ReduceLrOnPlateau::load_state_dict `{k}`"),
+                    "a scalar",
+                    t.dims(),
+                ));
+            }
+            Ok(t.flatten_all()?
+                .to_dtype(DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?)
+        };
+        let count = |k: &str| -> Result<u64> {
+            let v = get(k)?;
+            if !(v >= 0.0 && v.fract() == 0.0 && v < 9.0e15) {
+                return Err(Error::invalid(
+                    "ReduceLrOnPlateau::load_state_dict",
+                    format!("`{k}` = {v} is not a count"),
+                ));
+            }
+            Ok(v as u64)
+        };
+        let (lr, best, nb, cd) = (
+            get("lr")?,
+            get("best")?,
+            count("num_bad_epochs")?,
+            count("cooldown_counter")?,
+        );
+        check_base("ReduceLrOnPlateau::lr", lr)?;
+        self.lr = lr;
+        self.best = best;
+        self.num_bad = nb;
+        self.cooldown_counter = cd;
+        Ok(())
     }
 }

@@ -37,7 +37,7 @@ pub struct SgdConfig {
     /// Gradient clipping applied before each step (default none).
     pub grad_clip: Option<GradClip>,
     /// Fused in-place CPU update: `None` (default) uses it for f32/f64 CPU
-    /// parameters, `Some(false)` always uses candle ops.
+    /// parameters (so does `Some(true)`), `Some(false)` always uses candle ops.
     pub fused: Option<bool>,
 }
 
