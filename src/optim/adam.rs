@@ -40,7 +40,8 @@ macro_rules! adam_config {
             /// Gradient clipping applied before each step (default none).
             pub grad_clip: Option<GradClip>,
             /// Fused in-place CPU update: `None` (default) uses it for f32/f64
-            /// CPU parameters, `Some(false)` always uses candle ops.
+            /// CPU parameters (so does `Some(true)`), `Some(false)` always uses
+            /// candle ops.
             pub fused: Option<bool>,
         }
 
@@ -116,7 +117,13 @@ macro_rules! adam_config {
     };
 }
 
-adam_config!(AdamConfig, "Adam", "torch.optim.Adam", 0.0, "L2 penalty added to the gradient (torch default 0).");
+adam_config!(
+    AdamConfig,
+    "Adam",
+    "torch.optim.Adam",
+    0.0,
+    "L2 penalty added to the gradient (torch default 0)."
+);
 adam_config!(
     AdamWConfig,
     "AdamW",
@@ -147,7 +154,9 @@ fn update(core: &mut Core, h: Params, decoupled: bool, i: usize, g: &Tensor) -> 
     let grp = core.group_of(i);
     let lr = core.lr * grp.lr_scale;
     let wd = grp.weight_decay;
-    let Some(slot) = core.slots.get_mut(i) else { return Ok(()) };
+    let Some(slot) = core.slots.get_mut(i) else {
+        return Ok(());
+    };
     let p = slot.var.as_tensor().clone();
     for b in slot.bufs.iter_mut() {
         if b.is_none() {
@@ -160,7 +169,11 @@ fn update(core: &mut Core, h: Params, decoupled: bool, i: usize, g: &Tensor) -> 
         beta1: h.beta1,
         beta2: h.beta2,
         eps: h.eps,
-        decay_mul: if decoupled && wd != 0.0 { 1.0 - lr * wd } else { 1.0 },
+        decay_mul: if decoupled && wd != 0.0 {
+            1.0 - lr * wd
+        } else {
+            1.0
+        },
         l2: if decoupled { 0.0 } else { wd },
         step_size: lr / (1.0 - h.beta1.powf(t)),
         bc2_sqrt: (1.0 - h.beta2.powf(t)).sqrt(),
@@ -171,8 +184,12 @@ fn update(core: &mut Core, h: Params, decoupled: bool, i: usize, g: &Tensor) -> 
         muts.extend(bufs.iter());
         if fused::applicable(&muts, g) {
             match p.dtype() {
-                DType::F32 => return fused::with_slices::<f32>(&muts, g, |s, g| fused::adam(s, g, coef)),
-                DType::F64 => return fused::with_slices::<f64>(&muts, g, |s, g| fused::adam(s, g, coef)),
+                DType::F32 => {
+                    return fused::with_slices::<f32>(&muts, g, |s, g| fused::adam(s, g, coef))
+                }
+                DType::F64 => {
+                    return fused::with_slices::<f64>(&muts, g, |s, g| fused::adam(s, g, coef))
+                }
                 _ => {}
             }
         }
@@ -186,7 +203,11 @@ fn update(core: &mut Core, h: Params, decoupled: bool, i: usize, g: &Tensor) -> 
     if coef.l2 != 0.0 {
         g = (g + (&p * coef.l2)?)?;
     }
-    let p0 = if coef.decay_mul != 1.0 { (&p * coef.decay_mul)? } else { p.clone() };
+    let p0 = if coef.decay_mul != 1.0 {
+        (&p * coef.decay_mul)?
+    } else {
+        p.clone()
+    };
     let m = (m + ((&g - m)? * (1.0 - h.beta1))?)?;
     let v = ((v * h.beta2)? + (g.sqr()? * (1.0 - h.beta2))?)?;
     let vmax = match bufs.get(2) {
@@ -196,7 +217,11 @@ fn update(core: &mut Core, h: Params, decoupled: bool, i: usize, g: &Tensor) -> 
     let denom = ((vmax.as_ref().unwrap_or(&v).sqrt()? / coef.bc2_sqrt)? + h.eps)?;
     let newp = (p0 - ((&m / denom)? * coef.step_size)?)?;
     slot.var.set(&newp)?;
-    slot.bufs = std::iter::once(m).chain(std::iter::once(v)).chain(vmax).map(Some).collect();
+    slot.bufs = std::iter::once(m)
+        .chain(std::iter::once(v))
+        .chain(vmax)
+        .map(Some)
+        .collect();
     Ok(())
 }
 
@@ -221,7 +246,11 @@ impl Adam {
             buf_names(h.amsgrad),
             true,
         )?;
-        Ok(Self { core, cfg: config, h })
+        Ok(Self {
+            core,
+            cfg: config,
+            h,
+        })
     }
 
     /// The configuration.
@@ -255,7 +284,11 @@ impl AdamW {
             buf_names(h.amsgrad),
             true,
         )?;
-        Ok(Self { core, cfg: config, h })
+        Ok(Self {
+            core,
+            cfg: config,
+            h,
+        })
     }
 
     /// The configuration.

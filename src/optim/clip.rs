@@ -46,8 +46,9 @@ impl GradClip {
                         "must be finite and > 0",
                     ));
                 }
-                check_norm_type(norm_type)
-                    .map_err(|r| Error::config(format!("{owner}::grad_clip.norm_type"), norm_type, r))
+                check_norm_type(norm_type).map_err(|r| {
+                    Error::config(format!("{owner}::grad_clip.norm_type"), norm_type, r)
+                })
             }
             GradClip::Value(v) => {
                 if !(v.is_finite() && v > 0.0) {
@@ -127,7 +128,8 @@ pub(crate) fn clip_coef(max_norm: f64, norm: f64) -> f64 {
 /// The global `norm_type`-norm of the gradients of `vars` in `grads` (vars
 /// without a gradient are skipped).
 pub fn grad_norm(grads: &GradStore, vars: &[Var], norm_type: f64) -> Result<f64> {
-    check_norm_type(norm_type).map_err(|r| Error::invalid("grad_norm", format!("norm_type {norm_type}: {r}")))?;
+    check_norm_type(norm_type)
+        .map_err(|r| Error::invalid("grad_norm", format!("norm_type {norm_type}: {r}")))?;
     global_norm(vars.iter().filter_map(|v| grads.get(v)), norm_type)
 }
 
@@ -145,7 +147,7 @@ pub fn clip_grad_norm(
     max_norm: f64,
     norm_type: f64,
 ) -> Result<f64> {
-    if !(max_norm >= 0.0) {
+    if max_norm.is_nan() || max_norm < 0.0 {
         return Err(Error::invalid(
             "clip_grad_norm",
             format!("max_norm must be >= 0, got {max_norm}"),
@@ -170,7 +172,7 @@ pub fn clip_grad_norm(
 /// Clamps every gradient element of `vars` to `[-clip_value, clip_value]`,
 /// like torch's `clip_grad_value_`.
 pub fn clip_grad_value(grads: &mut GradStore, vars: &[Var], clip_value: f64) -> Result<()> {
-    if !(clip_value >= 0.0) {
+    if clip_value.is_nan() || clip_value < 0.0 {
         return Err(Error::invalid(
             "clip_grad_value",
             format!("clip_value must be >= 0, got {clip_value}"),

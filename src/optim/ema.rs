@@ -88,12 +88,18 @@ impl Ema {
         let mut pairs = Vec::new();
         for n in names {
             let (Some(o), Some(t)) = (on.get(n), ta.get(n)) else {
-                return Err(Error::invalid("Ema::new", format!("variable `{n}` of the online model is missing in the target")));
+                return Err(Error::invalid(
+                    "Ema::new",
+                    format!("variable `{n}` of the online model is missing in the target"),
+                ));
             };
             pairs.push((n.clone(), o.clone(), t.clone()));
         }
         if let Some(n) = ta.keys().filter(|n| keep(n)).find(|n| !on.contains_key(*n)) {
-            return Err(Error::invalid("Ema::new", format!("target variable `{n}` has no online counterpart")));
+            return Err(Error::invalid(
+                "Ema::new",
+                format!("target variable `{n}` has no online counterpart"),
+            ));
         }
         Self::from_pairs(cfg, pairs)
     }
@@ -101,11 +107,19 @@ impl Ema {
     /// From explicit `(name, online, target)` triples.
     pub fn from_pairs(cfg: EmaConfig, pairs: Vec<(String, Var, Var)>) -> Result<Self> {
         if !(0.0..=1.0).contains(&cfg.tau_base) {
-            return Err(Error::config("EmaConfig::tau_base", cfg.tau_base, "must be in [0, 1]"));
+            return Err(Error::config(
+                "EmaConfig::tau_base",
+                cfg.tau_base,
+                "must be in [0, 1]",
+            ));
         }
         for (n, o, t) in &pairs {
             if o.dims() != t.dims() {
-                return Err(Error::shape(format!("Ema, variable `{n}`"), format!("{:?} (online)", o.dims()), t.dims()));
+                return Err(Error::shape(
+                    format!("Ema, variable `{n}`"),
+                    format!("{:?} (online)", o.dims()),
+                    t.dims(),
+                ));
             }
         }
         Ok(Self { cfg, pairs })
@@ -122,7 +136,12 @@ impl Ema {
     /// Copies the online weights into the target (BYOL's initialisation).
     pub fn copy_online_to_target(&self) -> Result<()> {
         for (_, o, t) in &self.pairs {
-            t.set(&o.as_tensor().to_dtype(t.dtype())?.to_device(t.device())?.copy()?)?;
+            t.set(
+                &o.as_tensor()
+                    .to_dtype(t.dtype())?
+                    .to_device(t.device())?
+                    .copy()?,
+            )?;
         }
         Ok(())
     }

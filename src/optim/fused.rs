@@ -97,18 +97,20 @@ fn nest<T: Real>(
     let Some((first, rest)) = ts.split_first() else {
         return f(ptrs);
     };
-    let op = Access(Cell::new(Some(Box::new(|s: &mut CpuStorage, l: &Layout| {
-        let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("aimass-optim-fused: tensor is not contiguous")
-        };
-        let Some(sl) = T::slice_mut(s).and_then(|v| v.get_mut(a..b)) else {
-            candle_core::bail!("aimass-optim-fused: unexpected dtype or layout")
-        };
-        ptrs.push((sl.as_mut_ptr(), sl.len()));
-        let r = nest(rest, ptrs, f);
-        ptrs.pop();
-        r
-    }))));
+    let op = Access(Cell::new(Some(Box::new(
+        |s: &mut CpuStorage, l: &Layout| {
+            let Some((a, b)) = l.contiguous_offsets() else {
+                candle_core::bail!("aimass-optim-fused: tensor is not contiguous")
+            };
+            let Some(sl) = T::slice_mut(s).and_then(|v| v.get_mut(a..b)) else {
+                candle_core::bail!("aimass-optim-fused: unexpected dtype or layout")
+            };
+            ptrs.push((sl.as_mut_ptr(), sl.len()));
+            let r = nest(rest, ptrs, f);
+            ptrs.pop();
+            r
+        },
+    ))));
     first.inplace_op1(&op)
 }
 
@@ -155,9 +157,19 @@ pub(crate) fn with_slices<T: Real>(
     let g: &[T] = match (&*gs, gl.contiguous_offsets()) {
         (Storage::Cpu(c), Some((a, b))) => match T::slice(c).and_then(|v| v.get(a..b)) {
             Some(g) => g,
-            None => return Err(crate::Error::invalid("fused optimizer step", "gradient dtype or layout")),
+            None => {
+                return Err(crate::Error::invalid(
+                    "fused optimizer step",
+                    "gradient dtype or layout",
+                ))
+            }
         },
-        _ => return Err(crate::Error::invalid("fused optimizer step", "gradient is not a contiguous CPU tensor")),
+        _ => {
+            return Err(crate::Error::invalid(
+                "fused optimizer step",
+                "gradient is not a contiguous CPU tensor",
+            ))
+        }
     };
     let mut f = Some(f);
     let mut ptrs = Vec::with_capacity(muts.len());
@@ -237,7 +249,8 @@ pub(crate) fn adam<T: Real>(s: &mut [&mut [T]], g: &[T], c: AdamCoef) {
             .zip(v.par_chunks_mut(CHUNK))
             .zip(g.par_chunks(CHUNK))
             .for_each(|(((p, m), v), g)| {
-                for (((pi, mi), vi), &gi) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                for (((pi, mi), vi), &gi) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g)
+                {
                     upd(pi, mi, vi, None, gi);
                 }
             }),
@@ -264,16 +277,32 @@ pub(crate) fn adam<T: Real>(s: &mut [&mut [T]], g: &[T], c: AdamCoef) {
 
 /// In-place SGD update (torch semantics) of `p` with optional momentum
 /// buffer `buf` (already initialised).
-pub(crate) fn sgd<T: Real>(s: &mut [&mut [T]], g: &[T], lr: f64, wd: f64, momentum: f64, dampening: f64, nesterov: bool) {
-    let (lr, wd, mo, w) = (T::of(lr), T::of(wd), T::of(momentum), T::of(1.0 - dampening));
+pub(crate) fn sgd<T: Real>(
+    s: &mut [&mut [T]],
+    g: &[T],
+    lr: f64,
+    wd: f64,
+    momentum: f64,
+    dampening: f64,
+    nesterov: bool,
+) {
+    let (lr, wd, mo, w) = (
+        T::of(lr),
+        T::of(wd),
+        T::of(momentum),
+        T::of(1.0 - dampening),
+    );
     let has_wd = wd != T::of(0.0);
     match s {
-        [p] => p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(p, g)| {
-            for (pi, &gi) in p.iter_mut().zip(g) {
-                let gi = if has_wd { gi + wd * *pi } else { gi };
-                *pi = *pi - lr * gi;
-            }
-        }),
+        [p] => p
+            .par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(p, g)| {
+                for (pi, &gi) in p.iter_mut().zip(g) {
+                    let gi = if has_wd { gi + wd * *pi } else { gi };
+                    *pi = *pi - lr * gi;
+                }
+            }),
         [p, b] => p
             .par_chunks_mut(CHUNK)
             .zip(b.par_chunks_mut(CHUNK))

@@ -103,11 +103,19 @@ impl LarsConfig {
         check_unit("LarsConfig::momentum", self.momentum)?;
         check_nonneg("LarsConfig::weight_decay", self.weight_decay)?;
         if !(self.eta.is_finite() && self.eta > 0.0) {
-            return Err(Error::config("LarsConfig::eta", self.eta, "must be finite and > 0"));
+            return Err(Error::config(
+                "LarsConfig::eta",
+                self.eta,
+                "must be finite and > 0",
+            ));
         }
         check_nonneg("LarsConfig::eps", self.eps)?;
         if self.nesterov && self.momentum <= 0.0 {
-            return Err(Error::config("LarsConfig::nesterov", true, "Nesterov momentum requires momentum > 0"));
+            return Err(Error::config(
+                "LarsConfig::nesterov",
+                true,
+                "Nesterov momentum requires momentum > 0",
+            ));
         }
         Ok(())
     }
@@ -120,7 +128,11 @@ pub struct Lars {
 }
 
 fn norm(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?)
+    Ok(t.to_dtype(DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .sqrt()?
+        .to_scalar::<f64>()?)
 }
 
 impl Lars {
@@ -128,7 +140,11 @@ impl Lars {
     /// with `trust_ratio == false` are not adapted.
     pub fn new(config: LarsConfig, groups: Vec<ParamGroup>) -> Result<Self> {
         config.validate()?;
-        let bufs = if config.momentum != 0.0 { vec!["momentum_buffer"] } else { vec![] };
+        let bufs = if config.momentum != 0.0 {
+            vec!["momentum_buffer"]
+        } else {
+            vec![]
+        };
         let core = Core::new(
             "LarsConfig",
             groups,
@@ -151,9 +167,15 @@ impl Lars {
         let lr = self.core.lr * grp.lr_scale;
         let wd = grp.weight_decay;
         let c = &self.cfg;
-        let Some(slot) = self.core.slots.get_mut(i) else { return Ok(()) };
+        let Some(slot) = self.core.slots.get_mut(i) else {
+            return Ok(());
+        };
         let p = slot.var.as_tensor();
-        let mut d = if wd != 0.0 { (g + (p * wd)?)? } else { g.clone() };
+        let mut d = if wd != 0.0 {
+            (g + (p * wd)?)?
+        } else {
+            g.clone()
+        };
         if grp.trust_ratio {
             let (pn, gn) = (norm(p)?, norm(g)?);
             if pn > 0.0 && gn > 0.0 {
@@ -165,7 +187,11 @@ impl Lars {
                 None => d.copy()?,
                 Some(b) => ((b * c.momentum)? + &d)?,
             };
-            d = if c.nesterov { (d + (&buf * c.momentum)?)? } else { buf.clone() };
+            d = if c.nesterov {
+                (d + (&buf * c.momentum)?)?
+            } else {
+                buf.clone()
+            };
             if let Some(b) = slot.bufs.first_mut() {
                 *b = Some(buf);
             }

@@ -81,8 +81,8 @@ pub use groups::{default_param_groups, ParamGroup};
 pub use lars::{Lars, LarsConfig};
 pub use rmsprop::{RmsProp, RmsPropConfig};
 pub use schedule::{
-    ConstantLr, CosineAnnealingLr, ExponentialLr, LinearWarmup, MultiStepLr, OneCycleLr,
-    OneCycleConfig, PlateauMode, ReduceLrOnPlateau, ReduceLrOnPlateauConfig, Schedule, StepLr,
+    ConstantLr, CosineAnnealingLr, ExponentialLr, LinearWarmup, MultiStepLr, OneCycleConfig,
+    OneCycleLr, PlateauMode, ReduceLrOnPlateau, ReduceLrOnPlateauConfig, Schedule, StepLr,
     ThresholdMode,
 };
 pub use sgd::{Sgd, SgdConfig};
@@ -149,7 +149,9 @@ macro_rules! impl_optimizer {
             fn param_names(&self) -> Vec<String> {
                 self.core.names()
             }
-            fn state_dict(&self) -> $crate::Result<std::collections::HashMap<String, candle_core::Tensor>> {
+            fn state_dict(
+                &self,
+            ) -> $crate::Result<std::collections::HashMap<String, candle_core::Tensor>> {
                 self.core.export()
             }
             fn load_state_dict(
@@ -166,7 +168,10 @@ macro_rules! impl_optimizer {
                 $ty::new(config, $crate::optim::state::Core::unnamed_group(vars))
                     .map_err(candle_core::Error::wrap)
             }
-            fn step(&mut self, grads: &candle_core::backprop::GradStore) -> candle_core::Result<()> {
+            fn step(
+                &mut self,
+                grads: &candle_core::backprop::GradStore,
+            ) -> candle_core::Result<()> {
                 $crate::optim::Optimizer::step(self, grads).map_err(candle_core::Error::wrap)
             }
             fn learning_rate(&self) -> f64 {
@@ -193,7 +198,11 @@ pub(crate) use impl_optimizer;
 /// Checks `lr`: finite and >= 0.
 pub(crate) fn check_lr(field: &str, lr: f64) -> Result<()> {
     if !(lr.is_finite() && lr >= 0.0) {
-        return Err(crate::Error::config(field, lr, "the learning rate must be finite and >= 0"));
+        return Err(crate::Error::config(
+            field,
+            lr,
+            "the learning rate must be finite and >= 0",
+        ));
     }
     Ok(())
 }

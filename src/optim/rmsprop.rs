@@ -91,7 +91,11 @@ impl RmsPropConfig {
         check_lr("RmsPropConfig::lr", self.lr)?;
         check_unit("RmsPropConfig::alpha", self.alpha)?;
         if !(self.eps.is_finite() && self.eps > 0.0) {
-            return Err(Error::config("RmsPropConfig::eps", self.eps, "must be finite and > 0"));
+            return Err(Error::config(
+                "RmsPropConfig::eps",
+                self.eps,
+                "must be finite and > 0",
+            ));
         }
         check_nonneg("RmsPropConfig::weight_decay", self.weight_decay)?;
         check_unit("RmsPropConfig::momentum", self.momentum)
@@ -137,7 +141,9 @@ impl RmsProp {
         let grp = self.core.group_of(i);
         let lr = self.core.lr * grp.lr_scale;
         let c = &self.cfg;
-        let Some(slot) = self.core.slots.get_mut(i) else { return Ok(()) };
+        let Some(slot) = self.core.slots.get_mut(i) else {
+            return Ok(());
+        };
         let p = slot.var.as_tensor().clone();
         let mut bufs = Vec::with_capacity(slot.bufs.len());
         for b in &slot.bufs {
@@ -152,7 +158,9 @@ impl RmsProp {
             g = (g + (&p * grp.weight_decay)?)?;
         }
         let mut it = bufs.into_iter();
-        let sq = it.next().ok_or_else(|| Error::invalid("RmsProp step", "missing square_avg"))?;
+        let sq = it
+            .next()
+            .ok_or_else(|| Error::invalid("RmsProp step", "missing square_avg"))?;
         let buf = if c.momentum > 0.0 { it.next() } else { None };
         let ga = if c.centered { it.next() } else { None };
         let sq = ((sq * c.alpha)? + (g.sqr()? * (1.0 - c.alpha))?)?;

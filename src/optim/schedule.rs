@@ -17,6 +17,10 @@
 //!
 //! [`ReduceLrOnPlateau`] is driven by a monitored metric instead of the step.
 
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+
 use crate::{Error, Result};
 
 /// A learning rate as a function of the step (number of scheduler steps so far).
@@ -70,7 +74,11 @@ impl ConstantLr {
     pub fn with_factor(base_lr: f64, factor: f64, total_iters: u64) -> Result<Self> {
         check_base("ConstantLr::base_lr", base_lr)?;
         if !(0.0..=1.0).contains(&factor) {
-            return Err(Error::config("ConstantLr::factor", factor, "must be in [0, 1]"));
+            return Err(Error::config(
+                "ConstantLr::factor",
+                factor,
+                "must be in [0, 1]",
+            ));
         }
         Ok(Self {
             base_lr,
@@ -103,7 +111,11 @@ impl StepLr {
     pub fn new(base_lr: f64, step_size: u64, gamma: f64) -> Result<Self> {
         check_base("StepLr::base_lr", base_lr)?;
         if step_size == 0 {
-            return Err(Error::config("StepLr::step_size", step_size, "must be >= 1"));
+            return Err(Error::config(
+                "StepLr::step_size",
+                step_size,
+                "must be >= 1",
+            ));
         }
         check_gamma("StepLr::gamma", gamma)?;
         Ok(Self {
@@ -192,7 +204,11 @@ impl CosineAnnealingLr {
     pub fn new(base_lr: f64, t_max: u64, eta_min: f64) -> Result<Self> {
         check_base("CosineAnnealingLr::base_lr", base_lr)?;
         if t_max == 0 {
-            return Err(Error::config("CosineAnnealingLr::t_max", t_max, "must be >= 1"));
+            return Err(Error::config(
+                "CosineAnnealingLr::t_max",
+                t_max,
+                "must be >= 1",
+            ));
         }
         check_base("CosineAnnealingLr::eta_min", eta_min)?;
         Ok(Self {
@@ -225,7 +241,11 @@ impl<S: Schedule> LinearWarmup<S> {
     /// `start_factor` in `(0, 1]` (torch `LinearLR` default 1/3).
     pub fn new(start_factor: f64, warmup_steps: u64, after: S) -> Result<Self> {
         if !(start_factor > 0.0 && start_factor <= 1.0) {
-            return Err(Error::config("LinearWarmup::start_factor", start_factor, "must be in (0, 1]"));
+            return Err(Error::config(
+                "LinearWarmup::start_factor",
+                start_factor,
+                "must be in (0, 1]",
+            ));
         }
         Ok(Self {
             start_factor,
@@ -240,7 +260,8 @@ impl<S: Schedule> Schedule for LinearWarmup<S> {
         if step >= self.warmup_steps {
             return self.after.lr(step - self.warmup_steps);
         }
-        let f = self.start_factor + (1.0 - self.start_factor) * step as f64 / self.warmup_steps as f64;
+        let f =
+            self.start_factor + (1.0 - self.start_factor) * step as f64 / self.warmup_steps as f64;
         self.after.lr(0) * f
     }
 }
@@ -351,10 +372,18 @@ impl OneCycleLr {
     pub fn new(cfg: OneCycleConfig) -> Result<Self> {
         check_base("OneCycleConfig::max_lr", cfg.max_lr)?;
         if cfg.total_steps == 0 {
-            return Err(Error::config("OneCycleConfig::total_steps", cfg.total_steps, "must be >= 1"));
+            return Err(Error::config(
+                "OneCycleConfig::total_steps",
+                cfg.total_steps,
+                "must be >= 1",
+            ));
         }
         if !(cfg.pct_start > 0.0 && cfg.pct_start < 1.0) {
-            return Err(Error::config("OneCycleConfig::pct_start", cfg.pct_start, "must be in (0, 1)"));
+            return Err(Error::config(
+                "OneCycleConfig::pct_start",
+                cfg.pct_start,
+                "must be in (0, 1)",
+            ));
         }
         check_gamma("OneCycleConfig::div_factor", cfg.div_factor)?;
         check_gamma("OneCycleConfig::final_div_factor", cfg.final_div_factor)?;
@@ -365,14 +394,44 @@ impl OneCycleLr {
         let p1 = cfg.pct_start * total - 1.0;
         let phases = if cfg.three_phase {
             vec![
-                Phase { end_step: p1, start_lr: initial, end_lr: cfg.max_lr, start_m: mm, end_m: bm },
-                Phase { end_step: 2.0 * cfg.pct_start * total - 2.0, start_lr: cfg.max_lr, end_lr: initial, start_m: bm, end_m: mm },
-                Phase { end_step: total - 1.0, start_lr: initial, end_lr: min_lr, start_m: mm, end_m: mm },
+                Phase {
+                    end_step: p1,
+                    start_lr: initial,
+                    end_lr: cfg.max_lr,
+                    start_m: mm,
+                    end_m: bm,
+                },
+                Phase {
+                    end_step: 2.0 * cfg.pct_start * total - 2.0,
+                    start_lr: cfg.max_lr,
+                    end_lr: initial,
+                    start_m: bm,
+                    end_m: mm,
+                },
+                Phase {
+                    end_step: total - 1.0,
+                    start_lr: initial,
+                    end_lr: min_lr,
+                    start_m: mm,
+                    end_m: mm,
+                },
             ]
         } else {
             vec![
-                Phase { end_step: p1, start_lr: initial, end_lr: cfg.max_lr, start_m: mm, end_m: bm },
-                Phase { end_step: total - 1.0, start_lr: cfg.max_lr, end_lr: min_lr, start_m: bm, end_m: mm },
+                Phase {
+                    end_step: p1,
+                    start_lr: initial,
+                    end_lr: cfg.max_lr,
+                    start_m: mm,
+                    end_m: bm,
+                },
+                Phase {
+                    end_step: total - 1.0,
+                    start_lr: cfg.max_lr,
+                    end_lr: min_lr,
+                    start_m: bm,
+                    end_m: mm,
+                },
             ]
         };
         Ok(Self { cfg, phases })
@@ -393,7 +452,10 @@ impl OneCycleLr {
         for (i, ph) in self.phases.iter().enumerate() {
             if step <= ph.end_step || i + 1 == n {
                 let pct = (step - start) / (ph.end_step - start);
-                return (self.anneal(ph.start_lr, ph.end_lr, pct), self.anneal(ph.start_m, ph.end_m, pct));
+                return (
+                    self.anneal(ph.start_lr, ph.end_lr, pct),
+                    self.anneal(ph.start_m, ph.end_m, pct),
+                );
             }
             start = ph.end_step;
         }
@@ -531,7 +593,11 @@ impl ReduceLrOnPlateau {
     pub fn new(cfg: ReduceLrOnPlateauConfig, lr: f64) -> Result<Self> {
         check_base("ReduceLrOnPlateau::lr", lr)?;
         if !(cfg.factor > 0.0 && cfg.factor < 1.0) {
-            return Err(Error::config("ReduceLrOnPlateauConfig::factor", cfg.factor, "must be in (0, 1)"));
+            return Err(Error::config(
+                "ReduceLrOnPlateauConfig::factor",
+                cfg.factor,
+                "must be in (0, 1)",
+            ));
         }
         check_base("ReduceLrOnPlateauConfig::threshold", cfg.threshold)?;
         check_base("ReduceLrOnPlateauConfig::min_lr", cfg.min_lr)?;
@@ -591,5 +657,66 @@ impl ReduceLrOnPlateau {
     /// The best metric seen so far.
     pub fn best(&self) -> f64 {
         self.best
+    }
+
+    /// The scheduler's position as named f64 scalars (`lr`, `best`,
+    /// `num_bad_epochs`, `cooldown_counter`), for checkpoints.
+    pub fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
+        let mut m = HashMap::new();
+        for (k, v) in [
+            ("lr", self.lr),
+            ("best", self.best),
+            ("num_bad_epochs", self.num_bad as f64),
+            ("cooldown_counter", self.cooldown_counter as f64),
+        ] {
+            m.insert(k.to_string(), Tensor::new(v, &Device::Cpu)?);
+        }
+        Ok(m)
+    }
+
+    /// Restores a position saved by [`ReduceLrOnPlateau::state_dict`]; a
+    /// missing or malformed entry is an error and changes nothing.
+    pub fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let get = |k: &str| -> Result<f64> {
+            let t = state.get(k).ok_or_else(|| {
+                Error::invalid(
+                    "ReduceLrOnPlateau::load_state_dict",
+                    format!("missing `{k}`"),
+                )
+            })?;
+            if t.elem_count() != 1 {
+                return Err(Error::shape(
+                    format!("ReduceLrOnPlateau::load_state_dict `{k}`"),
+                    "a scalar",
+                    t.dims(),
+                ));
+            }
+            Ok(t.flatten_all()?
+                .to_dtype(DType::F64)?
+                .sum_all()?
+                .to_scalar::<f64>()?)
+        };
+        let count = |k: &str| -> Result<u64> {
+            let v = get(k)?;
+            if !(v >= 0.0 && v.fract() == 0.0 && v < 9.0e15) {
+                return Err(Error::invalid(
+                    "ReduceLrOnPlateau::load_state_dict",
+                    format!("`{k}` = {v} is not a count"),
+                ));
+            }
+            Ok(v as u64)
+        };
+        let (lr, best, nb, cd) = (
+            get("lr")?,
+            get("best")?,
+            count("num_bad_epochs")?,
+            count("cooldown_counter")?,
+        );
+        check_base("ReduceLrOnPlateau::lr", lr)?;
+        self.lr = lr;
+        self.best = best;
+        self.num_bad = nb;
+        self.cooldown_counter = cd;
+        Ok(())
     }
 }

@@ -37,7 +37,7 @@ pub struct SgdConfig {
     /// Gradient clipping applied before each step (default none).
     pub grad_clip: Option<GradClip>,
     /// Fused in-place CPU update: `None` (default) uses it for f32/f64 CPU
-    /// parameters, `Some(false)` always uses candle ops.
+    /// parameters (so does `Some(true)`), `Some(false)` always uses candle ops.
     pub fused: Option<bool>,
 }
 
@@ -96,7 +96,11 @@ impl SgdConfig {
         check_lr("SgdConfig::lr", self.lr)?;
         check_unit("SgdConfig::momentum", self.momentum)?;
         if !(0.0..=1.0).contains(&self.dampening) {
-            return Err(Error::config("SgdConfig::dampening", self.dampening, "must be in [0, 1]"));
+            return Err(Error::config(
+                "SgdConfig::dampening",
+                self.dampening,
+                "must be in [0, 1]",
+            ));
         }
         check_nonneg("SgdConfig::weight_decay", self.weight_decay)?;
         if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
@@ -124,7 +128,11 @@ impl Sgd {
     /// the config.
     pub fn new(config: SgdConfig, groups: Vec<ParamGroup>) -> Result<Self> {
         config.validate()?;
-        let bufs = if config.momentum != 0.0 { vec!["momentum_buffer"] } else { vec![] };
+        let bufs = if config.momentum != 0.0 {
+            vec!["momentum_buffer"]
+        } else {
+            vec![]
+        };
         let core = Core::new(
             "SgdConfig",
             groups,
@@ -147,7 +155,9 @@ impl Sgd {
         let lr = self.core.lr * grp.lr_scale;
         let wd = grp.weight_decay;
         let c = &self.cfg;
-        let Some(slot) = self.core.slots.get_mut(i) else { return Ok(()) };
+        let Some(slot) = self.core.slots.get_mut(i) else {
+            return Ok(());
+        };
         let p = slot.var.as_tensor();
         let use_fused = c.fused != Some(false);
         let has_buf = c.momentum != 0.0 && slot.bufs.first().is_some_and(|b| b.is_some());
@@ -160,10 +170,14 @@ impl Sgd {
                 let (m, d, n) = (c.momentum, c.dampening, c.nesterov);
                 match p.dtype() {
                     DType::F32 => {
-                        return fused::with_slices::<f32>(&muts, g, |s, g| fused::sgd(s, g, lr, wd, m, d, n))
+                        return fused::with_slices::<f32>(&muts, g, |s, g| {
+                            fused::sgd(s, g, lr, wd, m, d, n)
+                        })
                     }
                     DType::F64 => {
-                        return fused::with_slices::<f64>(&muts, g, |s, g| fused::sgd(s, g, lr, wd, m, d, n))
+                        return fused::with_slices::<f64>(&muts, g, |s, g| {
+                            fused::sgd(s, g, lr, wd, m, d, n)
+                        })
                     }
                     _ => {}
                 }
@@ -179,7 +193,11 @@ impl Sgd {
                 None => g.copy()?,
                 Some(b) => ((b * c.momentum)? + (&g * (1.0 - c.dampening))?)?,
             };
-            g = if c.nesterov { (g + (&buf * c.momentum)?)? } else { buf.clone() };
+            g = if c.nesterov {
+                (g + (&buf * c.momentum)?)?
+            } else {
+                buf.clone()
+            };
             if let Some(b) = slot.bufs.first_mut() {
                 *b = Some(buf);
             }

@@ -171,7 +171,11 @@ impl Core {
             }) => {
                 let norm = global_norm(out.iter().flatten(), norm_type)?;
                 if !norm.is_finite() {
-                    return Err(Error::non_finite("gradient norm", norm, Some(self.step + 1)));
+                    return Err(Error::non_finite(
+                        "gradient norm",
+                        norm,
+                        Some(self.step + 1),
+                    ));
                 }
                 let coef = clip_coef(max_norm, norm);
                 if coef < 1.0 {
@@ -205,10 +209,16 @@ impl Core {
     /// All state as named tensors (deep copies).
     pub fn export(&self) -> Result<HashMap<String, Tensor>> {
         let mut m = HashMap::new();
-        m.insert(STEP_KEY.to_string(), Tensor::new(self.step as i64, &Device::Cpu)?);
+        m.insert(
+            STEP_KEY.to_string(),
+            Tensor::new(self.step as i64, &Device::Cpu)?,
+        );
         for s in &self.slots {
             if self.per_param_step && s.step > 0 {
-                m.insert(format!("{}.step", s.name), Tensor::new(s.step as i64, &Device::Cpu)?);
+                m.insert(
+                    format!("{}.step", s.name),
+                    Tensor::new(s.step as i64, &Device::Cpu)?,
+                );
             }
             for (b, name) in s.bufs.iter().zip(&self.buf_names) {
                 if let Some(b) = b {
@@ -230,7 +240,8 @@ impl Core {
             .map(|(i, s)| (s.name.as_str(), i))
             .collect();
         let mut steps = vec![0u64; self.slots.len()];
-        let mut bufs: Vec<Vec<Option<Tensor>>> = vec![vec![None; self.buf_names.len()]; self.slots.len()];
+        let mut bufs: Vec<Vec<Option<Tensor>>> =
+            vec![vec![None; self.buf_names.len()]; self.slots.len()];
         let mut global = None;
         let sorted: BTreeMap<&String, &Tensor> = state.iter().collect();
         for (key, t) in sorted {
@@ -239,7 +250,10 @@ impl Core {
                 continue;
             }
             let Some((pname, bname)) = key.rsplit_once('.') else {
-                return Err(Error::invalid(OP, format!("state entry `{key}` is not `<param>.<buffer>` or `step`")));
+                return Err(Error::invalid(
+                    OP,
+                    format!("state entry `{key}` is not `<param>.<buffer>` or `step`"),
+                ));
             };
             let Some(&i) = index.get(pname) else {
                 return Err(Error::invalid(
@@ -255,7 +269,10 @@ impl Core {
             let Some(b) = self.buf_names.iter().position(|n| *n == bname) else {
                 return Err(Error::invalid(
                     OP,
-                    format!("state entry `{key}`: unknown buffer `{bname}`, expected one of {:?}", self.buf_names),
+                    format!(
+                        "state entry `{key}`: unknown buffer `{bname}`, expected one of {:?}",
+                        self.buf_names
+                    ),
                 ));
             };
             if t.dims() != slot.var.dims() {
@@ -286,11 +303,18 @@ impl Core {
 
 fn scalar_step(key: &str, t: &Tensor) -> Result<u64> {
     if t.elem_count() != 1 {
-        return Err(Error::shape(format!("load_state_dict `{key}`"), "a scalar step count", t.dims()));
+        return Err(Error::shape(
+            format!("load_state_dict `{key}`"),
+            "a scalar step count",
+            t.dims(),
+        ));
     }
     let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
     if !(v >= 0.0 && v.fract() == 0.0 && v < 9.0e15) {
-        return Err(Error::invalid("load_state_dict", format!("`{key}` = {v} is not a step count")));
+        return Err(Error::invalid(
+            "load_state_dict",
+            format!("`{key}` = {v} is not a step count"),
+        ));
     }
     Ok(v as u64)
 }
