@@ -765,3 +765,26 @@ fn train_mode_gradients_match_finite_differences() {
         check_fd(n, v, grads.get(v.as_tensor()).unwrap(), &lf);
     }
 }
+
+#[test]
+fn layer_norm_matches_hand_computed_values() {
+    let vm = VarMap::new();
+    let ln = LayerNorm::new(
+        4,
+        true,
+        seeded_var_builder(&vm, 0, DType::F32, &cpu()).pp("ln"),
+    )
+    .unwrap();
+    // Row 1, 2, 3, 6: mean 3, biased var 3.5.
+    let x = Tensor::new(&[[1f32, 2., 3., 6.]], &cpu()).unwrap();
+    let y = vec1(&ln.forward(&x).unwrap());
+    for (v, xi) in y.iter().zip([1f64, 2., 3., 6.]) {
+        assert!((*v as f64 - (xi - 3.) / (3.5f64 + 1e-5).sqrt()).abs() < 1e-5);
+    }
+    let names: Vec<String> = params::named_vars(&vm)
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(names, ["ln.bias", "ln.weight"]);
+}

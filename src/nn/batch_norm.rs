@@ -156,9 +156,13 @@ impl BatchNorm {
                 dims,
             ));
         }
-        let mut bshape = vec![1usize; dims.len()];
-        bshape[1] = self.num_features;
-        let reduce: Vec<usize> = (0..dims.len()).filter(|&d| d != 1).collect();
+        // Work on an (N, C, L) view: reductions over the contiguous last
+        // dimension first, then over the batch, are much faster in candle
+        // than one reduction over dims (0, 2, 3).
+        let n_batch = dims[0];
+        let c = self.num_features;
+        let l: usize = dims[2..].iter().product();
+        let bshape = (1usize, c, 1usize);
         let use_batch = train || self.running_mean.is_none();
         // Statistics in f32 at least (half inputs are upcast like torch).
         let dt = x.dtype();
@@ -166,9 +170,16 @@ impl BatchNorm {
             DType::F16 | DType::BF16 => DType::F32,
             d => d,
         };
-        let xi = x.to_dtype(internal)?;
+        let xi = x.to_dtype(internal)?.reshape((n_batch, c, l))?;
+        let affine = match (&self.weight, &self.bias) {
+            (Some(w), Some(b)) => Some((
+                w.to_dtype(internal)?.reshape(bshape)?,
+                b.to_dtype(internal)?.reshape(bshape)?,
+            )),
+            _ => None,
+        };
         let y = if use_batch {
-            let n = x.elem_count() / self.num_features;
+            let n = n_batch * l;
             if n <= 1 {
                 return Err(Error::shape(
                     "BatchNorm (train mode)",
@@ -176,9 +187,10 @@ impl BatchNorm {
                     dims,
                 ));
             }
-            let mean = xi.mean_keepdim(reduce.as_slice())?;
+            let inv_n = 1.0 / n as f64;
+            let mean = (xi.sum_keepdim(2)?.sum_keepdim(0)? * inv_n)?;
             let centered = xi.broadcast_sub(&mean)?;
-            let var = centered.sqr()?.mean_keepdim(reduce.as_slice())?;
+            let var = (centered.sqr()?.sum_keepdim(2)?.sum_keepdim(0)? * inv_n)?;
             if train {
                 if let (Some(rm), Some(rv)) = (&self.running_mean, &self.running_var) {
                     let m = self.cfg.momentum;
@@ -191,7 +203,13 @@ impl BatchNorm {
                     rv.set(&new_v)?;
                 }
             }
-            centered.broadcast_div(&(var + self.cfg.eps)?.sqrt()?)?
+            // One full-size multiply (and add) after centring: fold the
+            // weight into the per-channel scale.
+            let scale = (var + self.cfg.eps)?.sqrt()?.recip()?;
+            match &affine {
+                Some((w, b)) => centered.broadcast_mul(&(scale * w)?)?.broadcast_add(b)?,
+                None => centered.broadcast_mul(&scale)?,
+            }
         } else {
             let (rm, rv) = match (&self.running_mean, &self.running_var) {
                 (Some(m), Some(v)) => (m, v),
@@ -200,20 +218,27 @@ impl BatchNorm {
             let mean = rm
                 .as_detached_tensor()
                 .to_dtype(internal)?
-                .reshape(bshape.as_slice())?;
+                .reshape(bshape)?;
             let var = rv
                 .as_detached_tensor()
                 .to_dtype(internal)?
-                .reshape(bshape.as_slice())?;
-            xi.broadcast_sub(&mean)?
-                .broadcast_div(&(var + self.cfg.eps)?.sqrt()?)?
+                .reshape(bshape)?;
+            // y = x · scale + shift with per-channel scale and shift.
+            let inv_std = (var + self.cfg.eps)?.sqrt()?.recip()?;
+            let (scale, shift) = match &affine {
+                Some((w, b)) => {
+                    let scale = (inv_std * w)?;
+                    let shift = (b - (&mean * &scale)?)?;
+                    (scale, shift)
+                }
+                None => {
+                    let shift = (&mean * &inv_std)?.neg()?;
+                    (inv_std, shift)
+                }
+            };
+            xi.broadcast_mul(&scale)?.broadcast_add(&shift)?
         };
-        let y = match (&self.weight, &self.bias) {
-            (Some(w), Some(b)) => y
-                .broadcast_mul(&w.to_dtype(internal)?.reshape(bshape.as_slice())?)?
-                .broadcast_add(&b.to_dtype(internal)?.reshape(bshape.as_slice())?)?,
-            _ => y,
-        };
+        let y = y.reshape(dims)?;
         Ok(y.to_dtype(dt)?)
     }
 }

@@ -7,7 +7,7 @@
 //! eval mode BatchNorm uses the running statistics and nothing changes.
 //!
 //! * layers: [`Linear`], [`Conv2d`] (through the crate's `conv2d` op),
-//!   [`BatchNorm`], [`Activation`], [`Dropout`] (seeded), [`MaxPool2d`],
+//!   [`BatchNorm`], [`LayerNorm`], [`Activation`], [`Dropout`] (seeded), [`MaxPool2d`],
 //!   [`GlobalAvgPool`], [`Flatten`], and [`SequentialT`], a sequential
 //!   container that passes the train flag;
 //! * models: [`Mlp`], [`ConvNet`] (the conv32–conv64–fc128 speed anchor),
@@ -54,6 +54,7 @@ mod convnet;
 mod features;
 mod heads;
 pub mod init;
+mod layer_norm;
 mod linear;
 mod mlp;
 pub mod params;
@@ -67,6 +68,7 @@ pub use conv::{Conv2d, Conv2dConfig};
 pub use convnet::{ConvNet, ConvNetConfig};
 pub use features::{FeatureExtractor, Features};
 pub use heads::{HeadConfig, ProjectionHead};
+pub use layer_norm::LayerNorm;
 pub use linear::{linear, Linear};
 pub use mlp::{Mlp, MlpConfig};
 pub use params::Frozen;
