@@ -459,9 +459,12 @@ fn hint_builds_trainable_regressor() {
     assert!(names.contains(&"hint.weight".to_string()) && names.contains(&"hint.bias".to_string()));
     let s = Tensor::ones((2, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
     assert_eq!(h.regress(&s).unwrap().dims(), &[2, 8, 4, 4]);
-    // Wrong student width.
+    // Wrong student width, wrong teacher shape, wrong rank.
     let bad = Tensor::ones((2, 5, 4, 4), DType::F32, &Device::Cpu).unwrap();
     is_err(h.regress(&bad));
+    let t_bad = Tensor::ones((2, 8, 2, 2), DType::F32, &Device::Cpu).unwrap();
+    is_err(h.forward(&s, &t_bad));
+    is_err(h.regress(&Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap()));
 }
 
 #[test]

@@ -129,6 +129,9 @@ impl CrossEntropy {
     /// The loss of `logits` `(N, C)` (float) against `targets` `(N,)`
     /// (u8, u32 or i64 class indices in `0..C`, or the ignore index).
     /// Returns a scalar, or `(N,)` for [`Reduction::None`] (ignored rows 0).
+    /// For dense predictions `(N, C, H, W)`, move the class dimension last
+    /// and flatten to `(N·H·W, C)` first. The class indices are read to the
+    /// host (one small transfer per call on a GPU).
     pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         const OP: &str = "cross_entropy";
         check_rank(OP, "logits (N, C)", logits, 2)?;

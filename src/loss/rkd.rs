@@ -63,8 +63,10 @@ pub struct Rkd {
 /// Smooth-L1 (β = 1) of `x`, element-wise: `½x²` for |x| < 1, `|x| − ½` else.
 fn smooth_l1(x: &Tensor) -> Result<Tensor> {
     let a = x.abs()?;
-    let m = a.minimum(1.0)?;
-    Ok(((m.sqr()? * 0.5)? + (a - m)?)?)
+    let quadratic = (x.sqr()? * 0.5)?;
+    let linear = (&a - 0.5)?;
+    // The branch not taken gets no gradient, so |x|'s kink at 0 is harmless.
+    Ok(a.lt(1.0)?.where_cond(&quadratic, &linear)?)
 }
 
 /// Flattens `(N, ...)` to `(N, D)` and checks student/teacher batches.
