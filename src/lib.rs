@@ -34,6 +34,10 @@
 //! | [`error`] | [`Error`] and [`Result`] |
 //! | [`device`] | device selection (`AIMASS_DEVICE`) and the seeded RNG |
 //! | [`ops`] | differentiable tensor ops candle lacks or gets wrong |
+//! | [`nn`] | layers and model families with train/eval modes |
+//! | [`optim`] | optimizers, clipping, learning-rate schedules, EMA |
+//! | [`loss`] | classification, distillation and self-supervised losses |
+//! | [`data`] | datasets, readers, loader, augmentations, episodes |
 //!
 //! Cargo features `cuda`, `cudnn`, `metal`, `mkl`, `accelerate` and `nccl`
 //! forward to candle's. The CPU is the default and needs no system library.
