@@ -259,7 +259,7 @@ impl DataLoader {
                 format!("an epoch has {} batches", self.len()),
             ));
         }
-        self.pos = if pos.batch == self.len() && self.len() > 0 {
+        self.pos = if pos.batch == self.len() && !self.is_empty() {
             LoaderPosition {
                 epoch: pos.epoch + 1,
                 batch: 0,

@@ -91,7 +91,7 @@ impl<M: ModuleT, O: Optimizer> Classifier<M, O> {
     /// in `varmap`, updated by `optimizer`.
     pub fn new(model: M, varmap: VarMap, optimizer: O, config: ClassifierConfig) -> Result<Self> {
         let loss = CrossEntropy::new(CrossEntropyConfig::default().with_label_smoothing(config.label_smoothing))?;
-        let params = crate::nn::named_vars(&varmap)?;
+        let params = crate::nn::params::named_vars(&varmap)?;
         Ok(Classifier { model, varmap, optimizer, loss, guard: NonFiniteGuard::new(config.non_finite), params })
     }
 

@@ -150,7 +150,7 @@ pub fn linear_probe(train_x: &Tensor, train_y: &[u32], test_x: &Tensor, test_y: 
     let classes = train_y.iter().chain(test_y).copied().max().map_or(1, |m| m as usize + 1);
 
     let varmap = VarMap::new();
-    let vb = crate::nn::seeded_var_builder(&varmap, config.seed, DType::F32, &dev);
+    let vb = crate::nn::init::seeded_var_builder(&varmap, config.seed, DType::F32, &dev);
     let head = candle_nn::linear(d, classes, vb.pp("probe"))?;
     let mut opt = AdamW::from_varmap(AdamWConfig::default().with_lr(config.lr).with_weight_decay(config.weight_decay), &varmap)?;
     let per_epoch = n.div_ceil(config.batch_size);

@@ -118,10 +118,35 @@ impl ColorJitter {
     }
 }
 
+/// `v` clamped to `[0, 1]` (written so that it compiles to `maxps`/`minps`).
+#[inline(always)]
+fn unit(v: f32) -> f32 {
+    let v = if v > 0.0 { v } else { 0.0 };
+    if v < 1.0 {
+        v
+    } else {
+        1.0
+    }
+}
+
+/// Sum with 8 independent accumulators (vectorises; a single running sum
+/// is a serial dependency chain).
+fn sum8(xs: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
 /// Multiplies by `factor` and clamps to `[0, 1]` (torchvision `adjust_brightness`).
 pub fn adjust_brightness(image: &mut Image, factor: f32) {
     for v in &mut image.data {
-        *v = (*v * factor).clamp(0.0, 1.0);
+        *v = unit(*v * factor);
     }
 }
 
@@ -129,17 +154,15 @@ pub fn adjust_brightness(image: &mut Image, factor: f32) {
 pub fn adjust_contrast(image: &mut Image, factor: f32) {
     let plane = image.plane();
     let mean = if image.channels == 3 {
-        let d = &image.data;
-        (0..plane)
-            .map(|i| LUMA[0] * d[i] + LUMA[1] * d[plane + i] + LUMA[2] * d[2 * plane + i])
-            .sum::<f32>()
-            / plane as f32
+        let (r, rest) = image.data.split_at(plane);
+        let (g, b) = rest.split_at(plane);
+        (LUMA[0] * sum8(r) + LUMA[1] * sum8(g) + LUMA[2] * sum8(&b[..plane])) / plane as f32
     } else {
-        image.data.iter().sum::<f32>() / image.data.len() as f32
+        sum8(&image.data) / image.data.len() as f32
     };
     let off = (1.0 - factor) * mean;
     for v in &mut image.data {
-        *v = (factor * *v + off).clamp(0.0, 1.0);
+        *v = unit(factor * *v + off);
     }
 }
 
@@ -153,9 +176,9 @@ pub fn adjust_saturation(image: &mut Image, factor: f32) {
     let (g, b) = rest.split_at_mut(plane);
     for ((r, g), b) in r.iter_mut().zip(g.iter_mut()).zip(b.iter_mut()) {
         let gray = (1.0 - factor) * (LUMA[0] * *r + LUMA[1] * *g + LUMA[2] * *b);
-        *r = (factor * *r + gray).clamp(0.0, 1.0);
-        *g = (factor * *g + gray).clamp(0.0, 1.0);
-        *b = (factor * *b + gray).clamp(0.0, 1.0);
+        *r = unit(factor * *r + gray);
+        *g = unit(factor * *g + gray);
+        *b = unit(factor * *b + gray);
     }
 }
 
@@ -197,9 +220,9 @@ fn hsv_to_rgb(h: f32, s: f32, v: f32) -> (f32, f32, f32) {
     let i = (h * 6.0).floor();
     let f = h * 6.0 - i;
     let i = (i as i32).rem_euclid(6);
-    let p = (v * (1.0 - s)).clamp(0.0, 1.0);
-    let q = (v * (1.0 - s * f)).clamp(0.0, 1.0);
-    let t = (v * (1.0 - s * (1.0 - f))).clamp(0.0, 1.0);
+    let p = unit(v * (1.0 - s));
+    let q = unit(v * (1.0 - s * f));
+    let t = unit(v * (1.0 - s * (1.0 - f)));
     match i {
         0 => (v, t, p),
         1 => (q, v, p),

@@ -242,23 +242,28 @@ impl Taps {
     }
 }
 
-/// Resamples every channel of `img` with separable taps (rows, cols).
+/// Resamples every channel of `img` with separable taps (rows, cols):
+/// for each output row, blend its two source rows (contiguous, vectorised),
+/// then gather the two column taps.
 pub(crate) fn resample(img: &Image, rows: &Taps, cols: &Taps) -> Image {
     let (oh, ow) = (rows.idx.len(), cols.idx.len());
     let (h, w) = (img.height, img.width);
     let mut out = vec![0f32; img.channels * oh * ow];
-    for c in 0..img.channels {
-        let src = &img.data[c * h * w..(c + 1) * h * w];
-        let dst = &mut out[c * oh * ow..(c + 1) * oh * ow];
-        for (y, drow) in dst.chunks_exact_mut(ow).enumerate() {
-            let [r0, r1] = rows.idx[y];
-            let [a0, a1] = rows.wts[y];
+    let mut line = vec![0f32; w];
+    for (src, dst) in img
+        .data
+        .chunks_exact(h * w)
+        .zip(out.chunks_exact_mut(oh * ow))
+    {
+        for ((drow, &[r0, r1]), &[a0, a1]) in dst.chunks_exact_mut(ow).zip(&rows.idx).zip(&rows.wts)
+        {
             let s0 = &src[r0 * w..(r0 + 1) * w];
             let s1 = &src[r1 * w..(r1 + 1) * w];
+            for ((l, &u), &v) in line.iter_mut().zip(s0).zip(s1) {
+                *l = a0 * u + a1 * v;
+            }
             for ((d, &[c0, c1]), &[b0, b1]) in drow.iter_mut().zip(&cols.idx).zip(&cols.wts) {
-                let top = b0 * s0[c0] + b1 * s0[c1];
-                let bot = b0 * s1[c0] + b1 * s1[c1];
-                *d = a0 * top + a1 * bot;
+                *d = b0 * line[c0] + b1 * line[c1];
             }
         }
     }
