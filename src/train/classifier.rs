@@ -25,9 +25,9 @@
 //! let mut loader = DataLoader::new(ds, DataLoaderConfig::default().with_batch_size(16), &Device::Cpu)?;
 //!
 //! let varmap = VarMap::new();
-//! let vb = aimass::nn::seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu);
+//! let vb = aimass::nn::init::seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu);
 //! let mlp = Mlp::new(MlpConfig::new(vec![4, 16, 4]), vb)?;
-//! let model = aimass::nn::Sequential::new().add_fn(|x: &Tensor| Ok(x.flatten_from(1)?)).add(mlp);
+//! let model = aimass::nn::seq().add_fn(|x, _train| x.flatten_from(1)).add(mlp);
 //! let opt = Sgd::from_varmap(SgdConfig::default().with_lr(0.5).with_momentum(0.9), &varmap)?;
 //! let mut clf = Classifier::new(model, varmap, opt, ClassifierConfig::default())?;
 //!
@@ -84,6 +84,7 @@ pub struct Classifier<M: ModuleT, O: Optimizer> {
     loss: CrossEntropy,
     guard: NonFiniteGuard,
     params: Vec<(String, Var)>,
+    buffers: Vec<Var>,
 }
 
 impl<M: ModuleT, O: Optimizer> Classifier<M, O> {
@@ -92,7 +93,8 @@ impl<M: ModuleT, O: Optimizer> Classifier<M, O> {
     pub fn new(model: M, varmap: VarMap, optimizer: O, config: ClassifierConfig) -> Result<Self> {
         let loss = CrossEntropy::new(CrossEntropyConfig::default().with_label_smoothing(config.label_smoothing))?;
         let params = crate::nn::params::named_vars(&varmap)?;
-        Ok(Classifier { model, varmap, optimizer, loss, guard: NonFiniteGuard::new(config.non_finite), params })
+        let buffers = crate::nn::params::buffer_vars(&varmap)?.into_iter().map(|(_, v)| v).collect();
+        Ok(Classifier { model, varmap, optimizer, loss, guard: NonFiniteGuard::new(config.non_finite), params, buffers })
     }
 
     /// The model.
@@ -121,6 +123,25 @@ impl<M: ModuleT, O: Optimizer> Classifier<M, O> {
     }
 }
 
+/// Copies of buffer values (BatchNorm running statistics), to undo a
+/// rejected step.
+pub(crate) struct BufferSnapshot(Vec<(Var, Tensor)>);
+
+impl BufferSnapshot {
+    /// Copies the current values of `buffers`.
+    pub(crate) fn take(buffers: &[Var]) -> Result<Self> {
+        Ok(BufferSnapshot(buffers.iter().map(|v| Ok((v.clone(), v.as_tensor().copy()?))).collect::<Result<_>>()?))
+    }
+
+    /// Writes the copied values back.
+    pub(crate) fn restore(&self) -> Result<()> {
+        for (v, t) in &self.0 {
+            v.set(t)?;
+        }
+        Ok(())
+    }
+}
+
 /// Number of rows whose argmax equals the label.
 pub(crate) fn correct(logits: &Tensor, labels: &Tensor) -> Result<usize> {
     let pred = logits.argmax(1)?.to_dtype(DType::U32)?;
@@ -135,13 +156,24 @@ impl<M: ModuleT, O: Optimizer> TrainStep for Classifier<M, O> {
     type Batch = Batch;
 
     fn train_step(&mut self, batch: &Batch, step: u64) -> Result<StepOutput> {
+        // The train-mode forward updates BatchNorm running statistics; keep
+        // their values so a step the guard rejects leaves no trace.
+        let saved = BufferSnapshot::take(&self.buffers)?;
         let logits = self.model.forward_t(batch.images(), true)?;
         let loss = self.loss.forward(&logits, &batch.labels)?;
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let grads = loss.backward()?;
         let n = batch.labels.dim(0)?;
-        if self.guard.check(loss_value, &grads, &self.params, step)? == GuardAction::Skip {
-            return Ok(StepOutput::new(loss_value, n).skipped(true));
+        match self.guard.check(loss_value, &grads, &self.params, step) {
+            Ok(GuardAction::Proceed) => {}
+            Ok(_) => {
+                saved.restore()?;
+                return Ok(StepOutput::new(loss_value, n).skipped(true));
+            }
+            Err(e) => {
+                saved.restore()?;
+                return Err(e);
+            }
         }
         self.optimizer.step(&grads)?;
         let acc = correct(&logits.detach(), &batch.labels)? as f64 / n.max(1) as f64;
