@@ -122,6 +122,32 @@ pub trait Optimizer {
     fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()>;
 }
 
+/// A boxed optimizer is an optimizer, so a program can choose one at run time
+/// (`Box<dyn Optimizer>`).
+impl<O: Optimizer + ?Sized> Optimizer for Box<O> {
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        (**self).step(grads)
+    }
+    fn lr(&self) -> f64 {
+        (**self).lr()
+    }
+    fn set_lr(&mut self, lr: f64) {
+        (**self).set_lr(lr)
+    }
+    fn step_count(&self) -> u64 {
+        (**self).step_count()
+    }
+    fn param_names(&self) -> Vec<String> {
+        (**self).param_names()
+    }
+    fn state_dict(&self) -> Result<HashMap<String, Tensor>> {
+        (**self).state_dict()
+    }
+    fn load_state_dict(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        (**self).load_state_dict(state)
+    }
+}
+
 /// Implements [`Optimizer`] and `candle_nn::Optimizer` for a type with a
 /// `core: state::Core` field and an `update(&mut self, slot, &grad)` method.
 macro_rules! impl_optimizer {
