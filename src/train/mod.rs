@@ -29,6 +29,7 @@ mod fit;
 mod guard;
 mod knn;
 mod metrics_log;
+mod mixed;
 #[cfg(feature = "plot")]
 mod plot;
 mod progress;
@@ -44,6 +45,7 @@ pub use fit::{BatchSource, Evaluator, Fit, FitConfig, FitSummary, StepOutput, Tr
 pub use guard::{GuardAction, NonFiniteGuard, NonFinitePolicy};
 pub use knn::{accuracy_of, knn_accuracy, knn_predict, KnnConfig};
 pub use metrics_log::MetricsLog;
+pub use mixed::{MixedPrecision, Precision};
 #[cfg(feature = "plot")]
 pub use plot::CurvePlot;
 pub use progress::{Progress, ProgressMode};
