@@ -988,3 +988,65 @@ fn episodes_have_right_shapes_allowed_classes_and_disjoint_support_query() {
     .is_err());
     assert!(EpisodeSampler::new(tiny, &[0, 1], EpisodeConfig::default(), 0, &Device::Cpu).is_err());
 }
+
+#[test]
+fn jitter_factors_cover_the_torchvision_ranges() {
+    // Brightness only, on a mid-gray image (no clamping): out = 0.5·f, f ~ U(0.6, 1.4).
+    let t = ColorJitter::new(
+        ColorJitterConfig::default()
+            .with_brightness(0.4)
+            .with_contrast(0.0)
+            .with_saturation(0.0)
+            .with_hue(0.0)
+            .with_p(1.0),
+    )
+    .unwrap();
+    let batch = ImageBatch::new(vec![0.5; 600 * 4], (600, 1, 2, 2)).unwrap();
+    let out = batch.augment(&t, 1, None).unwrap();
+    let f: Vec<f32> = (0..600)
+        .map(|i| out.image_data(i).unwrap()[0] / 0.5)
+        .collect();
+    assert!(f.iter().all(|v| (0.6..=1.4).contains(v)));
+    let (lo, hi) = f
+        .iter()
+        .fold((2f32, 0f32), |(a, b), &v| (a.min(v), b.max(v)));
+    assert!(lo < 0.62 && hi > 1.38, "{lo} {hi}");
+    let mean = f.iter().sum::<f32>() / 600.0;
+    assert!((mean - 1.0).abs() < 0.04, "{mean}");
+}
+
+#[test]
+fn random_crop_takes_a_window_of_the_zero_padded_image() {
+    let (h, w, pad) = (5usize, 6usize, 2usize);
+    let img = Image::new((1..=h * w).map(|v| v as f32).collect(), 1, h, w).unwrap();
+    let padded = |y: isize, x: isize| -> f32 {
+        let (sy, sx) = (y - pad as isize, x - pad as isize);
+        if sy < 0 || sx < 0 || sy >= h as isize || sx >= w as isize {
+            0.0
+        } else {
+            img.data[sy as usize * w + sx as usize]
+        }
+    };
+    let t = RandomCrop::new(
+        RandomCropConfig::default()
+            .with_size(h, w)
+            .with_padding(pad),
+    )
+    .unwrap();
+    let mut offsets = HashSet::new();
+    let mut r = rng(4);
+    for _ in 0..300 {
+        let mut o = img.clone();
+        t.apply(&mut o, &mut r).unwrap();
+        let found = (0..=2 * pad)
+            .flat_map(|oy| (0..=2 * pad).map(move |ox| (oy, ox)))
+            .find(|&(oy, ox)| {
+                (0..h).all(|y| {
+                    (0..w)
+                        .all(|x| o.data[y * w + x] == padded((y + oy) as isize, (x + ox) as isize))
+                })
+            });
+        offsets.insert(found.expect("output is a window of the padded image"));
+    }
+    assert_eq!(offsets.len(), 25, "every offset 0..=4 × 0..=4 occurs");
+}
