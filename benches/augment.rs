@@ -1,7 +1,8 @@
 //! Speed of the SimCLR two-view augmentation on 28×28 grayscale batches of
 //! 256, beside the PyTorch peer (`torch_peer.py --only augment_two_views`).
 //!
-//! Run: `cargo bench --bench augment`. Prints views/s (2 × 256 per
+//! Run: `cargo bench --bench augment` (`RAYON_NUM_THREADS=1` compares one
+//! thread each; the peer gets the same thread count as our rayon pool). Prints views/s (2 × 256 per
 //! iteration, as the peer counts them) for ours and, when `python3` with
 //! torch and the peer script exist, for torch and the ratio.
 //! `AIMASS_BENCH_ITERS` sets the timed iterations (default 50).
@@ -57,7 +58,9 @@ fn main() {
             (state >> 24) as u8
         })
         .collect();
-    println!("rayon threads: {}", rayon::current_num_threads());
+    // The peer runs with as many threads as our rayon pool (RAYON_NUM_THREADS).
+    let threads = rayon::current_num_threads();
+    println!("threads (ours and torch's): {threads}");
     let ours = bench(
         "reference two views (crop 0.3-1, flip, brightness/contrast p0.8)",
         &presets::fashion_mnist_reference_views().unwrap(),
@@ -97,7 +100,7 @@ fn main() {
             "--only",
             "augment_two_views",
             "--threads",
-            "2",
+            &threads.to_string(),
             "--iters",
             &iters.to_string(),
         ])

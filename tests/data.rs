@@ -412,8 +412,8 @@ fn crops_and_blur_match_pytorch() {
             height: b[2] as f32,
             width: b[3] as f32,
         };
-        let out = resized_crop(&img, bx, (s[0] as usize, s[1] as usize), false);
-        close(&out.data, &f64s(&case["out"]), 1e-5, "interpolate");
+        let out = resized_crop(&img, bx, (s[0] as usize, s[1] as usize), false).unwrap();
+        close(out.data(), &f64s(&case["out"]), 1e-5, "interpolate");
     }
     for case in fx["grid"].as_array().unwrap() {
         let (fw, fh, cx, cy) = (
@@ -429,14 +429,14 @@ fn crops_and_blur_match_pytorch() {
             height: fh * 7.0,
             width: fw * 9.0,
         };
-        let mut out = resized_crop(&img, bx, (s[0] as usize, s[1] as usize), true);
+        let mut out = resized_crop(&img, bx, (s[0] as usize, s[1] as usize), true).unwrap();
         if case["flip"].as_i64().unwrap() < 0 {
             HorizontalFlip::new(1.0)
                 .unwrap()
                 .apply(&mut out, &mut rng(0))
                 .unwrap();
         }
-        close(&out.data, &f64s(&case["out"]), 1e-5, "grid_sample");
+        close(out.data(), &f64s(&case["out"]), 1e-5, "grid_sample");
     }
     for case in fx["blur"].as_array().unwrap() {
         let mut out = img.clone();
@@ -445,7 +445,7 @@ fn crops_and_blur_match_pytorch() {
             case["sigma"].as_f64().unwrap() as f32,
         );
         blur_with_kernel(&mut out, &k);
-        close(&out.data, &f64s(&case["out"]), 1e-5, "blur");
+        close(out.data(), &f64s(&case["out"]), 1e-5, "blur");
     }
 }
 
@@ -457,45 +457,45 @@ fn colour_ops_match_hand_derived_values() {
     let red = Image::new(vec![1.0, 0.0, 0.0], 3, 1, 1).unwrap();
     let mut g = red.clone();
     adjust_hue(&mut g, 1.0 / 3.0);
-    close(&g.data, &[0.0, 1.0, 0.0], 1e-5, "hue 1/3");
+    close(g.data(), &[0.0, 1.0, 0.0], 1e-5, "hue 1/3");
     let mut y = red.clone();
     adjust_hue(&mut y, 1.0 / 6.0);
-    close(&y.data, &[1.0, 1.0, 0.0], 1e-5, "hue 1/6");
+    close(y.data(), &[1.0, 1.0, 0.0], 1e-5, "hue 1/6");
     // Saturation 0 gives the luma on every channel.
     let mut s = Image::new(vec![0.2, 0.4, 0.6], 3, 1, 1).unwrap();
     adjust_saturation(&mut s, 0.0);
     let l = 0.2989 * 0.2 + 0.587 * 0.4 + 0.114 * 0.6;
-    close(&s.data, &[l, l, l], 1e-6, "saturation 0");
+    close(s.data(), &[l, l, l], 1e-6, "saturation 0");
     // Contrast 0 gives the mean gray; contrast 2 doubles the distance to it.
     let mut c = Image::new(vec![0.2, 0.4, 0.6, 0.8], 1, 2, 2).unwrap();
     adjust_contrast(&mut c, 0.0);
-    close(&c.data, &[0.5; 4], 1e-6, "contrast 0");
+    close(c.data(), &[0.5; 4], 1e-6, "contrast 0");
     let mut c = Image::new(vec![0.4, 0.5, 0.6, 0.5], 1, 2, 2).unwrap();
     adjust_contrast(&mut c, 2.0);
-    close(&c.data, &[0.3, 0.5, 0.7, 0.5], 1e-6, "contrast 2");
+    close(c.data(), &[0.3, 0.5, 0.7, 0.5], 1e-6, "contrast 2");
     let mut b = Image::new(vec![0.2, 0.7], 1, 1, 2).unwrap();
     adjust_brightness(&mut b, 1.5);
-    close(&b.data, &[0.3, 1.0], 1e-6, "brightness clamps");
+    close(b.data(), &[0.3, 1.0], 1e-6, "brightness clamps");
     // Solarize and normalize.
     let mut so = Image::new(vec![0.2, 0.5, 0.9], 1, 1, 3).unwrap();
     Solarize::new(0.5, 1.0)
         .unwrap()
         .apply(&mut so, &mut rng(0))
         .unwrap();
-    close(&so.data, &[0.2, 0.5, 0.1], 1e-6, "solarize");
+    close(so.data(), &[0.2, 0.5, 0.1], 1e-6, "solarize");
     let mut n = Image::new(vec![0.5, 0.5], 2, 1, 1).unwrap();
     Normalize::new(&[0.25, 0.5], &[0.5, 0.25])
         .unwrap()
         .apply(&mut n, &mut rng(0))
         .unwrap();
-    close(&n.data, &[0.5, 0.0], 1e-6, "normalize");
+    close(n.data(), &[0.5, 0.0], 1e-6, "normalize");
     // Grayscale of RGB: luma on 3 channels; of one channel: unchanged.
     let mut gr = Image::new(vec![0.2, 0.4, 0.6], 3, 1, 1).unwrap();
     RandomGrayscale::new(1.0)
         .unwrap()
         .apply(&mut gr, &mut rng(0))
         .unwrap();
-    close(&gr.data, &[l, l, l], 1e-6, "grayscale");
+    close(gr.data(), &[l, l, l], 1e-6, "grayscale");
     // Blur kernel: exp(-x²/2σ²) normalised.
     let k = gaussian_kernel1d(3, 1.0);
     let e = (-0.5f64).exp();
@@ -523,8 +523,8 @@ fn flip_mirrors_rows() {
         for y in 0..4 {
             for x in 0..5 {
                 assert_eq!(
-                    f.data[(c * 4 + y) * 5 + x],
-                    img.data[(c * 4 + y) * 5 + 4 - x]
+                    f.data()[(c * 4 + y) * 5 + x],
+                    img.data()[(c * 4 + y) * 5 + 4 - x]
                 );
             }
         }
@@ -587,7 +587,7 @@ fn fraction_changed(t: &dyn Transform, img: &Image, n: u64) -> f64 {
     let batch = ImageBatch::from_images(vec![img.clone(); n as usize]).unwrap();
     let out = batch.augment(t, 11, None).unwrap();
     (0..n as usize)
-        .filter(|&i| out.image_data(i).unwrap() != img.data.as_slice())
+        .filter(|&i| out.image_data(i).unwrap() != img.data())
         .count() as f64
         / n as f64
 }
@@ -803,6 +803,7 @@ fn loader_visits_every_sample_once_per_epoch_and_reshuffles() {
             let labels = b.labels.to_vec1::<u32>().unwrap();
             let px = b
                 .images()
+                .unwrap()
                 .flatten_from(1)
                 .unwrap()
                 .to_vec2::<f32>()
@@ -987,4 +988,67 @@ fn episodes_have_right_shapes_allowed_classes_and_disjoint_support_query() {
     )
     .is_err());
     assert!(EpisodeSampler::new(tiny, &[0, 1], EpisodeConfig::default(), 0, &Device::Cpu).is_err());
+}
+
+#[test]
+fn jitter_factors_cover_the_torchvision_ranges() {
+    // Brightness only, on a mid-gray image (no clamping): out = 0.5·f, f ~ U(0.6, 1.4).
+    let t = ColorJitter::new(
+        ColorJitterConfig::default()
+            .with_brightness(0.4)
+            .with_contrast(0.0)
+            .with_saturation(0.0)
+            .with_hue(0.0)
+            .with_p(1.0),
+    )
+    .unwrap();
+    let batch = ImageBatch::new(vec![0.5; 600 * 4], (600, 1, 2, 2)).unwrap();
+    let out = batch.augment(&t, 1, None).unwrap();
+    let f: Vec<f32> = (0..600)
+        .map(|i| out.image_data(i).unwrap()[0] / 0.5)
+        .collect();
+    assert!(f.iter().all(|v| (0.6..=1.4).contains(v)));
+    let (lo, hi) = f
+        .iter()
+        .fold((2f32, 0f32), |(a, b), &v| (a.min(v), b.max(v)));
+    assert!(lo < 0.62 && hi > 1.38, "{lo} {hi}");
+    let mean = f.iter().sum::<f32>() / 600.0;
+    assert!((mean - 1.0).abs() < 0.04, "{mean}");
+}
+
+#[test]
+fn random_crop_takes_a_window_of_the_zero_padded_image() {
+    let (h, w, pad) = (5usize, 6usize, 2usize);
+    let img = Image::new((1..=h * w).map(|v| v as f32).collect(), 1, h, w).unwrap();
+    let padded = |y: isize, x: isize| -> f32 {
+        let (sy, sx) = (y - pad as isize, x - pad as isize);
+        if sy < 0 || sx < 0 || sy >= h as isize || sx >= w as isize {
+            0.0
+        } else {
+            img.data()[sy as usize * w + sx as usize]
+        }
+    };
+    let t = RandomCrop::new(
+        RandomCropConfig::default()
+            .with_size(h, w)
+            .with_padding(pad),
+    )
+    .unwrap();
+    let mut offsets = HashSet::new();
+    let mut r = rng(4);
+    for _ in 0..300 {
+        let mut o = img.clone();
+        t.apply(&mut o, &mut r).unwrap();
+        let found = (0..=2 * pad)
+            .flat_map(|oy| (0..=2 * pad).map(move |ox| (oy, ox)))
+            .find(|&(oy, ox)| {
+                (0..h).all(|y| {
+                    (0..w).all(|x| {
+                        o.data()[y * w + x] == padded((y + oy) as isize, (x + ox) as isize)
+                    })
+                })
+            });
+        offsets.insert(found.expect("output is a window of the padded image"));
+    }
+    assert_eq!(offsets.len(), 25, "every offset 0..=4 × 0..=4 occurs");
 }

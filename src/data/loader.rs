@@ -104,9 +104,11 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// The first (often only) view.
-    pub fn images(&self) -> &Tensor {
-        &self.views[0]
+    /// The first (often only) view; an error only for a hand-built batch without views.
+    pub fn images(&self) -> Result<&Tensor> {
+        self.views
+            .first()
+            .ok_or_else(|| Error::invalid("Batch::images", "the batch has no views"))
     }
 }
 
@@ -137,7 +139,7 @@ struct HostBatch {
 /// for batch in loader.epoch() {
 ///     let batch = batch?;
 ///     seen += batch.indices.len();
-///     assert_eq!(batch.images().dims()[1..], [1, 2, 2]);
+///     assert_eq!(batch.images()?.dims()[1..], [1, 2, 2]);
 /// }
 /// assert_eq!(seen, 10);
 /// assert_eq!(loader.position().epoch, 1);

@@ -94,28 +94,44 @@ fn reflect(i: isize, n: usize) -> usize {
     (if m >= n as isize { period - m } else { m }) as usize
 }
 
-/// Blurs every channel with a separable kernel (rows then columns).
+/// Blurs every channel with a separable kernel (rows then columns),
+/// reflect padding.
 pub fn blur_with_kernel(image: &mut Image, k: &[f32]) {
     let (h, w) = (image.height, image.width);
-    let r = (k.len() / 2) as isize;
+    let r = k.len() / 2;
     let mut tmp = vec![0f32; h * w];
+    let mut padded = vec![0f32; w + 2 * r];
+    let col_src: Vec<usize> = (0..w + 2 * r)
+        .map(|i| reflect(i as isize - r as isize, w))
+        .collect();
+    let row_src: Vec<Vec<usize>> = (0..h)
+        .map(|y| {
+            (0..k.len())
+                .map(|t| reflect(y as isize + t as isize - r as isize, h))
+                .collect()
+        })
+        .collect();
     for ch in image.data.chunks_exact_mut(h * w) {
-        for y in 0..h {
-            for x in 0..w {
-                let mut s = 0.0;
-                for (t, kv) in k.iter().enumerate() {
-                    s += kv * ch[y * w + reflect(x as isize + t as isize - r, w)];
-                }
-                tmp[y * w + x] = s;
+        // Horizontal pass: a reflect-padded copy of the row, then a contiguous dot product.
+        for (src, dst) in ch.chunks_exact(w).zip(tmp.chunks_exact_mut(w)) {
+            for (p, &i) in padded.iter_mut().zip(&col_src) {
+                *p = src[i];
+            }
+            for (x, d) in dst.iter_mut().enumerate() {
+                *d = k
+                    .iter()
+                    .zip(&padded[x..x + k.len()])
+                    .map(|(a, b)| a * b)
+                    .sum();
             }
         }
-        for y in 0..h {
-            for x in 0..w {
-                let mut s = 0.0;
-                for (t, kv) in k.iter().enumerate() {
-                    s += kv * tmp[reflect(y as isize + t as isize - r, h) * w + x];
+        // Vertical pass: whole rows scaled and added (vectorises).
+        for (y, dst) in ch.chunks_exact_mut(w).enumerate() {
+            dst.fill(0.0);
+            for (kv, &ry) in k.iter().zip(&row_src[y]) {
+                for (d, s) in dst.iter_mut().zip(&tmp[ry * w..(ry + 1) * w]) {
+                    *d += kv * s;
                 }
-                ch[y * w + x] = s;
             }
         }
     }

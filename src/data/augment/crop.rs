@@ -280,7 +280,18 @@ pub(crate) fn resample(img: &Image, rows: &Taps, cols: &Taps) -> Image {
 /// `grid_sample`-style sampling of a fractional box with zeros outside;
 /// otherwise the box is rounded to whole pixels and resized like torch's
 /// `interpolate`.
-pub fn resized_crop(img: &Image, b: CropBox, size: (usize, usize), continuous: bool) -> Image {
+pub fn resized_crop(
+    img: &Image,
+    b: CropBox,
+    size: (usize, usize),
+    continuous: bool,
+) -> Result<Image> {
+    if size.0 == 0 || size.1 == 0 {
+        return Err(Error::invalid(
+            "resized_crop",
+            format!("output size {}×{} must be non-zero", size.0, size.1),
+        ));
+    }
     let (rows, cols) = if continuous {
         (
             Taps::continuous(b.top, b.height, img.height, size.0),
@@ -296,7 +307,7 @@ pub fn resized_crop(img: &Image, b: CropBox, size: (usize, usize), continuous: b
             Taps::resize(left, bw, img.width, size.1),
         )
     };
-    resample(img, &rows, &cols)
+    Ok(resample(img, &rows, &cols))
 }
 
 impl Transform for RandomResizedCrop {
@@ -317,7 +328,7 @@ impl Transform for RandomResizedCrop {
             b,
             self.cfg.size,
             self.cfg.mode == CropMode::Continuous,
-        );
+        )?;
         Ok(())
     }
 }

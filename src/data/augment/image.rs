@@ -10,17 +10,15 @@ use crate::error::Context;
 use crate::{Error, Result};
 
 /// One image as `f32` values, channel-major (`C×H×W`), normally in `[0, 1]`
-/// before [`Normalize`](super::Normalize).
+/// before [`Normalize`](super::Normalize). Built with [`Image::new`], which
+/// checks that the values match the shape; a transform that changes the
+/// shape replaces the image (`*image = Image::new(...)?`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Image {
-    /// Number of channels (1 or 3 for the colour transforms).
-    pub channels: usize,
-    /// Height in pixels.
-    pub height: usize,
-    /// Width in pixels.
-    pub width: usize,
-    /// `channels × height × width` values.
-    pub data: Vec<f32>,
+    pub(crate) channels: usize,
+    pub(crate) height: usize,
+    pub(crate) width: usize,
+    pub(crate) data: Vec<f32>,
 }
 
 impl Image {
@@ -39,6 +37,36 @@ impl Image {
             width,
             data,
         })
+    }
+
+    /// Number of channels (1 or 3 for the colour transforms).
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    /// Height in pixels.
+    pub fn height(&self) -> usize {
+        self.height
+    }
+
+    /// Width in pixels.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// The `channels × height × width` values.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// The values, mutable (the shape cannot change; build a new [`Image`] for that).
+    pub fn data_mut(&mut self) -> &mut [f32] {
+        &mut self.data
+    }
+
+    /// The values, consuming the image.
+    pub fn into_data(self) -> Vec<f32> {
+        self.data
     }
 
     /// Pixels per channel, `height × width`.
