@@ -1,4 +1,4 @@
-//! Callbacks: code that [`fit`](super::fit) runs after every step, at the
+//! Callbacks: code that [`Fit`](super::Fit) runs after every step, at the
 //! end of every epoch and at the end of training.
 //!
 //! A callback sees read-only summaries ([`StepInfo`], [`EpochInfo`]) and can
@@ -83,7 +83,7 @@ pub trait TrainingState {
     fn checkpoint(&self) -> Result<Checkpoint>;
 }
 
-/// Code run by [`fit`](super::fit) during training. Every method has a
+/// Code run by [`Fit`](super::Fit) during training. Every method has a
 /// default that does nothing.
 pub trait Callback {
     /// After every optimisation step.

@@ -300,7 +300,9 @@ impl Checkpoint {
     /// changed.
     pub fn restore_varmap(&self, prefix: &str, varmap: &candle_nn::VarMap) -> Result<()> {
         self.check_varmap(prefix, varmap)?;
-        let data = varmap.data().lock().map_err(|_| Error::invalid("Checkpoint::restore_varmap", "the VarMap lock is poisoned"))?;
+        let data = varmap.data().lock().map_err(|_| {
+            Error::invalid("Checkpoint::restore_varmap", "the VarMap lock is poisoned")
+        })?;
         let saved = self.tensors_with_prefix(prefix);
         for (name, var) in data.iter() {
             if let Some(t) = saved.get(name) {
@@ -313,14 +315,20 @@ impl Checkpoint {
     /// Checks, without changing anything, that the tensors under `prefix`
     /// match the vars of `varmap` exactly (names, shapes, dtypes).
     pub fn check_varmap(&self, prefix: &str, varmap: &candle_nn::VarMap) -> Result<()> {
-        let data = varmap.data().lock().map_err(|_| Error::invalid("Checkpoint::check_varmap", "the VarMap lock is poisoned"))?;
+        let data = varmap.data().lock().map_err(|_| {
+            Error::invalid("Checkpoint::check_varmap", "the VarMap lock is poisoned")
+        })?;
         let saved = self.tensors_with_prefix(prefix);
         let vars: BTreeMap<&String, &Var> = data.iter().collect();
         check_same_names(prefix, saved.keys(), vars.keys().copied())?;
         for (name, var) in &vars {
             let t = &saved[*name];
             if t.dims() != var.dims() || t.dtype() != var.dtype() {
-                return Err(Error::shape(format!("restoring `{prefix}/{name}`"), format!("{:?} {:?}", var.dims(), var.dtype()), (t.dims(), t.dtype())));
+                return Err(Error::shape(
+                    format!("restoring `{prefix}/{name}`"),
+                    format!("{:?} {:?}", var.dims(), var.dtype()),
+                    (t.dims(), t.dtype()),
+                ));
             }
         }
         Ok(())

@@ -59,7 +59,10 @@ pub struct ClassifierConfig {
 
 impl Default for ClassifierConfig {
     fn default() -> Self {
-        ClassifierConfig { label_smoothing: 0.0, non_finite: NonFinitePolicy::Error }
+        ClassifierConfig {
+            label_smoothing: 0.0,
+            non_finite: NonFinitePolicy::Error,
+        }
     }
 }
 
@@ -91,10 +94,23 @@ impl<M: ModuleT, O: Optimizer> Classifier<M, O> {
     /// A trainer for `model`, whose parameters (and BatchNorm buffers) live
     /// in `varmap`, updated by `optimizer`.
     pub fn new(model: M, varmap: VarMap, optimizer: O, config: ClassifierConfig) -> Result<Self> {
-        let loss = CrossEntropy::new(CrossEntropyConfig::default().with_label_smoothing(config.label_smoothing))?;
+        let loss = CrossEntropy::new(
+            CrossEntropyConfig::default().with_label_smoothing(config.label_smoothing),
+        )?;
         let params = crate::nn::params::named_vars(&varmap)?;
-        let buffers = crate::nn::params::buffer_vars(&varmap)?.into_iter().map(|(_, v)| v).collect();
-        Ok(Classifier { model, varmap, optimizer, loss, guard: NonFiniteGuard::new(config.non_finite), params, buffers })
+        let buffers = crate::nn::params::buffer_vars(&varmap)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        Ok(Classifier {
+            model,
+            varmap,
+            optimizer,
+            loss,
+            guard: NonFiniteGuard::new(config.non_finite),
+            params,
+            buffers,
+        })
     }
 
     /// The model.
@@ -130,7 +146,12 @@ pub(crate) struct BufferSnapshot(Vec<(Var, Tensor)>);
 impl BufferSnapshot {
     /// Copies the current values of `buffers`.
     pub(crate) fn take(buffers: &[Var]) -> Result<Self> {
-        Ok(BufferSnapshot(buffers.iter().map(|v| Ok((v.clone(), v.as_tensor().copy()?))).collect::<Result<_>>()?))
+        Ok(BufferSnapshot(
+            buffers
+                .iter()
+                .map(|v| Ok((v.clone(), v.as_tensor().copy()?)))
+                .collect::<Result<_>>()?,
+        ))
     }
 
     /// Writes the copied values back.
@@ -147,9 +168,17 @@ pub(crate) fn correct(logits: &Tensor, labels: &Tensor) -> Result<usize> {
     let pred = logits.argmax(1)?.to_dtype(DType::U32)?;
     let labels = labels.to_dtype(DType::U32)?;
     if pred.dims() != labels.dims() {
-        return Err(Error::shape("accuracy", format!("labels of shape {:?}", pred.dims()), labels.dims()));
+        return Err(Error::shape(
+            "accuracy",
+            format!("labels of shape {:?}", pred.dims()),
+            labels.dims(),
+        ));
     }
-    Ok(pred.eq(&labels)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as usize)
+    Ok(pred
+        .eq(&labels)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as usize)
 }
 
 impl<M: ModuleT, O: Optimizer> TrainStep for Classifier<M, O> {
@@ -159,7 +188,7 @@ impl<M: ModuleT, O: Optimizer> TrainStep for Classifier<M, O> {
         // The train-mode forward updates BatchNorm running statistics; keep
         // their values so a step the guard rejects leaves no trace.
         let saved = BufferSnapshot::take(&self.buffers)?;
-        let logits = self.model.forward_t(batch.images(), true)?;
+        let logits = self.model.forward_t(batch.images()?, true)?;
         let loss = self.loss.forward(&logits, &batch.labels)?;
         let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let grads = loss.backward()?;
@@ -202,7 +231,8 @@ impl<M: ModuleT, O: Optimizer> TrainStep for Classifier<M, O> {
     fn load_state(&mut self, ckpt: &Checkpoint) -> Result<()> {
         ckpt.check_varmap("model", &self.varmap)?;
         let skipped: u64 = ckpt.meta_parse("guard.skipped")?;
-        self.optimizer.load_state_dict(&ckpt.tensors_with_prefix("optim"))?;
+        self.optimizer
+            .load_state_dict(&ckpt.tensors_with_prefix("optim"))?;
         ckpt.restore_varmap("model", &self.varmap)?;
         self.guard.set_skipped(skipped);
         Ok(())

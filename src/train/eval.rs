@@ -31,7 +31,7 @@ where
     let mut labels = Vec::new();
     for b in 0..loader.len() {
         let batch = loader.batch_at(0, b)?;
-        outs.push(f(batch.images())?.detach());
+        outs.push(f(batch.images()?)?.detach());
         labels.extend(batch.labels.to_dtype(DType::U32)?.to_vec1::<u32>()?);
     }
     if outs.is_empty() {
@@ -54,12 +54,15 @@ pub fn evaluate_accuracy<M: ModuleT>(model: &M, loader: &DataLoader) -> Result<f
     let mut total = 0usize;
     for b in 0..loader.len() {
         let batch = loader.batch_at(0, b)?;
-        let logits = model.forward_t(batch.images(), false)?;
+        let logits = model.forward_t(batch.images()?, false)?;
         right += super::classifier::correct(&logits, &batch.labels)?;
         total += batch.labels.dim(0)?;
     }
     if total == 0 {
-        return Err(Error::invalid("evaluate_accuracy", "the loader has no samples"));
+        return Err(Error::invalid(
+            "evaluate_accuracy",
+            "the loader has no samples",
+        ));
     }
     Ok(right as f64 / total as f64)
 }
@@ -70,7 +73,7 @@ pub fn evaluate_accuracy<M: ModuleT>(model: &M, loader: &DataLoader) -> Result<f
 pub struct LinearProbeConfig {
     /// Passes over the training features (default 100).
     pub epochs: usize,
-    /// AdamW learning rate, cosine-annealed to 0 (default 1e-2).
+    /// AdamW learning rate, cosine-annealed to 0 (default 0.05).
     pub lr: f64,
     /// AdamW weight decay (default 1e-4).
     pub weight_decay: f64,
@@ -82,7 +85,13 @@ pub struct LinearProbeConfig {
 
 impl Default for LinearProbeConfig {
     fn default() -> Self {
-        LinearProbeConfig { epochs: 100, lr: 1e-2, weight_decay: 1e-4, batch_size: 256, seed: 0 }
+        LinearProbeConfig {
+            epochs: 100,
+            lr: 0.05,
+            weight_decay: 1e-4,
+            batch_size: 256,
+            seed: 0,
+        }
     }
 }
 
@@ -126,33 +135,74 @@ pub struct LinearProbeResult {
 
 /// Trains a logistic regression on frozen features (standardised with the
 /// training mean and deviation) and reports train and test accuracy.
-pub fn linear_probe(train_x: &Tensor, train_y: &[u32], test_x: &Tensor, test_y: &[u32], config: &LinearProbeConfig) -> Result<LinearProbeResult> {
+pub fn linear_probe(
+    train_x: &Tensor,
+    train_y: &[u32],
+    test_x: &Tensor,
+    test_y: &[u32],
+    config: &LinearProbeConfig,
+) -> Result<LinearProbeResult> {
     if config.epochs == 0 {
-        return Err(Error::config("LinearProbeConfig::epochs", 0, "must be >= 1"));
+        return Err(Error::config(
+            "LinearProbeConfig::epochs",
+            0,
+            "must be >= 1",
+        ));
     }
     if config.batch_size == 0 {
-        return Err(Error::config("LinearProbeConfig::batch_size", 0, "must be >= 1"));
+        return Err(Error::config(
+            "LinearProbeConfig::batch_size",
+            0,
+            "must be >= 1",
+        ));
     }
     let dev = Device::Cpu;
-    let tx = train_x.flatten_from(1)?.to_dtype(DType::F32)?.to_device(&dev)?;
-    let vx = test_x.flatten_from(1)?.to_dtype(DType::F32)?.to_device(&dev)?;
+    let tx = train_x
+        .flatten_from(1)?
+        .to_dtype(DType::F32)?
+        .to_device(&dev)?;
+    let vx = test_x
+        .flatten_from(1)?
+        .to_dtype(DType::F32)?
+        .to_device(&dev)?;
     let (n, d) = tx.dims2()?;
     if n == 0 || n != train_y.len() {
-        return Err(Error::shape("linear_probe", format!("{} training labels for {n} features (n >= 1)", n), train_y.len()));
+        return Err(Error::shape(
+            "linear_probe",
+            format!("{} training labels for {n} features (n >= 1)", n),
+            train_y.len(),
+        ));
     }
     if vx.dim(1)? != d || vx.dim(0)? != test_y.len() {
-        return Err(Error::shape("linear_probe", format!("test features (m, {d}) with m labels ({} given)", test_y.len()), vx.dims()));
+        return Err(Error::shape(
+            "linear_probe",
+            format!(
+                "test features (m, {d}) with m labels ({} given)",
+                test_y.len()
+            ),
+            vx.dims(),
+        ));
     }
     let mean = tx.mean_keepdim(0)?;
     let std = (tx.broadcast_sub(&mean)?.sqr()?.mean_keepdim(0)? + 1e-6)?.sqrt()?;
     let tx = tx.broadcast_sub(&mean)?.broadcast_div(&std)?;
     let vx = vx.broadcast_sub(&mean)?.broadcast_div(&std)?;
-    let classes = train_y.iter().chain(test_y).copied().max().map_or(1, |m| m as usize + 1);
+    let classes = train_y
+        .iter()
+        .chain(test_y)
+        .copied()
+        .max()
+        .map_or(1, |m| m as usize + 1);
 
     let varmap = VarMap::new();
     let vb = crate::nn::init::seeded_var_builder(&varmap, config.seed, DType::F32, &dev);
     let head = candle_nn::linear(d, classes, vb.pp("probe"))?;
-    let mut opt = AdamW::from_varmap(AdamWConfig::default().with_lr(config.lr).with_weight_decay(config.weight_decay), &varmap)?;
+    let mut opt = AdamW::from_varmap(
+        AdamWConfig::default()
+            .with_lr(config.lr)
+            .with_weight_decay(config.weight_decay),
+        &varmap,
+    )?;
     let per_epoch = n.div_ceil(config.batch_size);
     let total = (config.epochs * per_epoch) as u64;
     let schedule = CosineAnnealingLr::new(config.lr, total, 0.0)?;
@@ -171,8 +221,17 @@ pub fn linear_probe(train_x: &Tensor, train_y: &[u32], test_x: &Tensor, test_y: 
             step += 1;
         }
     }
-    let predict = |x: &Tensor| -> Result<Vec<u32>> { Ok(head.forward(x)?.argmax(1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?) };
-    Ok(LinearProbeResult { train_acc: accuracy_of(&predict(&tx)?, train_y), test_acc: accuracy_of(&predict(&vx)?, test_y) })
+    let predict = |x: &Tensor| -> Result<Vec<u32>> {
+        Ok(head
+            .forward(x)?
+            .argmax(1)?
+            .to_dtype(DType::U32)?
+            .to_vec1::<u32>()?)
+    };
+    Ok(LinearProbeResult {
+        train_acc: accuracy_of(&predict(&tx)?, train_y),
+        test_acc: accuracy_of(&predict(&vx)?, test_y),
+    })
 }
 
 #[cfg(test)]
@@ -190,7 +249,11 @@ mod tests {
                 let centre = if j == c as usize { 3.0 } else { 0.0 };
                 x.push(centre + r.random_range(-1.0f32..1.0));
             }
-            y.push(if random_labels { r.random_range(0..classes as u32) } else { c });
+            y.push(if random_labels {
+                r.random_range(0..classes as u32)
+            } else {
+                c
+            });
         }
         (Tensor::from_vec(x, (n, 8), &Device::Cpu).unwrap(), y)
     }
@@ -199,7 +262,14 @@ mod tests {
     fn separable_features_give_full_accuracy() {
         let (x, y) = blobs(200, 4, 1, false);
         let (vx, vy) = blobs(100, 4, 2, false);
-        let r = linear_probe(&x, &y, &vx, &vy, &LinearProbeConfig::default().with_epochs(30)).unwrap();
+        let r = linear_probe(
+            &x,
+            &y,
+            &vx,
+            &vy,
+            &LinearProbeConfig::default().with_epochs(100),
+        )
+        .unwrap();
         assert_eq!(r.test_acc, 1.0, "{r:?}");
     }
 
@@ -207,7 +277,14 @@ mod tests {
     fn random_labels_give_chance_on_test() {
         let (x, y) = blobs(400, 4, 3, true);
         let (vx, vy) = blobs(400, 4, 4, true);
-        let r = linear_probe(&x, &y, &vx, &vy, &LinearProbeConfig::default().with_epochs(30)).unwrap();
+        let r = linear_probe(
+            &x,
+            &y,
+            &vx,
+            &vy,
+            &LinearProbeConfig::default().with_epochs(100),
+        )
+        .unwrap();
         assert!((r.test_acc - 0.25).abs() < 0.07, "{r:?}");
     }
 
@@ -215,6 +292,8 @@ mod tests {
     fn bad_inputs() {
         let (x, y) = blobs(10, 2, 5, false);
         assert!(linear_probe(&x, &y[..5], &x, &y, &LinearProbeConfig::default()).is_err());
-        assert!(linear_probe(&x, &y, &x, &y, &LinearProbeConfig::default().with_epochs(0)).is_err());
+        assert!(
+            linear_probe(&x, &y, &x, &y, &LinearProbeConfig::default().with_epochs(0)).is_err()
+        );
     }
 }

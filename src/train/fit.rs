@@ -43,7 +43,12 @@ pub struct StepOutput {
 impl StepOutput {
     /// A step output with a loss and a sample count.
     pub fn new(loss: f64, samples: usize) -> Self {
-        StepOutput { loss, samples, skipped: false, metrics: BTreeMap::new() }
+        StepOutput {
+            loss,
+            samples,
+            skipped: false,
+            metrics: BTreeMap::new(),
+        }
     }
 
     /// Marks the step as skipped.
@@ -127,7 +132,14 @@ impl BatchSource for DataLoader {
 
     fn fingerprint(&self) -> String {
         let c = self.config();
-        format!("seed={} batch_size={} shuffle={} drop_last={} len={}", c.seed, c.batch_size, c.shuffle, c.drop_last, self.dataset().len())
+        format!(
+            "seed={} batch_size={} shuffle={} drop_last={} len={}",
+            c.seed,
+            c.batch_size,
+            c.shuffle,
+            c.drop_last,
+            self.dataset().len()
+        )
     }
 
     fn set_position(&mut self, epoch: u64, batch: usize) -> Result<()> {
@@ -162,7 +174,11 @@ pub struct FitConfig {
 
 impl Default for FitConfig {
     fn default() -> Self {
-        FitConfig { epochs: 1, max_steps: None, eval_every: 1 }
+        FitConfig {
+            epochs: 1,
+            max_steps: None,
+            eval_every: 1,
+        }
     }
 }
 
@@ -247,7 +263,15 @@ impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
         if source.batches_per_epoch() == 0 {
             return Err(Error::invalid("Fit::new", "the batch source has no batches (empty dataset, or drop_last with fewer samples than a batch)"));
         }
-        Ok(Fit { trainer, source, config, schedule: None, callbacks: Vec::new(), evaluator: None, step: 0 })
+        Ok(Fit {
+            trainer,
+            source,
+            config,
+            schedule: None,
+            callbacks: Vec::new(),
+            evaluator: None,
+            step: 0,
+        })
     }
 
     /// Sets the learning-rate schedule, queried at the global step before
@@ -264,7 +288,10 @@ impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
     }
 
     /// Sets the epoch-end evaluation.
-    pub fn with_evaluator(mut self, evaluator: impl FnMut(&mut T, usize) -> Result<BTreeMap<String, f64>> + 'a) -> Self {
+    pub fn with_evaluator(
+        mut self,
+        evaluator: impl FnMut(&mut T, usize) -> Result<BTreeMap<String, f64>> + 'a,
+    ) -> Self {
         self.evaluator = Some(Box::new(evaluator));
         self
     }
@@ -276,7 +303,12 @@ impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
 
     /// A checkpoint of the whole run (trainer state, step, data position).
     pub fn checkpoint(&self) -> Result<Checkpoint> {
-        RunState { trainer: &*self.trainer, source: &*self.source, step: self.step }.checkpoint()
+        RunState {
+            trainer: &*self.trainer,
+            source: &*self.source,
+            step: self.step,
+        }
+        .checkpoint()
     }
 
     /// Restores a checkpoint made by [`Fit::checkpoint`] (or a
@@ -305,9 +337,18 @@ impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
     /// a resume), `max_steps` is reached, or a callback stops the run.
     pub fn run(&mut self) -> Result<FitSummary> {
         let start = Instant::now();
-        let Fit { trainer, source, config, schedule, callbacks, evaluator, step } = self;
+        let Fit {
+            trainer,
+            source,
+            config,
+            schedule,
+            callbacks,
+            evaluator,
+            step,
+        } = self;
         let per_epoch = source.batches_per_epoch();
-        let total_steps = (config.epochs as u64 * per_epoch as u64).min(config.max_steps.unwrap_or(u64::MAX));
+        let total_steps =
+            (config.epochs as u64 * per_epoch as u64).min(config.max_steps.unwrap_or(u64::MAX));
         let mut summary = FitSummary::default();
         let mut samples_seen = 0u64;
         let mut stop = false;
@@ -365,14 +406,30 @@ impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
             if !epoch_done {
                 break; // stopped mid-epoch (max_steps or a callback)
             }
-            summary.train_loss = if loss_n > 0 { loss_sum / loss_n as f64 } else { f64::NAN };
+            summary.train_loss = if loss_n > 0 {
+                loss_sum / loss_n as f64
+            } else {
+                f64::NAN
+            };
             let last = epoch == config.epochs || *step >= total_steps;
             let metrics = match evaluator.as_mut() {
                 Some(ev) if epoch % config.eval_every == 0 || last => ev(trainer, epoch)?,
                 _ => BTreeMap::new(),
             };
-            let info = EpochInfo { epoch, epochs: config.epochs, step: *step, train_loss: summary.train_loss, lr, metrics: &metrics, elapsed: start.elapsed() };
-            let state = RunState { trainer: &**trainer, source: &**source, step: *step };
+            let info = EpochInfo {
+                epoch,
+                epochs: config.epochs,
+                step: *step,
+                train_loss: summary.train_loss,
+                lr,
+                metrics: &metrics,
+                elapsed: start.elapsed(),
+            };
+            let state = RunState {
+                trainer: &**trainer,
+                source: &**source,
+                step: *step,
+            };
             for cb in callbacks.iter_mut() {
                 if cb.on_epoch_end(&info, &state)? == Control::Stop {
                     stop = true;
@@ -381,7 +438,11 @@ impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
             }
             summary.metrics = metrics;
         }
-        let state = RunState { trainer: &**trainer, source: &**source, step: *step };
+        let state = RunState {
+            trainer: &**trainer,
+            source: &**source,
+            step: *step,
+        };
         for cb in callbacks.iter_mut() {
             cb.on_end(&state)?;
         }

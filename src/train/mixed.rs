@@ -109,7 +109,9 @@ impl MixedPrecision {
     /// differentiably (gradients reach the f32 variables).
     pub fn var_builder(&self, varmap: &VarMap, device: &Device) -> Result<VarBuilder<'static>> {
         let dtype = self.precision.dtype();
-        let data = varmap.data().lock().map_err(|_| Error::invalid("MixedPrecision::var_builder", "the VarMap lock is poisoned"))?;
+        let data = varmap.data().lock().map_err(|_| {
+            Error::invalid("MixedPrecision::var_builder", "the VarMap lock is poisoned")
+        })?;
         let mut cast = HashMap::with_capacity(data.len());
         for (name, var) in data.iter() {
             cast.insert(name.clone(), var.as_tensor().to_dtype(dtype)?);
@@ -137,7 +139,11 @@ impl MixedPrecision {
                 grads.insert(var, g);
             }
         }
-        Ok(if scaler.update(overflow) { Some(grads) } else { None })
+        Ok(if scaler.update(overflow) {
+            Some(grads)
+        } else {
+            None
+        })
     }
 }
 
@@ -151,22 +157,44 @@ mod tests {
         let varmap = VarMap::new();
         let vb = crate::nn::init::seeded_var_builder(&varmap, 1, DType::F32, &Device::Cpu);
         candle_nn::linear(3, 1, vb.pp("fc")).unwrap();
-        let x = Tensor::new(&[[1f32, 0., 2.], [0., 1., -1.], [2., 1., 0.], [1., 1., 1.]], &Device::Cpu).unwrap();
+        let x = Tensor::new(
+            &[[1f32, 0., 2.], [0., 1., -1.], [2., 1., 0.], [1., 1., 1.]],
+            &Device::Cpu,
+        )
+        .unwrap();
         let y = Tensor::new(&[[1f32], [-1.], [2.], [0.5]], &Device::Cpu).unwrap();
         (varmap, x, y)
     }
 
-    fn train(precision: Precision, scaler: LossScalerConfig, steps: usize) -> (f32, MixedPrecision, VarMap) {
+    fn train(
+        precision: Precision,
+        scaler: LossScalerConfig,
+        steps: usize,
+    ) -> (f32, MixedPrecision, VarMap) {
         let (varmap, x, y) = setup();
         let mut mp = MixedPrecision::with_scaler(precision, scaler).unwrap();
         let mut opt = Sgd::from_varmap(SgdConfig::default().with_lr(0.05), &varmap).unwrap();
         let dt = precision.dtype();
         let mut last = f32::NAN;
         for _ in 0..steps {
-            let fc = candle_nn::linear(3, 1, mp.var_builder(&varmap, &Device::Cpu).unwrap().pp("fc")).unwrap();
+            let fc = candle_nn::linear(
+                3,
+                1,
+                mp.var_builder(&varmap, &Device::Cpu).unwrap().pp("fc"),
+            )
+            .unwrap();
             let pred = fc.forward(&x.to_dtype(dt).unwrap()).unwrap();
-            let loss = (pred - y.to_dtype(dt).unwrap()).unwrap().sqr().unwrap().mean_all().unwrap();
-            last = loss.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
+            let loss = (pred - y.to_dtype(dt).unwrap())
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap();
+            last = loss
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             if let Some(g) = mp.backward(&loss, &varmap).unwrap() {
                 opt.step(&g).unwrap();
             }
@@ -179,7 +207,10 @@ mod tests {
         let (f32_loss, _, _) = train(Precision::F32, LossScalerConfig::default(), 200);
         for p in [Precision::Bf16, Precision::F16] {
             let (loss, _, varmap) = train(p, LossScalerConfig::default(), 200);
-            assert!((loss - f32_loss).abs() < 0.05 + 0.05 * f32_loss, "{p:?}: {loss} vs f32 {f32_loss}");
+            assert!(
+                (loss - f32_loss).abs() < 0.05 + 0.05 * f32_loss,
+                "{p:?}: {loss} vs f32 {f32_loss}"
+            );
             for (_, v) in crate::nn::params::named_vars(&varmap).unwrap() {
                 assert_eq!(v.dtype(), DType::F32);
             }

@@ -40,7 +40,10 @@ pub use checkpoint::{Checkpoint, FORMAT_VERSION};
 pub use checkpoint_dir::{CheckpointDir, PeriodicCheckpoint};
 pub use classifier::{Classifier, ClassifierConfig};
 pub use early_stopping::{EarlyStopping, MonitorMode};
-pub use eval::{evaluate_accuracy, extract, extract_features, linear_probe, LinearProbeConfig, LinearProbeResult};
+pub use eval::{
+    evaluate_accuracy, extract, extract_features, linear_probe, LinearProbeConfig,
+    LinearProbeResult,
+};
 pub use fit::{BatchSource, Evaluator, Fit, FitConfig, FitSummary, StepOutput, TrainStep};
 pub use guard::{GuardAction, NonFiniteGuard, NonFinitePolicy};
 pub use knn::{accuracy_of, knn_accuracy, knn_predict, KnnConfig};
