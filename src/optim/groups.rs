@@ -68,18 +68,18 @@ impl ParamGroup {
     }
 }
 
-/// Whether `name` is a buffer that no optimizer updates: BatchNorm's
-/// `running_mean`, `running_var` and `num_batches_tracked`.
+/// Whether `name` is a buffer that no optimizer updates (BatchNorm running
+/// statistics): the rule of [`crate::nn::params::is_buffer`], the one place
+/// that decides it.
 pub fn is_buffer(name: &str) -> bool {
-    let last = name.rsplit('.').next().unwrap_or(name);
-    matches!(last, "running_mean" | "running_var" | "num_batches_tracked")
+    crate::nn::params::is_buffer(name)
 }
 
 /// Whether a parameter is excluded from weight decay (and LARS adaptation)
-/// by default: every parameter with at most one dimension (biases, norm
-/// scales and shifts).
-pub fn is_no_decay(_name: &str, var: &Var) -> bool {
-    var.rank() <= 1
+/// by default: the rule of [`crate::nn::params::is_no_decay`] (every
+/// parameter with at most one dimension: biases, norm scales and shifts).
+pub fn is_no_decay(name: &str, var: &Var) -> bool {
+    crate::nn::params::is_no_decay(name, var.dims())
 }
 
 /// The default split of named variables into at most two groups: first the
