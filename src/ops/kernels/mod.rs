@@ -1,1 +1,151 @@
-//! (being built)
+//! Fast CPU kernels with backward: convolution, pooling, BatchNorm.
+//!
+//! Candle's CPU convolution backward is several times slower than its
+//! forward, and its max-pool backward is wrong. This module holds our own
+//! CPU kernels, wrapped as candle custom ops **with backward**, so that
+//! autograd works through them as through any candle op:
+//!
+//! * [`conv2d`]: im2col (skipped for 1x1 convolutions) into the `gemm`
+//!   crate, parallel over the batch with rayon; stride, padding, dilation
+//!   and groups. Its input and weight gradients are custom ops too, whose own
+//!   backward is again a convolution, so gradients of any order (MAML's
+//!   second order included) are exact.
+//! * [`max_pool2d`] and [`avg_pool2d`] with padding (average pooling counts
+//!   the padding, like torch's default `count_include_pad=True`); max
+//!   pooling routes the gradient to the first maximum of each window.
+//! * [`batch_norm_train`]: BatchNorm's training forward and backward, each
+//!   fused into two passes over the data.
+//!
+//! The kernels run on contiguous or strided f32 and f64 tensors on the CPU;
+//! [`supports`] says whether a tensor qualifies. On other devices and dtypes
+//! each function returns an error: callers (the `ops` module) use candle's
+//! own ops there.
+//!
+//! ```
+//! use aimass::candle::{Device, Tensor};
+//! use aimass::ops::kernels;
+//!
+//! let x = Tensor::ones((2, 3, 8, 8), aimass::candle::DType::F32, &Device::Cpu)?;
+//! let w = Tensor::ones((4, 3, 3, 3), aimass::candle::DType::F32, &Device::Cpu)?;
+//! assert!(kernels::supports(&x));
+//! let y = kernels::conv2d(&x, &w, None, (1, 1), (1, 1), (1, 1), 1)?;
+//! assert_eq!(y.dims(), &[2, 4, 8, 8]);
+//! // The centre pixel sees the whole 3x3x3 window of ones.
+//! let centre = y.get(0)?.get(0)?.get(4)?.get(4)?.to_scalar::<f32>()?;
+//! assert_eq!(centre, 27.0);
+//! # Ok::<(), aimass::Error>(())
+//! ```
+
+mod conv;
+mod gemm;
+mod util;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Context;
+use crate::{Error, Result};
+
+/// Whether the kernels of this module can run on `x`: a CPU tensor of dtype
+/// f32 or f64.
+pub fn supports(x: &Tensor) -> bool {
+    matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+fn check_supported(op: &str, ts: &[&Tensor]) -> Result<()> {
+    let first = ts.first().map(|t| t.dtype());
+    for t in ts {
+        if !supports(t) {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "the CPU kernels need f32 or f64 tensors on the CPU, got {:?} on {:?}; use \
+                     `aimass::ops` (which falls back to candle) for other devices and dtypes",
+                    t.dtype(),
+                    t.device().location()
+                ),
+            ));
+        }
+        if Some(t.dtype()) != first {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "all operands must share one dtype, got {:?} and {:?}",
+                    first,
+                    t.dtype()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_pair(op: &str, name: &str, v: (usize, usize), min: usize) -> Result<()> {
+    if v.0 < min || v.1 < min {
+        return Err(Error::invalid(
+            op,
+            format!("{name} must be >= {min} in both dimensions, got {v:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// 2-D convolution (cross-correlation, as torch's `conv2d`) of `x`
+/// `(n, c_in, h, w)` with `w` `(c_out, c_in / groups, kh, kw)` plus an
+/// optional `bias` `(c_out,)`; `stride`, `padding` and `dilation` are
+/// `(height, width)`. Returns `(n, c_out, h_out, w_out)` with
+/// `h_out = (h + 2 * padding.0 - dilation.0 * (kh - 1) - 1) / stride.0 + 1`.
+///
+/// Differentiable in `x`, `w` and `bias`, to any order.
+///
+/// # Errors
+///
+/// [`Error::Shape`] when the shapes do not fit each other (channels vs
+/// groups, kernel larger than the padded input), [`Error::InvalidArgument`]
+/// for a zero stride, dilation or group count, or tensors the kernels do not
+/// support (see [`supports`]).
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: (usize, usize),
+    padding: (usize, usize),
+    dilation: (usize, usize),
+    groups: usize,
+) -> Result<Tensor> {
+    const OP: &str = "kernels::conv2d";
+    check_supported(OP, &[x, w])?;
+    check_pair(OP, "stride", stride, 1)?;
+    check_pair(OP, "dilation", dilation, 1)?;
+    if groups == 0 {
+        return Err(Error::invalid(OP, "groups must be >= 1, got 0"));
+    }
+    let xd = x
+        .dims4()
+        .map_err(|_| Error::shape(OP, "input (n, c_in, h, w)", x.dims()))?;
+    let wd = w
+        .dims4()
+        .map_err(|_| Error::shape(OP, "weight (c_out, c_in / groups, kh, kw)", w.dims()))?;
+    let p = conv::ConvParams {
+        stride,
+        padding,
+        dilation,
+        groups,
+    };
+    if let Err(e) = conv::Geom::new(xd, wd, p) {
+        return Err(Error::shape(
+            OP,
+            format!("input and weight that fit ({e})"),
+            (x.dims(), w.dims()),
+        ));
+    }
+    let y = conv::conv2d_raw(x, w, p).context("conv2d kernel")?;
+    match bias {
+        None => Ok(y),
+        Some(b) => {
+            if b.dims() != [wd.0] {
+                return Err(Error::shape(OP, format!("bias ({},)", wd.0), b.dims()));
+            }
+            Ok(y.broadcast_add(&b.reshape((1, wd.0, 1, 1))?)?)
+        }
+    }
+}
