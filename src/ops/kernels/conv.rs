@@ -247,10 +247,15 @@ where
     let nt = threads();
     let n = out.len() / chunk;
     if nt > 1 && n >= nt {
-        out.par_chunks_mut(chunk).enumerate().try_for_each_init(
-            || vec![T::zero(); scratch],
-            |buf, (i, c)| f(buf, i, c, Parallelism::None),
-        )
+        // A few jobs per thread: enough to balance a noisy machine, few
+        // enough that each scratch buffer serves many images.
+        out.par_chunks_mut(chunk)
+            .with_min_len(n.div_ceil(4 * nt).max(1))
+            .enumerate()
+            .try_for_each_init(
+                || vec![T::zero(); scratch],
+                |buf, (i, c)| f(buf, i, c, Parallelism::None),
+            )
     } else {
         let par = if nt > 1 {
             Parallelism::Rayon(nt)
@@ -266,7 +271,21 @@ where
 }
 
 /// `y = conv(x, w)`.
-pub(crate) fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> candle_core::Result<Vec<T>> {
+pub(crate) fn forward<T: Elem>(
+    g: &Geom,
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+) -> candle_core::Result<Vec<T>> {
+    if let Some(b) = bias {
+        if b.len() != g.o {
+            candle_core::bail!(
+                "conv2d: bias of {} values for {} output channels",
+                b.len(),
+                g.o
+            );
+        }
+    }
     let (og, kk, np) = (g.og(), g.kk(), g.np());
     let cghw = g.cg() * g.h * g.w;
     let mut y = vec![T::zero(); g.n * g.out_img()];
@@ -291,9 +310,57 @@ pub(crate) fn forward<T: Elem>(g: &Geom, x: &[T], w: &[T]) -> candle_core::Resul
                 par,
             )?;
         }
+        if let Some(b) = bias {
+            for (row, bv) in yimg.chunks_mut(np).zip(b) {
+                row.iter_mut().for_each(|v| *v += *bv);
+            }
+        }
         Ok(())
     })?;
     Ok(y)
+}
+
+/// Per-channel sums of an `(n, c, h, w)` tensor: the bias gradient.
+pub(crate) fn channel_sum<T: Elem>(x: &[T], n: usize, c: usize, hw: usize) -> Vec<T> {
+    let img = c * hw;
+    if img == 0 || n == 0 {
+        return vec![T::zero(); c];
+    }
+    let per = n.div_ceil(4 * threads()).max(1);
+    x.par_chunks(img * per)
+        .map(|block| {
+            let mut acc = vec![T::zero(); c];
+            for im in block.chunks(img) {
+                for (a, plane) in acc.iter_mut().zip(im.chunks(hw)) {
+                    *a += sum_slice(plane);
+                }
+            }
+            acc
+        })
+        .reduce(
+            || vec![T::zero(); c],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += *y);
+                a
+            },
+        )
+}
+
+/// A sum with 8 independent accumulators (vectorises, and is more accurate
+/// than one running sum).
+pub(crate) fn sum_slice<T: Elem>(v: &[T]) -> T {
+    let mut acc = [T::zero(); 8];
+    let mut it = v.chunks_exact(8);
+    for ch in &mut it {
+        for (a, x) in acc.iter_mut().zip(ch) {
+            *a += *x;
+        }
+    }
+    let mut s = T::zero();
+    for x in it.remainder() {
+        s += *x;
+    }
+    acc.iter().fold(s, |a, b| a + *b)
 }
 
 /// `dx = conv^T(dy, w)`: the gradient of `sum(conv(x, w) * dy)` in `x`.
@@ -429,6 +496,12 @@ macro_rules! dispatch2 {
 /// The convolution `y = conv(x, w)`.
 pub(crate) struct Conv2dOp(pub ConvParams);
 
+/// The convolution with bias `y = conv(x, w) + b`.
+pub(crate) struct Conv2dBiasOp(pub ConvParams);
+
+/// Per-channel sums `(n, c, h, w) -> (c,)` (the bias gradient).
+pub(crate) struct ChannelSumOp;
+
 /// The input gradient `dx = conv^T(dy, w)` for an input of size `in_hw`.
 pub(crate) struct Conv2dInputGradOp {
     pub p: ConvParams,
@@ -453,7 +526,7 @@ impl candle_core::CustomOp2 for Conv2dOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = Geom::new(dims4(l1, "input")?, dims4(l2, "weight")?, self.0)?;
-        let out = dispatch2!(s1, l1, s2, l2, "conv2d", |x, w| forward(&g, x, w)?);
+        let out = dispatch2!(s1, l1, s2, l2, "conv2d", |x, w| forward(&g, x, w, None)?);
         Ok((out, g.y_shape()))
     }
     fn bwd(
@@ -476,6 +549,87 @@ impl candle_core::CustomOp2 for Conv2dOp {
             None
         };
         Ok((dx, dw))
+    }
+}
+
+impl candle_core::CustomOp3 for Conv2dBiasOp {
+    fn name(&self) -> &'static str {
+        "aimass-conv2d-bias"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = Geom::new(dims4(l1, "input")?, dims4(l2, "weight")?, self.0)?;
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(forward(
+                    &g,
+                    contiguous_slice::<f32>(s1, l1)?,
+                    contiguous_slice::<f32>(s2, l2)?,
+                    Some(contiguous_slice::<f32>(s3, l3)?),
+                )?)
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                CpuStorage::F64(forward(
+                    &g,
+                    contiguous_slice::<f64>(s1, l1)?,
+                    contiguous_slice::<f64>(s2, l2)?,
+                    Some(contiguous_slice::<f64>(s3, l3)?),
+                )?)
+            }
+            _ => candle_core::bail!(
+                "conv2d: input, weight and bias must all be f32 or all f64, got {:?}, {:?}, {:?}",
+                s1.dtype(),
+                s2.dtype(),
+                s3.dtype()
+            ),
+        };
+        Ok((out, g.y_shape()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = candle_core::CustomOp2::bwd(&Conv2dOp(self.0), x, w, _res, dy)?;
+        let db = if needs_grad(b) {
+            Some(dy.contiguous()?.apply_op1(ChannelSumOp)?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+impl candle_core::CustomOp1 for ChannelSumOp {
+    fn name(&self) -> &'static str {
+        "aimass-channel-sum"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = dims4(l, "channel-sum input")?;
+        let out = match s {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(channel_sum(contiguous_slice::<f32>(s, l)?, n, c, h * w))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(channel_sum(contiguous_slice::<f64>(s, l)?, n, c, h * w))
+            }
+            _ => candle_core::bail!("channel sum: only f32 and f64, got {:?}", s.dtype()),
+        };
+        Ok((out, Shape::from(c)))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, gg: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let c = gg.dim(0)?;
+        Ok(Some(gg.reshape((1, c, 1, 1))?.broadcast_as(x.shape())?))
     }
 }
 
@@ -589,6 +743,17 @@ impl candle_core::CustomOp2 for Conv2dWeightGradOp {
 /// `conv(x, w)` without bias, as a differentiable custom op.
 pub(crate) fn conv2d_raw(x: &Tensor, w: &Tensor, p: ConvParams) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, Conv2dOp(p))
+}
+
+/// `conv(x, w) + b`, as one differentiable custom op.
+pub(crate) fn conv2d_bias_raw(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    p: ConvParams,
+) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, Conv2dBiasOp(p))
 }
 
 /// The input gradient of a convolution, as a differentiable custom op.

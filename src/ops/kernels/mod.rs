@@ -138,14 +138,14 @@ pub fn conv2d(
             (x.dims(), w.dims()),
         ));
     }
-    let y = conv::conv2d_raw(x, w, p).context("conv2d kernel")?;
     match bias {
-        None => Ok(y),
+        None => conv::conv2d_raw(x, w, p).context("conv2d kernel"),
         Some(b) => {
             if b.dims() != [wd.0] {
                 return Err(Error::shape(OP, format!("bias ({},)", wd.0), b.dims()));
             }
-            Ok(y.broadcast_add(&b.reshape((1, wd.0, 1, 1))?)?)
+            check_supported(OP, &[x, b])?;
+            conv::conv2d_bias_raw(x, w, b, p).context("conv2d kernel")
         }
     }
 }
