@@ -401,3 +401,190 @@ fn conv2d_rejects_bad_arguments() {
     let x3 = Tensor::zeros((4, 5, 5), DType::F32, &Device::Cpu).unwrap();
     assert!(k(&x3, &w, None, (1, 1), (0, 0), (1, 1), 1).is_err());
 }
+
+/// Direct-loop pooling in f64 over the padded input: max (padding = -inf)
+/// or average (padding = 0, divided by the full window size).
+fn naive_pool(
+    x: &[f64],
+    (n, c, h, w): (usize, usize, usize, usize),
+    k: (usize, usize),
+    s: (usize, usize),
+    p: (usize, usize),
+    max: bool,
+) -> (Vec<f64>, (usize, usize)) {
+    let oh = (h + 2 * p.0 - k.0) / s.0 + 1;
+    let ow = (w + 2 * p.1 - k.1) / s.1 + 1;
+    let mut y = Vec::new();
+    for plane in 0..n * c {
+        for i in 0..oh {
+            for j in 0..ow {
+                let mut acc = if max { f64::NEG_INFINITY } else { 0.0 };
+                for a in 0..k.0 {
+                    for b in 0..k.1 {
+                        let (r, q) = (
+                            (i * s.0 + a) as isize - p.0 as isize,
+                            (j * s.1 + b) as isize - p.1 as isize,
+                        );
+                        let v = if r < 0 || q < 0 || r >= h as isize || q >= w as isize {
+                            if max {
+                                f64::NEG_INFINITY
+                            } else {
+                                0.0
+                            }
+                        } else {
+                            x[plane * h * w + r as usize * w + q as usize]
+                        };
+                        acc = if max { acc.max(v) } else { acc + v };
+                    }
+                }
+                y.push(if max { acc } else { acc / (k.0 * k.1) as f64 });
+            }
+        }
+    }
+    (y, (oh, ow))
+}
+
+type PoolCase = ((usize, usize), (usize, usize), (usize, usize));
+
+fn pool_cases() -> Vec<PoolCase> {
+    vec![
+        ((2, 2), (2, 2), (0, 0)),
+        ((3, 3), (2, 2), (1, 1)),
+        ((3, 3), (1, 1), (1, 1)),
+        ((3, 2), (2, 1), (1, 0)),
+        ((2, 2), (1, 1), (1, 0)),
+        ((3, 3), (3, 3), (0, 1)),
+        ((1, 1), (2, 2), (0, 0)),
+    ]
+}
+
+#[test]
+fn pooling_values_match_naive_loops_and_candle() {
+    let mut r = aimass::device::rng(11);
+    for (i, &(k, s, p)) in pool_cases().iter().enumerate() {
+        for &(h, w) in &[(7usize, 5usize), (8, 8), (4, 9)] {
+            let dims = (3, 2, h, w);
+            let x = randt(&mut r, &[3, 2, h, w]);
+            for max in [true, false] {
+                let (want, (oh, ow)) = naive_pool(&flat(&x), dims, k, s, p, max);
+                let f = if max {
+                    kernels::max_pool2d
+                } else {
+                    kernels::avg_pool2d
+                };
+                let y = f(&x, k, s, p).unwrap();
+                assert_eq!(y.dims(), &[3, 2, oh, ow], "case {i}");
+                assert!(
+                    max_abs_diff(&flat(&y), &want) < 1e-12,
+                    "case {i} max {max} {h}x{w}"
+                );
+                let y32 = f(&x.to_dtype(DType::F32).unwrap(), k, s, p).unwrap();
+                assert!(
+                    max_abs_diff(&flat(&y32), &want) < 1e-6,
+                    "case {i} max {max} f32"
+                );
+                if p == (0, 0) {
+                    let c = if max {
+                        x.max_pool2d_with_stride(k, s)
+                    } else {
+                        x.avg_pool2d_with_stride(k, s)
+                    };
+                    assert!(
+                        max_abs_diff(&flat(&y), &flat(&c.unwrap())) < 1e-12,
+                        "case {i} vs candle"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn max_pool_gradient_goes_whole_to_the_first_maximum() {
+    // Hand-derived: 2x2 windows, stride 2; each window's max gets the whole
+    // upstream gradient (candle's own max_pool2d backward gives 1/4 here).
+    let x = Tensor::new(
+        &[[[
+            [1f32, 5., 2., 2.],
+            [3., 4., 2., 0.],
+            [0., 0., 9., 1.],
+            [7., 0., 1., 1.],
+        ]]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let xv = Var::from_tensor(&x).unwrap();
+    let y = kernels::max_pool2d(xv.as_tensor(), (2, 2), (2, 2), (0, 0)).unwrap();
+    assert_eq!(
+        y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        vec![5., 2., 7., 9.]
+    );
+    let g = (y * Tensor::new(&[[[[10f32, 20.], [30., 40.]]]], &Device::Cpu).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let want = [
+        0., 10., 20., 0., 0., 0., 0., 0., 0., 0., 40., 0., 30., 0., 0., 0.,
+    ];
+    assert_eq!(flat(g.get(&xv).unwrap()), want.to_vec());
+    // Overlapping windows add up: 3x3 stride 1 over a single peak.
+    let mut v = vec![0f64; 25];
+    v[12] = 1.0;
+    let xv = Var::from_tensor(&Tensor::from_vec(v, (1, 1, 5, 5), &Device::Cpu).unwrap()).unwrap();
+    let g = kernels::max_pool2d(xv.as_tensor(), (3, 3), (1, 1), (1, 1))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert_eq!(flat(g.get(&xv).unwrap())[12], 9.0);
+}
+
+#[test]
+fn pooling_gradients_match_finite_differences() {
+    let mut r = aimass::device::rng(12);
+    for (i, &(k, s, p)) in pool_cases().iter().enumerate() {
+        let x = randt(&mut r, &[2, 2, 7, 6]);
+        for max in [true, false] {
+            let f = if max {
+                kernels::max_pool2d
+            } else {
+                kernels::avg_pool2d
+            };
+            let y0 = f(&x, k, s, p).unwrap();
+            let rw = randt(&mut r, y0.dims());
+            let loss = |x: &Tensor| f(x, k, s, p).unwrap().mul(&rw).unwrap().sum_all().unwrap();
+            let xv = Var::from_tensor(&x).unwrap();
+            let g = loss(xv.as_tensor()).backward().unwrap();
+            let xs = flat(&x);
+            let fx = fd_grad(&xs, &|v| {
+                loss(&Tensor::from_slice(v, x.dims(), &Device::Cpu).unwrap())
+                    .to_scalar::<f64>()
+                    .unwrap()
+            });
+            assert_close(
+                &flat(g.get(&xv).unwrap()),
+                &fx,
+                1e-7,
+                &format!("pool case {i} max {max}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn pooling_rejects_bad_arguments() {
+    let x = Tensor::zeros((1, 2, 5, 5), DType::F32, &Device::Cpu).unwrap();
+    for f in [kernels::max_pool2d, kernels::avg_pool2d] {
+        assert!(f(&x, (0, 2), (1, 1), (0, 0)).is_err());
+        assert!(f(&x, (2, 2), (0, 1), (0, 0)).is_err());
+        assert!(f(&x, (2, 2), (1, 1), (2, 0)).is_err()); // padding over half the kernel
+        assert!(f(&x, (6, 6), (1, 1), (0, 0)).is_err()); // window larger than input
+        assert!(f(&x.flatten_all().unwrap(), (2, 2), (1, 1), (0, 0)).is_err());
+        assert!(f(&x.to_dtype(DType::BF16).unwrap(), (2, 2), (1, 1), (0, 0)).is_err());
+        let empty = Tensor::zeros((1, 2, 0, 5), DType::F32, &Device::Cpu).unwrap();
+        assert!(f(&empty, (1, 1), (1, 1), (0, 0)).is_err());
+    }
+}

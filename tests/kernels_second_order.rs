@@ -141,3 +141,34 @@ fn maml_style_inner_step_through_conv_is_differentiable() {
     // Hessian-vector product is third order.
     check_hvp(&[w], &f, 77, "maml inner step");
 }
+
+#[test]
+fn pooling_hessian_vector_products_match_finite_differences() {
+    second_order_mode();
+    let mut r = aimass::device::rng(5);
+    let x = randt(&mut r, &[2, 3, 7, 6]);
+    let wt = randt(&mut r, &[3, 3, 3, 3]);
+    for (k, s, p) in [
+        ((2, 2), (2, 2), (0, 0)),
+        ((3, 3), (1, 1), (1, 1)),
+        ((3, 2), (2, 1), (1, 1)),
+    ] {
+        let f = |q: &[Tensor]| -> Tensor {
+            let h = kernels::conv2d(&q[0], &q[1], None, (1, 1), (1, 1), (1, 1), 1).unwrap();
+            let m = kernels::max_pool2d(&h, k, s, p).unwrap();
+            let a = kernels::avg_pool2d(&h.tanh().unwrap(), k, s, p).unwrap();
+            ((&m * &m).unwrap() + (&a * &m).unwrap())
+                .unwrap()
+                .tanh()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        check_hvp(
+            &[x.clone(), wt.clone()],
+            &f,
+            60,
+            &format!("pool {k:?} {s:?} {p:?}"),
+        );
+    }
+}

@@ -38,6 +38,7 @@
 
 mod conv;
 mod gemm;
+mod pool;
 mod util;
 
 use candle_core::{DType, Device, Tensor};
@@ -148,4 +149,80 @@ pub fn conv2d(
             conv::conv2d_bias_raw(x, w, b, p).context("conv2d kernel")
         }
     }
+}
+
+fn pool_params(
+    op: &str,
+    x: &Tensor,
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    padding: (usize, usize),
+) -> Result<pool::PoolParams> {
+    check_supported(op, &[x])?;
+    check_pair(op, "kernel", kernel, 1)?;
+    check_pair(op, "stride", stride, 1)?;
+    if 2 * padding.0 > kernel.0 || 2 * padding.1 > kernel.1 {
+        return Err(Error::invalid(
+            op,
+            format!("padding {padding:?} must be at most half the kernel {kernel:?}"),
+        ));
+    }
+    let p = pool::PoolParams {
+        kernel,
+        stride,
+        padding,
+    };
+    let d = x
+        .dims4()
+        .map_err(|_| Error::shape(op, "input (n, c, h, w)", x.dims()))?;
+    if let Err(e) = pool::PoolGeom::new(d, p) {
+        return Err(Error::shape(
+            op,
+            format!("an input the window fits ({e})"),
+            x.dims(),
+        ));
+    }
+    Ok(p)
+}
+
+/// 2-D max pooling of `x` `(n, c, h, w)` with windows `kernel`, steps
+/// `stride` and implicit `-inf` padding `padding` (each `(height, width)`),
+/// as torch's `max_pool2d` (dilation 1, `ceil_mode=False`). Output height
+/// `(h + 2 * padding.0 - kernel.0) / stride.0 + 1`.
+///
+/// The gradient goes, whole, to the first maximum of each window (as in
+/// torch; overlapping windows add up); it is exact to any order.
+///
+/// # Errors
+///
+/// [`Error::InvalidArgument`] for a zero kernel or stride, padding over half
+/// the kernel, or an unsupported tensor (see [`supports`]); [`Error::Shape`]
+/// when `x` is not 4-D or the window does not fit.
+pub fn max_pool2d(
+    x: &Tensor,
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    padding: (usize, usize),
+) -> Result<Tensor> {
+    let p = pool_params("kernels::max_pool2d", x, kernel, stride, padding)?;
+    pool::max_pool(x, p).context("max_pool2d kernel")
+}
+
+/// 2-D average pooling of `x` `(n, c, h, w)`, zero padding counted in the
+/// average (torch's default `count_include_pad=True`, `ceil_mode=False`):
+/// every output is the window's sum divided by `kernel.0 * kernel.1`.
+///
+/// Differentiable to any order.
+///
+/// # Errors
+///
+/// As [`max_pool2d`].
+pub fn avg_pool2d(
+    x: &Tensor,
+    kernel: (usize, usize),
+    stride: (usize, usize),
+    padding: (usize, usize),
+) -> Result<Tensor> {
+    let p = pool_params("kernels::avg_pool2d", x, kernel, stride, padding)?;
+    pool::avg_pool(x, p).context("avg_pool2d kernel")
 }
