@@ -588,3 +588,187 @@ fn pooling_rejects_bad_arguments() {
         assert!(f(&empty, (1, 1), (1, 1), (0, 0)).is_err());
     }
 }
+
+/// Direct-loop BatchNorm (training) in f64.
+fn naive_bn(
+    x: &[f64],
+    dims: &[usize],
+    g: &[f64],
+    b: &[f64],
+    eps: f64,
+    relu: bool,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (n, c) = (dims[0], dims[1]);
+    let hw: usize = dims[2..].iter().product();
+    let m = (n * hw) as f64;
+    let idx = |i: usize, ch: usize, j: usize| (i * c + ch) * hw + j;
+    let mut y = vec![0.0; x.len()];
+    let (mut means, mut vars) = (vec![], vec![]);
+    for ch in 0..c {
+        let mut s = 0.0;
+        for i in 0..n {
+            for j in 0..hw {
+                s += x[idx(i, ch, j)];
+            }
+        }
+        let mean = s / m;
+        let mut v = 0.0;
+        for i in 0..n {
+            for j in 0..hw {
+                v += (x[idx(i, ch, j)] - mean).powi(2);
+            }
+        }
+        let var = v / m;
+        for i in 0..n {
+            for j in 0..hw {
+                let t = (x[idx(i, ch, j)] - mean) / (var + eps).sqrt() * g[ch] + b[ch];
+                y[idx(i, ch, j)] = if relu { t.max(0.0) } else { t };
+            }
+        }
+        means.push(mean);
+        vars.push(var);
+    }
+    (y, means, vars)
+}
+
+const BN_SHAPES: &[&[usize]] = &[
+    &[4, 3, 5, 5],
+    &[6, 4],
+    &[3, 2, 7],
+    &[2, 5, 3, 1],
+    &[1, 3, 4, 4],
+];
+
+#[test]
+fn batch_norm_values_and_statistics_match_naive_loops() {
+    let mut r = aimass::device::rng(21);
+    for dims in BN_SHAPES {
+        let c = dims[1];
+        let x = (randt(&mut r, dims) * 3.0).unwrap() + 0.5;
+        let x = x.unwrap();
+        let g = randt(&mut r, &[c]);
+        let b = randt(&mut r, &[c]);
+        for relu in [false, true] {
+            let (want, mean, var) = naive_bn(&flat(&x), dims, &flat(&g), &flat(&b), 1e-5, relu);
+            let f = if relu {
+                kernels::batch_norm_relu_train
+            } else {
+                kernels::batch_norm_train
+            };
+            let out = f(&x, Some(&g), Some(&b), 1e-5).unwrap();
+            assert_eq!(out.output.dims(), *dims);
+            assert!(
+                max_abs_diff(&flat(&out.output), &want) < 1e-10,
+                "{dims:?} relu {relu}"
+            );
+            assert!(max_abs_diff(&flat(&out.mean), &mean) < 1e-12);
+            assert!(max_abs_diff(&flat(&out.var), &var) < 1e-12);
+            assert_eq!(out.count, x.elem_count() / c);
+            let o32 = f(
+                &x.to_dtype(DType::F32).unwrap(),
+                Some(&g.to_dtype(DType::F32).unwrap()),
+                Some(&b.to_dtype(DType::F32).unwrap()),
+                1e-5,
+            )
+            .unwrap();
+            assert!(max_abs_diff(&flat(&o32.output), &want) < 1e-4);
+        }
+        // No affine parameters: weight 1, bias 0.
+        let ones = vec![1.0; c];
+        let zeros = vec![0.0; c];
+        let (want, _, _) = naive_bn(&flat(&x), dims, &ones, &zeros, 1e-3, false);
+        let out = kernels::batch_norm_train(&x, None, None, 1e-3).unwrap();
+        assert!(max_abs_diff(&flat(&out.output), &want) < 1e-10);
+    }
+}
+
+#[test]
+fn batch_norm_statistics_stay_accurate_with_a_large_offset() {
+    let mut r = aimass::device::rng(22);
+    let x = (randt(&mut r, &[64, 2, 8, 8]) + 1e4).unwrap();
+    let (_, mean, var) = naive_bn(
+        &flat(&x),
+        &[64, 2, 8, 8],
+        &[1.0, 1.0],
+        &[0.0, 0.0],
+        1e-5,
+        false,
+    );
+    let out =
+        kernels::batch_norm_train(&x.to_dtype(DType::F32).unwrap(), None, None, 1e-5).unwrap();
+    let (m, v) = (flat(&out.mean), flat(&out.var));
+    for ch in 0..2 {
+        assert!(
+            (m[ch] - mean[ch]).abs() < 1e-2,
+            "mean {} vs {}",
+            m[ch],
+            mean[ch]
+        );
+        assert!(
+            (v[ch] - var[ch]).abs() < 1e-3 * var[ch],
+            "var {} vs {}",
+            v[ch],
+            var[ch]
+        );
+    }
+}
+
+#[test]
+fn batch_norm_gradients_match_finite_differences() {
+    let mut r = aimass::device::rng(23);
+    for dims in BN_SHAPES {
+        let c = dims[1];
+        let x = randt(&mut r, dims);
+        let g = randt(&mut r, &[c]);
+        let b = randt(&mut r, &[c]);
+        let rw = randt(&mut r, dims);
+        for relu in [false, true] {
+            let f = if relu {
+                kernels::batch_norm_relu_train
+            } else {
+                kernels::batch_norm_train
+            };
+            let loss = |x: &Tensor, g: &Tensor, b: &Tensor| {
+                f(x, Some(g), Some(b), 1e-3)
+                    .unwrap()
+                    .output
+                    .mul(&rw)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            };
+            let (xv, gv, bv) = (
+                Var::from_tensor(&x).unwrap(),
+                Var::from_tensor(&g).unwrap(),
+                Var::from_tensor(&b).unwrap(),
+            );
+            let grads = loss(xv.as_tensor(), gv.as_tensor(), bv.as_tensor())
+                .backward()
+                .unwrap();
+            let t = |v: &[f64], d: &[usize]| Tensor::from_slice(v, d, &Device::Cpu).unwrap();
+            let sc = |t: Tensor| t.to_scalar::<f64>().unwrap();
+            let fx = fd_grad(&flat(&x), &|v| sc(loss(&t(v, x.dims()), &g, &b)));
+            let fg = fd_grad(&flat(&g), &|v| sc(loss(&x, &t(v, g.dims()), &b)));
+            let fb = fd_grad(&flat(&b), &|v| sc(loss(&x, &g, &t(v, b.dims()))));
+            let what = format!("bn {dims:?} relu {relu}");
+            assert_close(&flat(grads.get(&xv).unwrap()), &fx, 1e-6, &what);
+            assert_close(&flat(grads.get(&gv).unwrap()), &fg, 1e-6, &what);
+            assert_close(&flat(grads.get(&bv).unwrap()), &fb, 1e-6, &what);
+        }
+    }
+}
+
+#[test]
+fn batch_norm_rejects_bad_arguments() {
+    let x = Tensor::zeros((2, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let w2 = Tensor::ones(2, DType::F32, &Device::Cpu).unwrap();
+    assert!(kernels::batch_norm_train(&x, Some(&w2), None, 1e-5).is_err());
+    assert!(kernels::batch_norm_train(&x, None, Some(&w2), 1e-5).is_err());
+    assert!(kernels::batch_norm_train(&x, None, None, -1.0).is_err());
+    assert!(kernels::batch_norm_train(&x, None, None, f64::NAN).is_err());
+    assert!(kernels::batch_norm_train(&x.flatten_all().unwrap(), None, None, 1e-5).is_err());
+    let w64 = Tensor::ones(3, DType::F64, &Device::Cpu).unwrap();
+    assert!(kernels::batch_norm_train(&x, Some(&w64), None, 1e-5).is_err());
+    let empty = Tensor::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
+    assert!(kernels::batch_norm_train(&empty, None, None, 1e-5).is_err());
+}

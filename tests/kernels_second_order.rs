@@ -172,3 +172,31 @@ fn pooling_hessian_vector_products_match_finite_differences() {
         );
     }
 }
+
+#[test]
+fn batch_norm_hessian_vector_products_match_finite_differences() {
+    second_order_mode();
+    let mut r = aimass::device::rng(8);
+    let x = randt(&mut r, &[3, 2, 4, 4]);
+    let wt = randt(&mut r, &[3, 2, 3, 3]);
+    let g = randt(&mut r, &[3]);
+    let b = randt(&mut r, &[3]);
+    for relu in [false, true] {
+        let f = |q: &[Tensor]| -> Tensor {
+            let h = kernels::conv2d(&q[0], &q[1], None, (1, 1), (1, 1), (1, 1), 1).unwrap();
+            let bn = if relu {
+                kernels::batch_norm_relu_train
+            } else {
+                kernels::batch_norm_train
+            };
+            let y = bn(&h, Some(&q[2]), Some(&q[3]), 1e-3).unwrap().output;
+            (&y * &y).unwrap().tanh().unwrap().sum_all().unwrap()
+        };
+        check_hvp(
+            &[x.clone(), wt.clone(), g.clone(), b.clone()],
+            &f,
+            61,
+            &format!("bn relu {relu}"),
+        );
+    }
+}

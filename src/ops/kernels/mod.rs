@@ -36,6 +36,7 @@
 //! # Ok::<(), aimass::Error>(())
 //! ```
 
+mod batch_norm;
 mod conv;
 mod gemm;
 mod pool;
@@ -225,4 +226,132 @@ pub fn avg_pool2d(
 ) -> Result<Tensor> {
     let p = pool_params("kernels::avg_pool2d", x, kernel, stride, padding)?;
     pool::avg_pool(x, p).context("avg_pool2d kernel")
+}
+
+/// What [`batch_norm_train`] returns: the normalised output and the batch
+/// statistics the caller needs to update its running averages.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct BatchNormTrainOutput {
+    /// `gamma * (x - mean) / sqrt(var + eps) + beta` (then ReLU, for
+    /// [`batch_norm_relu_train`]); same shape as the input. Differentiable.
+    pub output: Tensor,
+    /// Per-channel batch mean, shape `(c,)`, detached.
+    pub mean: Tensor,
+    /// Per-channel biased batch variance (divided by `count`), shape `(c,)`,
+    /// detached. torch's running variance uses the unbiased one:
+    /// `var * count / (count - 1)`.
+    pub var: Tensor,
+    /// Values per channel, `n * h * w`.
+    pub count: usize,
+}
+
+/// BatchNorm in training mode over an `(n, c, ...)` input (BatchNorm1d for
+/// `(n, c)` and `(n, c, l)`, BatchNorm2d for `(n, c, h, w)`): normalises each
+/// channel with its batch mean and biased variance, then scales by `weight`
+/// and shifts by `bias` (`(c,)` each; `None` means 1 and 0).
+///
+/// Forward and backward are each two fused passes over the data. The
+/// backward is exact to first order; in candle's second-order mode
+/// (`CANDLE_GRAD_DO_NOT_DETACH` set) it is built from candle's
+/// differentiable ops, so gradients of gradients are exact too.
+///
+/// # Errors
+///
+/// [`Error::Shape`] when `x` has fewer than 2 dimensions, no values per
+/// channel, or `weight`/`bias` are not `(c,)`; [`Error::InvalidArgument`]
+/// for a negative or non-finite `eps` or unsupported tensors.
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<BatchNormTrainOutput> {
+    bn_impl("kernels::batch_norm_train", x, weight, bias, eps, false)
+}
+
+/// [`batch_norm_train`] followed by ReLU, fused (saves a pass over the
+/// data forward and backward). `mean` and `var` are those of the input.
+///
+/// # Errors
+///
+/// As [`batch_norm_train`].
+pub fn batch_norm_relu_train(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<BatchNormTrainOutput> {
+    bn_impl("kernels::batch_norm_relu_train", x, weight, bias, eps, true)
+}
+
+fn bn_impl(
+    op: &str,
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f64,
+    relu: bool,
+) -> Result<BatchNormTrainOutput> {
+    check_supported(op, &[x])?;
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(Error::invalid(
+            op,
+            format!("eps must be finite and >= 0, got {eps}"),
+        ));
+    }
+    let d = x.dims();
+    if d.len() < 2 {
+        return Err(Error::shape(op, "input (n, c, ...)", d));
+    }
+    let c = d[1];
+    let count = x.elem_count() / c.max(1);
+    if c == 0 || count == 0 {
+        return Err(Error::shape(op, "at least one value per channel", d));
+    }
+    let ones;
+    let zeros;
+    let w = match weight {
+        Some(w) => w,
+        None => {
+            ones = Tensor::ones(c, x.dtype(), x.device())?;
+            &ones
+        }
+    };
+    let b = match bias {
+        Some(b) => b,
+        None => {
+            zeros = Tensor::zeros(c, x.dtype(), x.device())?;
+            &zeros
+        }
+    };
+    for (name, t) in [("weight", w), ("bias", b)] {
+        if t.dims() != [c] {
+            return Err(Error::shape(op, format!("{name} ({c},)"), t.dims()));
+        }
+    }
+    check_supported(op, &[x, w, b])?;
+    let cache = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let bn = batch_norm::BatchNormOp {
+        eps,
+        relu,
+        stats: cache.clone(),
+    };
+    let output = x
+        .contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, bn)
+        .context("batch_norm kernel")?;
+    let st = cache
+        .lock()
+        .ok()
+        .and_then(|g| g.clone())
+        .ok_or_else(|| Error::invalid(op, "the kernel returned no statistics"))?;
+    let mean = Tensor::from_vec(st.mean, c, x.device())?.to_dtype(x.dtype())?;
+    let var = Tensor::from_vec(st.var, c, x.device())?.to_dtype(x.dtype())?;
+    Ok(BatchNormTrainOutput {
+        output,
+        mean,
+        var,
+        count,
+    })
 }
