@@ -772,3 +772,78 @@ fn batch_norm_rejects_bad_arguments() {
     let empty = Tensor::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
     assert!(kernels::batch_norm_train(&empty, None, None, 1e-5).is_err());
 }
+
+#[test]
+fn fused_conv_relu_and_relu_match_references_and_finite_differences() {
+    for (i, c) in cases().iter().enumerate().step_by(2) {
+        let (x, w) = case_tensors(c, 300 + i as u64);
+        let mut r = aimass::device::rng(400 + i as u64);
+        let b = randt(&mut r, &[c.o]);
+        let conv = kernels::conv2d(&x, &w, Some(&b), c.stride, c.pad, c.dil, c.groups).unwrap();
+        let want: Vec<f64> = flat(&conv).iter().map(|v| v.max(0.0)).collect();
+        let got = kernels::conv2d_relu(&x, &w, Some(&b), c.stride, c.pad, c.dil, c.groups).unwrap();
+        assert!(max_abs_diff(&flat(&got), &want) < 1e-12, "{c:?}");
+        let got_nb = kernels::conv2d_relu(&x, &w, None, c.stride, c.pad, c.dil, c.groups).unwrap();
+        let conv_nb = kernels::conv2d(&x, &w, None, c.stride, c.pad, c.dil, c.groups).unwrap();
+        assert!(max_abs_diff(&flat(&got_nb), &flat(&conv_nb.relu().unwrap())) < 1e-12);
+        assert!(max_abs_diff(&flat(&kernels::relu(&conv).unwrap()), &want) < 1e-12);
+
+        let rw = randt(&mut r, conv.dims());
+        let loss = |x: &Tensor, w: &Tensor, b: &Tensor| {
+            kernels::conv2d_relu(x, w, Some(b), c.stride, c.pad, c.dil, c.groups)
+                .unwrap()
+                .mul(&rw)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let (xv, wv, bv) = (
+            Var::from_tensor(&x).unwrap(),
+            Var::from_tensor(&w).unwrap(),
+            Var::from_tensor(&b).unwrap(),
+        );
+        let g = loss(xv.as_tensor(), wv.as_tensor(), bv.as_tensor())
+            .backward()
+            .unwrap();
+        let t = |v: &[f64], d: &[usize]| Tensor::from_slice(v, d, &Device::Cpu).unwrap();
+        let sc = |t: Tensor| t.to_scalar::<f64>().unwrap();
+        let fx = fd_grad(&flat(&x), &|v| sc(loss(&t(v, x.dims()), &w, &b)));
+        let fw = fd_grad(&flat(&w), &|v| sc(loss(&x, &t(v, w.dims()), &b)));
+        let fb = fd_grad(&flat(&b), &|v| sc(loss(&x, &w, &t(v, b.dims()))));
+        assert_close(
+            &flat(g.get(&xv).unwrap()),
+            &fx,
+            1e-7,
+            &format!("relu dx {c:?}"),
+        );
+        assert_close(
+            &flat(g.get(&wv).unwrap()),
+            &fw,
+            1e-7,
+            &format!("relu dw {c:?}"),
+        );
+        assert_close(
+            &flat(g.get(&bv).unwrap()),
+            &fb,
+            1e-7,
+            &format!("relu db {c:?}"),
+        );
+
+        // Standalone relu: gradient is the upstream gradient where x > 0.
+        let cv = Var::from_tensor(&conv).unwrap();
+        let g = kernels::relu(cv.as_tensor())
+            .unwrap()
+            .mul(&rw)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let want: Vec<f64> = flat(&conv)
+            .iter()
+            .zip(flat(&rw))
+            .map(|(v, r)| if *v > 0.0 { r } else { 0.0 })
+            .collect();
+        assert_eq!(flat(g.get(&cv).unwrap()), want);
+    }
+}

@@ -200,3 +200,29 @@ fn batch_norm_hessian_vector_products_match_finite_differences() {
         );
     }
 }
+
+#[test]
+fn fused_conv_relu_hessian_vector_products_match_finite_differences() {
+    second_order_mode();
+    let mut r = aimass::device::rng(9);
+    let x = randt(&mut r, &[2, 3, 5, 5]);
+    let w1 = randt(&mut r, &[4, 3, 3, 3]);
+    let b1 = randt(&mut r, &[4]);
+    let w2 = randt(&mut r, &[2, 4, 3, 3]);
+    let f = |q: &[Tensor]| -> Tensor {
+        let h = kernels::conv2d_relu(&q[0], &q[1], Some(&q[2]), (1, 1), (1, 1), (1, 1), 1).unwrap();
+        let y = kernels::conv2d(&h, &q[3], None, (2, 2), (1, 1), (1, 1), 1).unwrap();
+        let y = kernels::relu(&(&y * &y).unwrap().sin().unwrap()).unwrap();
+        (&y * &h
+            .sum_all()
+            .unwrap()
+            .tanh()
+            .unwrap()
+            .broadcast_as(y.shape())
+            .unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    check_hvp(&[x, w1, b1, w2], &f, 62, "conv relu");
+}

@@ -276,6 +276,7 @@ pub(crate) fn forward<T: Elem>(
     x: &[T],
     w: &[T],
     bias: Option<&[T]>,
+    relu: bool,
 ) -> candle_core::Result<Vec<T>> {
     if let Some(b) = bias {
         if b.len() != g.o {
@@ -313,6 +314,13 @@ pub(crate) fn forward<T: Elem>(
         if let Some(b) = bias {
             for (row, bv) in yimg.chunks_mut(np).zip(b) {
                 row.iter_mut().for_each(|v| *v += *bv);
+            }
+        }
+        if relu {
+            for v in yimg.iter_mut() {
+                if *v < T::zero() {
+                    *v = T::zero();
+                }
             }
         }
         Ok(())
@@ -493,11 +501,24 @@ macro_rules! dispatch2 {
     };
 }
 
-/// The convolution `y = conv(x, w)`.
-pub(crate) struct Conv2dOp(pub ConvParams);
+/// The convolution `y = conv(x, w)`, optionally followed by ReLU.
+pub(crate) struct Conv2dOp {
+    pub p: ConvParams,
+    pub relu: bool,
+}
 
-/// The convolution with bias `y = conv(x, w) + b`.
-pub(crate) struct Conv2dBiasOp(pub ConvParams);
+/// The convolution with bias `y = conv(x, w) + b`, optionally followed by
+/// ReLU.
+pub(crate) struct Conv2dBiasOp {
+    pub p: ConvParams,
+    pub relu: bool,
+}
+
+/// `dy * (y > 0)`: the ReLU backward, linear in `dy`.
+pub(crate) struct ReluMaskOp;
+
+/// ReLU forward.
+pub(crate) struct ReluOp;
 
 /// Per-channel sums `(n, c, h, w) -> (c,)` (the bias gradient).
 pub(crate) struct ChannelSumOp;
@@ -525,31 +546,48 @@ impl candle_core::CustomOp2 for Conv2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geom::new(dims4(l1, "input")?, dims4(l2, "weight")?, self.0)?;
-        let out = dispatch2!(s1, l1, s2, l2, "conv2d", |x, w| forward(&g, x, w, None)?);
+        let g = Geom::new(dims4(l1, "input")?, dims4(l2, "weight")?, self.p)?;
+        let out = dispatch2!(s1, l1, s2, l2, "conv2d", |x, w| forward(
+            &g, x, w, None, self.relu
+        )?);
         Ok((out, g.y_shape()))
     }
     fn bwd(
         &self,
         x: &Tensor,
         w: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (_, _, h, wd) = x.dims4()?;
-        let (_, _, kh, kw) = w.dims4()?;
-        let dx = if needs_grad(x) {
-            Some(conv2d_input_grad(dy, w, self.0, (h, wd))?)
+        let dy = if self.relu {
+            relu_mask(dy, res)?
         } else {
-            None
+            dy.clone()
         };
-        let dw = if needs_grad(w) {
-            Some(conv2d_weight_grad(x, dy, self.0, (kh, kw))?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
+        conv_grads(x, w, &dy, self.p)
     }
+}
+
+/// Input and weight gradients of a convolution (those autograd wants).
+fn conv_grads(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    p: ConvParams,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let (_, _, h, wd) = x.dims4()?;
+    let (_, _, kh, kw) = w.dims4()?;
+    let dx = if needs_grad(x) {
+        Some(conv2d_input_grad(dy, w, p, (h, wd))?)
+    } else {
+        None
+    };
+    let dw = if needs_grad(w) {
+        Some(conv2d_weight_grad(x, dy, p, (kh, kw))?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
 }
 
 impl candle_core::CustomOp3 for Conv2dBiasOp {
@@ -565,7 +603,7 @@ impl candle_core::CustomOp3 for Conv2dBiasOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = Geom::new(dims4(l1, "input")?, dims4(l2, "weight")?, self.0)?;
+        let g = Geom::new(dims4(l1, "input")?, dims4(l2, "weight")?, self.p)?;
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
                 CpuStorage::F32(forward(
@@ -573,6 +611,7 @@ impl candle_core::CustomOp3 for Conv2dBiasOp {
                     contiguous_slice::<f32>(s1, l1)?,
                     contiguous_slice::<f32>(s2, l2)?,
                     Some(contiguous_slice::<f32>(s3, l3)?),
+                    self.relu,
                 )?)
             }
             (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
@@ -581,6 +620,7 @@ impl candle_core::CustomOp3 for Conv2dBiasOp {
                     contiguous_slice::<f64>(s1, l1)?,
                     contiguous_slice::<f64>(s2, l2)?,
                     Some(contiguous_slice::<f64>(s3, l3)?),
+                    self.relu,
                 )?)
             }
             _ => candle_core::bail!(
@@ -597,10 +637,15 @@ impl candle_core::CustomOp3 for Conv2dBiasOp {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = candle_core::CustomOp2::bwd(&Conv2dOp(self.0), x, w, _res, dy)?;
+        let dy = if self.relu {
+            relu_mask(dy, res)?
+        } else {
+            dy.clone()
+        };
+        let (dx, dw) = conv_grads(x, w, &dy, self.p)?;
         let db = if needs_grad(b) {
             Some(dy.contiguous()?.apply_op1(ChannelSumOp)?)
         } else {
@@ -608,6 +653,94 @@ impl candle_core::CustomOp3 for Conv2dBiasOp {
         };
         Ok((dx, dw, db))
     }
+}
+
+impl candle_core::CustomOp2 for ReluMaskOp {
+    fn name(&self) -> &'static str {
+        "aimass-relu-mask"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("relu mask: shapes {:?} and {:?}", l1.shape(), l2.shape());
+        }
+        let out = dispatch2!(s1, l1, s2, l2, "relu backward", |g, y| relu_mask_kernel(
+            g, y
+        ));
+        Ok((out, l1.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        g: &Tensor,
+        y: &Tensor,
+        _res: &Tensor,
+        gg: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dg = if needs_grad(g) {
+            Some(relu_mask(gg, y)?)
+        } else {
+            None
+        };
+        Ok((dg, None))
+    }
+}
+
+impl candle_core::CustomOp1 for ReluOp {
+    fn name(&self) -> &'static str {
+        "aimass-relu"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(relu_kernel(contiguous_slice::<f32>(s, l)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(relu_kernel(contiguous_slice::<f64>(s, l)?)),
+            _ => candle_core::bail!("relu: only f32 and f64, got {:?}", s.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(relu_mask(dy, res)?))
+    }
+}
+
+const ELEM_CHUNK: usize = 1 << 14;
+
+fn relu_kernel<T: Elem>(x: &[T]) -> Vec<T> {
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(ELEM_CHUNK)
+        .zip(x.par_chunks(ELEM_CHUNK))
+        .for_each(|(o, i)| {
+            for (o, &v) in o.iter_mut().zip(i) {
+                *o = if v < T::zero() { T::zero() } else { v };
+            }
+        });
+    y
+}
+
+fn relu_mask_kernel<T: Elem>(g: &[T], y: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); g.len()];
+    out.par_chunks_mut(ELEM_CHUNK)
+        .zip(g.par_chunks(ELEM_CHUNK).zip(y.par_chunks(ELEM_CHUNK)))
+        .for_each(|(o, (g, y))| {
+            for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                *o = if y > T::zero() { g } else { T::zero() };
+            }
+        });
+    out
+}
+
+/// `g * (y > 0)`, differentiable in `g`.
+pub(crate) fn relu_mask(g: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+    g.contiguous()?.apply_op2(&y.contiguous()?, ReluMaskOp)
+}
+
+/// ReLU as a custom op whose backward is one fused pass.
+pub(crate) fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(ReluOp)
 }
 
 impl candle_core::CustomOp1 for ChannelSumOp {
@@ -742,18 +875,23 @@ impl candle_core::CustomOp2 for Conv2dWeightGradOp {
 
 /// `conv(x, w)` without bias, as a differentiable custom op.
 pub(crate) fn conv2d_raw(x: &Tensor, w: &Tensor, p: ConvParams) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op2(&w.contiguous()?, Conv2dOp(p))
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, Conv2dOp { p, relu: false })
 }
 
-/// `conv(x, w) + b`, as one differentiable custom op.
-pub(crate) fn conv2d_bias_raw(
+/// `conv(x, w) (+ b) (then ReLU)`, as one differentiable custom op.
+pub(crate) fn conv2d_fused(
     x: &Tensor,
     w: &Tensor,
-    b: &Tensor,
+    b: Option<&Tensor>,
     p: ConvParams,
+    relu: bool,
 ) -> candle_core::Result<Tensor> {
-    x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, Conv2dBiasOp(p))
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, Conv2dBiasOp { p, relu }),
+        None => x.apply_op2(&w, Conv2dOp { p, relu }),
+    }
 }
 
 /// The input gradient of a convolution, as a differentiable custom op.

@@ -114,19 +114,81 @@ pub fn conv2d(
     dilation: (usize, usize),
     groups: usize,
 ) -> Result<Tensor> {
-    const OP: &str = "kernels::conv2d";
-    check_supported(OP, &[x, w])?;
-    check_pair(OP, "stride", stride, 1)?;
-    check_pair(OP, "dilation", dilation, 1)?;
+    let p = conv_params(
+        "kernels::conv2d",
+        x,
+        w,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+    )?;
+    conv::conv2d_fused(x, w, bias, p, false).context("conv2d kernel")
+}
+
+/// [`conv2d`] followed by ReLU, fused: the ReLU is applied while the output
+/// is still in cache, and its backward is folded into the convolution's.
+///
+/// # Errors
+///
+/// As [`conv2d`].
+pub fn conv2d_relu(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: (usize, usize),
+    padding: (usize, usize),
+    dilation: (usize, usize),
+    groups: usize,
+) -> Result<Tensor> {
+    let p = conv_params(
+        "kernels::conv2d_relu",
+        x,
+        w,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+    )?;
+    conv::conv2d_fused(x, w, bias, p, true).context("conv2d_relu kernel")
+}
+
+/// `max(x, 0)` whose backward is a single fused pass (candle's takes three).
+/// Differentiable to any order.
+///
+/// # Errors
+///
+/// [`Error::InvalidArgument`] for tensors the kernels do not support.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    check_supported("kernels::relu", &[x])?;
+    conv::relu(x).context("relu kernel")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv_params(
+    op: &str,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: (usize, usize),
+    padding: (usize, usize),
+    dilation: (usize, usize),
+    groups: usize,
+) -> Result<conv::ConvParams> {
+    check_supported(op, &[x, w])?;
+    check_pair(op, "stride", stride, 1)?;
+    check_pair(op, "dilation", dilation, 1)?;
     if groups == 0 {
-        return Err(Error::invalid(OP, "groups must be >= 1, got 0"));
+        return Err(Error::invalid(op, "groups must be >= 1, got 0"));
     }
     let xd = x
         .dims4()
-        .map_err(|_| Error::shape(OP, "input (n, c_in, h, w)", x.dims()))?;
+        .map_err(|_| Error::shape(op, "input (n, c_in, h, w)", x.dims()))?;
     let wd = w
         .dims4()
-        .map_err(|_| Error::shape(OP, "weight (c_out, c_in / groups, kh, kw)", w.dims()))?;
+        .map_err(|_| Error::shape(op, "weight (c_out, c_in / groups, kh, kw)", w.dims()))?;
     let p = conv::ConvParams {
         stride,
         padding,
@@ -135,21 +197,18 @@ pub fn conv2d(
     };
     if let Err(e) = conv::Geom::new(xd, wd, p) {
         return Err(Error::shape(
-            OP,
+            op,
             format!("input and weight that fit ({e})"),
             (x.dims(), w.dims()),
         ));
     }
-    match bias {
-        None => conv::conv2d_raw(x, w, p).context("conv2d kernel"),
-        Some(b) => {
-            if b.dims() != [wd.0] {
-                return Err(Error::shape(OP, format!("bias ({},)", wd.0), b.dims()));
-            }
-            check_supported(OP, &[x, b])?;
-            conv::conv2d_bias_raw(x, w, b, p).context("conv2d kernel")
+    if let Some(b) = bias {
+        if b.dims() != [wd.0] {
+            return Err(Error::shape(op, format!("bias ({},)", wd.0), b.dims()));
         }
+        check_supported(op, &[x, b])?;
     }
+    Ok(p)
 }
 
 fn pool_params(
