@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{threads, Elem};
+use super::simd;
 use super::util::{contiguous_slice, needs_grad, second_order};
 
 /// Per-channel batch statistics of one forward pass.
@@ -82,22 +83,9 @@ fn stats<T: Elem>(d: Dims, x: &[T], eps: f64) -> candle_core::Result<Stats> {
                 .unwrap_or_else(T::zero);
             let (mut s1, mut s2) = (0f64, 0f64);
             for p in d.planes(x, ch) {
-                let (mut a1, mut a2) = ([T::zero(); 8], [T::zero(); 8]);
-                let mut it = p.chunks_exact(8);
-                for ch8 in &mut it {
-                    for j in 0..8 {
-                        let v = ch8[j] - k;
-                        a1[j] += v;
-                        a2[j] += v * v;
-                    }
-                }
-                for &v in it.remainder() {
-                    let v = v - k;
-                    a1[0] += v;
-                    a2[0] += v * v;
-                }
-                s1 += a1.iter().map(|v| v.to_f64()).sum::<f64>();
-                s2 += a2.iter().map(|v| v.to_f64()).sum::<f64>();
+                let (a1, a2) = simd::shifted_sums(p, k);
+                s1 += a1;
+                s2 += a2;
             }
             let mf = m as f64;
             let mu = s1 / mf;
@@ -135,17 +123,7 @@ fn forward<T: Elem>(
                 .zip(xi.chunks(d.hw.max(1)))
                 .enumerate()
             {
-                let (ac, bc) = (a[ch], b[ch]);
-                if relu {
-                    for (o, &v) in yp.iter_mut().zip(xp) {
-                        let t = v * ac + bc;
-                        *o = if t > T::zero() { t } else { T::zero() };
-                    }
-                } else {
-                    for (o, &v) in yp.iter_mut().zip(xp) {
-                        *o = v * ac + bc;
-                    }
-                }
+                simd::affine(yp, xp, a[ch], b[ch], relu);
             }
         });
     y
@@ -171,19 +149,9 @@ fn backward<T: Elem>(
             let (mut sdy, mut sdyx) = (0f64, 0f64);
             for i in 0..d.n {
                 let r = (i * d.c + ch) * d.hw..(i * d.c + ch + 1) * d.hw;
-                let (xp, gp, yp) = (&x[r.clone()], &dy[r.clone()], &y[r]);
-                let (mut a1, mut a2) = (T::zero(), T::zero());
-                for j in 0..xp.len() {
-                    let g = if relu && yp[j] <= T::zero() {
-                        T::zero()
-                    } else {
-                        gp[j]
-                    };
-                    a1 += g;
-                    a2 += g * (xp[j] - mu);
-                }
-                sdy += a1.to_f64();
-                sdyx += a2.to_f64();
+                let (a1, a2) = simd::grad_sums(&x[r.clone()], &dy[r.clone()], &y[r], mu, relu);
+                sdy += a1;
+                sdyx += a2;
             }
             (sdy, sdyx * st.invstd[ch])
         })
@@ -216,14 +184,7 @@ fn backward<T: Elem>(
                 .enumerate()
             {
                 let (a, b, c) = coef[ch];
-                for j in 0..o.len() {
-                    let g = if relu && yp[j] <= T::zero() {
-                        T::zero()
-                    } else {
-                        gp[j]
-                    };
-                    o[j] = a * g + b * xp[j] + c;
-                }
+                simd::affine_grad(o, xp, gp, yp, a, b, c, relu);
             }
         });
     for ch in 0..d.c {

@@ -16,6 +16,7 @@ use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, threads, Elem, Parallelism, View};
+use super::simd;
 use super::util::{contiguous_slice, needs_grad};
 
 /// Stride, padding, dilation and groups of a convolution (each `(h, w)`).
@@ -218,9 +219,7 @@ impl Geom {
                         let s = &src[oi * self.ow + wlo..oi * self.ow + whi];
                         let base = wlo * sw + kj * dw - pw;
                         if sw == 1 {
-                            for (d, v) in dst[base..base + s.len()].iter_mut().zip(s) {
-                                *d += *v;
-                            }
+                            simd::add_assign(&mut dst[base..base + s.len()], s);
                         } else {
                             for (t, v) in s.iter().enumerate() {
                                 dst[base + t * sw] += *v;
@@ -313,15 +312,11 @@ pub(crate) fn forward<T: Elem>(
         }
         if let Some(b) = bias {
             for (row, bv) in yimg.chunks_mut(np).zip(b) {
-                row.iter_mut().for_each(|v| *v += *bv);
+                simd::add_scalar(row, *bv);
             }
         }
         if relu {
-            for v in yimg.iter_mut() {
-                if *v < T::zero() {
-                    *v = T::zero();
-                }
-            }
+            simd::relu_in_place(yimg);
         }
         Ok(())
     })?;
@@ -713,11 +708,7 @@ fn relu_kernel<T: Elem>(x: &[T]) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(ELEM_CHUNK)
         .zip(x.par_chunks(ELEM_CHUNK))
-        .for_each(|(o, i)| {
-            for (o, &v) in o.iter_mut().zip(i) {
-                *o = if v < T::zero() { T::zero() } else { v };
-            }
-        });
+        .for_each(|(o, i)| simd::relu(o, i));
     y
 }
 
@@ -725,11 +716,7 @@ fn relu_mask_kernel<T: Elem>(g: &[T], y: &[T]) -> Vec<T> {
     let mut out = vec![T::zero(); g.len()];
     out.par_chunks_mut(ELEM_CHUNK)
         .zip(g.par_chunks(ELEM_CHUNK).zip(y.par_chunks(ELEM_CHUNK)))
-        .for_each(|(o, (g, y))| {
-            for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
-                *o = if y > T::zero() { g } else { T::zero() };
-            }
-        });
+        .for_each(|(o, (g, y))| simd::relu_mask(o, g, y));
     out
 }
 

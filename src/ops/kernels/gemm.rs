@@ -5,9 +5,25 @@ use candle_core::WithDType;
 pub(crate) use gemm::Parallelism;
 
 /// The element types the kernels run on (f32 and f64).
-pub(crate) trait Elem: WithDType + Default {}
-impl Elem for f32 {}
-impl Elem for f64 {}
+pub(crate) trait Elem: WithDType + Default {
+    /// `self` where `y > 0`, else 0, without a branch (bit mask), so that
+    /// loops over it vectorise.
+    fn gate(self, y: Self) -> Self;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn gate(self, y: f32) -> f32 {
+        f32::from_bits(self.to_bits() & ((y > 0.0) as u32).wrapping_neg())
+    }
+}
+
+impl Elem for f64 {
+    #[inline(always)]
+    fn gate(self, y: f64) -> f64 {
+        f64::from_bits(self.to_bits() & ((y > 0.0) as u64).wrapping_neg())
+    }
+}
 
 /// A strided matrix view: `data[off + i * rs + j * cs]` is element `(i, j)`.
 #[derive(Clone, Copy)]

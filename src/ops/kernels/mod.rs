@@ -40,6 +40,7 @@ mod batch_norm;
 mod conv;
 mod gemm;
 mod pool;
+mod simd;
 mod util;
 
 use candle_core::{DType, Device, Tensor};

@@ -118,20 +118,43 @@ impl PoolGeom {
                 let (c0, c1) = Self::span(oj, sw, pw, kw, self.w);
                 let mut best = r0 * self.w + c0;
                 let mut bv = x[best];
-                'rows: for r in r0..r1 {
-                    for (j, &v) in x[r * self.w + c0..r * self.w + c1].iter().enumerate() {
+                for r in r0..r1 {
+                    let base = r * self.w + c0;
+                    for (j, &v) in x[base..r * self.w + c1].iter().enumerate() {
+                        // Branch-free select (random data mispredicts a
+                        // branch half the time); NaN wins, as in torch.
                         #[allow(clippy::eq_op)]
-                        let nan = v != v;
-                        if v > bv || nan {
-                            bv = v;
-                            best = r * self.w + c0 + j;
-                            if nan {
-                                break 'rows;
-                            }
-                        }
+                        let take = (v > bv) | (v != v);
+                        let mask = (take as usize).wrapping_neg();
+                        best ^= (best ^ (base + j)) & mask;
+                        bv = if take { v } else { bv };
                     }
                 }
                 f(oi * self.ow + oj, best);
+            }
+        }
+    }
+
+    /// The maximum (NaN wins) of every window of one plane.
+    fn max_plane<T: Elem>(&self, x: &[T], out: &mut [T]) {
+        let PoolParams {
+            kernel: (kh, kw),
+            stride: (sh, sw),
+            padding: (ph, pw),
+        } = self.p;
+        for oi in 0..self.oh {
+            let (r0, r1) = Self::span(oi, sh, ph, kh, self.h);
+            for oj in 0..self.ow {
+                let (c0, c1) = Self::span(oj, sw, pw, kw, self.w);
+                let mut bv = x[r0 * self.w + c0];
+                for r in r0..r1 {
+                    for &v in &x[r * self.w + c0..r * self.w + c1] {
+                        #[allow(clippy::eq_op)]
+                        let take = (v > bv) | (v != v);
+                        bv = if take { v } else { bv };
+                    }
+                }
+                out[oi * self.ow + oj] = bv;
             }
         }
     }
@@ -188,7 +211,7 @@ impl PoolGeom {
         y.par_chunks_mut(self.out_plane().max(1))
             .zip(x.par_chunks(self.in_plane().max(1)))
             .with_min_len(self.min_planes())
-            .for_each(|(yp, xp)| self.argmax_plane(xp, |o, i| yp[o] = xp[i]));
+            .for_each(|(yp, xp)| self.max_plane(xp, yp));
         y
     }
 
