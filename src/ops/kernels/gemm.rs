@@ -67,6 +67,7 @@ impl View {
 ///
 /// Returns an error (never touches memory out of bounds) when the views do
 /// not fit their slices or the inner dimensions disagree.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul<T: Elem>(
     dst: &mut [T],
     dv: View,

@@ -1,38 +1,53 @@
-//! Fast CPU kernels with backward: convolution, pooling, BatchNorm.
+//! Fast CPU kernels with backward: convolution, pooling, BatchNorm, ReLU.
 //!
 //! Candle's CPU convolution backward is several times slower than its
 //! forward, and its max-pool backward is wrong. This module holds our own
 //! CPU kernels, wrapped as candle custom ops **with backward**, so that
 //! autograd works through them as through any candle op:
 //!
-//! * [`conv2d`]: im2col (skipped for 1x1 convolutions) into the `gemm`
-//!   crate, parallel over the batch with rayon; stride, padding, dilation
-//!   and groups. Its input and weight gradients are custom ops too, whose own
-//!   backward is again a convolution, so gradients of any order (MAML's
-//!   second order included) are exact.
+//! * [`conv2d`] (and [`conv2d_relu`], with the ReLU fused in): im2col
+//!   (skipped for 1x1 convolutions) into the `gemm` crate, parallel over the
+//!   batch with rayon; stride, padding, dilation, groups, and the bias added
+//!   in the same pass. Its input and weight gradients are custom ops too,
+//!   whose own backward is again a convolution, so gradients of any order
+//!   (MAML's second order included) are exact.
 //! * [`max_pool2d`] and [`avg_pool2d`] with padding (average pooling counts
 //!   the padding, like torch's default `count_include_pad=True`); max
-//!   pooling routes the gradient to the first maximum of each window.
-//! * [`batch_norm_train`]: BatchNorm's training forward and backward, each
-//!   fused into two passes over the data.
+//!   pooling routes the whole gradient to the first maximum of each window.
+//! * [`batch_norm_train`] and [`batch_norm_relu_train`]: BatchNorm's
+//!   training forward and backward, each fused into two passes over the data.
+//! * [`relu`], whose backward is one pass (candle's takes three).
 //!
-//! The kernels run on contiguous or strided f32 and f64 tensors on the CPU;
-//! [`supports`] says whether a tensor qualifies. On other devices and dtypes
-//! each function returns an error: callers (the `ops` module) use candle's
-//! own ops there.
+//! The kernels take f32 and f64 tensors on the CPU (any layout: strided
+//! inputs are made contiguous first); [`supports`] says whether a tensor
+//! qualifies. On other devices and dtypes each function returns an error:
+//! callers (the `ops` module) use candle's own ops there.
+//!
+//! Second order: the convolution, pooling and ReLU ops are closed under
+//! differentiation. BatchNorm's backward is a fused kernel unless candle's
+//! second-order mode is on (`CANDLE_GRAD_DO_NOT_DETACH` set), where it is
+//! written with candle's differentiable ops.
+//!
+//! Threads: the kernels use rayon's global pool (`RAYON_NUM_THREADS`).
 //!
 //! ```
-//! use aimass::candle::{Device, Tensor};
+//! use aimass::candle::{DType, Device, Tensor, Var};
 //! use aimass::ops::kernels;
 //!
-//! let x = Tensor::ones((2, 3, 8, 8), aimass::candle::DType::F32, &Device::Cpu)?;
-//! let w = Tensor::ones((4, 3, 3, 3), aimass::candle::DType::F32, &Device::Cpu)?;
+//! let x = Tensor::ones((2, 3, 8, 8), DType::F32, &Device::Cpu)?;
+//! let w = Var::from_tensor(&Tensor::ones((4, 3, 3, 3), DType::F32, &Device::Cpu)?)?;
 //! assert!(kernels::supports(&x));
 //! let y = kernels::conv2d(&x, &w, None, (1, 1), (1, 1), (1, 1), 1)?;
 //! assert_eq!(y.dims(), &[2, 4, 8, 8]);
 //! // The centre pixel sees the whole 3x3x3 window of ones.
 //! let centre = y.get(0)?.get(0)?.get(4)?.get(4)?.to_scalar::<f32>()?;
 //! assert_eq!(centre, 27.0);
+//!
+//! // Pool, normalise, and differentiate through all of it.
+//! let p = kernels::max_pool2d(&y, (2, 2), (2, 2), (0, 0))?;
+//! let bn = kernels::batch_norm_relu_train(&p, None, None, 1e-5)?;
+//! let grads = bn.output.sqr()?.sum_all()?.backward()?;
+//! assert_eq!(grads.get(&w).map(|g| g.dims().to_vec()), Some(vec![4, 3, 3, 3]));
 //! # Ok::<(), aimass::Error>(())
 //! ```
 
