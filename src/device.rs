@@ -99,7 +99,10 @@ impl FromStr for DeviceRequest {
             "cuda" | "gpu" => Ok(DeviceRequest::Cuda(0)),
             "metal" | "mps" => Ok(DeviceRequest::Metal),
             other => match other.strip_prefix("cuda:") {
-                Some(n) => n.parse::<usize>().map(DeviceRequest::Cuda).map_err(|_| bad()),
+                Some(n) => n
+                    .parse::<usize>()
+                    .map(DeviceRequest::Cuda)
+                    .map_err(|_| bad()),
                 None => Err(bad()),
             },
         }
@@ -222,19 +225,39 @@ mod tests {
     #[test]
     fn parse_requests() {
         assert_eq!("cpu".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cpu);
-        assert_eq!(" CUDA ".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cuda(0));
-        assert_eq!("cuda:3".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cuda(3));
-        assert_eq!("metal".parse::<DeviceRequest>().unwrap(), DeviceRequest::Metal);
-        assert_eq!("auto".parse::<DeviceRequest>().unwrap(), DeviceRequest::Auto);
+        assert_eq!(
+            " CUDA ".parse::<DeviceRequest>().unwrap(),
+            DeviceRequest::Cuda(0)
+        );
+        assert_eq!(
+            "cuda:3".parse::<DeviceRequest>().unwrap(),
+            DeviceRequest::Cuda(3)
+        );
+        assert_eq!(
+            "metal".parse::<DeviceRequest>().unwrap(),
+            DeviceRequest::Metal
+        );
+        assert_eq!(
+            "auto".parse::<DeviceRequest>().unwrap(),
+            DeviceRequest::Auto
+        );
         for bad in ["tpu", "cuda:", "cuda:x", "cuda:-1"] {
             let e = bad.parse::<DeviceRequest>().unwrap_err();
-            assert!(matches!(e, Error::Config { ref field, .. } if field == DEVICE_ENV_VAR), "{bad}: {e}");
+            assert!(
+                matches!(e, Error::Config { ref field, .. } if field == DEVICE_ENV_VAR),
+                "{bad}: {e}"
+            );
         }
     }
 
     #[test]
     fn display_round_trips() {
-        for r in [DeviceRequest::Auto, DeviceRequest::Cpu, DeviceRequest::Cuda(2), DeviceRequest::Metal] {
+        for r in [
+            DeviceRequest::Auto,
+            DeviceRequest::Cpu,
+            DeviceRequest::Cuda(2),
+            DeviceRequest::Metal,
+        ] {
             assert_eq!(r.to_string().parse::<DeviceRequest>().unwrap(), r);
         }
     }
@@ -257,9 +280,18 @@ mod tests {
     #[test]
     fn streams_are_reproducible_and_distinct() {
         use rand::Rng;
-        let a: Vec<u32> = (0..8).map(|_| 0).scan(rng_stream(7, 3), |r, _: u32| Some(r.random())).collect();
-        let b: Vec<u32> = (0..8).map(|_| 0).scan(rng_stream(7, 3), |r, _: u32| Some(r.random())).collect();
-        let c: Vec<u32> = (0..8).map(|_| 0).scan(rng_stream(7, 4), |r, _: u32| Some(r.random())).collect();
+        let a: Vec<u32> = (0..8)
+            .map(|_| 0)
+            .scan(rng_stream(7, 3), |r, _: u32| Some(r.random()))
+            .collect();
+        let b: Vec<u32> = (0..8)
+            .map(|_| 0)
+            .scan(rng_stream(7, 3), |r, _: u32| Some(r.random()))
+            .collect();
+        let c: Vec<u32> = (0..8)
+            .map(|_| 0)
+            .scan(rng_stream(7, 4), |r, _: u32| Some(r.random()))
+            .collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

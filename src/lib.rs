@@ -34,6 +34,11 @@
 //! | [`error`] | [`Error`] and [`Result`] |
 //! | [`device`] | device selection (`AIMASS_DEVICE`) and the seeded RNG |
 //! | [`ops`] | differentiable tensor ops candle lacks or gets wrong |
+//! | [`nn`] | layers and model families with train/eval modes |
+//! | [`optim`] | optimizers, clipping, learning-rate schedules, EMA |
+//! | [`loss`] | classification, distillation and self-supervised losses |
+//! | [`data`] | datasets, readers, loader, augmentations, episodes |
+//! | [`train`] | the fit loop, callbacks, checkpoints, evaluation, the supervised trainer |
 //!
 //! Cargo features `cuda`, `cudnn`, `metal`, `mkl`, `accelerate` and `nccl`
 //! forward to candle's. The CPU is the default and needs no system library.
@@ -42,20 +47,25 @@
 pub use candle_core as candle;
 pub use candle_nn;
 
+pub mod data;
 pub mod device;
 pub mod error;
-pub mod ops;
-pub mod nn;
-pub mod optim;
 pub mod loss;
-pub mod data;
+pub mod nn;
+pub mod ops;
+pub mod optim;
+pub mod train;
 
 pub use error::{Error, Result};
 
 /// The names most programs need, in one `use aimass::prelude::*;`.
 pub mod prelude {
+    pub use crate::data::{DataLoader, DataLoaderConfig, Dataset, InMemoryDataset};
     pub use crate::device::{best_device, select_device, DeviceRequest};
     pub use crate::error::{Context, Error, Result};
+    pub use crate::nn::{FeatureExtractor, Frozen};
+    pub use crate::optim::{Optimizer, Schedule};
+    pub use crate::train::{Fit, FitConfig, TrainStep};
     pub use candle_core::{DType, Device, Module, ModuleT, Tensor, Var, D};
     pub use candle_nn::{VarBuilder, VarMap};
 }

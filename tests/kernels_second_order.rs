@@ -226,3 +226,23 @@ fn fused_conv_relu_hessian_vector_products_match_finite_differences() {
     };
     check_hvp(&[x, w1, b1, w2], &f, 62, "conv relu");
 }
+
+#[test]
+fn ops_whose_input_reaches_the_loss_only_through_them() {
+    // The second backward visits the pooled / rectified input only through
+    // the scatter, gather and mask ops: they must still give it a gradient
+    // (zero), or candle's backward fails.
+    second_order_mode();
+    let mut r = aimass::device::rng(10);
+    let x = randt(&mut r, &[1, 2, 6, 6]);
+    let f = |q: &[Tensor]| -> Tensor {
+        let y = kernels::max_pool2d(&q[0].sqr().unwrap(), (3, 3), (2, 2), (1, 1)).unwrap();
+        (&y * &y).unwrap().sum_all().unwrap()
+    };
+    check_hvp(std::slice::from_ref(&x), &f, 63, "max pool of x^2");
+    let f = |q: &[Tensor]| -> Tensor {
+        let y = kernels::relu(&q[0].sin().unwrap()).unwrap();
+        (&y * &y).unwrap().sum_all().unwrap()
+    };
+    check_hvp(std::slice::from_ref(&x), &f, 64, "relu of sin x");
+}

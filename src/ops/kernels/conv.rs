@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use super::gemm::{matmul, threads, Elem, Parallelism, View};
 use super::simd;
-use super::util::{contiguous_slice, needs_grad};
+use super::util::{contiguous_slice, needs_grad, zero_grad};
 
 /// Stride, padding, dilation and groups of a convolution (each `(h, w)`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -681,7 +681,7 @@ impl candle_core::CustomOp2 for ReluMaskOp {
         } else {
             None
         };
-        Ok((dg, None))
+        Ok((dg, zero_grad(y)?))
     }
 }
 

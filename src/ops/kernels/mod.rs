@@ -69,6 +69,17 @@ pub fn supports(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
+/// Whether [`conv2d`] takes these operands (used by `ops::conv2d`).
+pub(crate) fn supports_conv(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
+    let same = |t: &Tensor| supports(t) && t.dtype() == x.dtype();
+    supports(x) && same(w) && bias.is_none_or(same)
+}
+
+/// Whether [`max_pool2d`] and [`avg_pool2d`] take `x` (used by `ops`).
+pub(crate) fn supports_pool(x: &Tensor) -> bool {
+    supports(x)
+}
+
 fn check_supported(op: &str, ts: &[&Tensor]) -> Result<()> {
     let first = ts.first().map(|t| t.dtype());
     for t in ts {

@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{threads, Elem};
-use super::util::{contiguous_slice, needs_grad};
+use super::util::{contiguous_slice, needs_grad, zero_grad};
 
 /// Kernel, stride and padding of a pooling, each `(h, w)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -376,7 +376,7 @@ impl candle_core::CustomOp2 for MaxPoolScatterOp {
         } else {
             None
         };
-        Ok((None, dg))
+        Ok((zero_grad(x)?, dg))
     }
 }
 
@@ -411,7 +411,7 @@ impl candle_core::CustomOp2 for MaxPoolGatherOp {
         } else {
             None
         };
-        Ok((None, dv))
+        Ok((zero_grad(x)?, dv))
     }
 }
 

@@ -23,6 +23,17 @@ pub(crate) fn needs_grad(t: &Tensor) -> bool {
     t.track_op()
 }
 
+/// The gradient of an argument an op is locally constant in: zeros when
+/// autograd tracks it (candle wants a gradient for every node it visits),
+/// nothing otherwise.
+pub(crate) fn zero_grad(t: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if needs_grad(t) {
+        Ok(Some(t.zeros_like()?))
+    } else {
+        Ok(None)
+    }
+}
+
 thread_local! {
     static DO_NOT_DETACH: bool = match std::env::var("CANDLE_GRAD_DO_NOT_DETACH") {
         Ok(s) => !s.is_empty() && s != "0",

@@ -1,0 +1,361 @@
+//! Classification losses: cross-entropy, binary cross-entropy with logits, MSE.
+//!
+//! **Cross-entropy** (torch's `F.cross_entropy`, with label smoothing from
+//! Szegedy et al. 2016, "Rethinking the Inception Architecture"). With
+//! `log p = log_softmax(x)`, `C` classes, smoothing `ε`, class weights `w`
+//! (all 1 by default) and rows whose target is the ignore index dropped:
+//!
+//! ```text
+//! ℓ_i  = (1 − ε) · w[y_i] · (−log p_i[y_i])  +  (ε / C) · Σ_c w[c] · (−log p_i[c])
+//! mean = Σ_i ℓ_i / Σ_i w[y_i]          (the weighted mean, as torch)
+//! ```
+//!
+//! This is exactly torch's formula, including how weights combine with
+//! smoothing (the smoothing term is weighted per class and normalised by the
+//! same `Σ w[y_i]`). One difference: when *every* target of a batch is
+//! ignored, the mean is 0 here (torch returns NaN, which would poison
+//! training).
+//!
+//! **BCE with logits** (torch's `F.binary_cross_entropy_with_logits`), in the
+//! stable form that never exponentiates a positive number:
+//!
+//! ```text
+//! ℓ = (1 − y)·x + (1 + (pos_weight − 1)·y) · (m + log(e^(−m) + e^(−x−m))),   m = max(−x, 0)
+//! ```
+//!
+//! candle-nn's `binary_cross_entropy_with_logit` computes `log(sigmoid(x))`
+//! and overflows to inf / NaN around |x| ≈ 30 in f32; this one is finite for
+//! any finite logit.
+//!
+//! **MSE**: `mean((x − y)²)` (torch's `F.mse_loss`).
+
+use super::{check_float, check_rank, check_same_shape, class_indices, Reduction};
+use crate::ops;
+use crate::{Error, Result};
+use candle_core::Tensor;
+
+/// Configuration of [`CrossEntropy`]; defaults are torch's.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct CrossEntropyConfig {
+    /// Label smoothing ε in [0, 1] (torch default 0.0; Inception-v3 used 0.1).
+    pub label_smoothing: f64,
+    /// Per-class weights, one per class, finite and >= 0 (torch default: none).
+    pub weight: Option<Vec<f64>>,
+    /// Targets equal to this index contribute nothing (torch default -100).
+    /// Use i64 or u8/u32 targets; a negative index only matches i64 targets.
+    pub ignore_index: Option<i64>,
+    /// How the per-sample losses are reduced (torch default: mean).
+    pub reduction: Reduction,
+}
+
+impl Default for CrossEntropyConfig {
+    fn default() -> Self {
+        Self {
+            label_smoothing: 0.0,
+            weight: None,
+            ignore_index: Some(-100),
+            reduction: Reduction::Mean,
+        }
+    }
+}
+
+impl CrossEntropyConfig {
+    /// Sets [`CrossEntropyConfig::label_smoothing`].
+    pub fn with_label_smoothing(mut self, v: f64) -> Self {
+        self.label_smoothing = v;
+        self
+    }
+    /// Sets [`CrossEntropyConfig::weight`].
+    pub fn with_weight(mut self, v: Option<Vec<f64>>) -> Self {
+        self.weight = v;
+        self
+    }
+    /// Sets [`CrossEntropyConfig::ignore_index`].
+    pub fn with_ignore_index(mut self, v: Option<i64>) -> Self {
+        self.ignore_index = v;
+        self
+    }
+    /// Sets [`CrossEntropyConfig::reduction`].
+    pub fn with_reduction(mut self, v: Reduction) -> Self {
+        self.reduction = v;
+        self
+    }
+}
+
+/// Cross-entropy between logits `(N, C)` and class indices `(N,)`, with
+/// label smoothing, class weights and an ignore index (see the module docs
+/// for the formula).
+#[derive(Debug, Clone)]
+pub struct CrossEntropy {
+    cfg: CrossEntropyConfig,
+}
+
+impl CrossEntropy {
+    /// Validates the configuration.
+    pub fn new(cfg: CrossEntropyConfig) -> Result<Self> {
+        let e = cfg.label_smoothing;
+        if !(e.is_finite() && (0.0..=1.0).contains(&e)) {
+            return Err(Error::config(
+                "CrossEntropyConfig::label_smoothing",
+                e,
+                "must be in [0, 1]",
+            ));
+        }
+        if let Some(w) = &cfg.weight {
+            if w.is_empty() {
+                return Err(Error::config(
+                    "CrossEntropyConfig::weight",
+                    "[]",
+                    "needs one weight per class",
+                ));
+            }
+            if let Some(bad) = w.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
+                return Err(Error::config(
+                    "CrossEntropyConfig::weight",
+                    bad,
+                    "every class weight must be finite and >= 0",
+                ));
+            }
+        }
+        Ok(Self { cfg })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CrossEntropyConfig {
+        &self.cfg
+    }
+
+    /// The loss of `logits` `(N, C)` (float) against `targets` `(N,)`
+    /// (u8, u32 or i64 class indices in `0..C`, or the ignore index).
+    /// Returns a scalar, or `(N,)` for [`Reduction::None`] (ignored rows 0).
+    /// For dense predictions `(N, C, H, W)`, move the class dimension last
+    /// and flatten to `(N·H·W, C)` first. The class indices are read to the
+    /// host (one small transfer per call on a GPU).
+    pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        const OP: &str = "cross_entropy";
+        check_rank(OP, "logits (N, C)", logits, 2)?;
+        check_float(OP, "logits", logits)?;
+        let (n, c) = logits.dims2()?;
+        if n == 0 || c == 0 {
+            return Err(Error::invalid(
+                OP,
+                format!("empty logits {:?}", logits.dims()),
+            ));
+        }
+        let y = class_indices(OP, targets, n)?;
+        let w: Vec<f64> = match &self.cfg.weight {
+            Some(w) if w.len() != c => {
+                return Err(Error::shape(
+                    OP,
+                    format!("one class weight per class ({c})"),
+                    [w.len()],
+                ))
+            }
+            Some(w) => w.clone(),
+            None => vec![1.0; c],
+        };
+        let eps = self.cfg.label_smoothing;
+        // The loss is linear in log p: ℓ_i = −Σ_c coef[i, c] · log p_i[c].
+        let mut coef = vec![0f64; n * c];
+        let mut denom = 0f64;
+        for (i, &yi) in y.iter().enumerate() {
+            if Some(yi) == self.cfg.ignore_index {
+                continue;
+            }
+            let k = usize::try_from(yi).ok().filter(|&k| k < c).ok_or_else(|| {
+                Error::invalid(
+                    OP,
+                    format!("target {yi} at row {i} is outside 0..{c} and not the ignore index"),
+                )
+            })?;
+            let row = &mut coef[i * c..(i + 1) * c];
+            for (r, wc) in row.iter_mut().zip(&w) {
+                *r = eps / c as f64 * wc;
+            }
+            row[k] += (1.0 - eps) * w[k];
+            denom += w[k];
+        }
+        let coef = Tensor::from_vec(coef, (n, c), logits.device())?.to_dtype(logits.dtype())?;
+        let logp = ops::log_softmax(logits, 1)?;
+        let per_row = (logp * coef)?.sum(1)?.neg()?;
+        Ok(match self.cfg.reduction {
+            Reduction::None => per_row,
+            Reduction::Sum => per_row.sum_all()?,
+            Reduction::Mean if denom > 0.0 => (per_row.sum_all()? / denom)?,
+            Reduction::Mean => (per_row.sum_all()? * 0.0)?,
+        })
+    }
+}
+
+/// Mean cross-entropy of `logits` `(N, C)` against class indices `(N,)`
+/// (torch's `F.cross_entropy(logits, targets)` defaults; targets equal to
+/// -100 are ignored). See [`CrossEntropy`] for smoothing, weights, reductions.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    CrossEntropy::new(CrossEntropyConfig::default())?.forward(logits, targets)
+}
+
+/// Configuration of [`BceWithLogits`]; defaults are torch's.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BceWithLogitsConfig {
+    /// Weight of the positive term per class (last dimension), torch's
+    /// `pos_weight` (default: none, i.e. 1). Finite and >= 0.
+    pub pos_weight: Option<Vec<f64>>,
+    /// How the per-element losses are reduced (torch default: mean).
+    pub reduction: Reduction,
+}
+
+impl BceWithLogitsConfig {
+    /// Sets [`BceWithLogitsConfig::pos_weight`].
+    pub fn with_pos_weight(mut self, v: Option<Vec<f64>>) -> Self {
+        self.pos_weight = v;
+        self
+    }
+    /// Sets [`BceWithLogitsConfig::reduction`].
+    pub fn with_reduction(mut self, v: Reduction) -> Self {
+        self.reduction = v;
+        self
+    }
+}
+
+/// Numerically stable binary cross-entropy on logits (see the module docs).
+#[derive(Debug, Clone)]
+pub struct BceWithLogits {
+    cfg: BceWithLogitsConfig,
+}
+
+impl BceWithLogits {
+    /// Validates the configuration.
+    pub fn new(cfg: BceWithLogitsConfig) -> Result<Self> {
+        if let Some(pw) = &cfg.pos_weight {
+            if pw.is_empty() {
+                return Err(Error::config(
+                    "BceWithLogitsConfig::pos_weight",
+                    "[]",
+                    "needs one weight per class (last dimension)",
+                ));
+            }
+            if let Some(bad) = pw.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
+                return Err(Error::config(
+                    "BceWithLogitsConfig::pos_weight",
+                    bad,
+                    "every weight must be finite and >= 0",
+                ));
+            }
+        }
+        Ok(Self { cfg })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BceWithLogitsConfig {
+        &self.cfg
+    }
+
+    /// The loss of `logits` against `targets` in [0, 1] of the same shape
+    /// (any rank >= 1). Scalar, or the element-wise losses for
+    /// [`Reduction::None`].
+    pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        const OP: &str = "binary_cross_entropy_with_logits";
+        check_float(OP, "logits", logits)?;
+        check_same_shape(OP, logits, targets)?;
+        if logits.elem_count() == 0 {
+            return Err(Error::invalid(OP, "the batch is empty"));
+        }
+        let y = targets.to_dtype(logits.dtype())?;
+        let x = logits;
+        // −log σ(x) = log(1 + e^(−x)) = m + log(e^(−m) + e^(−x−m)) for any
+        // constant m; m = max(−x, 0) keeps both exponents <= 0. m is detached:
+        // the expression is exact for every m, so all derivatives are too (and
+        // there is no kink at x = 0, where |x| and relu disagree on a subgradient).
+        let m = x.neg()?.relu()?.detach();
+        let softplus_neg = (&m + (m.neg()?.exp()? + (x + &m)?.neg()?.exp()?)?.log()?)?;
+        let one_minus_y = y.affine(-1.0, 1.0)?;
+        let weighted = match &self.cfg.pos_weight {
+            None => softplus_neg,
+            Some(pw) => {
+                let last = x.dims().last().copied().unwrap_or(1);
+                if pw.len() != last && pw.len() != 1 {
+                    return Err(Error::shape(
+                        OP,
+                        format!("pos_weight of length 1 or {last} (the last dimension)"),
+                        [pw.len()],
+                    ));
+                }
+                let pw = Tensor::new(pw.as_slice(), x.device())?.to_dtype(x.dtype())?;
+                // 1 + (pos_weight − 1) · y
+                let lw = (y.broadcast_mul(&(pw - 1.0)?)? + 1.0)?;
+                (lw * softplus_neg)?
+            }
+        };
+        let per = ((one_minus_y * x)? + weighted)?;
+        Ok(match self.cfg.reduction {
+            Reduction::None => per,
+            Reduction::Sum => per.sum_all()?,
+            Reduction::Mean => per.mean_all()?,
+        })
+    }
+}
+
+/// Mean binary cross-entropy of `logits` against `targets` (same shape,
+/// values in [0, 1]); finite for any finite logit, unlike candle-nn's
+/// `binary_cross_entropy_with_logit`.
+pub fn binary_cross_entropy_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    BceWithLogits::new(BceWithLogitsConfig::default())?.forward(logits, targets)
+}
+
+/// Configuration of [`Mse`].
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MseConfig {
+    /// How the squared errors are reduced (torch default: mean).
+    pub reduction: Reduction,
+}
+
+impl MseConfig {
+    /// Sets [`MseConfig::reduction`].
+    pub fn with_reduction(mut self, v: Reduction) -> Self {
+        self.reduction = v;
+        self
+    }
+}
+
+/// Mean squared error, torch's `F.mse_loss` (no broadcasting: the shapes
+/// must match).
+#[derive(Debug, Clone)]
+pub struct Mse {
+    cfg: MseConfig,
+}
+
+impl Mse {
+    /// Builds the loss (every configuration is valid).
+    pub fn new(cfg: MseConfig) -> Result<Self> {
+        Ok(Self { cfg })
+    }
+
+    /// The loss of `input` against `target` (same shape).
+    pub fn forward(&self, input: &Tensor, target: &Tensor) -> Result<Tensor> {
+        const OP: &str = "mse_loss";
+        check_float(OP, "input", input)?;
+        check_same_shape(OP, input, target)?;
+        if input.elem_count() == 0 {
+            return Err(Error::invalid(OP, "the input is empty"));
+        }
+        let target = if target.dtype() == input.dtype() {
+            target.clone()
+        } else {
+            target.to_dtype(input.dtype())?
+        };
+        let sq = (input - target)?.sqr()?;
+        Ok(match self.cfg.reduction {
+            Reduction::None => sq,
+            Reduction::Sum => sq.sum_all()?,
+            Reduction::Mean => sq.mean_all()?,
+        })
+    }
+}
+
+/// Mean squared error `mean((input − target)²)`.
+pub fn mse_loss(input: &Tensor, target: &Tensor) -> Result<Tensor> {
+    Mse::new(MseConfig::default())?.forward(input, target)
+}

@@ -1,0 +1,236 @@
+//! Contrastive losses: NT-Xent (SimCLR) and InfoNCE with a queue (MoCo).
+//!
+//! **NT-Xent** (Chen et al. 2020, "A Simple Framework for Contrastive
+//! Learning of Visual Representations"). The two views' embeddings
+//! `z1, z2` `(N, D)` are L2-normalised and stacked into `u` `(2N, D)`;
+//! `s_ij = ⟨u_i, u_j⟩ / τ`; the positive of row `i` is its other view `p(i)`:
+//!
+//! ```text
+//! ℓ_i = −s_{i,p(i)} + log Σ_{j ≠ i} exp(s_ij)      NT-Xent = mean over the 2N rows
+//! ```
+//!
+//! Each row has 1 positive and 2N − 2 negatives (both views of every other
+//! sample); the loss is symmetric in the views. Identical to lightly's
+//! `NTXentLoss` without memory bank. Default τ = 0.5 (SimCLR on CIFAR;
+//! 0.1 for ImageNet-size batches).
+//!
+//! **InfoNCE** (Oord et al. 2018; MoCo, He et al. 2020) for queries `q` and
+//! positive keys `k` `(N, D)`, L2-normalised:
+//!
+//! ```text
+//! with a queue (K, D) of negatives:  logits_i = [⟨q_i, k_i⟩, ⟨q_i, queue_1⟩, …, ⟨q_i, queue_K⟩] / τ,  label 0
+//! without a queue (in-batch):        logits_i = [⟨q_i, k_1⟩, …, ⟨q_i, k_N⟩] / τ,                       label i
+//! InfoNCE = mean_i ( −log softmax(logits_i)[label] )
+//! ```
+//!
+//! The queue is always detached; the keys are detached by default (MoCo's
+//! keys come from the momentum encoder, which gets no gradient). Default
+//! τ = 0.2 (MoCo v2; MoCo v1 used 0.07). The queue form is not symmetric
+//! (MoCo v1/v2); symmetrise by calling it twice with the views swapped.
+
+use super::{check_batch, check_float, check_positive, check_rank, check_same_shape};
+use crate::ops;
+use crate::{Error, Result};
+use candle_core::{DType, Tensor};
+
+/// Configuration of [`NtXent`].
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct NtXentConfig {
+    /// Temperature τ > 0 (SimCLR CIFAR-10 and lightly: 0.5).
+    pub temperature: f64,
+    /// `eps` of the L2 normalisation (torch's `F.normalize`: 1e-12).
+    pub eps: f64,
+}
+
+impl Default for NtXentConfig {
+    fn default() -> Self {
+        Self {
+            temperature: 0.5,
+            eps: 1e-12,
+        }
+    }
+}
+
+impl NtXentConfig {
+    /// Sets [`NtXentConfig::temperature`].
+    pub fn with_temperature(mut self, v: f64) -> Self {
+        self.temperature = v;
+        self
+    }
+    /// Sets [`NtXentConfig::eps`].
+    pub fn with_eps(mut self, v: f64) -> Self {
+        self.eps = v;
+        self
+    }
+}
+
+/// SimCLR's NT-Xent loss (see the module docs).
+#[derive(Debug, Clone)]
+pub struct NtXent {
+    cfg: NtXentConfig,
+}
+
+impl NtXent {
+    /// Validates the configuration.
+    pub fn new(cfg: NtXentConfig) -> Result<Self> {
+        check_positive("NtXentConfig::temperature", cfg.temperature)?;
+        check_positive("NtXentConfig::eps", cfg.eps)?;
+        Ok(Self { cfg })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &NtXentConfig {
+        &self.cfg
+    }
+
+    /// The loss of two views' embeddings `z1`, `z2` of shape `(N, D)`, N >= 2.
+    pub fn forward(&self, z1: &Tensor, z2: &Tensor) -> Result<Tensor> {
+        const OP: &str = "nt_xent";
+        check_rank(OP, "embeddings (N, D)", z1, 2)?;
+        check_float(OP, "embeddings", z1)?;
+        check_same_shape(OP, z1, z2)?;
+        let n = check_batch(OP, z1, 2)?;
+        let z2 = z2.to_dtype(z1.dtype())?;
+        let eps = self.cfg.eps;
+        let u1 = ops::l2_normalize(z1, 1, eps)?;
+        let u2 = ops::l2_normalize(&z2, 1, eps)?;
+        let u = Tensor::cat(&[&u1, &u2], 0)?;
+        let tau = self.cfg.temperature;
+        let s = (u.matmul(&u.t()?)? / tau)?;
+        // Exclude each row's self-similarity from the log-sum-exp.
+        let eye = Tensor::eye(2 * n, DType::U8, s.device())?;
+        let neg_inf =
+            Tensor::full(f64::NEG_INFINITY, (2 * n, 2 * n), s.device())?.to_dtype(s.dtype())?;
+        let s = eye.where_cond(&neg_inf, &s)?;
+        let lse = ops::logsumexp(&s, 1, false)?;
+        // Positive similarities, the same for both views of a pair.
+        let pos = ((u1 * u2)?.sum(1)? / tau)?;
+        let pos = Tensor::cat(&[&pos, &pos], 0)?;
+        Ok((lse - pos)?.mean_all()?)
+    }
+}
+
+/// NT-Xent of two views' embeddings `(N, D)` at `temperature` (see the
+/// module docs); N >= 2.
+pub fn nt_xent(z1: &Tensor, z2: &Tensor, temperature: f64) -> Result<Tensor> {
+    NtXent::new(NtXentConfig::default().with_temperature(temperature))?.forward(z1, z2)
+}
+
+/// Configuration of [`InfoNce`].
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct InfoNceConfig {
+    /// Temperature τ > 0 (MoCo v2: 0.2; MoCo v1: 0.07).
+    pub temperature: f64,
+    /// Whether the keys are detached (MoCo: true, the key encoder is a
+    /// momentum copy that gets no gradient).
+    pub detach_keys: bool,
+    /// `eps` of the L2 normalisation (torch's `F.normalize`: 1e-12).
+    pub eps: f64,
+}
+
+impl Default for InfoNceConfig {
+    fn default() -> Self {
+        Self {
+            temperature: 0.2,
+            detach_keys: true,
+            eps: 1e-12,
+        }
+    }
+}
+
+impl InfoNceConfig {
+    /// Sets [`InfoNceConfig::temperature`].
+    pub fn with_temperature(mut self, v: f64) -> Self {
+        self.temperature = v;
+        self
+    }
+    /// Sets [`InfoNceConfig::detach_keys`].
+    pub fn with_detach_keys(mut self, v: bool) -> Self {
+        self.detach_keys = v;
+        self
+    }
+    /// Sets [`InfoNceConfig::eps`].
+    pub fn with_eps(mut self, v: f64) -> Self {
+        self.eps = v;
+        self
+    }
+}
+
+/// InfoNCE with a queue of negatives (MoCo) or in-batch negatives (see the
+/// module docs).
+#[derive(Debug, Clone)]
+pub struct InfoNce {
+    cfg: InfoNceConfig,
+}
+
+impl InfoNce {
+    /// Validates the configuration.
+    pub fn new(cfg: InfoNceConfig) -> Result<Self> {
+        check_positive("InfoNceConfig::temperature", cfg.temperature)?;
+        check_positive("InfoNceConfig::eps", cfg.eps)?;
+        Ok(Self { cfg })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &InfoNceConfig {
+        &self.cfg
+    }
+
+    /// The loss of queries `q` and their positive keys `k` `(N, D)`. With
+    /// `queue` `(K, D)` (K >= 1) the negatives are the queue (N >= 1);
+    /// without, they are the other keys of the batch (N >= 2).
+    pub fn forward(&self, q: &Tensor, k: &Tensor, queue: Option<&Tensor>) -> Result<Tensor> {
+        const OP: &str = "info_nce";
+        check_rank(OP, "queries (N, D)", q, 2)?;
+        check_float(OP, "queries", q)?;
+        check_same_shape(OP, q, k)?;
+        let eps = self.cfg.eps;
+        let tau = self.cfg.temperature;
+        let k = k.to_dtype(q.dtype())?;
+        let k = if self.cfg.detach_keys { k.detach() } else { k };
+        let qn = ops::l2_normalize(q, 1, eps)?;
+        let kn = ops::l2_normalize(&k, 1, eps)?;
+        match queue {
+            Some(queue) => {
+                check_batch(OP, q, 1)?;
+                check_rank(OP, "queue (K, D)", queue, 2)?;
+                let d = q.dim(1)?;
+                if queue.dim(1)? != d || queue.dim(0)? == 0 {
+                    return Err(Error::shape(
+                        OP,
+                        format!("a non-empty queue (K, {d})"),
+                        queue.dims(),
+                    ));
+                }
+                let queue = queue.detach().to_dtype(q.dtype())?;
+                let qu = ops::l2_normalize(&queue, 1, eps)?;
+                let pos = (&qn * &kn)?.sum_keepdim(1)?;
+                let neg = qn.matmul(&qu.t()?)?;
+                let logits = (Tensor::cat(&[&pos, &neg], 1)? / tau)?;
+                let lse = ops::logsumexp(&logits, 1, false)?;
+                Ok((lse - (pos.squeeze(1)? / tau)?)?.mean_all()?)
+            }
+            None => {
+                check_batch(OP, q, 2)?;
+                let logits = (qn.matmul(&kn.t()?)? / tau)?;
+                let lse = ops::logsumexp(&logits, 1, false)?;
+                let pos = ((&qn * &kn)?.sum(1)? / tau)?;
+                Ok((lse - pos)?.mean_all()?)
+            }
+        }
+    }
+}
+
+/// InfoNCE of queries `q` against positive keys `k` `(N, D)` and negatives
+/// from `queue` `(K, D)` (MoCo) or, when `queue` is `None`, the other keys of
+/// the batch. Keys and queue are detached.
+pub fn info_nce(
+    q: &Tensor,
+    k: &Tensor,
+    queue: Option<&Tensor>,
+    temperature: f64,
+) -> Result<Tensor> {
+    InfoNce::new(InfoNceConfig::default().with_temperature(temperature))?.forward(q, k, queue)
+}

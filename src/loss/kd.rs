@@ -1,0 +1,118 @@
+//! Hinton knowledge distillation (Hinton, Vinyals, Dean 2015, "Distilling
+//! the Knowledge in a Neural Network").
+//!
+//! ```text
+//! soft  = T² · KL( softmax(t / T) ‖ softmax(s / T) )      (batch mean)
+//! total = alpha · soft + (1 − alpha) · CE(s, y)
+//! ```
+//!
+//! `s` are the student's logits, `t` the teacher's (detached here: no
+//! gradient reaches the teacher), `T` the temperature and `y` the hard labels.
+//! The `T²` keeps the soft term's gradient magnitude independent of `T`.
+//!
+//! **Convention for `alpha`** (libraries disagree): here, as in Hinton's paper
+//! and RepDistiller (`-a 0.9` weights the KD term, `-r 0.1` the CE), `alpha`
+//! weights the **soft** (distillation) term. torchdistill's `KDLoss` uses
+//! `alpha` for the hard cross-entropy instead, and TextBrewer leaves out `T²`.
+//! Defaults: `T = 4`, `alpha = 0.9` (RepDistiller's CIFAR-100 setting).
+
+use super::{check_batch, check_float, check_positive, check_rank, check_same_shape};
+use super::{CrossEntropy, CrossEntropyConfig};
+use crate::ops;
+use crate::{Error, Result};
+use candle_core::Tensor;
+
+/// Configuration of [`Kd`]; defaults from RepDistiller's KD runs.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq)]
+pub struct KdConfig {
+    /// Softmax temperature `T` > 0 (RepDistiller: 4; Hinton's MNIST: 20).
+    pub temperature: f64,
+    /// Weight of the soft (KD) term in [0, 1]; the hard CE gets `1 − alpha`
+    /// (RepDistiller: 0.9).
+    pub alpha: f64,
+}
+
+impl Default for KdConfig {
+    fn default() -> Self {
+        Self {
+            temperature: 4.0,
+            alpha: 0.9,
+        }
+    }
+}
+
+impl KdConfig {
+    /// Sets [`KdConfig::temperature`].
+    pub fn with_temperature(mut self, v: f64) -> Self {
+        self.temperature = v;
+        self
+    }
+    /// Sets [`KdConfig::alpha`].
+    pub fn with_alpha(mut self, v: f64) -> Self {
+        self.alpha = v;
+        self
+    }
+}
+
+/// Hinton distillation loss (see the module docs for the formula and the
+/// `alpha` convention).
+#[derive(Debug, Clone)]
+pub struct Kd {
+    cfg: KdConfig,
+    ce: CrossEntropy,
+}
+
+impl Kd {
+    /// Validates the configuration.
+    pub fn new(cfg: KdConfig) -> Result<Self> {
+        check_positive("KdConfig::temperature", cfg.temperature)?;
+        if !(cfg.alpha.is_finite() && (0.0..=1.0).contains(&cfg.alpha)) {
+            return Err(Error::config(
+                "KdConfig::alpha",
+                cfg.alpha,
+                "must be in [0, 1]",
+            ));
+        }
+        Ok(Self {
+            cfg,
+            ce: CrossEntropy::new(CrossEntropyConfig::default())?,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &KdConfig {
+        &self.cfg
+    }
+
+    /// The soft term alone: `T² · KL(softmax(t/T) ‖ softmax(s/T))`, batch
+    /// mean, for student and teacher logits of the same shape `(N, C)`.
+    pub fn soft(&self, student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+        const OP: &str = "kd_loss";
+        check_rank(OP, "student logits (N, C)", student, 2)?;
+        check_float(OP, "student logits", student)?;
+        check_same_shape(OP, student, teacher)?;
+        check_batch(OP, student, 1)?;
+        let t = self.cfg.temperature;
+        let teacher = teacher.detach().to_dtype(student.dtype())?;
+        let log_s = ops::log_softmax(&(student / t)?, 1)?;
+        let log_t = ops::log_softmax(&(teacher / t)?, 1)?;
+        Ok((ops::kl_div_log_target(&log_s, &log_t)? * (t * t))?)
+    }
+
+    /// `alpha · soft + (1 − alpha) · CE(student, labels)`; `labels` are class
+    /// indices `(N,)`.
+    pub fn forward(&self, student: &Tensor, teacher: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        let soft = self.soft(student, teacher)?;
+        let hard = self.ce.forward(student, labels)?;
+        let a = self.cfg.alpha;
+        Ok(((soft * a)? + (hard * (1.0 - a))?)?)
+    }
+}
+
+/// The soft distillation term `T² · KL(softmax(teacher/T) ‖ softmax(student/T))`
+/// (batch mean); the teacher is detached. Combine it with the hard-label
+/// cross-entropy yourself, or use [`Kd::forward`].
+pub fn kd_loss(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
+    Kd::new(KdConfig::default().with_temperature(temperature))?.soft(student, teacher)
+}

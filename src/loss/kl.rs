@@ -1,0 +1,86 @@
+//! Kullback–Leibler divergence, torch's `F.kl_div` argument order.
+//!
+//! ```text
+//! KL(target ‖ input) = Σ target · (log target − log_input)
+//! ```
+//!
+//! As in torch, the *input* is given as log-probabilities and the target as
+//! probabilities (or as log-probabilities with `log_target = true`, which is
+//! more accurate when probabilities underflow). Terms with `target = 0`
+//! contribute 0. [`Reduction::Mean`](super::Reduction::Mean) is torch's
+//! `"batchmean"` (the sum divided by the batch size, dimension 0), the only
+//! mean that is the KL divergence; torch's element-wise `"mean"` is not
+//! offered.
+
+use super::{check_float, check_same_shape, Reduction};
+use crate::{Error, Result};
+use candle_core::Tensor;
+
+/// Configuration of [`KlDiv`].
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct KlDivConfig {
+    /// Reduction; `Mean` is the batch mean (torch's `"batchmean"`).
+    pub reduction: Reduction,
+    /// Whether the target is given as log-probabilities (torch's
+    /// `log_target`, default false).
+    pub log_target: bool,
+}
+
+impl KlDivConfig {
+    /// Sets [`KlDivConfig::reduction`].
+    pub fn with_reduction(mut self, v: Reduction) -> Self {
+        self.reduction = v;
+        self
+    }
+    /// Sets [`KlDivConfig::log_target`].
+    pub fn with_log_target(mut self, v: bool) -> Self {
+        self.log_target = v;
+        self
+    }
+}
+
+/// KL divergence `KL(target ‖ exp(log_input))`, see the module docs.
+#[derive(Debug, Clone)]
+pub struct KlDiv {
+    cfg: KlDivConfig,
+}
+
+impl KlDiv {
+    /// Builds the loss (every configuration is valid).
+    pub fn new(cfg: KlDivConfig) -> Result<Self> {
+        Ok(Self { cfg })
+    }
+
+    /// The divergence between `log_input` and `target` (same shape, rank >= 1,
+    /// the batch along dimension 0).
+    pub fn forward(&self, log_input: &Tensor, target: &Tensor) -> Result<Tensor> {
+        const OP: &str = "kl_div";
+        check_float(OP, "log_input", log_input)?;
+        check_float(OP, "target", target)?;
+        check_same_shape(OP, log_input, target)?;
+        let n = log_input.dims().first().copied().unwrap_or(0);
+        if n == 0 || log_input.elem_count() == 0 {
+            return Err(Error::invalid(OP, "the batch is empty"));
+        }
+        let per = if self.cfg.log_target {
+            (target.exp()? * (target - log_input)?)?
+        } else {
+            // xlogy(t, t): log of 1 where t == 0 so that 0·log 0 = 0.
+            let pos = target.gt(0.0)?;
+            let safe = pos.where_cond(target, &target.ones_like()?)?;
+            (target * (safe.log()? - log_input)?)?
+        };
+        Ok(match self.cfg.reduction {
+            Reduction::None => per,
+            Reduction::Sum => per.sum_all()?,
+            Reduction::Mean => (per.sum_all()? / n as f64)?,
+        })
+    }
+}
+
+/// `KL(target ‖ exp(log_input))` averaged over the batch (torch's
+/// `F.kl_div(log_input, target, reduction="batchmean")`).
+pub fn kl_div(log_input: &Tensor, target: &Tensor) -> Result<Tensor> {
+    KlDiv::new(KlDivConfig::default())?.forward(log_input, target)
+}

@@ -1,0 +1,255 @@
+//! Batch normalisation with PyTorch's train/eval semantics.
+
+use candle_core::{DType, ModuleT, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+
+use crate::{Error, Result};
+
+/// Configuration of a [`BatchNorm`] layer (torch's `nn.BatchNorm*d`
+/// arguments and defaults).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct BatchNormConfig {
+    /// Added to the variance before the square root (torch default 1e-5).
+    pub eps: f64,
+    /// Running statistics update `r ← (1 − momentum)·r + momentum·batch`
+    /// (torch default 0.1).
+    pub momentum: f64,
+    /// Learnable `weight` (init 1) and `bias` (init 0) (torch default true).
+    pub affine: bool,
+    /// Keep running statistics and use them in eval mode (torch default
+    /// true). When false, batch statistics are used in both modes.
+    pub track_running_stats: bool,
+}
+
+impl Default for BatchNormConfig {
+    fn default() -> Self {
+        Self {
+            eps: 1e-5,
+            momentum: 0.1,
+            affine: true,
+            track_running_stats: true,
+        }
+    }
+}
+
+impl BatchNormConfig {
+    /// Sets `eps`.
+    pub fn with_eps(mut self, v: f64) -> Self {
+        self.eps = v;
+        self
+    }
+    /// Sets `momentum`.
+    pub fn with_momentum(mut self, v: f64) -> Self {
+        self.momentum = v;
+        self
+    }
+    /// Sets `affine`.
+    pub fn with_affine(mut self, v: bool) -> Self {
+        self.affine = v;
+        self
+    }
+    /// Sets `track_running_stats`.
+    pub fn with_track_running_stats(mut self, v: bool) -> Self {
+        self.track_running_stats = v;
+        self
+    }
+}
+
+/// Batch normalisation over dimension 1 of `(N, C)`, `(N, C, L)` or
+/// `(N, C, H, W)` inputs (torch's `BatchNorm1d` / `BatchNorm2d`).
+///
+/// * **train** (`forward_t(x, true)`): normalises with the batch mean and
+///   the biased batch variance, and updates the running statistics with
+///   the *unbiased* variance: `running_var ← (1 − m)·running_var + m·var·n/(n − 1)`
+///   where `n` is the number of values per channel. The normalisation is
+///   composed of differentiable tensor ops (gradients flow through the
+///   batch statistics, first and second order).
+/// * **eval** (`forward_t(x, false)`): normalises with the running
+///   statistics and changes nothing.
+///
+/// Tensors: `weight`, `bias` (when affine), `running_mean`, `running_var`
+/// (buffers: [`crate::nn::params::is_buffer`]). The running statistics are
+/// the [`Var`]s of the VarMap, updated in place, so saving the VarMap
+/// saves them.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    weight: Option<Tensor>,
+    bias: Option<Tensor>,
+    running_mean: Option<Var>,
+    running_var: Option<Var>,
+    num_features: usize,
+    cfg: BatchNormConfig,
+}
+
+impl BatchNorm {
+    /// A BatchNorm over `num_features` channels with tensors under `vb`.
+    pub fn new(num_features: usize, cfg: BatchNormConfig, vb: VarBuilder) -> Result<Self> {
+        if !(cfg.eps > 0.0 && cfg.eps.is_finite()) {
+            return Err(Error::config(
+                "BatchNormConfig::eps",
+                cfg.eps,
+                "must be positive and finite",
+            ));
+        }
+        if !(0.0..=1.0).contains(&cfg.momentum) {
+            return Err(Error::config(
+                "BatchNormConfig::momentum",
+                cfg.momentum,
+                "must be in [0, 1]",
+            ));
+        }
+        if num_features == 0 {
+            return Err(Error::config(
+                "BatchNorm num_features",
+                0,
+                "must be at least 1",
+            ));
+        }
+        let (weight, bias) = if cfg.affine {
+            (
+                Some(vb.get_with_hints(num_features, "weight", Init::Const(1.0))?),
+                Some(vb.get_with_hints(num_features, "bias", Init::Const(0.0))?),
+            )
+        } else {
+            (None, None)
+        };
+        let (running_mean, running_var) = if cfg.track_running_stats {
+            let m = vb.get_with_hints(num_features, "running_mean", Init::Const(0.0))?;
+            let v = vb.get_with_hints(num_features, "running_var", Init::Const(1.0))?;
+            (Some(Var::from_tensor(&m)?), Some(Var::from_tensor(&v)?))
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            num_features,
+            cfg,
+        })
+    }
+
+    /// The running mean (`None` without running statistics).
+    pub fn running_mean(&self) -> Option<&Tensor> {
+        self.running_mean.as_ref().map(|v| v.as_tensor())
+    }
+
+    /// The running variance (`None` without running statistics).
+    pub fn running_var(&self) -> Option<&Tensor> {
+        self.running_var.as_ref().map(|v| v.as_tensor())
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BatchNormConfig {
+        &self.cfg
+    }
+
+    /// Normalises `x` in train (`true`) or eval (`false`) mode.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let dims = x.dims();
+        if dims.len() < 2 || dims[1] != self.num_features {
+            return Err(Error::shape(
+                "BatchNorm",
+                format!("(N, {}, ...)", self.num_features),
+                dims,
+            ));
+        }
+        // Work on an (N, C, L) view: reductions over the contiguous last
+        // dimension first, then over the batch, are much faster in candle
+        // than one reduction over dims (0, 2, 3).
+        let n_batch = dims[0];
+        let c = self.num_features;
+        let l: usize = dims[2..].iter().product();
+        let bshape = (1usize, c, 1usize);
+        let use_batch = train || self.running_mean.is_none();
+        // Statistics in f32 at least (half inputs are upcast like torch).
+        let dt = x.dtype();
+        let internal = match dt {
+            DType::F16 | DType::BF16 => DType::F32,
+            d => d,
+        };
+        let xi = x.to_dtype(internal)?.reshape((n_batch, c, l))?;
+        let affine = match (&self.weight, &self.bias) {
+            (Some(w), Some(b)) => Some((
+                w.to_dtype(internal)?.reshape(bshape)?,
+                b.to_dtype(internal)?.reshape(bshape)?,
+            )),
+            _ => None,
+        };
+        let y = if use_batch {
+            let n = n_batch * l;
+            if n <= 1 {
+                return Err(Error::shape(
+                    "BatchNorm (train mode)",
+                    "more than one value per channel (batch of ≥ 2, or spatial size > 1)",
+                    dims,
+                ));
+            }
+            let inv_n = 1.0 / n as f64;
+            let mean = (xi.sum_keepdim(2)?.sum_keepdim(0)? * inv_n)?;
+            let centered = xi.broadcast_sub(&mean)?;
+            let var = (centered.sqr()?.sum_keepdim(2)?.sum_keepdim(0)? * inv_n)?;
+            if train {
+                if let (Some(rm), Some(rv)) = (&self.running_mean, &self.running_var) {
+                    let m = self.cfg.momentum;
+                    let bm = mean.detach().flatten_all()?.to_dtype(rm.dtype())?;
+                    let bv = (var.detach().flatten_all()? * (n as f64 / (n as f64 - 1.0)))?
+                        .to_dtype(rv.dtype())?;
+                    let new_m = ((rm.as_tensor().detach() * (1.0 - m))? + (bm * m)?)?;
+                    let new_v = ((rv.as_tensor().detach() * (1.0 - m))? + (bv * m)?)?;
+                    rm.set(&new_m)?;
+                    rv.set(&new_v)?;
+                }
+            }
+            // One full-size multiply (and add) after centring: fold the
+            // weight into the per-channel scale.
+            let scale = (var + self.cfg.eps)?.sqrt()?.recip()?;
+            match &affine {
+                Some((w, b)) => centered.broadcast_mul(&(scale * w)?)?.broadcast_add(b)?,
+                None => centered.broadcast_mul(&scale)?,
+            }
+        } else {
+            let (rm, rv) = match (&self.running_mean, &self.running_var) {
+                (Some(m), Some(v)) => (m, v),
+                _ => return Err(Error::invalid("BatchNorm", "no running statistics")),
+            };
+            let mean = rm
+                .as_detached_tensor()
+                .to_dtype(internal)?
+                .reshape(bshape)?;
+            let var = rv
+                .as_detached_tensor()
+                .to_dtype(internal)?
+                .reshape(bshape)?;
+            // y = x · scale + shift with per-channel scale and shift.
+            let inv_std = (var + self.cfg.eps)?.sqrt()?.recip()?;
+            let (scale, shift) = match &affine {
+                Some((w, b)) => {
+                    let scale = (inv_std * w)?;
+                    let shift = (b - (&mean * &scale)?)?;
+                    (scale, shift)
+                }
+                None => {
+                    let shift = (&mean * &inv_std)?.neg()?;
+                    (inv_std, shift)
+                }
+            };
+            xi.broadcast_mul(&scale)?.broadcast_add(&shift)?
+        };
+        let y = y.reshape(dims)?;
+        Ok(y.to_dtype(dt)?)
+    }
+}
+
+impl ModuleT for BatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        BatchNorm::forward_t(self, x, train).map_err(crate::nn::to_candle)
+    }
+}
+
+/// Shorthand for [`BatchNorm::new`] with torch's defaults.
+pub fn batch_norm(num_features: usize, vb: VarBuilder) -> Result<BatchNorm> {
+    BatchNorm::new(num_features, BatchNormConfig::default(), vb)
+}

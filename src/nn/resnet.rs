@@ -1,0 +1,453 @@
+//! ResNet (He et al. 2016) with torchvision's layout and parameter names.
+
+use candle_core::{ModuleT, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::nn::{
+    global_avg_pool, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, FeatureExtractor, Features,
+    Linear, MaxPool2d,
+};
+use crate::{Error, Result};
+
+/// The residual block type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum BlockKind {
+    /// Two 3×3 convolutions (ResNet-18/34), expansion 1.
+    #[default]
+    Basic,
+    /// 1×1 – 3×3 (strided, as torchvision's "ResNet v1.5") – 1×1, expansion 4
+    /// (ResNet-50 and deeper).
+    Bottleneck,
+}
+
+impl BlockKind {
+    /// Output channels per unit of width (1 for Basic, 4 for Bottleneck).
+    pub fn expansion(&self) -> usize {
+        match self {
+            BlockKind::Basic => 1,
+            BlockKind::Bottleneck => 4,
+        }
+    }
+}
+
+/// The first layers of the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Stem {
+    /// ImageNet stem: 7×7 conv stride 2 padding 3, BN, ReLU, 3×3 max pool
+    /// stride 2 padding 1 (torchvision; divides the resolution by 4).
+    #[default]
+    ImageNet,
+    /// Small-image stem for 28×28 / 32×32 inputs: 3×3 conv stride 1
+    /// padding 1, BN, ReLU, no max pool (the CIFAR variant).
+    Small,
+}
+
+/// Configuration of a [`ResNet`]. The default is torchvision's
+/// `resnet18()` (ImageNet stem, 3 input channels, 1000 classes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ResNetConfig {
+    /// Residual block type (resnet18: Basic).
+    pub block: BlockKind,
+    /// Blocks per stage (resnet18: 2, 2, 2, 2). One stage per entry; stage
+    /// `i` is named `layer{i+1}`.
+    pub layers: Vec<usize>,
+    /// Width (planes) of each stage (torchvision: 64, 128, 256, 512). The
+    /// stem outputs `widths[0]` channels; the first stage has stride 1 and
+    /// every later one stride 2.
+    pub widths: Vec<usize>,
+    /// Input channels (torchvision: 3).
+    pub in_channels: usize,
+    /// Stem type (torchvision: ImageNet).
+    pub stem: Stem,
+    /// Classes of the final `fc` layer, or `None` for a feature extractor
+    /// whose output is the pooled features (torchvision: 1000).
+    pub num_classes: Option<usize>,
+}
+
+impl Default for ResNetConfig {
+    fn default() -> Self {
+        Self::resnet18()
+    }
+}
+
+impl ResNetConfig {
+    /// torchvision `resnet18`: Basic, [2, 2, 2, 2], 1000 classes
+    /// (11,689,512 parameters).
+    pub fn resnet18() -> Self {
+        Self {
+            block: BlockKind::Basic,
+            layers: vec![2, 2, 2, 2],
+            widths: vec![64, 128, 256, 512],
+            in_channels: 3,
+            stem: Stem::ImageNet,
+            num_classes: Some(1000),
+        }
+    }
+
+    /// torchvision `resnet34`: Basic, [3, 4, 6, 3] (21,797,672 parameters).
+    pub fn resnet34() -> Self {
+        Self {
+            layers: vec![3, 4, 6, 3],
+            ..Self::resnet18()
+        }
+    }
+
+    /// torchvision `resnet50`: Bottleneck, [3, 4, 6, 3] (25,557,032 parameters).
+    pub fn resnet50() -> Self {
+        Self {
+            block: BlockKind::Bottleneck,
+            layers: vec![3, 4, 6, 3],
+            ..Self::resnet18()
+        }
+    }
+
+    /// `resnet_tiny` of `bench/torch_quality.py`: small stem 3×3 conv 1→16,
+    /// BN, ReLU; three stages of 2 BasicBlocks at widths 16/32/64, strides
+    /// 1/2/2; global average pool; 64-d features, no classifier.
+    pub fn resnet_tiny() -> Self {
+        Self {
+            block: BlockKind::Basic,
+            layers: vec![2, 2, 2],
+            widths: vec![16, 32, 64],
+            in_channels: 1,
+            stem: Stem::Small,
+            num_classes: None,
+        }
+    }
+
+    /// `resnet_small` of `bench/torch_quality.py`: as [`Self::resnet_tiny`]
+    /// at widths 32/64/128 (128-d features).
+    pub fn resnet_small() -> Self {
+        Self {
+            widths: vec![32, 64, 128],
+            ..Self::resnet_tiny()
+        }
+    }
+
+    /// Sets the block type.
+    pub fn with_block(mut self, v: BlockKind) -> Self {
+        self.block = v;
+        self
+    }
+    /// Sets the blocks per stage.
+    pub fn with_layers(mut self, v: impl Into<Vec<usize>>) -> Self {
+        self.layers = v.into();
+        self
+    }
+    /// Sets the stage widths.
+    pub fn with_widths(mut self, v: impl Into<Vec<usize>>) -> Self {
+        self.widths = v.into();
+        self
+    }
+    /// Sets the input channels.
+    pub fn with_in_channels(mut self, v: usize) -> Self {
+        self.in_channels = v;
+        self
+    }
+    /// Sets the stem.
+    pub fn with_stem(mut self, v: Stem) -> Self {
+        self.stem = v;
+        self
+    }
+    /// Sets the classifier (`None`: features only).
+    pub fn with_num_classes(mut self, v: Option<usize>) -> Self {
+        self.num_classes = v;
+        self
+    }
+
+    /// The width of the pooled features: `widths.last() × expansion`.
+    pub fn feature_dim(&self) -> usize {
+        self.widths.last().copied().unwrap_or(0) * self.block.expansion()
+    }
+}
+
+fn conv_bn(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    vb: &VarBuilder,
+    conv: &str,
+    bn: &str,
+) -> Result<(Conv2d, BatchNorm)> {
+    let c = Conv2dConfig::default()
+        .with_stride(stride)
+        .with_padding(k / 2)
+        .with_bias(false);
+    Ok((
+        Conv2d::new(cin, cout, k, c, vb.pp(conv))?,
+        BatchNorm::new(cout, BatchNormConfig::default(), vb.pp(bn))?,
+    ))
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    convs: Vec<(Conv2d, BatchNorm)>,
+    downsample: Option<(Conv2d, BatchNorm)>,
+}
+
+impl Block {
+    fn new(
+        kind: BlockKind,
+        cin: usize,
+        planes: usize,
+        stride: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let cout = planes * kind.expansion();
+        let convs = match kind {
+            BlockKind::Basic => vec![
+                conv_bn(cin, planes, 3, stride, &vb, "conv1", "bn1")?,
+                conv_bn(planes, planes, 3, 1, &vb, "conv2", "bn2")?,
+            ],
+            BlockKind::Bottleneck => vec![
+                conv_bn(cin, planes, 1, 1, &vb, "conv1", "bn1")?,
+                conv_bn(planes, planes, 3, stride, &vb, "conv2", "bn2")?,
+                conv_bn(planes, cout, 1, 1, &vb, "conv3", "bn3")?,
+            ],
+        };
+        let downsample = if stride != 1 || cin != cout {
+            let ds = vb.pp("downsample");
+            Some(conv_bn(cin, cout, 1, stride, &ds, "0", "1")?)
+        } else {
+            None
+        };
+        Ok(Self { convs, downsample })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = x.clone();
+        let n = self.convs.len();
+        for (i, (c, b)) in self.convs.iter().enumerate() {
+            y = b.forward_t(&c.forward(&y)?, train)?;
+            if i + 1 < n {
+                y = y.relu()?;
+            }
+        }
+        let short = match &self.downsample {
+            Some((c, b)) => b.forward_t(&c.forward(x)?, train)?,
+            None => x.clone(),
+        };
+        Ok((y + short)?.relu()?)
+    }
+}
+
+/// A residual network with torchvision's parameter names (`conv1.weight`,
+/// `bn1.running_mean`, `layer1.0.conv1.weight`, `layer2.0.downsample.0.weight`,
+/// `layer2.0.downsample.1.*`, `fc.weight`, ...), so a torchvision state dict
+/// (saved as safetensors) loads with [`crate::nn::params::load`].
+///
+/// `forward_t` returns the logits when the configuration has a classifier,
+/// else the pooled features; [`ResNet::features`] always returns the pooled
+/// features; [`FeatureExtractor::forward_features`] records `stem`,
+/// `layer1`, ..., `pool` and (with a classifier) `logits`.
+///
+/// ```
+/// use aimass::candle::{DType, Device, Tensor};
+/// use aimass::candle_nn::VarMap;
+/// use aimass::nn::{ResNet, ResNetConfig};
+///
+/// let vm = VarMap::new();
+/// let vb = aimass::nn::init::seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
+/// let net = ResNet::new(ResNetConfig::resnet_tiny(), vb)?;
+/// let x = Tensor::zeros((2, 1, 28, 28), DType::F32, &Device::Cpu)?;
+/// assert_eq!(net.forward_t(&x, false)?.dims(), &[2, 64]);
+/// # Ok::<(), aimass::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct ResNet {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    maxpool: Option<MaxPool2d>,
+    stages: Vec<Vec<Block>>,
+    fc: Option<Linear>,
+    cfg: ResNetConfig,
+}
+
+impl ResNet {
+    /// Builds the network under `vb`.
+    pub fn new(cfg: ResNetConfig, vb: VarBuilder) -> Result<Self> {
+        if cfg.layers.is_empty() || cfg.layers.len() != cfg.widths.len() {
+            return Err(Error::config(
+                "ResNetConfig::layers",
+                format!("{:?} (widths {:?})", cfg.layers, cfg.widths),
+                "need one entry per stage in both `layers` and `widths`, at least one stage",
+            ));
+        }
+        if cfg.layers.contains(&0) || cfg.widths.contains(&0) {
+            return Err(Error::config(
+                "ResNetConfig::layers/widths",
+                format!("{:?} / {:?}", cfg.layers, cfg.widths),
+                "every stage needs at least one block and a width ≥ 1",
+            ));
+        }
+        if cfg.in_channels == 0 {
+            return Err(Error::config(
+                "ResNetConfig::in_channels",
+                0,
+                "must be at least 1",
+            ));
+        }
+        if cfg.num_classes == Some(0) {
+            return Err(Error::config(
+                "ResNetConfig::num_classes",
+                "Some(0)",
+                "use None for no classifier",
+            ));
+        }
+        let w0 = cfg.widths[0];
+        let (conv1, bn1) = match cfg.stem {
+            Stem::ImageNet => conv_bn(cfg.in_channels, w0, 7, 2, &vb, "conv1", "bn1")?,
+            Stem::Small => conv_bn(cfg.in_channels, w0, 3, 1, &vb, "conv1", "bn1")?,
+        };
+        let maxpool = match cfg.stem {
+            Stem::ImageNet => Some(MaxPool2d::new(3, 2, 1)?),
+            Stem::Small => None,
+        };
+        let mut cin = w0;
+        let mut stages = Vec::with_capacity(cfg.layers.len());
+        for (i, (&n, &planes)) in cfg.layers.iter().zip(cfg.widths.iter()).enumerate() {
+            let vs = vb.pp(format!("layer{}", i + 1));
+            let mut blocks = Vec::with_capacity(n);
+            for j in 0..n {
+                let stride = if i > 0 && j == 0 { 2 } else { 1 };
+                blocks.push(Block::new(
+                    cfg.block,
+                    cin,
+                    planes,
+                    stride,
+                    vs.pp(j.to_string()),
+                )?);
+                cin = planes * cfg.block.expansion();
+            }
+            stages.push(blocks);
+        }
+        let fc = match cfg.num_classes {
+            Some(k) => Some(Linear::new(cin, k, true, vb.pp("fc"))?),
+            None => None,
+        };
+        Ok(Self {
+            conv1,
+            bn1,
+            maxpool,
+            stages,
+            fc,
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ResNetConfig {
+        &self.cfg
+    }
+
+    /// The width of the pooled features.
+    pub fn feature_dim(&self) -> usize {
+        self.cfg.feature_dim()
+    }
+
+    fn run(
+        &self,
+        x: &Tensor,
+        train: bool,
+        classify: bool,
+        mut rec: Option<&mut Features>,
+    ) -> Result<Tensor> {
+        if x.rank() != 4 || x.dim(1)? != self.cfg.in_channels {
+            return Err(Error::shape(
+                "ResNet",
+                format!("(N, {}, H, W)", self.cfg.in_channels),
+                x.dims(),
+            ));
+        }
+        let mut push = |name: String, t: &Tensor| {
+            if let Some(r) = rec.as_deref_mut() {
+                r.push(name, t.clone());
+            }
+        };
+        let mut h = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        if let Some(mp) = &self.maxpool {
+            h = mp.forward(&h)?;
+        }
+        push("stem".into(), &h);
+        for (i, blocks) in self.stages.iter().enumerate() {
+            for b in blocks {
+                h = b.forward_t(&h, train)?;
+            }
+            push(format!("layer{}", i + 1), &h);
+        }
+        let f = global_avg_pool(&h)?;
+        push("pool".into(), &f);
+        match (&self.fc, classify) {
+            (Some(fc), true) => {
+                let y = fc.forward(&f)?;
+                push("logits".into(), &y);
+                Ok(y)
+            }
+            _ => Ok(f),
+        }
+    }
+
+    /// The logits (with a classifier) or the pooled features (without).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.run(x, train, true, None)
+    }
+
+    /// The pooled features before the classifier, `(N, feature_dim)`.
+    pub fn features(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.run(x, train, false, None)
+    }
+}
+
+impl ModuleT for ResNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        ResNet::forward_t(self, x, train).map_err(crate::nn::to_candle)
+    }
+}
+
+impl FeatureExtractor for ResNet {
+    /// `stem`, `layer1`, ..., `layerK`, `pool`, and `logits` with a classifier.
+    fn feature_names(&self) -> Vec<String> {
+        let mut v = vec!["stem".to_string()];
+        v.extend((1..=self.stages.len()).map(|i| format!("layer{i}")));
+        v.push("pool".into());
+        if self.fc.is_some() {
+            v.push("logits".into());
+        }
+        v
+    }
+
+    fn forward_features(&self, x: &Tensor, train: bool) -> Result<Features> {
+        let mut f = Features::new();
+        self.run(x, train, true, Some(&mut f))?;
+        Ok(f)
+    }
+}
+
+/// torchvision `resnet18(num_classes)` under `vb`.
+pub fn resnet18(num_classes: Option<usize>, vb: VarBuilder) -> Result<ResNet> {
+    ResNet::new(ResNetConfig::resnet18().with_num_classes(num_classes), vb)
+}
+
+/// torchvision `resnet34(num_classes)` under `vb`.
+pub fn resnet34(num_classes: Option<usize>, vb: VarBuilder) -> Result<ResNet> {
+    ResNet::new(ResNetConfig::resnet34().with_num_classes(num_classes), vb)
+}
+
+/// torchvision `resnet50(num_classes)` under `vb`.
+pub fn resnet50(num_classes: Option<usize>, vb: VarBuilder) -> Result<ResNet> {
+    ResNet::new(ResNetConfig::resnet50().with_num_classes(num_classes), vb)
+}
+
+/// The `resnet_tiny` feature extractor (see [`ResNetConfig::resnet_tiny`]).
+pub fn resnet_tiny(vb: VarBuilder) -> Result<ResNet> {
+    ResNet::new(ResNetConfig::resnet_tiny(), vb)
+}
+
+/// The `resnet_small` feature extractor (see [`ResNetConfig::resnet_small`]).
+pub fn resnet_small(vb: VarBuilder) -> Result<ResNet> {
+    ResNet::new(ResNetConfig::resnet_small(), vb)
+}

@@ -1,0 +1,204 @@
+//! LARS (layer-wise adaptive rate scaling, You et al. 2017) as used by
+//! SimCLR and BYOL: SGD with momentum whose per-parameter learning rate is
+//! scaled by a trust ratio.
+//!
+//! For a parameter `p` with gradient `g` in a group with weight decay `wd`
+//! and adaptation on:
+//!
+//! ```text
+//! d = g + wd * p
+//! if ||p|| > 0 and ||g|| > 0:  d = d * eta * ||p|| / (||g|| + wd * ||p|| + eps)
+//! buf = d (first step);  buf = momentum * buf + d (later steps)
+//! p = p - lr * (d + momentum * buf  if nesterov else buf)
+//! ```
+//!
+//! Groups with adaptation off (by default the 1-D parameters: biases and
+//! norm scales, which also get no weight decay, see
+//! [`default_param_groups`](super::default_param_groups)) take the plain
+//! momentum step with `d = g + wd * p`. Like the PyTorch ports used by
+//! lightly and solo-learn, the learning rate multiplies the momentum
+//! buffer's output (torch SGD style), not its input as in SimCLR's
+//! TensorFlow code; the two agree at a constant learning rate.
+
+use candle_core::{DType, Tensor};
+
+use super::groups::ParamGroup;
+use super::state::Core;
+use super::{check_lr, check_nonneg, check_unit, impl_optimizer, GradClip};
+use crate::{Error, Result};
+
+/// Settings of [`Lars`]; defaults from SimCLR (Chen et al. 2020).
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct LarsConfig {
+    /// Base learning rate (SimCLR: 0.3 × batch / 256; default 0.3).
+    pub lr: f64,
+    /// Momentum factor in `[0, 1)` (SimCLR, BYOL: 0.9).
+    pub momentum: f64,
+    /// Weight decay of adapted parameters (SimCLR: 1e-6; BYOL uses 1.5e-6).
+    pub weight_decay: f64,
+    /// Trust coefficient η (SimCLR, BYOL: 1e-3).
+    pub eta: f64,
+    /// Added to the trust-ratio denominator (lightly's LARS: 1e-8).
+    pub eps: f64,
+    /// Nesterov momentum (default false).
+    pub nesterov: bool,
+    /// Gradient clipping applied before each step (default none).
+    pub grad_clip: Option<GradClip>,
+}
+
+impl Default for LarsConfig {
+    fn default() -> Self {
+        Self {
+            lr: 0.3,
+            momentum: 0.9,
+            weight_decay: 1e-6,
+            eta: 1e-3,
+            eps: 1e-8,
+            nesterov: false,
+            grad_clip: None,
+        }
+    }
+}
+
+impl LarsConfig {
+    /// Sets `lr`.
+    pub fn with_lr(mut self, v: f64) -> Self {
+        self.lr = v;
+        self
+    }
+    /// Sets `momentum`.
+    pub fn with_momentum(mut self, v: f64) -> Self {
+        self.momentum = v;
+        self
+    }
+    /// Sets `weight_decay`.
+    pub fn with_weight_decay(mut self, v: f64) -> Self {
+        self.weight_decay = v;
+        self
+    }
+    /// Sets `eta`.
+    pub fn with_eta(mut self, v: f64) -> Self {
+        self.eta = v;
+        self
+    }
+    /// Sets `eps`.
+    pub fn with_eps(mut self, v: f64) -> Self {
+        self.eps = v;
+        self
+    }
+    /// Sets `nesterov`.
+    pub fn with_nesterov(mut self, v: bool) -> Self {
+        self.nesterov = v;
+        self
+    }
+    /// Sets `grad_clip`.
+    pub fn with_grad_clip(mut self, v: GradClip) -> Self {
+        self.grad_clip = Some(v);
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        check_lr("LarsConfig::lr", self.lr)?;
+        check_unit("LarsConfig::momentum", self.momentum)?;
+        check_nonneg("LarsConfig::weight_decay", self.weight_decay)?;
+        if !(self.eta.is_finite() && self.eta > 0.0) {
+            return Err(Error::config(
+                "LarsConfig::eta",
+                self.eta,
+                "must be finite and > 0",
+            ));
+        }
+        check_nonneg("LarsConfig::eps", self.eps)?;
+        if self.nesterov && self.momentum <= 0.0 {
+            return Err(Error::config(
+                "LarsConfig::nesterov",
+                true,
+                "Nesterov momentum requires momentum > 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// LARS optimizer (SimCLR / BYOL). State: `momentum_buffer`.
+pub struct Lars {
+    core: Core,
+    cfg: LarsConfig,
+}
+
+fn norm(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .sqrt()?
+        .to_scalar::<f64>()?)
+}
+
+impl Lars {
+    /// Builds the optimizer over `groups`; validates the config. Groups
+    /// with `trust_ratio == false` are not adapted.
+    pub fn new(config: LarsConfig, groups: Vec<ParamGroup>) -> Result<Self> {
+        config.validate()?;
+        let bufs = if config.momentum != 0.0 {
+            vec!["momentum_buffer"]
+        } else {
+            vec![]
+        };
+        let core = Core::new(
+            "LarsConfig",
+            groups,
+            config.lr,
+            config.weight_decay,
+            config.grad_clip,
+            bufs,
+            false,
+        )?;
+        Ok(Self { core, cfg: config })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LarsConfig {
+        &self.cfg
+    }
+
+    fn update(&mut self, i: usize, g: &Tensor) -> Result<()> {
+        let grp = self.core.group_of(i);
+        let lr = self.core.lr * grp.lr_scale;
+        let wd = grp.weight_decay;
+        let c = &self.cfg;
+        let Some(slot) = self.core.slots.get_mut(i) else {
+            return Ok(());
+        };
+        let p = slot.var.as_tensor();
+        let mut d = if wd != 0.0 {
+            (g + (p * wd)?)?
+        } else {
+            g.clone()
+        };
+        if grp.trust_ratio {
+            let (pn, gn) = (norm(p)?, norm(g)?);
+            if pn > 0.0 && gn > 0.0 {
+                d = (d * (c.eta * pn / (gn + wd * pn + c.eps)))?;
+            }
+        }
+        if c.momentum != 0.0 {
+            let buf = match slot.bufs.first().and_then(|b| b.as_ref()) {
+                None => d.copy()?,
+                Some(b) => ((b * c.momentum)? + &d)?,
+            };
+            d = if c.nesterov {
+                (d + (&buf * c.momentum)?)?
+            } else {
+                buf.clone()
+            };
+            if let Some(b) = slot.bufs.first_mut() {
+                *b = Some(buf);
+            }
+        }
+        slot.var.set(&(p - (d * lr)?)?)?;
+        Ok(())
+    }
+}
+
+impl_optimizer!(Lars, LarsConfig);

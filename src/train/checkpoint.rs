@@ -1,0 +1,528 @@
+//! Checkpoints: named tensors plus metadata in one safetensors file, written
+//! atomically and verified on load.
+//!
+//! A [`Checkpoint`] is a bag of named tensors (model weights of every
+//! network of a trainer, optimizer state, ...) and string metadata (format
+//! version, trainer kind, step, epoch, RNG and data-order state, config).
+//! [`Checkpoint::save`] writes a temporary file next to the target, fsyncs
+//! it, renames it over the target and fsyncs the directory, so a crash at any
+//! moment leaves either the old or the new checkpoint, never a torn one.
+//! [`Checkpoint::load`] checks the format version and a CRC-32 of every
+//! tensor, so a truncated, corrupt or foreign file is an [`Error`] and
+//! nothing is half-applied.
+//!
+//! ```
+//! use aimass::candle::{Device, Tensor};
+//! use aimass::train::Checkpoint;
+//!
+//! let dir = std::env::temp_dir().join(format!("aimass-doc-ckpt-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir).unwrap();
+//! let path = dir.join("run.safetensors");
+//!
+//! let mut ckpt = Checkpoint::new("example");
+//! ckpt.insert_tensor("model/w", Tensor::new(&[1.0f32, 2.0], &Device::Cpu)?);
+//! ckpt.set_meta("step", 42);
+//! ckpt.save(&path)?;
+//!
+//! let back = Checkpoint::load(&path, &Device::Cpu)?;
+//! assert_eq!(back.meta_parse::<u64>("step")?, 42);
+//! assert_eq!(back.tensor("model/w")?.to_vec1::<f32>()?, vec![1.0, 2.0]);
+//! # std::fs::remove_dir_all(&dir).unwrap();
+//! # Ok::<(), aimass::Error>(())
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::Load;
+use candle_core::{Device, Tensor, Var};
+use safetensors::View;
+
+use crate::{Error, Result};
+
+/// The checkpoint format written by this version of aimass.
+pub const FORMAT_VERSION: u32 = 1;
+
+const KEY_VERSION: &str = "aimass.format_version";
+const KEY_KIND: &str = "aimass.kind";
+const KEY_CRC: &str = "aimass.crc32";
+
+/// Named tensors and metadata, saved and loaded as one safetensors file.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    kind: String,
+    tensors: BTreeMap<String, Tensor>,
+    meta: BTreeMap<String, String>,
+}
+
+impl Checkpoint {
+    /// An empty checkpoint for a trainer of the given kind (e.g.
+    /// `"classifier"`); loading checks the kind.
+    pub fn new(kind: impl Into<String>) -> Self {
+        Checkpoint {
+            kind: kind.into(),
+            tensors: BTreeMap::new(),
+            meta: BTreeMap::new(),
+        }
+    }
+
+    /// The trainer kind recorded in the checkpoint.
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    /// Adds (or replaces) one tensor.
+    pub fn insert_tensor(&mut self, name: impl Into<String>, tensor: Tensor) {
+        self.tensors.insert(name.into(), tensor);
+    }
+
+    /// Adds every tensor of `map` under `prefix` + `/` + its name.
+    pub fn insert_tensors<'a>(
+        &mut self,
+        prefix: &str,
+        map: impl IntoIterator<Item = (&'a String, &'a Tensor)>,
+    ) {
+        for (name, t) in map {
+            self.tensors.insert(format!("{prefix}/{name}"), t.clone());
+        }
+    }
+
+    /// Adds the current values of every var of a `VarMap` under `prefix`.
+    pub fn insert_varmap(&mut self, prefix: &str, varmap: &candle_nn::VarMap) -> Result<()> {
+        let data = varmap.data().lock().map_err(|_| {
+            Error::invalid("Checkpoint::insert_varmap", "the VarMap lock is poisoned")
+        })?;
+        for (name, var) in data.iter() {
+            self.tensors
+                .insert(format!("{prefix}/{name}"), var.as_tensor().copy()?);
+        }
+        Ok(())
+    }
+
+    /// The tensor called `name`, or an error naming it.
+    pub fn tensor(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| {
+            Error::malformed(
+                Path::new("<checkpoint>"),
+                "checkpoint tensors",
+                format!("a tensor named `{name}`"),
+                "none",
+            )
+        })
+    }
+
+    /// All tensors whose name starts with `prefix/`, with the prefix removed.
+    pub fn tensors_with_prefix(&self, prefix: &str) -> HashMap<String, Tensor> {
+        let p = format!("{prefix}/");
+        self.tensors
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(&p).map(|n| (n.to_string(), v.clone())))
+            .collect()
+    }
+
+    /// Every tensor, by name.
+    pub fn tensors(&self) -> &BTreeMap<String, Tensor> {
+        &self.tensors
+    }
+
+    /// Sets a metadata entry.
+    pub fn set_meta(&mut self, key: impl Into<String>, value: impl ToString) {
+        self.meta.insert(key.into(), value.to_string());
+    }
+
+    /// A metadata entry, if present.
+    pub fn meta(&self, key: &str) -> Option<&str> {
+        self.meta.get(key).map(String::as_str)
+    }
+
+    /// A metadata entry parsed as `T`; missing or unparsable is an error.
+    pub fn meta_parse<T: std::str::FromStr>(&self, key: &str) -> Result<T> {
+        let v = self.meta(key).ok_or_else(|| {
+            Error::malformed(
+                "<checkpoint>",
+                "checkpoint metadata",
+                format!("an entry `{key}`"),
+                "none",
+            )
+        })?;
+        v.parse().map_err(|_| {
+            Error::malformed(
+                "<checkpoint>",
+                "checkpoint metadata",
+                format!("a valid `{key}`"),
+                format!("{v:?}"),
+            )
+        })
+    }
+
+    /// Writes the checkpoint to `path` atomically (temporary file, fsync,
+    /// rename, directory fsync).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let tmp = self.write_temp(path)?;
+        fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+        sync_dir(path);
+        Ok(())
+    }
+
+    /// The first half of [`Checkpoint::save`]: writes and fsyncs the
+    /// temporary file, returning its path. Until it is renamed, the previous
+    /// checkpoint at `path` is untouched.
+    pub(crate) fn write_temp(&self, path: &Path) -> Result<PathBuf> {
+        let bytes = self.to_bytes()?;
+        let tmp = temp_path(path);
+        let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
+        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        Ok(tmp)
+    }
+
+    /// Serialises to safetensors bytes (with the version, kind and checksum
+    /// in the metadata).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut meta: HashMap<String, String> = self.meta.clone().into_iter().collect();
+        meta.insert(KEY_VERSION.to_string(), FORMAT_VERSION.to_string());
+        meta.insert(KEY_KIND.to_string(), self.kind.clone());
+        meta.insert(
+            KEY_CRC.to_string(),
+            checksum(self.tensors.iter())?.to_string(),
+        );
+        // Tensors must be contiguous for their bytes to be read.
+        let tensors: Vec<(String, Tensor)> = self
+            .tensors
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), t.contiguous()?)))
+            .collect::<Result<_>>()?;
+        safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta)).map_err(
+            |e| {
+                Error::invalid(
+                    "Checkpoint::save",
+                    format!("cannot serialise the checkpoint: {e}"),
+                )
+            },
+        )
+    }
+
+    /// Reads and verifies a checkpoint file, placing its tensors on `device`.
+    ///
+    /// Errors: [`Error::Io`] if the file cannot be read; [`Error::Malformed`]
+    /// if it is truncated, corrupt (checksum mismatch), of another format
+    /// version, or not an aimass checkpoint.
+    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(&bytes, path, device)
+    }
+
+    /// Parses checkpoint bytes; `path` is only used in error messages.
+    pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Self> {
+        let bad = |what: &str, expected: &str, found: String| {
+            Error::malformed(path, what, expected, found)
+        };
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
+            bad(
+                "safetensors data",
+                "a complete safetensors file",
+                format!("{e} (truncated or corrupt file?)"),
+            )
+        })?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
+            .map_err(|e| bad("safetensors header", "a readable header", e.to_string()))?;
+        let mut meta: BTreeMap<String, String> = header
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let version = meta.remove(KEY_VERSION).ok_or_else(|| {
+            bad(
+                "checkpoint metadata",
+                "an aimass checkpoint (`aimass.format_version`)",
+                "a safetensors file without it".into(),
+            )
+        })?;
+        if version != FORMAT_VERSION.to_string() {
+            return Err(bad(
+                "checkpoint format version",
+                &format!("version {FORMAT_VERSION}"),
+                format!("version {version}"),
+            ));
+        }
+        let kind = meta.remove(KEY_KIND).unwrap_or_default();
+        let crc = meta
+            .remove(KEY_CRC)
+            .ok_or_else(|| bad("checkpoint metadata", "a checksum", "none".into()))?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let t = view.load(device).map_err(|e| {
+                bad(
+                    "checkpoint tensor",
+                    &format!("a loadable tensor `{name}`"),
+                    e.to_string(),
+                )
+            })?;
+            tensors.insert(name, t);
+        }
+        let actual = checksum(tensors.iter())?;
+        if crc != actual.to_string() {
+            return Err(bad(
+                "checkpoint data",
+                &format!("CRC-32 {crc}"),
+                format!("{actual} (the file is corrupt)"),
+            ));
+        }
+        Ok(Checkpoint {
+            kind,
+            tensors,
+            meta,
+        })
+    }
+
+    /// Checks that the checkpoint was written by a trainer of `kind`.
+    pub fn expect_kind(&self, kind: &str) -> Result<()> {
+        if self.kind != kind {
+            return Err(Error::malformed(
+                "<checkpoint>",
+                "checkpoint kind",
+                format!("a `{kind}` checkpoint"),
+                format!("a `{}` checkpoint", self.kind),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Copies the tensors under `prefix` into the vars of `varmap`.
+    ///
+    /// All names and shapes are checked first: a missing, unexpected or
+    /// mis-shaped tensor is an error that names it, and then no var has been
+    /// changed.
+    pub fn restore_varmap(&self, prefix: &str, varmap: &candle_nn::VarMap) -> Result<()> {
+        self.check_varmap(prefix, varmap)?;
+        let data = varmap.data().lock().map_err(|_| {
+            Error::invalid("Checkpoint::restore_varmap", "the VarMap lock is poisoned")
+        })?;
+        let saved = self.tensors_with_prefix(prefix);
+        for (name, var) in data.iter() {
+            if let Some(t) = saved.get(name) {
+                var.set(t)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks, without changing anything, that the tensors under `prefix`
+    /// match the vars of `varmap` exactly (names, shapes, dtypes).
+    pub fn check_varmap(&self, prefix: &str, varmap: &candle_nn::VarMap) -> Result<()> {
+        let data = varmap.data().lock().map_err(|_| {
+            Error::invalid("Checkpoint::check_varmap", "the VarMap lock is poisoned")
+        })?;
+        let saved = self.tensors_with_prefix(prefix);
+        let vars: BTreeMap<&String, &Var> = data.iter().collect();
+        check_same_names(prefix, saved.keys(), vars.keys().copied())?;
+        for (name, var) in &vars {
+            let t = &saved[*name];
+            if t.dims() != var.dims() || t.dtype() != var.dtype() {
+                return Err(Error::shape(
+                    format!("restoring `{prefix}/{name}`"),
+                    format!("{:?} {:?}", var.dims(), var.dtype()),
+                    (t.dims(), t.dtype()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Errors unless the two name sets are equal, naming the differences.
+pub(crate) fn check_same_names<'a>(
+    what: &str,
+    saved: impl Iterator<Item = &'a String>,
+    expected: impl Iterator<Item = &'a String>,
+) -> Result<()> {
+    let saved: std::collections::BTreeSet<&String> = saved.collect();
+    let expected: std::collections::BTreeSet<&String> = expected.collect();
+    let missing: Vec<&&String> = expected.difference(&saved).collect();
+    let unexpected: Vec<&&String> = saved.difference(&expected).collect();
+    if missing.is_empty() && unexpected.is_empty() {
+        return Ok(());
+    }
+    Err(Error::malformed(
+        "<checkpoint>",
+        format!("`{what}` tensors"),
+        "the model's tensors",
+        format!("missing {missing:?}, unexpected {unexpected:?} (a checkpoint of another model?)"),
+    ))
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(format!(".tmp-{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// Fsyncs the directory holding `path` so the rename is durable (best effort:
+/// not every platform can open a directory).
+fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+/// CRC-32 over name, dtype, shape and bytes of every tensor, in name order.
+fn checksum<'a>(tensors: impl Iterator<Item = (&'a String, &'a Tensor)>) -> Result<u32> {
+    let mut h = crc32fast::Hasher::new();
+    for (name, t) in tensors {
+        h.update(name.as_bytes());
+        h.update(format!("{:?}{:?}", t.dtype(), t.dims()).as_bytes());
+        let t = t.contiguous()?;
+        h.update(&View::data(&&t));
+    }
+    Ok(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(v: f32) -> Checkpoint {
+        let mut c = Checkpoint::new("test");
+        c.insert_tensor(
+            "model/w",
+            Tensor::new(&[[v, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap(),
+        );
+        c.insert_tensor("optim/step", Tensor::new(&[7u32], &Device::Cpu).unwrap());
+        c.set_meta("epoch", 3);
+        c
+    }
+
+    fn tmpdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("aimass-ckpt-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn round_trip() {
+        let d = tmpdir("rt");
+        let p = d.join("a.safetensors");
+        sample(1.0).save(&p).unwrap();
+        let c = Checkpoint::load(&p, &Device::Cpu).unwrap();
+        assert_eq!(c.kind(), "test");
+        assert_eq!(c.meta_parse::<u32>("epoch").unwrap(), 3);
+        assert_eq!(
+            c.tensor("model/w").unwrap().to_vec2::<f32>().unwrap(),
+            vec![vec![1.0, 2.0], vec![3.0, 4.0]]
+        );
+        assert!(c.expect_kind("other").is_err());
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn crash_between_write_and_rename_keeps_the_old_checkpoint() {
+        let d = tmpdir("crash");
+        let p = d.join("a.safetensors");
+        sample(1.0).save(&p).unwrap();
+        // The new checkpoint is fully written to its temporary file, then the
+        // process "dies" before the rename.
+        let tmp = sample(9.0).write_temp(&p).unwrap();
+        assert!(tmp.exists());
+        let c = Checkpoint::load(&p, &Device::Cpu).unwrap();
+        assert_eq!(
+            c.tensor("model/w").unwrap().to_vec2::<f32>().unwrap()[0][0],
+            1.0
+        );
+        // A half-written temporary file does not matter either.
+        fs::write(&tmp, b"garbage").unwrap();
+        assert!(Checkpoint::load(&p, &Device::Cpu).is_ok());
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn truncated_corrupt_and_foreign_files_are_errors() {
+        let d = tmpdir("bad");
+        let bytes = sample(1.0).to_bytes().unwrap();
+        for cut in [0, 4, 8, 20, bytes.len() / 2, bytes.len() - 1] {
+            let e =
+                Checkpoint::from_bytes(&bytes[..cut], Path::new("x"), &Device::Cpu).unwrap_err();
+            assert!(matches!(e, Error::Malformed { .. }), "cut {cut}: {e}");
+        }
+        // Flip a bit in the tensor data (the last bytes of the file).
+        let mut flipped = bytes.clone();
+        let n = flipped.len();
+        flipped[n - 3] ^= 0x10;
+        let e = Checkpoint::from_bytes(&flipped, Path::new("x"), &Device::Cpu).unwrap_err();
+        assert!(e.to_string().contains("corrupt"), "{e}");
+        // A plain safetensors file (no aimass metadata).
+        let plain =
+            safetensors::serialize([("w", &Tensor::new(&[1f32], &Device::Cpu).unwrap())], None)
+                .unwrap();
+        assert!(Checkpoint::from_bytes(&plain, Path::new("x"), &Device::Cpu).is_err());
+        // Another format version.
+        let mut meta = HashMap::new();
+        meta.insert(KEY_VERSION.to_string(), "999".to_string());
+        let future = safetensors::serialize(
+            [("w", &Tensor::new(&[1f32], &Device::Cpu).unwrap())],
+            Some(meta),
+        )
+        .unwrap();
+        let e = Checkpoint::from_bytes(&future, Path::new("x"), &Device::Cpu).unwrap_err();
+        assert!(e.to_string().contains("version 999"), "{e}");
+        // A missing file.
+        assert!(matches!(
+            Checkpoint::load(d.join("nope"), &Device::Cpu),
+            Err(Error::Io { .. })
+        ));
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn restore_checks_everything_before_changing_anything() {
+        let vm = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&vm, candle_core::DType::F32, &Device::Cpu);
+        let a = vb
+            .get_with_hints((2, 2), "a", candle_nn::Init::Const(0.0))
+            .unwrap();
+        let _b = vb
+            .get_with_hints(3, "b", candle_nn::Init::Const(0.0))
+            .unwrap();
+        let mut c = Checkpoint::new("test");
+        c.insert_tensor(
+            "model/a",
+            Tensor::ones((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+        c.insert_tensor(
+            "model/b",
+            Tensor::ones(4, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+        let e = c.restore_varmap("model", &vm).unwrap_err();
+        assert!(matches!(e, Error::Shape { .. }), "{e}");
+        // `a` was not touched even though it came first.
+        assert_eq!(a.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        c.insert_tensor(
+            "model/b",
+            Tensor::ones(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+        c.insert_tensor(
+            "model/extra",
+            Tensor::ones(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+        let e = c.restore_varmap("model", &vm).unwrap_err();
+        assert!(e.to_string().contains("extra"), "{e}");
+        c.tensors.remove("model/extra");
+        c.restore_varmap("model", &vm).unwrap();
+        assert_eq!(a.sum_all().unwrap().to_scalar::<f32>().unwrap(), 4.0);
+    }
+}

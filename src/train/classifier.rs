@@ -1,0 +1,240 @@
+//! The supervised trainer: a model, cross-entropy (with label smoothing), an
+//! optimizer, and the non-finite guard.
+//!
+//! It is both a user-facing trainer and how teachers are trained for
+//! distillation. It implements [`TrainStep`], so it runs under
+//! [`Fit`](super::Fit) with any schedule and callbacks, and its checkpoints
+//! hold the model (BatchNorm statistics included) and the optimizer state.
+//!
+//! ```
+//! use aimass::prelude::*;
+//! use aimass::data::{DataLoader, DataLoaderConfig, InMemoryDataset};
+//! use aimass::nn::{Mlp, MlpConfig};
+//! use aimass::optim::{Sgd, SgdConfig};
+//! use aimass::train::{Classifier, ClassifierConfig, Fit, FitConfig};
+//!
+//! // A toy problem: 4-pixel images whose label is the brightest pixel.
+//! let mut pixels = Vec::new();
+//! let mut labels = Vec::new();
+//! for i in 0..64u32 {
+//!     let c = i % 4;
+//!     pixels.extend((0..4).map(|p| if p == c { 250u8 } else { 10 }));
+//!     labels.push(c);
+//! }
+//! let ds = InMemoryDataset::new(pixels, labels, (1, 2, 2))?;
+//! let mut loader = DataLoader::new(ds, DataLoaderConfig::default().with_batch_size(16), &Device::Cpu)?;
+//!
+//! let varmap = VarMap::new();
+//! let vb = aimass::nn::init::seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu);
+//! let mlp = Mlp::new(MlpConfig::new(vec![4, 16, 4]), vb)?;
+//! let model = aimass::nn::seq().add_fn(|x, _train| x.flatten_from(1)).add(mlp);
+//! let opt = Sgd::from_varmap(SgdConfig::default().with_lr(0.5).with_momentum(0.9), &varmap)?;
+//! let mut clf = Classifier::new(model, varmap, opt, ClassifierConfig::default())?;
+//!
+//! let summary = Fit::new(&mut clf, &mut loader, FitConfig::default().with_epochs(20))?.run()?;
+//! assert!(summary.train_loss < 0.1, "{}", summary.train_loss);
+//! # Ok::<(), aimass::Error>(())
+//! ```
+
+use candle_core::{DType, ModuleT, Tensor, Var};
+use candle_nn::VarMap;
+
+use super::fit::{StepOutput, TrainStep};
+use super::guard::{GuardAction, NonFiniteGuard, NonFinitePolicy};
+use super::Checkpoint;
+use crate::data::Batch;
+use crate::loss::{CrossEntropy, CrossEntropyConfig};
+use crate::optim::Optimizer;
+use crate::{Error, Result};
+
+/// Settings of [`Classifier`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct ClassifierConfig {
+    /// Label smoothing of the cross-entropy (default 0, torch's).
+    pub label_smoothing: f64,
+    /// What to do on a NaN/Inf loss or gradient (default: error).
+    pub non_finite: NonFinitePolicy,
+}
+
+impl Default for ClassifierConfig {
+    fn default() -> Self {
+        ClassifierConfig {
+            label_smoothing: 0.0,
+            non_finite: NonFinitePolicy::Error,
+        }
+    }
+}
+
+impl ClassifierConfig {
+    /// Sets the label smoothing.
+    pub fn with_label_smoothing(mut self, v: f64) -> Self {
+        self.label_smoothing = v;
+        self
+    }
+    /// Sets the non-finite policy.
+    pub fn with_non_finite(mut self, v: NonFinitePolicy) -> Self {
+        self.non_finite = v;
+        self
+    }
+}
+
+/// A model trained with cross-entropy on labelled batches.
+pub struct Classifier<M: ModuleT, O: Optimizer> {
+    model: M,
+    varmap: VarMap,
+    optimizer: O,
+    loss: CrossEntropy,
+    guard: NonFiniteGuard,
+    params: Vec<(String, Var)>,
+    buffers: Vec<Var>,
+}
+
+impl<M: ModuleT, O: Optimizer> Classifier<M, O> {
+    /// A trainer for `model`, whose parameters (and BatchNorm buffers) live
+    /// in `varmap`, updated by `optimizer`.
+    pub fn new(model: M, varmap: VarMap, optimizer: O, config: ClassifierConfig) -> Result<Self> {
+        let loss = CrossEntropy::new(
+            CrossEntropyConfig::default().with_label_smoothing(config.label_smoothing),
+        )?;
+        let params = crate::nn::params::named_vars(&varmap)?;
+        let buffers = crate::nn::params::buffer_vars(&varmap)?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        Ok(Classifier {
+            model,
+            varmap,
+            optimizer,
+            loss,
+            guard: NonFiniteGuard::new(config.non_finite),
+            params,
+            buffers,
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    /// The variables of the model.
+    pub fn varmap(&self) -> &VarMap {
+        &self.varmap
+    }
+
+    /// The optimizer.
+    pub fn optimizer(&self) -> &O {
+        &self.optimizer
+    }
+
+    /// Steps skipped by the non-finite guard.
+    pub fn skipped_steps(&self) -> u64 {
+        self.guard.skipped()
+    }
+
+    /// Logits in eval mode.
+    pub fn predict(&self, images: &Tensor) -> Result<Tensor> {
+        Ok(self.model.forward_t(images, false)?)
+    }
+}
+
+/// Copies of buffer values (BatchNorm running statistics), to undo a
+/// rejected step.
+pub(crate) struct BufferSnapshot(Vec<(Var, Tensor)>);
+
+impl BufferSnapshot {
+    /// Copies the current values of `buffers`.
+    pub(crate) fn take(buffers: &[Var]) -> Result<Self> {
+        Ok(BufferSnapshot(
+            buffers
+                .iter()
+                .map(|v| Ok((v.clone(), v.as_tensor().copy()?)))
+                .collect::<Result<_>>()?,
+        ))
+    }
+
+    /// Writes the copied values back.
+    pub(crate) fn restore(&self) -> Result<()> {
+        for (v, t) in &self.0 {
+            v.set(t)?;
+        }
+        Ok(())
+    }
+}
+
+/// Number of rows whose argmax equals the label.
+pub(crate) fn correct(logits: &Tensor, labels: &Tensor) -> Result<usize> {
+    let pred = logits.argmax(1)?.to_dtype(DType::U32)?;
+    let labels = labels.to_dtype(DType::U32)?;
+    if pred.dims() != labels.dims() {
+        return Err(Error::shape(
+            "accuracy",
+            format!("labels of shape {:?}", pred.dims()),
+            labels.dims(),
+        ));
+    }
+    Ok(pred
+        .eq(&labels)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as usize)
+}
+
+impl<M: ModuleT, O: Optimizer> TrainStep for Classifier<M, O> {
+    type Batch = Batch;
+
+    fn train_step(&mut self, batch: &Batch, step: u64) -> Result<StepOutput> {
+        // The train-mode forward updates BatchNorm running statistics; keep
+        // their values so a step the guard rejects leaves no trace.
+        let saved = BufferSnapshot::take(&self.buffers)?;
+        let logits = self.model.forward_t(batch.images()?, true)?;
+        let loss = self.loss.forward(&logits, &batch.labels)?;
+        let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let grads = loss.backward()?;
+        let n = batch.labels.dim(0)?;
+        match self.guard.check(loss_value, &grads, &self.params, step) {
+            Ok(GuardAction::Proceed) => {}
+            Ok(_) => {
+                saved.restore()?;
+                return Ok(StepOutput::new(loss_value, n).skipped(true));
+            }
+            Err(e) => {
+                saved.restore()?;
+                return Err(e);
+            }
+        }
+        self.optimizer.step(&grads)?;
+        let acc = correct(&logits.detach(), &batch.labels)? as f64 / n.max(1) as f64;
+        Ok(StepOutput::new(loss_value, n).with_metric("batch_acc", acc))
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.optimizer.set_lr(lr);
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.optimizer.lr()
+    }
+
+    fn kind(&self) -> &str {
+        "classifier"
+    }
+
+    fn save_state(&self, ckpt: &mut Checkpoint) -> Result<()> {
+        ckpt.insert_varmap("model", &self.varmap)?;
+        ckpt.insert_tensors("optim", self.optimizer.state_dict()?.iter());
+        ckpt.set_meta("guard.skipped", self.guard.skipped());
+        Ok(())
+    }
+
+    fn load_state(&mut self, ckpt: &Checkpoint) -> Result<()> {
+        ckpt.check_varmap("model", &self.varmap)?;
+        let skipped: u64 = ckpt.meta_parse("guard.skipped")?;
+        self.optimizer
+            .load_state_dict(&ckpt.tensors_with_prefix("optim"))?;
+        ckpt.restore_varmap("model", &self.varmap)?;
+        self.guard.set_skipped(skipped);
+        Ok(())
+    }
+}

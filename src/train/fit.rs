@@ -1,0 +1,461 @@
+//! `fit`: the loop every trainer shares.
+//!
+//! A trainer implements [`TrainStep`] — one optimisation step on a batch,
+//! plus saving and restoring its state — and [`Fit`] runs it for a number of
+//! epochs over a [`BatchSource`] (a [`DataLoader`](crate::data::DataLoader)
+//! or any other source of batches, such as an episode sampler). Before each
+//! step `Fit` sets the learning rate from the [`Schedule`] at the global step
+//! count; after each step and epoch it calls the [`Callback`]s; at the end of
+//! an epoch it runs the evaluator, if any.
+//!
+//! [`Fit::checkpoint`] captures everything needed to continue exactly —
+//! the trainer's state, the global step and the data position (epoch, batch,
+//! seed; the loader derives augmentation randomness from it) — and
+//! [`Fit::resume`] restores it: on the CPU, N steps + save + load + N steps
+//! give bit-identical weights to 2N uninterrupted steps.
+//!
+//! `fit` is a convenience, not a cage: every trainer's `train_step` can be
+//! called from a hand-written loop.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use super::callback::{Callback, Control, EpochInfo, StepInfo, TrainingState};
+use super::Checkpoint;
+use crate::data::{Batch, DataLoader, LoaderPosition};
+use crate::optim::Schedule;
+use crate::{Error, Result};
+
+/// What one optimisation step reports.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct StepOutput {
+    /// The loss of the step (before any update).
+    pub loss: f64,
+    /// Samples in the batch.
+    pub samples: usize,
+    /// Whether the update was skipped (non-finite guard or loss-scale overflow).
+    pub skipped: bool,
+    /// Other metrics (e.g. `acc` of the batch).
+    pub metrics: BTreeMap<String, f64>,
+}
+
+impl StepOutput {
+    /// A step output with a loss and a sample count.
+    pub fn new(loss: f64, samples: usize) -> Self {
+        StepOutput {
+            loss,
+            samples,
+            skipped: false,
+            metrics: BTreeMap::new(),
+        }
+    }
+
+    /// Marks the step as skipped.
+    pub fn skipped(mut self, skipped: bool) -> Self {
+        self.skipped = skipped;
+        self
+    }
+
+    /// Adds a metric.
+    pub fn with_metric(mut self, name: impl Into<String>, value: f64) -> Self {
+        self.metrics.insert(name.into(), value);
+        self
+    }
+}
+
+/// One optimisation step on a batch, and the state to checkpoint: what a
+/// trainer implements to run under [`Fit`].
+pub trait TrainStep {
+    /// The batch type (e.g. [`Batch`] from a `DataLoader`).
+    type Batch;
+
+    /// Runs one optimisation step on `batch`. `step` is the number of steps
+    /// taken before this one.
+    fn train_step(&mut self, batch: &Self::Batch, step: u64) -> Result<StepOutput>;
+
+    /// The learning rate of the next steps (set by the schedule).
+    fn set_learning_rate(&mut self, lr: f64);
+
+    /// The current learning rate.
+    fn learning_rate(&self) -> f64;
+
+    /// A short name of the trainer kind, checked when a checkpoint is loaded
+    /// (e.g. `"classifier"`).
+    fn kind(&self) -> &str;
+
+    /// Adds the trainer's state (weights of every network, optimizer state,
+    /// counters, config) to `ckpt`.
+    fn save_state(&self, ckpt: &mut Checkpoint) -> Result<()>;
+
+    /// Restores the state written by [`TrainStep::save_state`]. Must check
+    /// everything before changing anything.
+    fn load_state(&mut self, ckpt: &Checkpoint) -> Result<()>;
+}
+
+/// Where batches come from: epochs of numbered batches with a resumable
+/// position.
+pub trait BatchSource {
+    /// The batch type.
+    type Batch;
+
+    /// Batches in one epoch.
+    fn batches_per_epoch(&self) -> usize;
+
+    /// The next batch to be produced: (epoch from 0, batch index).
+    fn position(&self) -> (u64, usize);
+
+    /// A string that identifies the source's configuration (e.g. its seed),
+    /// stored in checkpoints and checked on resume.
+    fn fingerprint(&self) -> String;
+
+    /// Moves to a position saved by [`BatchSource::position`].
+    fn set_position(&mut self, epoch: u64, batch: usize) -> Result<()>;
+
+    /// Runs `f` on each remaining batch of the current epoch until it
+    /// returns [`Control::Stop`]; the position advances past every batch
+    /// given to `f`.
+    fn for_each_batch(&mut self, f: &mut dyn FnMut(Self::Batch) -> Result<Control>) -> Result<()>;
+}
+
+impl BatchSource for DataLoader {
+    type Batch = Batch;
+
+    fn batches_per_epoch(&self) -> usize {
+        self.len()
+    }
+
+    fn position(&self) -> (u64, usize) {
+        let p = DataLoader::position(self);
+        (p.epoch, p.batch)
+    }
+
+    fn fingerprint(&self) -> String {
+        let c = self.config();
+        format!(
+            "seed={} batch_size={} shuffle={} drop_last={} len={}",
+            c.seed,
+            c.batch_size,
+            c.shuffle,
+            c.drop_last,
+            self.dataset().len()
+        )
+    }
+
+    fn set_position(&mut self, epoch: u64, batch: usize) -> Result<()> {
+        let seed = self.config().seed;
+        DataLoader::set_position(self, LoaderPosition { seed, epoch, batch })
+    }
+
+    fn for_each_batch(&mut self, f: &mut dyn FnMut(Batch) -> Result<Control>) -> Result<()> {
+        for batch in self.epoch() {
+            if f(batch?)? == Control::Stop {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An epoch-end evaluation: returns named metrics (e.g. `test_acc`).
+pub type Evaluator<'a, T> = Box<dyn FnMut(&mut T, usize) -> Result<BTreeMap<String, f64>> + 'a>;
+
+/// Settings of a [`Fit`] run.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct FitConfig {
+    /// Epochs to train (default 1).
+    pub epochs: usize,
+    /// Stop after this many global steps, even mid-epoch (default: none).
+    pub max_steps: Option<u64>,
+    /// Run the evaluator every this many epochs, and after the last (default 1).
+    pub eval_every: usize,
+}
+
+impl Default for FitConfig {
+    fn default() -> Self {
+        FitConfig {
+            epochs: 1,
+            max_steps: None,
+            eval_every: 1,
+        }
+    }
+}
+
+impl FitConfig {
+    /// Sets the number of epochs.
+    pub fn with_epochs(mut self, epochs: usize) -> Self {
+        self.epochs = epochs;
+        self
+    }
+    /// Sets a global step limit.
+    pub fn with_max_steps(mut self, max_steps: Option<u64>) -> Self {
+        self.max_steps = max_steps;
+        self
+    }
+    /// Sets the evaluation interval in epochs.
+    pub fn with_eval_every(mut self, eval_every: usize) -> Self {
+        self.eval_every = eval_every;
+        self
+    }
+}
+
+/// What a finished [`Fit::run`] reports.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct FitSummary {
+    /// Global steps taken in total (including before a resume).
+    pub steps: u64,
+    /// Epochs completed in total.
+    pub epochs: usize,
+    /// Steps the non-finite guard or the loss scaler skipped in this run.
+    pub skipped: u64,
+    /// The last epoch's mean training loss.
+    pub train_loss: f64,
+    /// The last evaluation's metrics.
+    pub metrics: BTreeMap<String, f64>,
+    /// Wall-clock seconds of this run.
+    pub secs: f64,
+    /// Whether a callback stopped the run early.
+    pub stopped_early: bool,
+}
+
+/// The training loop: a trainer, a batch source, a schedule, callbacks.
+pub struct Fit<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> {
+    trainer: &'a mut T,
+    source: &'a mut S,
+    config: FitConfig,
+    schedule: Option<Box<dyn Schedule + 'a>>,
+    callbacks: Vec<Box<dyn Callback + 'a>>,
+    evaluator: Option<Evaluator<'a, T>>,
+    step: u64,
+}
+
+/// The whole state of a run, for checkpointing callbacks.
+struct RunState<'r, T: TrainStep, S: BatchSource> {
+    trainer: &'r T,
+    source: &'r S,
+    step: u64,
+}
+
+impl<T: TrainStep, S: BatchSource> TrainingState for RunState<'_, T, S> {
+    fn checkpoint(&self) -> Result<Checkpoint> {
+        let mut c = Checkpoint::new(self.trainer.kind());
+        self.trainer.save_state(&mut c)?;
+        let (epoch, batch) = self.source.position();
+        c.set_meta("step", self.step);
+        c.set_meta("data.epoch", epoch);
+        c.set_meta("data.batch", batch);
+        c.set_meta("data.fingerprint", self.source.fingerprint());
+        Ok(c)
+    }
+}
+
+impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
+    /// A loop over `source` driving `trainer`; the config is validated.
+    pub fn new(trainer: &'a mut T, source: &'a mut S, config: FitConfig) -> Result<Self> {
+        if config.epochs == 0 {
+            return Err(Error::config("FitConfig::epochs", 0, "must be >= 1"));
+        }
+        if config.eval_every == 0 {
+            return Err(Error::config("FitConfig::eval_every", 0, "must be >= 1"));
+        }
+        if source.batches_per_epoch() == 0 {
+            return Err(Error::invalid("Fit::new", "the batch source has no batches (empty dataset, or drop_last with fewer samples than a batch)"));
+        }
+        Ok(Fit {
+            trainer,
+            source,
+            config,
+            schedule: None,
+            callbacks: Vec::new(),
+            evaluator: None,
+            step: 0,
+        })
+    }
+
+    /// Sets the learning-rate schedule, queried at the global step before
+    /// every step.
+    pub fn with_schedule(mut self, schedule: impl Schedule + 'a) -> Self {
+        self.schedule = Some(Box::new(schedule));
+        self
+    }
+
+    /// Adds a callback (called in the order added).
+    pub fn with_callback(mut self, callback: impl Callback + 'a) -> Self {
+        self.callbacks.push(Box::new(callback));
+        self
+    }
+
+    /// Sets the epoch-end evaluation.
+    pub fn with_evaluator(
+        mut self,
+        evaluator: impl FnMut(&mut T, usize) -> Result<BTreeMap<String, f64>> + 'a,
+    ) -> Self {
+        self.evaluator = Some(Box::new(evaluator));
+        self
+    }
+
+    /// Global steps taken so far.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// A checkpoint of the whole run (trainer state, step, data position).
+    pub fn checkpoint(&self) -> Result<Checkpoint> {
+        RunState {
+            trainer: &*self.trainer,
+            source: &*self.source,
+            step: self.step,
+        }
+        .checkpoint()
+    }
+
+    /// Restores a checkpoint made by [`Fit::checkpoint`] (or a
+    /// [`PeriodicCheckpoint`](super::PeriodicCheckpoint)): trainer state,
+    /// step and data position. Checks the kind and the data source first.
+    pub fn resume(&mut self, ckpt: &Checkpoint) -> Result<()> {
+        ckpt.expect_kind(self.trainer.kind())?;
+        let step: u64 = ckpt.meta_parse("step")?;
+        let epoch: u64 = ckpt.meta_parse("data.epoch")?;
+        let batch: usize = ckpt.meta_parse("data.batch")?;
+        let fp = ckpt.meta("data.fingerprint").unwrap_or_default();
+        if fp != self.source.fingerprint() {
+            return Err(Error::config(
+                "data source",
+                self.source.fingerprint(),
+                format!("the checkpoint was written with a different data source ({fp}): resume with the same data, seed and batch size"),
+            ));
+        }
+        self.trainer.load_state(ckpt)?;
+        self.source.set_position(epoch, batch)?;
+        self.step = step;
+        Ok(())
+    }
+
+    /// Trains until `epochs` epochs are complete (counting epochs done before
+    /// a resume), `max_steps` is reached, or a callback stops the run.
+    pub fn run(&mut self) -> Result<FitSummary> {
+        let start = Instant::now();
+        let Fit {
+            trainer,
+            source,
+            config,
+            schedule,
+            callbacks,
+            evaluator,
+            step,
+        } = self;
+        let per_epoch = source.batches_per_epoch();
+        let total_steps =
+            (config.epochs as u64 * per_epoch as u64).min(config.max_steps.unwrap_or(u64::MAX));
+        let mut summary = FitSummary::default();
+        let mut samples_seen = 0u64;
+        let mut stop = false;
+        while !stop && (source.position().0 as usize) < config.epochs && *step < total_steps {
+            let (epoch0, _) = source.position();
+            let epoch = epoch0 as usize + 1;
+            let (mut loss_sum, mut loss_n) = (0.0, 0usize);
+            let mut lr = trainer.learning_rate();
+            let mut run_batch = |b: T::Batch| -> Result<Control> {
+                if let Some(s) = schedule.as_ref() {
+                    trainer.set_learning_rate(s.lr(*step));
+                }
+                lr = trainer.learning_rate();
+                let out = trainer.train_step(&b, *step)?;
+                *step += 1;
+                samples_seen += out.samples as u64;
+                if out.skipped {
+                    summary.skipped += 1;
+                } else {
+                    loss_sum += out.loss;
+                    loss_n += 1;
+                }
+                let (_, next) = source_position_hint(*step, per_epoch);
+                let info = StepInfo {
+                    epoch,
+                    epochs: config.epochs,
+                    batch: next,
+                    batches_per_epoch: Some(per_epoch),
+                    step: *step,
+                    lr,
+                    loss: out.loss,
+                    samples: out.samples,
+                    skipped: out.skipped,
+                    metrics: &out.metrics,
+                    elapsed: start.elapsed(),
+                    samples_seen,
+                    steps_left: Some(total_steps.saturating_sub(*step)),
+                };
+                let mut control = Control::Continue;
+                for cb in callbacks.iter_mut() {
+                    if cb.on_step(&info)? == Control::Stop {
+                        control = Control::Stop;
+                    }
+                }
+                if control == Control::Stop {
+                    stop = true;
+                }
+                if *step >= total_steps {
+                    control = Control::Stop;
+                }
+                Ok(control)
+            };
+            source.for_each_batch(&mut run_batch)?;
+            let epoch_done = source.position().0 as usize >= epoch;
+            if !epoch_done {
+                break; // stopped mid-epoch (max_steps or a callback)
+            }
+            summary.train_loss = if loss_n > 0 {
+                loss_sum / loss_n as f64
+            } else {
+                f64::NAN
+            };
+            let last = epoch == config.epochs || *step >= total_steps;
+            let metrics = match evaluator.as_mut() {
+                Some(ev) if epoch % config.eval_every == 0 || last => ev(trainer, epoch)?,
+                _ => BTreeMap::new(),
+            };
+            let info = EpochInfo {
+                epoch,
+                epochs: config.epochs,
+                step: *step,
+                train_loss: summary.train_loss,
+                lr,
+                metrics: &metrics,
+                elapsed: start.elapsed(),
+            };
+            let state = RunState {
+                trainer: &**trainer,
+                source: &**source,
+                step: *step,
+            };
+            for cb in callbacks.iter_mut() {
+                if cb.on_epoch_end(&info, &state)? == Control::Stop {
+                    stop = true;
+                    summary.stopped_early = true;
+                }
+            }
+            summary.metrics = metrics;
+        }
+        let state = RunState {
+            trainer: &**trainer,
+            source: &**source,
+            step: *step,
+        };
+        for cb in callbacks.iter_mut() {
+            cb.on_end(&state)?;
+        }
+        summary.steps = *step;
+        summary.epochs = source.position().0 as usize;
+        summary.secs = start.elapsed().as_secs_f64();
+        summary.stopped_early |= stop && summary.epochs < config.epochs && *step < total_steps;
+        Ok(summary)
+    }
+}
+
+/// (epoch, batch-within-epoch from 1) of the step just taken, for display.
+fn source_position_hint(step: u64, per_epoch: usize) -> (u64, usize) {
+    let per = per_epoch.max(1) as u64;
+    ((step - 1) / per, ((step - 1) % per) as usize + 1)
+}

@@ -1,0 +1,55 @@
+//! The training loop shared by every trainer.
+//!
+//! A trainer defines one optimisation step ([`TrainStep`]); [`Fit`] runs it
+//! over epochs of a [`DataLoader`](crate::data::DataLoader) (or any
+//! [`BatchSource`]), advancing the learning-rate [`Schedule`](crate::optim::Schedule)
+//! per step and calling [`Callback`]s: a [`Progress`] display, a
+//! [`MetricsLog`] of JSON lines, [`EarlyStopping`], [`PeriodicCheckpoint`]s
+//! and, with the `plot` feature, a [`CurvePlot`] of the curves.
+//!
+//! [`Checkpoint`]s are safetensors files written atomically and verified on
+//! load; [`Fit::checkpoint`] and [`Fit::resume`] continue a run exactly.
+//! The [`NonFiniteGuard`] stops (or skips) a step whose loss or gradient is
+//! not finite before it reaches the weights. [`LossScaler`] is the dynamic
+//! loss scale of f16 training. Evaluation: [`evaluate_accuracy`],
+//! [`extract_features`], [`knn_accuracy`] and [`linear_probe`], the
+//! yardsticks of self-supervised learning.
+//!
+//! [`Classifier`] is the supervised trainer (see its docs for a complete
+//! program); `examples/supervised.rs` trains a ResNet on Fashion-MNIST with
+//! all of the above.
+
+mod callback;
+mod checkpoint;
+mod checkpoint_dir;
+mod classifier;
+mod early_stopping;
+mod eval;
+mod fit;
+mod guard;
+mod knn;
+mod metrics_log;
+mod mixed;
+#[cfg(feature = "plot")]
+mod plot;
+mod progress;
+mod scaler;
+
+pub use callback::{Callback, Control, EpochInfo, StepInfo, TrainingState};
+pub use checkpoint::{Checkpoint, FORMAT_VERSION};
+pub use checkpoint_dir::{CheckpointDir, PeriodicCheckpoint};
+pub use classifier::{Classifier, ClassifierConfig};
+pub use early_stopping::{EarlyStopping, MonitorMode};
+pub use eval::{
+    evaluate_accuracy, extract, extract_features, linear_probe, LinearProbeConfig,
+    LinearProbeResult,
+};
+pub use fit::{BatchSource, Evaluator, Fit, FitConfig, FitSummary, StepOutput, TrainStep};
+pub use guard::{GuardAction, NonFiniteGuard, NonFinitePolicy};
+pub use knn::{accuracy_of, knn_accuracy, knn_predict, KnnConfig};
+pub use metrics_log::MetricsLog;
+pub use mixed::{MixedPrecision, Precision};
+#[cfg(feature = "plot")]
+pub use plot::CurvePlot;
+pub use progress::{Progress, ProgressMode};
+pub use scaler::{LossScaler, LossScalerConfig};

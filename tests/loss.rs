@@ -1,0 +1,932 @@
+//! Tests of `aimass::loss`: every loss against PyTorch reference values
+//! (tests/fixtures/gen_loss.py -> loss.json, computed in float64), against
+//! central finite differences of its gradient (f64), and on bad input.
+
+use aimass::candle::{DType, Device, Tensor, Var};
+use aimass::candle_nn::VarBuilder;
+use aimass::loss::*;
+use aimass::Error;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+// ------------------------------------------------------------------ helpers
+
+fn fixtures() -> &'static Value {
+    static F: OnceLock<Value> = OnceLock::new();
+    F.get_or_init(|| {
+        serde_json::from_str(include_str!("fixtures/loss.json")).expect("parse loss.json")
+    })
+}
+
+fn case(name: &str) -> &'static Value {
+    &fixtures()["cases"][name]
+}
+
+fn flatten(v: &Value, out: &mut Vec<f64>, shape: &mut Vec<usize>, depth: usize) {
+    match v {
+        Value::Array(a) => {
+            if shape.len() == depth {
+                shape.push(a.len());
+            }
+            for x in a {
+                flatten(x, out, shape, depth + 1);
+            }
+        }
+        Value::Number(n) => out.push(n.as_f64().unwrap()),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// A nested JSON list as an f64 tensor.
+fn tensor(v: &Value) -> Tensor {
+    let (mut data, mut shape) = (vec![], vec![]);
+    flatten(v, &mut data, &mut shape, 0);
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+fn field(c: &Value, k: &str) -> Tensor {
+    tensor(&c[k])
+}
+
+fn num(c: &Value, k: &str) -> f64 {
+    c[k].as_f64().unwrap_or_else(|| panic!("missing {k}"))
+}
+
+fn labels(c: &Value, k: &str) -> Tensor {
+    let v: Vec<i64> = c[k]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect();
+    Tensor::new(v, &Device::Cpu).unwrap()
+}
+
+fn scalar(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
+#[track_caller]
+fn close(got: f64, want: f64, tol: f64) {
+    assert!(
+        (got - want).abs() <= tol * want.abs().max(1.0),
+        "got {got}, want {want} (tol {tol})"
+    );
+}
+
+#[track_caller]
+fn close_vec(got: &Tensor, want: &Value, tol: f64) {
+    let g = got.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let (mut w, mut s) = (vec![], vec![]);
+    flatten(want, &mut w, &mut s, 0);
+    assert_eq!(g.len(), w.len());
+    for (a, b) in g.iter().zip(&w) {
+        close(*a, *b, tol);
+    }
+}
+
+/// Central finite differences (h = 1e-5, f64) of the scalar `f(inputs)`
+/// with respect to every element of `inputs[i]` for `i` in `wrt`, compared
+/// with candle's autograd. `f` gets the inputs as tensors (tracked `Var`s
+/// for the analytic pass, plain tensors for the numerical one).
+#[track_caller]
+fn grad_check(inputs: &[Tensor], wrt: &[usize], f: impl Fn(&[Tensor]) -> aimass::Result<Tensor>) {
+    const H: f64 = 1e-5;
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let tracked: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let grads = f(&tracked).unwrap().backward().unwrap();
+    for &i in wrt {
+        let base = inputs[i].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let analytic = grads
+            .get(&tracked[i])
+            .unwrap_or_else(|| panic!("no gradient for input {i}"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        for j in 0..base.len() {
+            let eval = |delta: f64| {
+                let mut v = base.clone();
+                v[j] += delta;
+                let mut args = inputs.to_vec();
+                args[i] = Tensor::from_vec(v, inputs[i].shape(), &Device::Cpu).unwrap();
+                scalar(&f(&args).unwrap())
+            };
+            let numeric = (eval(H) - eval(-H)) / (2.0 * H);
+            let a = analytic[j];
+            assert!(
+                (a - numeric).abs() <= 1e-7 + 1e-5 * a.abs().max(numeric.abs()),
+                "input {i} element {j}: autograd {a}, finite difference {numeric}"
+            );
+        }
+    }
+}
+
+/// The gradient of `loss` with respect to `t`, as a vector (zeros if none).
+fn grad_of(loss: &Tensor, t: &Tensor) -> Vec<f64> {
+    let g = loss.backward().unwrap();
+    match g.get(t) {
+        Some(g) => g.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        None => vec![0.0; t.elem_count()],
+    }
+}
+
+fn var(t: &Tensor) -> Tensor {
+    Var::from_tensor(t).unwrap().as_tensor().clone()
+}
+
+fn is_config_err(r: aimass::Result<impl std::fmt::Debug>, field: &str) {
+    match r {
+        Err(Error::Config { field: f, .. }) => assert_eq!(f, field),
+        other => panic!("expected a config error on {field}, got {other:?}"),
+    }
+}
+
+fn is_err(r: aimass::Result<Tensor>) {
+    assert!(r.is_err(), "expected an error, got {r:?}");
+}
+
+const TOL: f64 = 1e-10;
+
+// ------------------------------------------------------------------ classification
+
+#[test]
+fn cross_entropy_matches_torch() {
+    let c = case("cross_entropy");
+    let x = field(c, "logits");
+    let y = labels(c, "targets");
+    let w: Vec<f64> = serde_json::from_value(c["weight"].clone()).unwrap();
+    let ce = |cfg: CrossEntropyConfig, y: &Tensor| {
+        CrossEntropy::new(cfg).unwrap().forward(&x, y).unwrap()
+    };
+    close(
+        scalar(&cross_entropy(&x, &y).unwrap()),
+        num(c, "plain_mean"),
+        TOL,
+    );
+    let base = CrossEntropyConfig::default();
+    close(
+        scalar(&ce(base.clone().with_reduction(Reduction::Sum), &y)),
+        num(c, "plain_sum"),
+        TOL,
+    );
+    close_vec(
+        &ce(base.clone().with_reduction(Reduction::None), &y),
+        &c["plain_none"],
+        TOL,
+    );
+    close(
+        scalar(&ce(base.clone().with_label_smoothing(0.1), &y)),
+        num(c, "smooth_0.1"),
+        TOL,
+    );
+    let weighted = base.clone().with_weight(Some(w.clone()));
+    close(
+        scalar(&ce(weighted.clone(), &y)),
+        num(c, "weight_mean"),
+        TOL,
+    );
+    let ws = weighted.clone().with_label_smoothing(0.2);
+    close(
+        scalar(&ce(ws.clone(), &y)),
+        num(c, "weight_smooth_0.2_mean"),
+        TOL,
+    );
+    close(
+        scalar(&ce(ws.clone().with_reduction(Reduction::Sum), &y)),
+        num(c, "weight_smooth_0.2_sum"),
+        TOL,
+    );
+    close_vec(
+        &ce(ws.with_reduction(Reduction::None), &y),
+        &c["weight_smooth_0.2_none"],
+        TOL,
+    );
+    // ignore_index -100 (default) with i64 targets.
+    let yi = labels(c, "targets_ignore");
+    close(
+        scalar(&ce(base.clone().with_label_smoothing(0.1), &yi)),
+        num(c, "ignore_smooth_0.1_mean"),
+        TOL,
+    );
+    // A custom ignore index with u32 targets, weights and smoothing.
+    let y7 = labels(c, "targets_ignore7").to_dtype(DType::U32).unwrap();
+    let cfg = weighted
+        .with_label_smoothing(0.3)
+        .with_ignore_index(Some(7));
+    close(
+        scalar(&ce(cfg.clone(), &y7)),
+        num(c, "ignore7_weight_smooth_0.3_mean"),
+        TOL,
+    );
+    close_vec(
+        &ce(cfg.with_reduction(Reduction::None), &y7),
+        &c["ignore7_weight_smooth_0.3_none"],
+        TOL,
+    );
+    // f32 logits agree to f32 precision.
+    let x32 = x.to_dtype(DType::F32).unwrap();
+    close(
+        scalar(&cross_entropy(&x32, &y).unwrap()),
+        num(c, "plain_mean"),
+        1e-6,
+    );
+}
+
+#[test]
+fn cross_entropy_gradient() {
+    let c = case("cross_entropy");
+    let y7 = labels(c, "targets_ignore7");
+    let w: Vec<f64> = serde_json::from_value(c["weight"].clone()).unwrap();
+    let ce = CrossEntropy::new(
+        CrossEntropyConfig::default()
+            .with_weight(Some(w))
+            .with_label_smoothing(0.3)
+            .with_ignore_index(Some(7)),
+    )
+    .unwrap();
+    grad_check(&[field(c, "logits")], &[0], |t| ce.forward(&t[0], &y7));
+}
+
+#[test]
+fn cross_entropy_all_ignored_is_zero() {
+    let x = Tensor::new(&[[1.0f64, 2.0], [0.5, -1.0]], &Device::Cpu).unwrap();
+    let y = Tensor::new(&[-100i64, -100], &Device::Cpu).unwrap();
+    assert_eq!(scalar(&cross_entropy(&x, &y).unwrap()), 0.0);
+}
+
+#[test]
+fn bce_matches_torch_and_is_stable() {
+    let c = case("bce");
+    let x = field(c, "logits");
+    let y = field(c, "targets");
+    let pw: Vec<f64> = serde_json::from_value(c["pos_weight"].clone()).unwrap();
+    close(
+        scalar(&binary_cross_entropy_with_logits(&x, &y).unwrap()),
+        num(c, "mean"),
+        TOL,
+    );
+    let b = |cfg: BceWithLogitsConfig| BceWithLogits::new(cfg).unwrap().forward(&x, &y).unwrap();
+    close(
+        scalar(&b(
+            BceWithLogitsConfig::default().with_reduction(Reduction::Sum)
+        )),
+        num(c, "sum"),
+        TOL,
+    );
+    close_vec(
+        &b(BceWithLogitsConfig::default().with_reduction(Reduction::None)),
+        &c["none"],
+        TOL,
+    );
+    close(
+        scalar(&b(BceWithLogitsConfig::default().with_pos_weight(Some(pw)))),
+        num(c, "pos_weight_mean"),
+        TOL,
+    );
+
+    // |logit| 30..100 in f32: ours is finite and matches torch's f32 value;
+    // candle-nn's binary_cross_entropy_with_logit gives inf/NaN.
+    let x32 = x.to_dtype(DType::F32).unwrap();
+    let y32 = y.to_dtype(DType::F32).unwrap();
+    let ours = scalar(&binary_cross_entropy_with_logits(&x32, &y32).unwrap());
+    assert!(ours.is_finite());
+    close(ours, num(c, "mean_f32"), 1e-6);
+    let theirs =
+        scalar(&aimass::candle_nn::loss::binary_cross_entropy_with_logit(&x32, &y32).unwrap());
+    assert!(!theirs.is_finite(), "candle-nn gave {theirs}");
+}
+
+#[test]
+fn bce_gradient() {
+    let c = case("bce");
+    let pw: Vec<f64> = serde_json::from_value(c["pos_weight"].clone()).unwrap();
+    let y = field(c, "targets");
+    let b = BceWithLogits::new(BceWithLogitsConfig::default().with_pos_weight(Some(pw))).unwrap();
+    // Large logits included: the gradient stays exact (sigmoid saturates).
+    grad_check(&[field(c, "logits")], &[0], |t| b.forward(&t[0], &y));
+}
+
+#[test]
+fn mse_and_kl_match_torch() {
+    let c = case("mse");
+    let (x, t) = (field(c, "input"), field(c, "target"));
+    close(scalar(&mse_loss(&x, &t).unwrap()), num(c, "mean"), TOL);
+    let s = Mse::new(MseConfig::default().with_reduction(Reduction::Sum)).unwrap();
+    close(scalar(&s.forward(&x, &t).unwrap()), num(c, "sum"), TOL);
+    grad_check(&[x, t], &[0, 1], |a| mse_loss(&a[0], &a[1]));
+
+    let c = case("kl_div");
+    let (li, tp) = (field(c, "log_input"), field(c, "target"));
+    close(scalar(&kl_div(&li, &tp).unwrap()), num(c, "batchmean"), TOL);
+    let s = KlDiv::new(KlDivConfig::default().with_reduction(Reduction::Sum)).unwrap();
+    close(scalar(&s.forward(&li, &tp).unwrap()), num(c, "sum"), TOL);
+    let lt = KlDiv::new(KlDivConfig::default().with_log_target(true)).unwrap();
+    close(
+        scalar(&lt.forward(&li, &tp.log().unwrap()).unwrap()),
+        num(c, "batchmean_log_target"),
+        TOL,
+    );
+    grad_check(&[li, tp], &[0, 1], |a| kl_div(&a[0], &a[1]));
+    // Zero target probabilities contribute 0, not NaN.
+    let li = Tensor::new(&[[-0.1f64, -2.4]], &Device::Cpu).unwrap();
+    let tp = Tensor::new(&[[1.0f64, 0.0]], &Device::Cpu).unwrap();
+    close(scalar(&kl_div(&li, &tp).unwrap()), 0.1, TOL);
+}
+
+// ------------------------------------------------------------------ distillation
+
+#[test]
+fn kd_matches_repdistiller() {
+    let c = case("kd");
+    let (s, t, y) = (
+        field(c, "student"),
+        field(c, "teacher"),
+        labels(c, "labels"),
+    );
+    close(
+        scalar(&kd_loss(&s, &t, 4.0).unwrap()),
+        num(c, "soft_T4"),
+        TOL,
+    );
+    close(
+        scalar(&kd_loss(&s, &t, 1.0).unwrap()),
+        num(c, "soft_T1"),
+        TOL,
+    );
+    let kd = Kd::new(KdConfig::default()).unwrap();
+    close(
+        scalar(&kd.forward(&s, &t, &y).unwrap()),
+        num(c, "total_T4_a0.9"),
+        TOL,
+    );
+    let kd2 = Kd::new(KdConfig::default().with_temperature(2.0).with_alpha(0.5)).unwrap();
+    close(
+        scalar(&kd2.forward(&s, &t, &y).unwrap()),
+        num(c, "total_T2_a0.5"),
+        TOL,
+    );
+    grad_check(&[s.clone(), t.clone()], &[0], |a| {
+        kd.forward(&a[0], &a[1], &y)
+    });
+    // No gradient reaches the teacher.
+    let tv = var(&t);
+    let l = kd.forward(&var(&s), &tv, &y).unwrap();
+    assert!(grad_of(&l, &tv).iter().all(|g| *g == 0.0));
+}
+
+#[test]
+fn dkd_matches_mdistiller() {
+    let c = case("dkd");
+    let (s, t, y) = (
+        field(c, "student"),
+        field(c, "teacher"),
+        labels(c, "labels"),
+    );
+    close(
+        scalar(&dkd_loss(&s, &t, &y, 1.0, 8.0, 4.0).unwrap()),
+        num(c, "a1_b8_T4"),
+        TOL,
+    );
+    let d = Dkd::new(
+        DkdConfig::default()
+            .with_alpha(0.5)
+            .with_beta(2.0)
+            .with_temperature(1.0),
+    )
+    .unwrap();
+    close(
+        scalar(&d.forward(&s, &t, &y).unwrap()),
+        num(c, "a0.5_b2_T1"),
+        TOL,
+    );
+    let d = Dkd::new(DkdConfig::default()).unwrap();
+    grad_check(&[s, t], &[0], |a| d.forward(&a[0], &a[1], &y));
+}
+
+fn hint_from(cfg: HintConfig, w: &Tensor, b: &Tensor) -> Hint {
+    let ts = HashMap::from([
+        ("weight".to_string(), w.clone()),
+        ("bias".to_string(), b.clone()),
+    ]);
+    let vb = VarBuilder::from_tensors(ts, DType::F64, &Device::Cpu);
+    Hint::new(cfg, w.dim(1).unwrap(), w.dim(0).unwrap(), vb).unwrap()
+}
+
+#[test]
+fn hint_matches_torch() {
+    let c = case("hint");
+    let (s, t) = (field(c, "student_conv"), field(c, "teacher_conv"));
+    let (w, b) = (field(c, "weight_conv"), field(c, "bias_conv"));
+    let h = hint_from(HintConfig::default().with_beta(1.0), &w, &b);
+    close(
+        scalar(&h.forward(&s, &t).unwrap()),
+        num(c, "loss_conv"),
+        TOL,
+    );
+    let h100 = hint_from(HintConfig::default(), &w, &b);
+    close(
+        scalar(&h100.forward(&s, &t).unwrap()),
+        100.0 * num(c, "loss_conv"),
+        TOL,
+    );
+    grad_check(&[s, t, w, b], &[0, 2, 3], |a| {
+        hint_from(HintConfig::default().with_beta(1.0), &a[2], &a[3]).forward(&a[0], &a[1])
+    });
+
+    let (s, t) = (field(c, "student_vec"), field(c, "teacher_vec"));
+    let (w, b) = (field(c, "weight_vec"), field(c, "bias_vec"));
+    let cfg = HintConfig::default()
+        .with_regressor(HintRegressor::Linear)
+        .with_beta(1.0);
+    let h = hint_from(cfg.clone(), &w, &b);
+    close(scalar(&h.forward(&s, &t).unwrap()), num(c, "loss_vec"), TOL);
+    grad_check(&[s, t, w, b], &[0, 2, 3], |a| {
+        hint_from(cfg.clone(), &a[2], &a[3]).forward(&a[0], &a[1])
+    });
+}
+
+#[test]
+fn hint_builds_trainable_regressor() {
+    let vm = aimass::candle_nn::VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let h = Hint::new(HintConfig::default(), 3, 8, vb.pp("hint")).unwrap();
+    let names: Vec<String> = vm.data().lock().unwrap().keys().cloned().collect();
+    assert!(names.contains(&"hint.weight".to_string()) && names.contains(&"hint.bias".to_string()));
+    let s = Tensor::ones((2, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(h.regress(&s).unwrap().dims(), &[2, 8, 4, 4]);
+    // Wrong student width, wrong teacher shape, wrong rank.
+    let bad = Tensor::ones((2, 5, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    is_err(h.regress(&bad));
+    let t_bad = Tensor::ones((2, 8, 2, 2), DType::F32, &Device::Cpu).unwrap();
+    is_err(h.forward(&s, &t_bad));
+    is_err(h.regress(&Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap()));
+}
+
+#[test]
+fn attention_transfer_matches_repdistiller() {
+    let c = case("attention");
+    let (s, t, sb) = (
+        field(c, "student"),
+        field(c, "teacher"),
+        field(c, "student_big"),
+    );
+    close(
+        scalar(&attention_transfer(&s, &t).unwrap()),
+        num(c, "same_size"),
+        TOL,
+    );
+    close(
+        scalar(&attention_transfer(&sb, &t).unwrap()),
+        num(c, "pooled"),
+        TOL,
+    );
+    let at = AttentionTransfer::new(AttentionTransferConfig::default()).unwrap();
+    let total = at
+        .forward(&[s.clone(), sb.clone()], &[t.clone(), t.clone()])
+        .unwrap();
+    close(scalar(&total), num(c, "beta1000_two_pairs"), TOL);
+    grad_check(&[s, t.clone()], &[0], |a| attention_transfer(&a[0], &a[1]));
+    grad_check(&[sb, t], &[0], |a| attention_transfer(&a[0], &a[1]));
+}
+
+#[test]
+fn rkd_matches_repdistiller() {
+    let c = case("rkd");
+    let (s, t) = (field(c, "student"), field(c, "teacher"));
+    close(
+        scalar(&rkd_distance(&s, &t).unwrap()),
+        num(c, "distance"),
+        TOL,
+    );
+    close(scalar(&rkd_angle(&s, &t).unwrap()), num(c, "angle"), TOL);
+    let rkd = Rkd::new(RkdConfig::default()).unwrap();
+    close(
+        scalar(&rkd.forward(&s, &t).unwrap()),
+        num(c, "total_25_50"),
+        TOL,
+    );
+    grad_check(&[s, t], &[0], |a| rkd.forward(&a[0], &a[1]));
+}
+
+#[test]
+fn rkd_handles_coincident_points() {
+    // Two identical student rows: distance clamped, zero directions, finite gradient.
+    let s = Tensor::new(&[[1.0f64, 2.0], [1.0, 2.0], [0.0, -1.0]], &Device::Cpu).unwrap();
+    let t = Tensor::new(&[[0.5f64, 2.0], [1.0, 0.0], [0.0, -1.0]], &Device::Cpu).unwrap();
+    let sv = var(&s);
+    let l = Rkd::new(RkdConfig::default())
+        .unwrap()
+        .forward(&sv, &t)
+        .unwrap();
+    assert!(scalar(&l).is_finite());
+    assert!(grad_of(&l, &sv).iter().all(|g| g.is_finite()));
+}
+
+// ------------------------------------------------------------------ self-supervised
+
+#[test]
+fn nt_xent_matches_lightly() {
+    let c = case("nt_xent");
+    let (z1, z2) = (field(c, "z1"), field(c, "z2"));
+    close(
+        scalar(&nt_xent(&z1, &z2, 0.5).unwrap()),
+        num(c, "t0.5"),
+        TOL,
+    );
+    close(
+        scalar(&nt_xent(&z1, &z2, 0.1).unwrap()),
+        num(c, "t0.1"),
+        TOL,
+    );
+    let (a, b) = (z1.narrow(0, 0, 2).unwrap(), z2.narrow(0, 0, 2).unwrap());
+    close(
+        scalar(&nt_xent(&a, &b, 1.0).unwrap()),
+        num(c, "t1.0_batch2"),
+        TOL,
+    );
+    // Symmetric in the views.
+    close(
+        scalar(&nt_xent(&z2, &z1, 0.5).unwrap()),
+        num(c, "t0.5"),
+        TOL,
+    );
+    grad_check(&[z1, z2], &[0, 1], |a| nt_xent(&a[0], &a[1], 0.5));
+}
+
+#[test]
+fn info_nce_matches_moco() {
+    let c = case("info_nce");
+    let (q, k, queue) = (field(c, "q"), field(c, "k"), field(c, "queue"));
+    close(
+        scalar(&info_nce(&q, &k, Some(&queue), 0.2).unwrap()),
+        num(c, "queue_t0.2"),
+        TOL,
+    );
+    close(
+        scalar(&info_nce(&q, &k, Some(&queue), 0.07).unwrap()),
+        num(c, "queue_t0.07"),
+        TOL,
+    );
+    close(
+        scalar(&info_nce(&q, &k, None, 0.2).unwrap()),
+        num(c, "batch_t0.2"),
+        TOL,
+    );
+    grad_check(&[q.clone(), k.clone(), queue.clone()], &[0], |a| {
+        info_nce(&a[0], &a[1], Some(&a[2]), 0.2)
+    });
+    let both = InfoNce::new(InfoNceConfig::default().with_detach_keys(false)).unwrap();
+    grad_check(&[q.clone(), k.clone()], &[0, 1], |a| {
+        both.forward(&a[0], &a[1], None)
+    });
+    // Keys and queue are detached by default.
+    let (kv, qv) = (var(&k), var(&queue));
+    let l = info_nce(&var(&q), &kv, Some(&qv), 0.2).unwrap();
+    let g = l.backward().unwrap();
+    assert!(g.get(&kv).is_none() && g.get(&qv).is_none());
+}
+
+#[test]
+fn byol_matches_paper() {
+    let c = case("byol");
+    let (p1, p2, z1, z2) = (
+        field(c, "p1"),
+        field(c, "p2"),
+        field(c, "z1"),
+        field(c, "z2"),
+    );
+    close(scalar(&byol_loss(&p1, &z2).unwrap()), num(c, "single"), TOL);
+    let b = ByolLoss::new(ByolLossConfig::default()).unwrap();
+    close(
+        scalar(&b.forward_symmetric(&p1, &p2, &z1, &z2).unwrap()),
+        num(c, "symmetric"),
+        TOL,
+    );
+    grad_check(&[p1.clone(), z2.clone()], &[0], |a| byol_loss(&a[0], &a[1]));
+    let zv = var(&z2);
+    let l = byol_loss(&var(&p1), &zv).unwrap();
+    assert!(
+        grad_of(&l, &zv).iter().all(|g| *g == 0.0),
+        "target must get no gradient"
+    );
+}
+
+#[test]
+fn simsiam_matches_paper_with_stop_gradient() {
+    let c = case("simsiam");
+    let (p1, p2, z1, z2) = (
+        field(c, "p1"),
+        field(c, "p2"),
+        field(c, "z1"),
+        field(c, "z2"),
+    );
+    close(
+        scalar(&negative_cosine(&p1, &z2).unwrap()),
+        num(c, "single"),
+        TOL,
+    );
+    let s = SimSiamLoss::new(SimSiamLossConfig::default()).unwrap();
+    close(
+        scalar(&s.forward_symmetric(&p1, &p2, &z1, &z2).unwrap()),
+        num(c, "symmetric"),
+        TOL,
+    );
+    grad_check(&[p1.clone(), z2.clone()], &[0], |a| {
+        negative_cosine(&a[0], &a[1])
+    });
+    let zv = var(&z2);
+    let l = negative_cosine(&var(&p1), &zv).unwrap();
+    assert!(
+        grad_of(&l, &zv).iter().all(|g| *g == 0.0),
+        "stop-gradient on z"
+    );
+}
+
+#[test]
+fn barlow_twins_matches_authors() {
+    let c = case("barlow");
+    let (z1, z2) = (field(c, "z1"), field(c, "z2"));
+    close(
+        scalar(&barlow_twins(&z1, &z2, 5e-3).unwrap()),
+        num(c, "lambda_5e-3"),
+        TOL,
+    );
+    let b = BarlowTwins::new(BarlowTwinsConfig::default().with_lambda(0.1)).unwrap();
+    close(
+        scalar(&b.forward(&z1, &z2).unwrap()),
+        num(c, "lambda_0.1"),
+        TOL,
+    );
+    grad_check(&[z1, z2], &[0, 1], |a| b.forward(&a[0], &a[1]));
+}
+
+#[test]
+fn vicreg_matches_authors() {
+    let c = case("vicreg");
+    let (x, y) = (field(c, "z1"), field(c, "z2"));
+    close(
+        scalar(&vicreg(&x, &y).unwrap()),
+        num(c, "total_25_25_1"),
+        TOL,
+    );
+    let terms = VicReg::new(VicRegConfig::default())
+        .unwrap()
+        .terms(&x, &y)
+        .unwrap();
+    close(scalar(&terms.invariance), num(c, "invariance"), TOL);
+    close(scalar(&terms.variance), num(c, "variance"), TOL);
+    close(scalar(&terms.covariance), num(c, "covariance"), TOL);
+    let v = VicReg::new(
+        VicRegConfig::default()
+            .with_sim_coeff(10.0)
+            .with_std_coeff(5.0)
+            .with_cov_coeff(2.0),
+    )
+    .unwrap();
+    close(
+        scalar(&v.forward(&x, &y).unwrap()),
+        num(c, "total_10_5_2"),
+        TOL,
+    );
+    grad_check(&[x, y], &[0, 1], |a| vicreg(&a[0], &a[1]));
+}
+
+// ------------------------------------------------------------------ bad input
+
+#[test]
+fn bad_configs_are_rejected() {
+    is_config_err(
+        NtXent::new(NtXentConfig::default().with_temperature(0.0)),
+        "NtXentConfig::temperature",
+    );
+    is_config_err(
+        NtXent::new(NtXentConfig::default().with_temperature(-0.5)),
+        "NtXentConfig::temperature",
+    );
+    is_config_err(
+        InfoNce::new(InfoNceConfig::default().with_temperature(f64::NAN)),
+        "InfoNceConfig::temperature",
+    );
+    is_config_err(
+        Kd::new(KdConfig::default().with_temperature(0.0)),
+        "KdConfig::temperature",
+    );
+    is_config_err(
+        Kd::new(KdConfig::default().with_alpha(1.5)),
+        "KdConfig::alpha",
+    );
+    is_config_err(
+        Dkd::new(DkdConfig::default().with_beta(-1.0)),
+        "DkdConfig::beta",
+    );
+    is_config_err(
+        CrossEntropy::new(CrossEntropyConfig::default().with_label_smoothing(1.1)),
+        "CrossEntropyConfig::label_smoothing",
+    );
+    is_config_err(
+        CrossEntropy::new(CrossEntropyConfig::default().with_weight(Some(vec![1.0, -1.0]))),
+        "CrossEntropyConfig::weight",
+    );
+    is_config_err(
+        BceWithLogits::new(BceWithLogitsConfig::default().with_pos_weight(Some(vec![]))),
+        "BceWithLogitsConfig::pos_weight",
+    );
+    is_config_err(
+        BarlowTwins::new(BarlowTwinsConfig::default().with_lambda(-1.0)),
+        "BarlowTwinsConfig::lambda",
+    );
+    is_config_err(
+        VicReg::new(VicRegConfig::default().with_eps(0.0)),
+        "VicRegConfig::eps",
+    );
+    is_config_err(
+        AttentionTransfer::new(AttentionTransferConfig::default().with_p(0.0)),
+        "AttentionTransferConfig::p",
+    );
+    is_config_err(
+        Rkd::new(RkdConfig::default().with_angle_weight(f64::INFINITY)),
+        "RkdConfig::angle_weight",
+    );
+    // The function forms validate too.
+    let z = Tensor::ones((3, 2), DType::F32, &Device::Cpu).unwrap();
+    is_err(nt_xent(&z, &z, 0.0));
+    is_err(kd_loss(&z, &z, -1.0));
+}
+
+#[test]
+fn bad_inputs_are_rejected() {
+    let dev = Device::Cpu;
+    let z = |n: usize, d: usize| Tensor::ones((n, d), DType::F32, &dev).unwrap();
+    // Empty batch.
+    for r in [
+        nt_xent(&z(0, 4), &z(0, 4), 0.5),
+        byol_loss(&z(0, 4), &z(0, 4)),
+        negative_cosine(&z(0, 4), &z(0, 4)),
+        barlow_twins(&z(0, 4), &z(0, 4), 5e-3),
+        vicreg(&z(0, 4), &z(0, 4)),
+        mse_loss(&z(0, 4), &z(0, 4)),
+        binary_cross_entropy_with_logits(&z(0, 4), &z(0, 4)),
+        kd_loss(&z(0, 4), &z(0, 4), 4.0),
+    ] {
+        is_err(r);
+    }
+    // A batch of one for losses that need pairs.
+    for r in [
+        nt_xent(&z(1, 4), &z(1, 4), 0.5),
+        info_nce(&z(1, 4), &z(1, 4), None, 0.2),
+        barlow_twins(&z(1, 4), &z(1, 4), 5e-3),
+        vicreg(&z(1, 4), &z(1, 4)),
+        rkd_distance(&z(1, 4), &z(1, 4)),
+    ] {
+        is_err(r);
+    }
+    // ... but MoCo with a queue has its negatives.
+    assert!(info_nce(&z(1, 4), &z(1, 4), Some(&z(3, 4)), 0.2).is_ok());
+    // Mismatched shapes.
+    for r in [
+        nt_xent(&z(4, 4), &z(4, 3), 0.5),
+        nt_xent(&z(4, 4), &z(3, 4), 0.5),
+        info_nce(&z(4, 4), &z(4, 4), Some(&z(5, 3)), 0.2),
+        byol_loss(&z(4, 4), &z(4, 3)),
+        negative_cosine(&z(4, 4), &z(2, 4)),
+        barlow_twins(&z(4, 4), &z(4, 5), 5e-3),
+        vicreg(&z(4, 4), &z(3, 4)),
+        mse_loss(&z(4, 4), &z(4, 1)),
+        binary_cross_entropy_with_logits(&z(4, 4), &z(4, 1)),
+        kd_loss(&z(4, 4), &z(4, 5), 4.0),
+        kl_div(&z(4, 4), &z(4, 5)),
+        rkd_angle(&z(4, 4), &z(3, 4)),
+        nt_xent(
+            &Tensor::ones(4, DType::F32, &dev).unwrap(),
+            &Tensor::ones(4, DType::F32, &dev).unwrap(),
+            0.5,
+        ),
+    ] {
+        is_err(r);
+    }
+    // Cross-entropy: labels out of range, wrong length, wrong dtype, weights of wrong length.
+    let logits = z(3, 4);
+    is_err(cross_entropy(
+        &logits,
+        &Tensor::new(&[0u32, 4, 1], &dev).unwrap(),
+    ));
+    is_err(cross_entropy(
+        &logits,
+        &Tensor::new(&[0i64, -3, 1], &dev).unwrap(),
+    ));
+    is_err(cross_entropy(
+        &logits,
+        &Tensor::new(&[0u32, 1], &dev).unwrap(),
+    ));
+    is_err(cross_entropy(
+        &logits,
+        &Tensor::new(&[0f32, 1., 2.], &dev).unwrap(),
+    ));
+    let w =
+        CrossEntropy::new(CrossEntropyConfig::default().with_weight(Some(vec![1.0; 3]))).unwrap();
+    is_err(w.forward(&logits, &Tensor::new(&[0u32, 1, 2], &dev).unwrap()));
+    is_err(Kd::new(KdConfig::default()).unwrap().forward(
+        &logits,
+        &logits,
+        &Tensor::new(&[0u32, 9, 1], &dev).unwrap(),
+    ));
+    is_err(dkd_loss(
+        &logits,
+        &logits,
+        &Tensor::new(&[0u32, 9, 1], &dev).unwrap(),
+        1.0,
+        8.0,
+        4.0,
+    ));
+    // Attention transfer: non-integer size ratio, rank, batch mismatch.
+    let fm = |n: usize, h: usize| Tensor::ones((n, 2, h, h), DType::F32, &dev).unwrap();
+    is_err(attention_transfer(&fm(2, 6), &fm(2, 4)));
+    is_err(attention_transfer(&fm(2, 4), &fm(3, 4)));
+    is_err(attention_transfer(&z(2, 4), &z(2, 4)));
+    let at = AttentionTransfer::new(AttentionTransferConfig::default()).unwrap();
+    is_err(at.forward(&[fm(2, 4)], &[]));
+}
+
+#[test]
+fn f32_inputs_work_everywhere() {
+    // Every loss runs in f32 and gives what the f64 fixture gives, to f32 precision.
+    let c = case("nt_xent");
+    let f = |k: &str| field(c, k).to_dtype(DType::F32).unwrap();
+    close(
+        scalar(&nt_xent(&f("z1"), &f("z2"), 0.5).unwrap()),
+        num(c, "t0.5"),
+        1e-5,
+    );
+    let c = case("barlow");
+    let f = |k: &str| field(c, k).to_dtype(DType::F32).unwrap();
+    close(
+        scalar(&barlow_twins(&f("z1"), &f("z2"), 5e-3).unwrap()),
+        num(c, "lambda_5e-3"),
+        1e-4,
+    );
+    let c = case("rkd");
+    let f = |k: &str| field(c, k).to_dtype(DType::F32).unwrap();
+    close(
+        scalar(
+            &Rkd::new(RkdConfig::default())
+                .unwrap()
+                .forward(&f("student"), &f("teacher"))
+                .unwrap(),
+        ),
+        num(c, "total_25_50"),
+        1e-5,
+    );
+}
+
+#[test]
+fn key_queue_is_a_fifo_that_wraps() {
+    let dev = Device::Cpu;
+    let init = Tensor::new(&[[1.0f64, 0.0], [1.0, 0.0], [1.0, 0.0]], &dev).unwrap();
+    let mut q = KeyQueue::new(&init).unwrap();
+    // Pushed keys are normalised: [0, 2] -> [0, 1], [3, 4] -> [0.6, 0.8].
+    q.push(&Tensor::new(&[[0.0f64, 2.0], [3.0, 4.0]], &dev).unwrap())
+        .unwrap();
+    assert_eq!(q.pointer(), 2);
+    q.push(&Tensor::new(&[[-1.0f64, 0.0], [0.0, -5.0]], &dev).unwrap())
+        .unwrap();
+    assert_eq!(q.pointer(), 1);
+    let got = q.keys().to_vec2::<f64>().unwrap();
+    assert_eq!(got, vec![vec![0.0, -1.0], vec![0.6, 0.8], vec![-1.0, 0.0]]);
+    assert!(q
+        .push(&Tensor::ones((4, 2), DType::F64, &dev).unwrap())
+        .is_err());
+    assert!(q
+        .push(&Tensor::ones((1, 3), DType::F64, &dev).unwrap())
+        .is_err());
+    // Seeded random queues are reproducible and unit-norm.
+    let mk = || {
+        let mut r = aimass::device::rng(7);
+        KeyQueue::random(16, 4, &mut r, DType::F32, &dev).unwrap()
+    };
+    let (a, b) = (mk(), mk());
+    assert_eq!(
+        a.keys().to_vec2::<f32>().unwrap(),
+        b.keys().to_vec2::<f32>().unwrap()
+    );
+    let norms = a
+        .keys()
+        .sqr()
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-5));
+    assert!(info_nce(
+        &Tensor::ones((2, 4), DType::F32, &dev).unwrap(),
+        &Tensor::ones((2, 4), DType::F32, &dev).unwrap(),
+        Some(a.keys()),
+        0.2
+    )
+    .is_ok());
+}

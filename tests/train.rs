@@ -1,0 +1,351 @@
+//! The training loop: exact resume, checkpoint failures that change nothing,
+//! the non-finite guard, callbacks.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use aimass::candle::{DType, Device};
+use aimass::data::{DataLoader, DataLoaderConfig, InMemoryDataset};
+use aimass::nn::{init::seeded_var_builder, seq, Mlp, MlpConfig, SequentialT};
+use aimass::optim::{CosineAnnealingLr, Sgd, SgdConfig};
+use aimass::train::{
+    Callback, Checkpoint, Classifier, ClassifierConfig, Control, EarlyStopping, EpochInfo, Fit,
+    FitConfig, MonitorMode, NonFinitePolicy, TrainingState,
+};
+use aimass::Error;
+use rand::Rng;
+
+type Clf = Classifier<SequentialT, Sgd>;
+
+/// 96 random 1×8×8 images with 3 classes (brightest third of the image).
+fn dataset(seed: u64) -> InMemoryDataset {
+    let mut r = aimass::device::rng(seed);
+    let mut px = Vec::new();
+    let mut y = Vec::new();
+    for i in 0..96 {
+        let c = i % 3;
+        for p in 0..64 {
+            let bright = (p / 22) as u32 == c;
+            px.push(if bright {
+                r.random_range(150..255)
+            } else {
+                r.random_range(0..100)
+            });
+        }
+        y.push(c);
+    }
+    InMemoryDataset::new(px, y, (1, 8, 8)).unwrap()
+}
+
+/// A loader with random augmentation (pad-crop-flip), so resume must also
+/// restore the augmentation randomness.
+fn loader(seed: u64) -> DataLoader {
+    let aug = aimass::data::augment::Compose::new()
+        .then(
+            aimass::data::augment::RandomCrop::new(
+                aimass::data::augment::RandomCropConfig::default()
+                    .with_size(8, 8)
+                    .with_padding(2),
+            )
+            .unwrap(),
+        )
+        .then(aimass::data::augment::HorizontalFlip::new(0.5).unwrap());
+    DataLoader::new(
+        dataset(1),
+        DataLoaderConfig::default()
+            .with_batch_size(16)
+            .with_seed(seed)
+            .with_prefetch(1),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .with_transform(aug)
+}
+
+fn classifier(width: usize, policy: NonFinitePolicy) -> Clf {
+    let varmap = aimass::candle_nn::VarMap::new();
+    let vb = seeded_var_builder(&varmap, 7, DType::F32, &Device::Cpu);
+    let mlp = Mlp::new(MlpConfig::new(vec![64, width, 3]).with_batch_norm(true), vb).unwrap();
+    let model = seq().add_fn(|x, _| x.flatten_from(1)).add(mlp);
+    let opt = Sgd::from_varmap(
+        SgdConfig::default()
+            .with_lr(0.1)
+            .with_momentum(0.9)
+            .with_nesterov(true)
+            .with_weight_decay(1e-3),
+        &varmap,
+    )
+    .unwrap();
+    Classifier::new(
+        model,
+        varmap,
+        opt,
+        ClassifierConfig::default()
+            .with_label_smoothing(0.1)
+            .with_non_finite(policy),
+    )
+    .unwrap()
+}
+
+fn weights(c: &Clf) -> BTreeMap<String, Vec<f32>> {
+    c.varmap()
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("aimass-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(clf: &mut Clf, data: &mut DataLoader, until: u64, ckpt: Option<&Checkpoint>) -> Checkpoint {
+    // 6 batches per epoch, 3 epochs = 18 steps; the schedule spans the run.
+    let mut fit = Fit::new(
+        clf,
+        data,
+        FitConfig::default()
+            .with_epochs(3)
+            .with_max_steps(Some(until)),
+    )
+    .unwrap()
+    .with_schedule(CosineAnnealingLr::new(0.1, 18, 0.0).unwrap());
+    if let Some(c) = ckpt {
+        fit.resume(c).unwrap();
+    }
+    fit.run().unwrap();
+    fit.checkpoint().unwrap()
+}
+
+#[test]
+fn resume_is_bit_identical() {
+    let dir = tmp("resume");
+    // Reference: 14 uninterrupted steps (crosses an epoch boundary mid-way).
+    let mut a = classifier(16, NonFinitePolicy::Error);
+    let mut la = loader(3);
+    run(&mut a, &mut la, 14, None);
+
+    // 7 steps (mid-epoch), save to disk, load into fresh objects, 7 more.
+    let mut b = classifier(16, NonFinitePolicy::Error);
+    let mut lb = loader(3);
+    let c = run(&mut b, &mut lb, 7, None);
+    c.save(dir.join("mid.safetensors")).unwrap();
+    let loaded = Checkpoint::load(dir.join("mid.safetensors"), &Device::Cpu).unwrap();
+    let mut b2 = classifier(16, NonFinitePolicy::Error);
+    let mut lb2 = loader(3);
+    let end = run(&mut b2, &mut lb2, 14, Some(&loaded));
+
+    assert_eq!(end.meta("step"), Some("14"));
+    assert!(
+        weights(&a) == weights(&b2),
+        "resumed weights differ from the uninterrupted run"
+    );
+    assert!(
+        weights(&a) != weights(&classifier(16, NonFinitePolicy::Error)),
+        "training changed nothing"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_checkpoints_change_nothing() {
+    let dir = tmp("bad");
+    let mut a = classifier(16, NonFinitePolicy::Error);
+    let mut la = loader(3);
+    let good = run(&mut a, &mut la, 4, None);
+    let path = dir.join("c.safetensors");
+    good.save(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+
+    let mut fresh = classifier(16, NonFinitePolicy::Error);
+    let before = weights(&fresh);
+    // Truncated and corrupt files fail to load at all.
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(matches!(
+        Checkpoint::load(&path, &Device::Cpu),
+        Err(Error::Malformed { .. })
+    ));
+    let mut flipped = bytes.clone();
+    let n = flipped.len();
+    flipped[n - 5] ^= 1;
+    std::fs::write(&path, &flipped).unwrap();
+    assert!(Checkpoint::load(&path, &Device::Cpu)
+        .unwrap_err()
+        .to_string()
+        .contains("corrupt"));
+
+    // A checkpoint of another model (wider hidden layer): an error naming
+    // the tensor, and neither weights nor optimizer nor data position move.
+    let mut wide = classifier(32, NonFinitePolicy::Error);
+    let mut lw = loader(3);
+    let other = run(&mut wide, &mut lw, 2, None);
+    let mut l = loader(3);
+    let mut fit = Fit::new(&mut fresh, &mut l, FitConfig::default()).unwrap();
+    let e = fit.resume(&other).unwrap_err();
+    assert!(e.to_string().contains("model/0."), "{e}");
+    assert_eq!(fit.step(), 0);
+    // A checkpoint of another kind of trainer.
+    let mut foreign = Checkpoint::new("byol");
+    foreign.set_meta("step", 1);
+    assert!(fit
+        .resume(&foreign)
+        .unwrap_err()
+        .to_string()
+        .contains("byol"));
+    // Another data seed.
+    let mut l9 = loader(9);
+    let mut fresh2 = classifier(16, NonFinitePolicy::Error);
+    let mut fit9 = Fit::new(&mut fresh2, &mut l9, FitConfig::default()).unwrap();
+    assert!(fit9.resume(&good).is_err());
+    drop(fit);
+    assert!(
+        weights(&fresh) == before,
+        "a failed resume changed the weights"
+    );
+    assert_eq!(aimass::optim::Optimizer::step_count(fresh.optimizer()), 0);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn plain_loader() -> DataLoader {
+    DataLoader::new(
+        dataset(1),
+        DataLoaderConfig::default()
+            .with_batch_size(16)
+            .with_prefetch(0),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+#[test]
+fn non_finite_policies() {
+    use aimass::data::Batch;
+    use aimass::train::TrainStep;
+    let l = plain_loader();
+    let good = l.batch_at(0, 0).unwrap();
+    let bad = Batch {
+        views: vec![(good.images().unwrap() * f64::NAN).unwrap()],
+        ..good.clone()
+    };
+
+    // Default policy: a typed error, weights untouched.
+    let mut c = classifier(16, NonFinitePolicy::Error);
+    let before = weights(&c);
+    let e = c.train_step(&bad, 5).unwrap_err();
+    assert!(matches!(e, Error::NonFinite { step: Some(5), .. }), "{e}");
+    assert!(
+        weights(&c) == before,
+        "a rejected step changed the weights or BatchNorm statistics"
+    );
+
+    // Skip policy: the step is skipped and counted, then the limit is an error.
+    let mut c = classifier(16, NonFinitePolicy::Skip { max_skips: 1 });
+    let out = c.train_step(&bad, 0).unwrap();
+    assert!(out.skipped);
+    assert!(
+        weights(&c) == before,
+        "a rejected step changed the weights or BatchNorm statistics"
+    );
+    assert!(c.train_step(&good, 1).is_ok());
+    assert!(c.train_step(&bad, 2).is_err());
+    assert_eq!(c.skipped_steps(), 1);
+    // Every weight of the guarded run is finite, so are its checkpoints.
+    let mut ck = Checkpoint::new("classifier");
+    c.save_state(&mut ck).unwrap();
+    for (name, t) in ck.tensors() {
+        let s = t
+            .to_dtype(DType::F64)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(s.is_finite(), "{name} is not finite");
+    }
+}
+
+#[derive(Default)]
+struct Recorder {
+    epochs: Vec<usize>,
+    steps: u64,
+    ended: bool,
+}
+
+impl Callback for &mut Recorder {
+    fn on_step(&mut self, info: &aimass::train::StepInfo<'_>) -> aimass::Result<Control> {
+        assert!(info.loss.is_finite() && info.lr > 0.0);
+        self.steps += 1;
+        Ok(Control::Continue)
+    }
+    fn on_epoch_end(
+        &mut self,
+        info: &EpochInfo<'_>,
+        state: &dyn TrainingState,
+    ) -> aimass::Result<Control> {
+        assert!(info.metrics.contains_key("train_acc"));
+        assert_eq!(state.checkpoint()?.meta_parse::<u64>("step")?, info.step);
+        self.epochs.push(info.epoch);
+        Ok(Control::Continue)
+    }
+    fn on_end(&mut self, _state: &dyn TrainingState) -> aimass::Result<()> {
+        self.ended = true;
+        Ok(())
+    }
+}
+
+#[test]
+fn callbacks_evaluation_and_early_stopping() {
+    let mut c = classifier(16, NonFinitePolicy::Error);
+    let mut l = loader(4);
+    let eval_loader = DataLoader::new(
+        dataset(1),
+        DataLoaderConfig::default().with_shuffle(false),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut rec = Recorder::default();
+    let summary = Fit::new(&mut c, &mut l, FitConfig::default().with_epochs(4))
+        .unwrap()
+        .with_callback(&mut rec)
+        .with_evaluator(|t: &mut Clf, _| {
+            Ok(BTreeMap::from([(
+                "train_acc".to_string(),
+                aimass::train::evaluate_accuracy(t.model(), &eval_loader)?,
+            )]))
+        })
+        .run()
+        .unwrap();
+    assert_eq!(rec.epochs, vec![1, 2, 3, 4]);
+    assert_eq!(rec.steps, 24);
+    assert!(rec.ended);
+    assert_eq!(summary.steps, 24);
+    assert!(summary.metrics["train_acc"] > 0.9, "{summary:?}");
+
+    // Early stopping on a metric that never improves stops after patience + 1 epochs.
+    let mut c = classifier(16, NonFinitePolicy::Error);
+    let mut l = loader(4);
+    let s = Fit::new(&mut c, &mut l, FitConfig::default().with_epochs(10))
+        .unwrap()
+        .with_evaluator(|_: &mut Clf, _| Ok(BTreeMap::from([("flat".to_string(), 1.0)])))
+        .with_callback(EarlyStopping::new("flat", MonitorMode::Max, 1, 0.0).unwrap())
+        .run()
+        .unwrap();
+    assert_eq!(s.epochs, 3);
+    assert!(s.stopped_early);
+}
