@@ -847,3 +847,17 @@ fn fused_conv_relu_and_relu_match_references_and_finite_differences() {
         assert_eq!(flat(g.get(&cv).unwrap()), want);
     }
 }
+
+#[test]
+fn empty_batches_give_empty_outputs_and_gradients() {
+    let x = Var::from_tensor(&Tensor::zeros((0, 3, 6, 6), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::ones((4, 3, 3, 3), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::ones(4, DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let y = kernels::conv2d(&x, &w, Some(&b), (2, 2), (1, 1), (1, 1), 1).unwrap();
+    assert_eq!(y.dims(), &[0, 4, 3, 3]);
+    let p = kernels::max_pool2d(&y, (2, 2), (1, 1), (0, 0)).unwrap();
+    assert_eq!(p.dims(), &[0, 4, 2, 2]);
+    let g = p.sum_all().unwrap().backward().unwrap();
+    assert_eq!(flat(g.get(&w).unwrap()), vec![0.0; 4 * 27]);
+    assert_eq!(flat(g.get(&b).unwrap()), vec![0.0; 4]);
+}
