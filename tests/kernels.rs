@@ -850,8 +850,10 @@ fn fused_conv_relu_and_relu_match_references_and_finite_differences() {
 
 #[test]
 fn empty_batches_give_empty_outputs_and_gradients() {
-    let x = Var::from_tensor(&Tensor::zeros((0, 3, 6, 6), DType::F32, &Device::Cpu).unwrap()).unwrap();
-    let w = Var::from_tensor(&Tensor::ones((4, 3, 3, 3), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let x =
+        Var::from_tensor(&Tensor::zeros((0, 3, 6, 6), DType::F32, &Device::Cpu).unwrap()).unwrap();
+    let w =
+        Var::from_tensor(&Tensor::ones((4, 3, 3, 3), DType::F32, &Device::Cpu).unwrap()).unwrap();
     let b = Var::from_tensor(&Tensor::ones(4, DType::F32, &Device::Cpu).unwrap()).unwrap();
     let y = kernels::conv2d(&x, &w, Some(&b), (2, 2), (1, 1), (1, 1), 1).unwrap();
     assert_eq!(y.dims(), &[0, 4, 3, 3]);
@@ -860,4 +862,16 @@ fn empty_batches_give_empty_outputs_and_gradients() {
     let g = p.sum_all().unwrap().backward().unwrap();
     assert_eq!(flat(g.get(&w).unwrap()), vec![0.0; 4 * 27]);
     assert_eq!(flat(g.get(&b).unwrap()), vec![0.0; 4]);
+}
+
+#[test]
+fn huge_arguments_are_errors_not_overflows() {
+    let x = Tensor::zeros((1, 1, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::zeros((1, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    let big = usize::MAX / 2 + 1;
+    assert!(kernels::max_pool2d(&x, (2, 2), (1, 1), (big, 0)).is_err());
+    assert!(kernels::avg_pool2d(&x, (big, 2), (1, 1), (0, 0)).is_err());
+    assert!(kernels::conv2d(&x, &w, None, (1, 1), (big, 0), (1, 1), 1).is_err());
+    assert!(kernels::conv2d(&x, &w, None, (1, 1), (0, 0), (big, 1), 1).is_err());
+    assert!(kernels::conv2d(&x, &w, None, (big, 1), (0, 0), (1, 1), 1).is_ok());
 }

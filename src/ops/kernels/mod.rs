@@ -248,7 +248,7 @@ fn pool_params(
     check_supported(op, &[x])?;
     check_pair(op, "kernel", kernel, 1)?;
     check_pair(op, "stride", stride, 1)?;
-    if 2 * padding.0 > kernel.0 || 2 * padding.1 > kernel.1 {
+    if padding.0 > kernel.0 / 2 || padding.1 > kernel.1 / 2 {
         return Err(Error::invalid(
             op,
             format!("padding {padding:?} must be at most half the kernel {kernel:?}"),

@@ -56,7 +56,7 @@ impl PoolGeom {
         if h == 0 || w == 0 {
             candle_core::bail!("pool2d: empty input plane {h}x{w}");
         }
-        if 2 * ph > kh || 2 * pw > kw {
+        if ph > kh / 2 || pw > kw / 2 {
             candle_core::bail!(
                 "pool2d: padding {:?} must be at most half the kernel {:?}",
                 p.padding,
