@@ -9,6 +9,8 @@ pub(crate) trait Elem: WithDType + Default {
     /// `self` where `y > 0`, else 0, without a branch (bit mask), so that
     /// loops over it vectorise.
     fn gate(self, y: Self) -> Self;
+    /// `if take { a } else { b }` without a branch (bit mask).
+    fn pick(take: bool, a: Self, b: Self) -> Self;
 }
 
 impl Elem for f32 {
@@ -16,12 +18,22 @@ impl Elem for f32 {
     fn gate(self, y: f32) -> f32 {
         f32::from_bits(self.to_bits() & ((y > 0.0) as u32).wrapping_neg())
     }
+    #[inline(always)]
+    fn pick(take: bool, a: f32, b: f32) -> f32 {
+        let m = (take as u32).wrapping_neg();
+        f32::from_bits((a.to_bits() & m) | (b.to_bits() & !m))
+    }
 }
 
 impl Elem for f64 {
     #[inline(always)]
     fn gate(self, y: f64) -> f64 {
         f64::from_bits(self.to_bits() & ((y > 0.0) as u64).wrapping_neg())
+    }
+    #[inline(always)]
+    fn pick(take: bool, a: f64, b: f64) -> f64 {
+        let m = (take as u64).wrapping_neg();
+        f64::from_bits((a.to_bits() & m) | (b.to_bits() & !m))
     }
 }
 

@@ -127,7 +127,7 @@ impl PoolGeom {
                         let take = (v > bv) | (v != v);
                         let mask = (take as usize).wrapping_neg();
                         best ^= (best ^ (base + j)) & mask;
-                        bv = if take { v } else { bv };
+                        bv = T::pick(take, v, bv);
                     }
                 }
                 f(oi * self.ow + oj, best);
