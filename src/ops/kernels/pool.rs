@@ -10,6 +10,8 @@
 //! is linear: `AvgPoolOp` and its transpose `AvgPoolTOp` are each other's
 //! backward.
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -215,6 +217,23 @@ impl PoolGeom {
         y
     }
 
+    /// Values and plane-local argmax indices of every window.
+    fn max_fwd_idx<T: Elem>(&self, x: &[T]) -> (Vec<T>, Vec<u32>) {
+        let n = self.planes * self.out_plane();
+        let (mut y, mut idx) = (vec![T::zero(); n], vec![0u32; n]);
+        y.par_chunks_mut(self.out_plane().max(1))
+            .zip(idx.par_chunks_mut(self.out_plane().max(1)))
+            .zip(x.par_chunks(self.in_plane().max(1)))
+            .with_min_len(self.min_planes())
+            .for_each(|((yp, ip), xp)| {
+                self.argmax_plane(xp, |o, i| {
+                    yp[o] = xp[i];
+                    ip[o] = i as u32;
+                })
+            });
+        (y, idx)
+    }
+
     fn max_gather<T: Elem>(&self, x: &[T], v: &[T]) -> Vec<T> {
         let mut y = vec![T::zero(); self.planes * self.out_plane()];
         y.par_chunks_mut(self.out_plane().max(1))
@@ -327,6 +346,146 @@ pub(crate) struct AvgPoolOp(pub PoolParams);
 pub(crate) struct AvgPoolTOp {
     pub p: PoolParams,
     pub in_hw: (usize, usize),
+}
+
+/// Max pooling forward that keeps each window's argmax for the backward
+/// (used when `x` needs a gradient).
+pub(crate) struct MaxPoolIdxOp {
+    pub p: PoolParams,
+    pub idx: Arc<Mutex<Option<Arc<Vec<u32>>>>>,
+}
+
+/// `dx[plane, idx[o]] += g[plane, o]` with fixed indices (linear in `g`).
+pub(crate) struct IdxScatterOp {
+    g: PoolGeom,
+    idx: Arc<Vec<u32>>,
+}
+
+/// `y[plane, o] = v[plane, idx[o]]` with fixed indices (linear in `v`).
+pub(crate) struct IdxGatherOp {
+    g: PoolGeom,
+    idx: Arc<Vec<u32>>,
+}
+
+impl candle_core::CustomOp1 for MaxPoolIdxOp {
+    fn name(&self) -> &'static str {
+        "aimass-max-pool2d-idx"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = PoolGeom::new(dims4(l)?, self.p)?;
+        if g.in_plane() > u32::MAX as usize {
+            candle_core::bail!("max_pool2d: planes over 2^32 values are not supported");
+        }
+        let (out, idx) = match s {
+            CpuStorage::F32(_) => {
+                let (y, i) = g.max_fwd_idx(contiguous_slice::<f32>(s, l)?);
+                (CpuStorage::F32(y), i)
+            }
+            CpuStorage::F64(_) => {
+                let (y, i) = g.max_fwd_idx(contiguous_slice::<f64>(s, l)?);
+                (CpuStorage::F64(y), i)
+            }
+            _ => candle_core::bail!("max_pool2d: only f32 and f64, got {:?}", s.dtype()),
+        };
+        if let Ok(mut slot) = self.idx.lock() {
+            *slot = Some(Arc::new(idx));
+        }
+        Ok((out, g.y_shape()))
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let idx = self.idx.lock().ok().and_then(|s| s.clone());
+        let g = PoolGeom::new(x.dims4()?, self.p)?;
+        match idx {
+            Some(idx) if idx.len() == g.planes * g.out_plane() => {
+                Ok(Some(dy.contiguous()?.apply_op1(IdxScatterOp { g, idx })?))
+            }
+            _ => Ok(Some(max_scatter(x, dy, self.p)?)),
+        }
+    }
+}
+
+impl candle_core::CustomOp1 for IdxScatterOp {
+    fn name(&self) -> &'static str {
+        "aimass-max-pool2d-idx-scatter"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = &self.g;
+        check_len(l, &g.y_shape(), "gradient")?;
+        let out = match s {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(idx_scatter(g, &self.idx, contiguous_slice::<f32>(s, l)?))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(idx_scatter(g, &self.idx, contiguous_slice::<f64>(s, l)?))
+            }
+            _ => candle_core::bail!("max_pool2d backward: only f32 and f64, got {:?}", s.dtype()),
+        };
+        Ok((out, g.x_shape()))
+    }
+    fn bwd(&self, _g: &Tensor, _res: &Tensor, gg: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let op = IdxGatherOp {
+            g: self.g,
+            idx: self.idx.clone(),
+        };
+        Ok(Some(gg.contiguous()?.apply_op1(op)?))
+    }
+}
+
+impl candle_core::CustomOp1 for IdxGatherOp {
+    fn name(&self) -> &'static str {
+        "aimass-max-pool2d-idx-gather"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = &self.g;
+        check_len(l, &g.x_shape(), "gather source")?;
+        let out = match s {
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(idx_gather(g, &self.idx, contiguous_slice::<f32>(s, l)?))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(idx_gather(g, &self.idx, contiguous_slice::<f64>(s, l)?))
+            }
+            _ => candle_core::bail!("max_pool2d gather: only f32 and f64, got {:?}", s.dtype()),
+        };
+        Ok((out, g.y_shape()))
+    }
+    fn bwd(&self, _v: &Tensor, _res: &Tensor, gg: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let op = IdxScatterOp {
+            g: self.g,
+            idx: self.idx.clone(),
+        };
+        Ok(Some(gg.contiguous()?.apply_op1(op)?))
+    }
+}
+
+fn idx_scatter<T: Elem>(g: &PoolGeom, idx: &[u32], gr: &[T]) -> Vec<T> {
+    let (ip, op) = (g.in_plane().max(1), g.out_plane().max(1));
+    let mut dx = vec![T::zero(); g.planes * g.in_plane()];
+    dx.par_chunks_mut(ip)
+        .zip(gr.par_chunks(op).zip(idx.par_chunks(op)))
+        .with_min_len(g.min_planes())
+        .for_each(|(dp, (gp, xp))| {
+            for (&v, &i) in gp.iter().zip(xp) {
+                if let Some(d) = dp.get_mut(i as usize) {
+                    *d += v;
+                }
+            }
+        });
+    dx
+}
+
+fn idx_gather<T: Elem>(g: &PoolGeom, idx: &[u32], v: &[T]) -> Vec<T> {
+    let (ip, op) = (g.in_plane().max(1), g.out_plane().max(1));
+    let mut y = vec![T::zero(); g.planes * g.out_plane()];
+    y.par_chunks_mut(op)
+        .zip(v.par_chunks(ip).zip(idx.par_chunks(op)))
+        .with_min_len(g.min_planes())
+        .for_each(|(yp, (vp, xp))| {
+            for (o, &i) in yp.iter_mut().zip(xp) {
+                *o = vp.get(i as usize).copied().unwrap_or_else(T::zero);
+            }
+        });
+    y
 }
 
 impl candle_core::CustomOp1 for MaxPoolOp {
@@ -467,10 +626,53 @@ pub(crate) fn max_gather(x: &Tensor, v: &Tensor, p: PoolParams) -> candle_core::
 
 /// Max pooling, differentiable to any order.
 pub(crate) fn max_pool(x: &Tensor, p: PoolParams) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1(MaxPoolOp(p))
+    let x = x.contiguous()?;
+    if needs_grad(&x) {
+        // Keep the argmax for the backward instead of recomputing it.
+        let idx = Arc::new(Mutex::new(None));
+        x.apply_op1(MaxPoolIdxOp { p, idx })
+    } else {
+        x.apply_op1(MaxPoolOp(p))
+    }
 }
 
 /// Average pooling (padding counted), differentiable to any order.
 pub(crate) fn avg_pool(x: &Tensor, p: PoolParams) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(AvgPoolOp(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The recomputing scatter/gather (fallback) and the index-keeping path
+    /// route gradients identically.
+    #[test]
+    fn index_path_matches_recomputing_path() {
+        let p = PoolParams {
+            kernel: (3, 2),
+            stride: (2, 1),
+            padding: (1, 1),
+        };
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 3, 7, 6), &Device::Cpu).unwrap())
+            .unwrap();
+        let y = max_pool(x.as_tensor(), p).unwrap();
+        let y_plain = x.as_tensor().detach().apply_op1(MaxPoolOp(p)).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        assert_eq!(flat(&y), flat(&y_plain));
+        let g = Tensor::randn(0f64, 1.0, y.dims(), &Device::Cpu).unwrap();
+        let dx = y.mul(&g).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = flat(dx.get(&x).unwrap());
+        assert_eq!(dx, flat(&max_scatter(x.as_tensor(), &g, p).unwrap()));
+        let v = Tensor::randn(0f64, 1.0, x.dims(), &Device::Cpu).unwrap();
+        let gathered = max_gather(x.as_tensor(), &v, p).unwrap();
+        let g = PoolGeom::new(x.dims4().unwrap(), p).unwrap();
+        let (_, idx) = g.max_fwd_idx(&flat(x.as_tensor()));
+        let op = IdxGatherOp {
+            g,
+            idx: Arc::new(idx),
+        };
+        assert_eq!(flat(&gathered), flat(&v.apply_op1(op).unwrap()));
+    }
 }
