@@ -120,9 +120,12 @@ pub fn conv2d(
     params: &Conv2dParams,
 ) -> Result<Tensor> {
     check_conv2d(x, w, bias, params)?;
-    let y = if super::kernels::supports_conv(x, w) {
-        super::kernels::conv2d(x, w, params)?
-    } else {
+    if super::kernels::supports_conv(x, w, bias) {
+        // The kernel adds the bias in the same pass (and its gradient).
+        let (s, p, d) = (params.stride, params.padding, params.dilation);
+        return super::kernels::conv2d(x, w, bias, (s, s), (p, p), (d, d), params.groups);
+    }
+    let y = {
         x.conv2d(
             w,
             params.padding,

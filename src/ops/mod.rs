@@ -35,7 +35,7 @@
 
 mod conv;
 mod distance;
-mod kernels;
+pub mod kernels;
 mod kl;
 mod norm;
 mod normalize;

@@ -1,0 +1,185 @@
+//! Element-wise inner loops, compiled twice: for the baseline target and
+//! with AVX2 + FMA, picked at run time (the default build targets plain
+//! x86-64, whose SSE2 leaves these loops scalar).
+
+use super::gemm::Elem;
+
+/// Defines `pub(crate) fn $name<T: Elem>(...)` that runs the body with
+/// AVX2 + FMA enabled when the CPU has them.
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident<$T:ident>($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        pub(crate) fn $name<$T: Elem>($($arg: $ty),*) -> $ret {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn imp<$T: Elem>($($arg: $ty),*) -> $ret $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn fast<$T: Elem>($($arg: $ty),*) -> $ret {
+                    imp($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features `fast` is compiled for
+                    // (checked just above); the body itself is safe code.
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+
+multiversion! {
+    /// `y = x * a + b` (then ReLU).
+    fn affine<T>(y: &mut [T], x: &[T], a: T, b: T, relu: bool) -> () {
+        let zero = T::zero();
+        if relu {
+            for (o, &v) in y.iter_mut().zip(x) {
+                let t = v * a + b;
+                *o = if t > zero { t } else { zero };
+            }
+        } else {
+            for (o, &v) in y.iter_mut().zip(x) {
+                *o = v * a + b;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `o = a * g' + b * x + c` with `g' = g * (y > 0)` under the ReLU.
+    fn affine_grad<T>(o: &mut [T], x: &[T], g: &[T], y: &[T], a: T, b: T, c: T, relu: bool) -> () {
+        if relu {
+            for (((o, &xv), &gv), &yv) in o.iter_mut().zip(x).zip(g).zip(y) {
+                *o = a * gv.gate(yv) + b * xv + c;
+            }
+        } else {
+            for ((o, &xv), &gv) in o.iter_mut().zip(x).zip(g) {
+                *o = a * gv + b * xv + c;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `(sum g', sum g' * (x - mu))`, `g' = g * (y > 0)` under the ReLU;
+    /// 8 lanes of partial sums.
+    fn grad_sums<T>(x: &[T], g: &[T], y: &[T], mu: T, relu: bool) -> (f64, f64) {
+        let zero = T::zero();
+        let (mut a1, mut a2) = ([zero; 8], [zero; 8]);
+        let n8 = x.len() / 8 * 8;
+        let chunks = x[..n8]
+            .chunks_exact(8)
+            .zip(g[..n8].chunks_exact(8))
+            .zip(y[..n8].chunks_exact(8));
+        for ((xc, gc), yc) in chunks {
+            // Fixed-size arrays: no bounds checks, so the lanes vectorise.
+            let (Ok(xc), Ok(gc), Ok(yc)) = (
+                <&[T; 8]>::try_from(xc),
+                <&[T; 8]>::try_from(gc),
+                <&[T; 8]>::try_from(yc),
+            ) else {
+                continue;
+            };
+            if relu {
+                for j in 0..8 {
+                    let gv = gc[j].gate(yc[j]);
+                    a1[j] += gv;
+                    a2[j] += gv * (xc[j] - mu);
+                }
+            } else {
+                for j in 0..8 {
+                    a1[j] += gc[j];
+                    a2[j] += gc[j] * (xc[j] - mu);
+                }
+            }
+        }
+        for j in n8..x.len() {
+            let gv = if !relu || y[j] > zero { g[j] } else { zero };
+            a1[0] += gv;
+            a2[0] += gv * (x[j] - mu);
+        }
+        (
+            a1.iter().map(|v| v.to_f64()).sum(),
+            a2.iter().map(|v| v.to_f64()).sum(),
+        )
+    }
+}
+
+multiversion! {
+    /// `(sum (x - k), sum (x - k)^2)` in 8 lanes.
+    fn shifted_sums<T>(x: &[T], k: T) -> (f64, f64) {
+        let zero = T::zero();
+        let (mut a1, mut a2) = ([zero; 8], [zero; 8]);
+        let mut it = x.chunks_exact(8);
+        for c in &mut it {
+            let Ok(c) = <&[T; 8]>::try_from(c) else {
+                continue;
+            };
+            for j in 0..8 {
+                let v = c[j] - k;
+                a1[j] += v;
+                a2[j] += v * v;
+            }
+        }
+        for &v in it.remainder() {
+            let v = v - k;
+            a1[0] += v;
+            a2[0] += v * v;
+        }
+        (
+            a1.iter().map(|v| v.to_f64()).sum(),
+            a2.iter().map(|v| v.to_f64()).sum(),
+        )
+    }
+}
+
+multiversion! {
+    /// `o = max(x, 0)` (NaN stays NaN).
+    fn relu<T>(o: &mut [T], x: &[T]) -> () {
+        let zero = T::zero();
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = if v < zero { zero } else { v };
+        }
+    }
+}
+
+multiversion! {
+    /// `o = g * (y > 0)`.
+    fn relu_mask<T>(o: &mut [T], g: &[T], y: &[T]) -> () {
+        for ((o, &gv), &yv) in o.iter_mut().zip(g).zip(y) {
+            *o = gv.gate(yv);
+        }
+    }
+}
+
+multiversion! {
+    /// `y += b` for every element.
+    fn add_scalar<T>(y: &mut [T], b: T) -> () {
+        for v in y.iter_mut() {
+            *v += b;
+        }
+    }
+}
+
+multiversion! {
+    /// `dst += src`.
+    fn add_assign<T>(dst: &mut [T], src: &[T]) -> () {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d += s;
+        }
+    }
+}
+
+multiversion! {
+    /// `y = max(y, 0)` in place (NaN stays NaN).
+    fn relu_in_place<T>(y: &mut [T]) -> () {
+        let zero = T::zero();
+        for v in y.iter_mut() {
+            *v = if *v < zero { zero } else { *v };
+        }
+    }
+}

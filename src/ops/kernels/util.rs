@@ -1,0 +1,48 @@
+//! Small helpers shared by the kernels.
+
+use candle_core::{CpuStorage, Layout, Tensor};
+
+use super::gemm::Elem;
+
+/// The elements of a contiguous CPU tensor as a slice (errors when the
+/// layout is strided; the public wrappers make inputs contiguous first).
+pub(crate) fn contiguous_slice<'a, T: Elem>(
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) if b <= data.len() => Ok(&data[a..b]),
+        _ => candle_core::bail!("aimass kernels: expected a contiguous tensor, got {l:?}"),
+    }
+}
+
+/// Whether autograd may want a gradient for `t` (a variable or the result
+/// of a tracked op); plain data tensors get none, which saves their backward.
+pub(crate) fn needs_grad(t: &Tensor) -> bool {
+    t.track_op()
+}
+
+/// The gradient of an argument an op is locally constant in: zeros when
+/// autograd tracks it (candle wants a gradient for every node it visits),
+/// nothing otherwise.
+pub(crate) fn zero_grad(t: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if needs_grad(t) {
+        Ok(Some(t.zeros_like()?))
+    } else {
+        Ok(None)
+    }
+}
+
+thread_local! {
+    static DO_NOT_DETACH: bool = match std::env::var("CANDLE_GRAD_DO_NOT_DETACH") {
+        Ok(s) => !s.is_empty() && s != "0",
+        Err(_) => false,
+    };
+}
+
+/// Whether candle keeps gradients attached (second-order mode): read as
+/// candle does, once per thread.
+pub(crate) fn second_order() -> bool {
+    DO_NOT_DETACH.with(|b| *b)
+}
