@@ -34,7 +34,7 @@ impl Activation {
     /// Applies the activation.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Activation::Relu => x.relu()?,
+            Activation::Relu => crate::ops::relu(x)?,
             Activation::Gelu => x.gelu_erf()?,
             Activation::GeluTanh => x.gelu()?,
             Activation::Tanh => x.tanh()?,

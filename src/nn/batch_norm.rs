@@ -148,6 +148,48 @@ impl BatchNorm {
 
     /// Normalises `x` in train (`true`) or eval (`false`) mode.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_impl(x, train, false)
+    }
+
+    /// `relu(forward_t(x, train))`, fused into one kernel on the CPU in
+    /// train mode (one pass less over the data, forward and backward).
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_impl(x, train, true)
+    }
+
+    /// Train-mode BatchNorm through the fused CPU kernel, when it applies.
+    fn forward_kernel(&self, x: &Tensor, train: bool, relu: bool) -> Result<Option<Tensor>> {
+        use crate::ops::kernels;
+        let dims = x.dims();
+        let count: usize = dims[0] * dims[2..].iter().product::<usize>();
+        let params_ok = [&self.weight, &self.bias]
+            .iter()
+            .all(|p| p.as_ref().is_none_or(|t| t.dtype() == x.dtype()));
+        if !(kernels::supports(x) && params_ok && count > 1) {
+            return Ok(None);
+        }
+        let (w, b) = (self.weight.as_ref(), self.bias.as_ref());
+        let out = if relu {
+            kernels::batch_norm_relu_train(x, w, b, self.cfg.eps)?
+        } else {
+            kernels::batch_norm_train(x, w, b, self.cfg.eps)?
+        };
+        if train {
+            if let (Some(rm), Some(rv)) = (&self.running_mean, &self.running_var) {
+                let m = self.cfg.momentum;
+                let unbiased = (out.var * (count as f64 / (count as f64 - 1.0)))?;
+                let new_m = ((rm.as_tensor().detach() * (1.0 - m))?
+                    + (out.mean.to_dtype(rm.dtype())? * m)?)?;
+                let new_v = ((rv.as_tensor().detach() * (1.0 - m))?
+                    + (unbiased.to_dtype(rv.dtype())? * m)?)?;
+                rm.set(&new_m)?;
+                rv.set(&new_v)?;
+            }
+        }
+        Ok(Some(out.output))
+    }
+
+    fn forward_impl(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let dims = x.dims();
         if dims.len() < 2 || dims[1] != self.num_features {
             return Err(Error::shape(
@@ -186,6 +228,9 @@ impl BatchNorm {
                     "more than one value per channel (batch of ≥ 2, or spatial size > 1)",
                     dims,
                 ));
+            }
+            if let Some(y) = self.forward_kernel(x, train, relu)? {
+                return Ok(y);
             }
             let inv_n = 1.0 / n as f64;
             let mean = (xi.sum_keepdim(2)?.sum_keepdim(0)? * inv_n)?;
@@ -238,8 +283,12 @@ impl BatchNorm {
             };
             xi.broadcast_mul(&scale)?.broadcast_add(&shift)?
         };
-        let y = y.reshape(dims)?;
-        Ok(y.to_dtype(dt)?)
+        let y = y.reshape(dims)?.to_dtype(dt)?;
+        if relu {
+            crate::ops::relu(&y)
+        } else {
+            Ok(y)
+        }
     }
 }
 

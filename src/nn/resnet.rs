@@ -222,16 +222,18 @@ impl Block {
         let mut y = x.clone();
         let n = self.convs.len();
         for (i, (c, b)) in self.convs.iter().enumerate() {
-            y = b.forward_t(&c.forward(&y)?, train)?;
-            if i + 1 < n {
-                y = y.relu()?;
-            }
+            let z = c.forward(&y)?;
+            y = if i + 1 < n {
+                b.forward_relu_t(&z, train)?
+            } else {
+                b.forward_t(&z, train)?
+            };
         }
         let short = match &self.downsample {
             Some((c, b)) => b.forward_t(&c.forward(x)?, train)?,
             None => x.clone(),
         };
-        Ok((y + short)?.relu()?)
+        crate::ops::relu(&(y + short)?)
     }
 }
 
@@ -368,7 +370,7 @@ impl ResNet {
                 r.push(name, t.clone());
             }
         };
-        let mut h = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let mut h = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
         if let Some(mp) = &self.maxpool {
             h = mp.forward(&h)?;
         }

@@ -33,6 +33,7 @@
 //! # Ok::<(), aimass::Error>(())
 //! ```
 
+mod activation;
 mod conv;
 mod distance;
 pub mod kernels;
@@ -42,6 +43,7 @@ mod normalize;
 mod pool;
 mod softmax;
 
+pub use activation::relu;
 pub use conv::{conv2d, Conv2dParams};
 pub use distance::{off_diagonal, pairwise_distances, pairwise_squared_distances};
 pub use kl::{kl_div, kl_div_log_target};
