@@ -24,10 +24,13 @@ fn median_ms(mut f: impl FnMut() -> Result<()>, reps: usize) -> Result<f64> {
     Ok(t[reps / 2])
 }
 
+/// Builds the model from a `VarBuilder` (functional weights).
+type Builder = Box<dyn Fn(VarBuilder) -> Result<Box<dyn ModuleT>>>;
+
 fn step_ms(model: &str, precision: Precision, dev: &Device) -> Result<f64> {
     let varmap = VarMap::new();
     let vb = seeded_var_builder(&varmap, 0, DType::F32, dev);
-    let (x, build): (Tensor, Box<dyn Fn(VarBuilder) -> Result<Box<dyn ModuleT>>>) = match model {
+    let (x, build): (Tensor, Builder) = match model {
         "mlp" => {
             let cfg = MlpConfig::new(vec![784, 1024, 1024, 10]);
             Mlp::new(cfg.clone(), vb)?;
