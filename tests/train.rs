@@ -349,3 +349,75 @@ fn callbacks_evaluation_and_early_stopping() {
     assert_eq!(s.epochs, 3);
     assert!(s.stopped_early);
 }
+
+/// A trainer that only records which episodes it saw.
+struct EpisodeLog(Vec<Vec<u32>>);
+
+impl aimass::train::TrainStep for EpisodeLog {
+    type Batch = aimass::data::Episode;
+    fn train_step(
+        &mut self,
+        ep: &aimass::data::Episode,
+        _step: u64,
+    ) -> aimass::Result<aimass::train::StepOutput> {
+        self.0.push(ep.classes.clone());
+        Ok(aimass::train::StepOutput::new(0.0, ep.query_labels.dim(0)?))
+    }
+    fn set_learning_rate(&mut self, _lr: f64) {}
+    fn learning_rate(&self) -> f64 {
+        1.0
+    }
+    fn kind(&self) -> &str {
+        "episode-log"
+    }
+    fn save_state(&self, _ckpt: &mut Checkpoint) -> aimass::Result<()> {
+        Ok(())
+    }
+    fn load_state(&mut self, _ckpt: &Checkpoint) -> aimass::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn fit_runs_over_episodes_and_resumes() {
+    use aimass::data::{EpisodeConfig, EpisodeSampler};
+    use aimass::train::EpisodeEpochs;
+    let tasks = || {
+        let cfg = EpisodeConfig::default()
+            .with_n_way(2)
+            .with_k_shot(1)
+            .with_q_query(1);
+        EpisodeEpochs::new(
+            EpisodeSampler::new(dataset(2), &[0, 1, 2], cfg, 5, &Device::Cpu).unwrap(),
+            3,
+        )
+        .unwrap()
+    };
+    let mut all = EpisodeLog(Vec::new());
+    let mut t = tasks();
+    let s = Fit::new(&mut all, &mut t, FitConfig::default().with_epochs(2))
+        .unwrap()
+        .run()
+        .unwrap();
+    assert_eq!((s.steps, s.epochs, all.0.len()), (6, 2, 6));
+
+    let mut first = EpisodeLog(Vec::new());
+    let mut t1 = tasks();
+    let mut fit = Fit::new(
+        &mut first,
+        &mut t1,
+        FitConfig::default().with_epochs(2).with_max_steps(Some(4)),
+    )
+    .unwrap();
+    fit.run().unwrap();
+    let ckpt = fit.checkpoint().unwrap();
+    drop(fit);
+    let mut rest = EpisodeLog(Vec::new());
+    let mut t2 = tasks();
+    let mut fit = Fit::new(&mut rest, &mut t2, FitConfig::default().with_epochs(2)).unwrap();
+    fit.resume(&ckpt).unwrap();
+    fit.run().unwrap();
+    drop(fit);
+    first.0.extend(rest.0);
+    assert_eq!(first.0, all.0);
+}

@@ -189,6 +189,21 @@ impl EpisodeSampler {
         self
     }
 
+    /// The seed of the sampler.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The N-way K-shot Q-query configuration.
+    pub fn config(&self) -> &EpisodeConfig {
+        &self.cfg
+    }
+
+    /// The classes episodes are drawn from.
+    pub fn classes(&self) -> &[u32] {
+        &self.classes
+    }
+
     /// The index of the next episode [`EpisodeSampler::sample`] gives.
     pub fn position(&self) -> u64 {
         self.next

@@ -24,6 +24,7 @@ mod checkpoint;
 mod checkpoint_dir;
 mod classifier;
 mod early_stopping;
+mod episodes;
 mod eval;
 mod fit;
 mod guard;
@@ -40,6 +41,7 @@ pub use checkpoint::{Checkpoint, FORMAT_VERSION};
 pub use checkpoint_dir::{CheckpointDir, PeriodicCheckpoint};
 pub use classifier::{Classifier, ClassifierConfig};
 pub use early_stopping::{EarlyStopping, MonitorMode};
+pub use episodes::EpisodeEpochs;
 pub use eval::{
     evaluate_accuracy, extract, extract_features, linear_probe, LinearProbeConfig,
     LinearProbeResult,
