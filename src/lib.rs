@@ -47,6 +47,7 @@
 pub use candle_core as candle;
 pub use candle_nn;
 
+mod atomic_file;
 pub mod data;
 pub mod device;
 pub mod error;

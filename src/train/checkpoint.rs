@@ -32,8 +32,7 @@
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::Load;
@@ -162,21 +161,14 @@ impl Checkpoint {
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let tmp = self.write_temp(path)?;
-        fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-        sync_dir(path);
-        Ok(())
+        crate::atomic_file::commit(&tmp, path)
     }
 
     /// The first half of [`Checkpoint::save`]: writes and fsyncs the
     /// temporary file, returning its path. Until it is renamed, the previous
     /// checkpoint at `path` is untouched.
     pub(crate) fn write_temp(&self, path: &Path) -> Result<PathBuf> {
-        let bytes = self.to_bytes()?;
-        let tmp = temp_path(path);
-        let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        Ok(tmp)
+        crate::atomic_file::write_temp(path, &self.to_bytes()?)
     }
 
     /// Serialises to safetensors bytes (with the version, kind and checksum
@@ -354,30 +346,6 @@ pub(crate) fn check_same_names<'a>(
         "the model's tensors",
         format!("missing {missing:?}, unexpected {unexpected:?} (a checkpoint of another model?)"),
     ))
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(format!(".tmp-{}", std::process::id()));
-    path.with_file_name(name)
-}
-
-/// Fsyncs the directory holding `path` so the rename is durable (best effort:
-/// not every platform can open a directory).
-fn sync_dir(path: &Path) {
-    if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
 }
 
 /// CRC-32 over name, dtype, shape and bytes of every tensor, in name order.
