@@ -5,6 +5,7 @@
 //! `pool`, `bn`, `convnet`, `resnet`, `simclr`). Each line prints the median
 //! time of aimass and of plain candle (set `AIMASS_BENCH_NO_CANDLE=1` to skip
 //! candle, which takes minutes on the ResNet workloads) and, when `python3`
+//! (skipped with `AIMASS_BENCH_NO_TORCH=1`)
 //! with torch is installed, runs the same workload of `torch_peer.py` (found
 //! at `../shared/bench/`, `/work/shared/bench/` or `$AIMASS_TORCH_PEER`) with
 //! the same thread count right after, so the ratio comes from one run on one
@@ -44,6 +45,9 @@ fn uniform(dims: &[usize], bound: f64, seed: u64) -> R<Tensor> {
 
 /// Median ms of a torch_peer.py workload, when python3 + torch are present.
 fn torch_ms(name: &str) -> Option<f64> {
+    if std::env::var("AIMASS_BENCH_NO_TORCH").is_ok_and(|v| !v.is_empty() && v != "0") {
+        return None;
+    }
     let candidates = [
         std::env::var("AIMASS_TORCH_PEER").unwrap_or_default(),
         "../shared/bench/torch_peer.py".to_string(),
@@ -373,12 +377,17 @@ impl Sgd {
         let grads = loss.backward()?;
         for (v, buf) in self.vars.iter().zip(self.bufs.iter_mut()) {
             if let Some(g) = grads.get(v) {
-                let g = (g + (v.as_tensor() * 5e-4)?)?;
+                // Detached, as torch's `.grad` is: candle's weight
+                // gradients reference the forward graph, and a momentum
+                // buffer built from them would keep every step's
+                // activations alive.
+                let (g, p) = (g.detach(), v.as_tensor().detach());
+                let g = (g + (&p * 5e-4)?)?;
                 let nb = match buf.take() {
                     Some(b) => ((b * 0.9)? + g)?,
                     None => g,
                 };
-                v.set(&(v.as_tensor() - (&nb * self.lr)?)?)?;
+                v.set(&(p - (&nb * self.lr)?)?)?;
                 *buf = Some(nb);
             }
         }

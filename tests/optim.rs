@@ -967,3 +967,90 @@ fn ema_hand_values() {
     put(&target, "extra", &[1.0]);
     assert!(Ema::new(EmaConfig::default(), &online, &target).is_err());
 }
+
+/// Optimizer state never references the forward graph: candle's weight
+/// gradients do (the gradient of `w2` in `x·w1·w2` is built from the
+/// activation `x·w1`), and a momentum buffer built from them would keep
+/// every step's activations alive.
+#[test]
+fn optimizer_state_does_not_hold_the_graph() {
+    let named = |v: Vec<Var>| {
+        vec![ParamGroup::new(
+            v.into_iter()
+                .enumerate()
+                .map(|(i, v)| (format!("w{i}"), v))
+                .collect(),
+        )]
+    };
+    let dev = Device::Cpu;
+    let x = Tensor::new(&[[1.0f32, -2.0, 0.5], [0.3, 0.7, -1.1]], &dev).unwrap();
+    type Make<'a> = Box<dyn Fn(Vec<Var>) -> Box<dyn Optimizer> + 'a>;
+    let makes: Vec<(&str, Make)> = vec![
+        (
+            "sgd",
+            Box::new(|v| {
+                Box::new(
+                    Sgd::new(
+                        SgdConfig::default().with_momentum(0.9).with_fused(false),
+                        named(v),
+                    )
+                    .unwrap(),
+                )
+            }),
+        ),
+        (
+            "sgd fused",
+            Box::new(|v| {
+                Box::new(Sgd::new(SgdConfig::default().with_momentum(0.9), named(v)).unwrap())
+            }),
+        ),
+        (
+            "adam",
+            Box::new(|v| {
+                Box::new(Adam::new(AdamConfig::default().with_fused(false), named(v)).unwrap())
+            }),
+        ),
+        (
+            "rmsprop",
+            Box::new(|v| {
+                Box::new(
+                    RmsProp::new(RmsPropConfig::default().with_momentum(0.9), named(v)).unwrap(),
+                )
+            }),
+        ),
+        (
+            "lars",
+            Box::new(|v| Box::new(Lars::new(LarsConfig::default(), named(v)).unwrap())),
+        ),
+    ];
+    for (name, make) in makes {
+        let w1 = Var::from_tensor(
+            &Tensor::new(&[[0.1f32, 0.2], [0.3, -0.4], [0.5, 0.6]], &dev).unwrap(),
+        )
+        .unwrap();
+        let w2 = Var::from_tensor(&Tensor::new(&[[0.7f32], [-0.8]], &dev).unwrap()).unwrap();
+        let mut opt = make(vec![w1.clone(), w2.clone()]);
+        for _ in 0..2 {
+            let loss = x
+                .matmul(&w1)
+                .unwrap()
+                .matmul(&w2)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let grads = loss.backward().unwrap();
+            assert!(
+                grads.get(&w2).unwrap().track_op(),
+                "premise: candle's gradient tracks"
+            );
+            opt.step(&grads).unwrap();
+        }
+        let state = opt.state_dict().unwrap();
+        assert!(state.len() > 1, "{name}: no state");
+        for (k, t) in &state {
+            assert!(!t.track_op(), "{name}: state `{k}` references the graph");
+        }
+    }
+}

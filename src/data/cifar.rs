@@ -65,7 +65,7 @@ pub fn parse_cifar(
 ) -> Result<InMemoryDataset> {
     let source = source.as_ref();
     let rec = kind.record_bytes();
-    if bytes.is_empty() || bytes.len() % rec != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(rec) {
         return Err(Error::malformed(
             source,
             "CIFAR batch size",

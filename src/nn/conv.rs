@@ -83,7 +83,10 @@ impl Conv2d {
         cfg: Conv2dConfig,
         vb: VarBuilder,
     ) -> Result<Self> {
-        if cfg.groups == 0 || in_channels % cfg.groups != 0 || out_channels % cfg.groups != 0 {
+        if cfg.groups == 0
+            || !in_channels.is_multiple_of(cfg.groups)
+            || !out_channels.is_multiple_of(cfg.groups)
+        {
             return Err(Error::config(
                 "Conv2dConfig::groups",
                 cfg.groups,

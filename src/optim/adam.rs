@@ -157,7 +157,7 @@ fn update(core: &mut Core, h: Params, decoupled: bool, i: usize, g: &Tensor) -> 
     let Some(slot) = core.slots.get_mut(i) else {
         return Ok(());
     };
-    let p = slot.var.as_tensor().clone();
+    let p = slot.var.as_tensor().detach();
     for b in slot.bufs.iter_mut() {
         if b.is_none() {
             *b = Some(p.zeros_like()?);

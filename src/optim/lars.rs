@@ -170,7 +170,7 @@ impl Lars {
         let Some(slot) = self.core.slots.get_mut(i) else {
             return Ok(());
         };
-        let p = slot.var.as_tensor();
+        let p = &slot.var.as_tensor().detach();
         let mut d = if wd != 0.0 {
             (g + (p * wd)?)?
         } else {

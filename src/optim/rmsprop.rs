@@ -144,7 +144,7 @@ impl RmsProp {
         let Some(slot) = self.core.slots.get_mut(i) else {
             return Ok(());
         };
-        let p = slot.var.as_tensor().clone();
+        let p = slot.var.as_tensor().detach();
         let mut bufs = Vec::with_capacity(slot.bufs.len());
         for b in &slot.bufs {
             bufs.push(match b {

@@ -158,7 +158,7 @@ impl Sgd {
         let Some(slot) = self.core.slots.get_mut(i) else {
             return Ok(());
         };
-        let p = slot.var.as_tensor();
+        let p = &slot.var.as_tensor().detach();
         let use_fused = c.fused != Some(false);
         let has_buf = c.momentum != 0.0 && slot.bufs.first().is_some_and(|b| b.is_some());
         if use_fused && (c.momentum == 0.0 || has_buf) {

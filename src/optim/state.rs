@@ -149,10 +149,14 @@ impl Core {
                             g.dims(),
                         ));
                     }
+                    // Detached: a gradient computed by candle's backward
+                    // still references the forward graph, and optimizer
+                    // state built from it would keep every step's graph
+                    // (all activations) alive.
                     let g = if g.dtype() != s.var.dtype() {
-                        g.to_dtype(s.var.dtype())?
+                        g.detach().to_dtype(s.var.dtype())?
                     } else {
-                        g.clone()
+                        g.detach()
                     };
                     out.push(Some(g));
                 }

@@ -99,7 +99,7 @@ impl PeriodicCheckpoint {
 
 impl Callback for PeriodicCheckpoint {
     fn on_epoch_end(&mut self, info: &EpochInfo<'_>, state: &dyn TrainingState) -> Result<Control> {
-        if info.epoch % self.every_epochs == 0 {
+        if info.epoch.is_multiple_of(self.every_epochs) {
             self.dir.save(&state.checkpoint()?, info.step)?;
             self.last_step = Some(info.step);
         }

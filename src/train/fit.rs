@@ -413,7 +413,7 @@ impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
             };
             let last = epoch == config.epochs || *step >= total_steps;
             let metrics = match evaluator.as_mut() {
-                Some(ev) if epoch % config.eval_every == 0 || last => ev(trainer, epoch)?,
+                Some(ev) if epoch.is_multiple_of(config.eval_every) || last => ev(trainer, epoch)?,
                 _ => BTreeMap::new(),
             };
             let info = EpochInfo {

@@ -68,7 +68,7 @@ fn json_number(v: f64) -> String {
 
 impl Callback for MetricsLog {
     fn on_step(&mut self, info: &StepInfo<'_>) -> Result<Control> {
-        if self.every > 0 && info.step % self.every == 0 {
+        if self.every > 0 && info.step.is_multiple_of(self.every) {
             let mut f = vec![
                 ("event", json_string("step")),
                 ("step", info.step.to_string()),

@@ -97,7 +97,7 @@ impl Callback for Progress {
                 bar.set_position(info.step);
             }
             ProgressMode::Lines => {
-                if self.every > 0 && info.step % self.every == 0 {
+                if self.every > 0 && info.step.is_multiple_of(self.every) {
                     let batch = match info.batches_per_epoch {
                         Some(n) => format!("{}/{n}", info.batch),
                         None => info.batch.to_string(),

@@ -56,7 +56,7 @@ pub struct GaussianBlur {
 impl GaussianBlur {
     /// Validates the configuration.
     pub fn new(cfg: GaussianBlurConfig) -> Result<Self> {
-        if cfg.kernel_size % 2 == 0 || cfg.kernel_size > 1023 {
+        if cfg.kernel_size.is_multiple_of(2) || cfg.kernel_size > 1023 {
             return Err(Error::config(
                 "GaussianBlurConfig::kernel_size",
                 cfg.kernel_size,

@@ -15,7 +15,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{matmul, threads, Elem, Parallelism, View};
+use super::gemm::{matmul_lhs, threads, Elem, Lhs, Parallelism, View};
 use super::simd;
 use super::util::{contiguous_slice, needs_grad, zero_grad};
 
@@ -160,37 +160,40 @@ impl Geom {
     /// Writes the im2col matrix (`kk x np`, row-major) of one image group
     /// (`cg x h x w`) into `col`.
     fn im2col<T: Elem>(&self, x: &[T], col: &mut [T]) {
+        let np = self.np();
+        for (row, dst) in col.chunks_exact_mut(np).take(self.kk()).enumerate() {
+            self.im2col_row(x, row, dst);
+        }
+    }
+
+    /// Writes row `row` (one input channel and kernel tap) of the im2col
+    /// matrix of one image group into `dst` (`np` values).
+    fn im2col_row<T: Elem>(&self, x: &[T], row: usize, dst: &mut [T]) {
         let (sh, sw) = self.p.stride;
         let (ph, pw) = self.p.padding;
         let (dh, dw) = self.p.dilation;
-        let np = self.np();
-        for ci in 0..self.cg() {
-            let plane = &x[ci * self.h * self.w..(ci + 1) * self.h * self.w];
-            for ki in 0..self.kh {
-                let (olo, ohi) = Self::valid_range(self.oh, self.h, ki, sh, ph, dh);
-                for kj in 0..self.kw {
-                    let (wlo, whi) = Self::valid_range(self.ow, self.w, kj, sw, pw, dw);
-                    let row = (ci * self.kh + ki) * self.kw + kj;
-                    let dst = &mut col[row * np..(row + 1) * np];
-                    for oi in 0..self.oh {
-                        let drow = &mut dst[oi * self.ow..(oi + 1) * self.ow];
-                        if oi < olo || oi >= ohi || wlo >= whi {
-                            drow.fill(T::zero());
-                            continue;
-                        }
-                        let ii = oi * sh + ki * dh - ph;
-                        let src = &plane[ii * self.w..(ii + 1) * self.w];
-                        drow[..wlo].fill(T::zero());
-                        drow[whi..].fill(T::zero());
-                        let base = wlo * sw + kj * dw - pw;
-                        if sw == 1 {
-                            drow[wlo..whi].copy_from_slice(&src[base..base + (whi - wlo)]);
-                        } else {
-                            for (t, d) in drow[wlo..whi].iter_mut().enumerate() {
-                                *d = src[base + t * sw];
-                            }
-                        }
-                    }
+        let kj = row % self.kw;
+        let ki = (row / self.kw) % self.kh;
+        let ci = row / (self.kw * self.kh);
+        let plane = &x[ci * self.h * self.w..(ci + 1) * self.h * self.w];
+        let (olo, ohi) = Self::valid_range(self.oh, self.h, ki, sh, ph, dh);
+        let (wlo, whi) = Self::valid_range(self.ow, self.w, kj, sw, pw, dw);
+        for oi in 0..self.oh {
+            let drow = &mut dst[oi * self.ow..(oi + 1) * self.ow];
+            if oi < olo || oi >= ohi || wlo >= whi {
+                drow.fill(T::zero());
+                continue;
+            }
+            let ii = oi * sh + ki * dh - ph;
+            let src = &plane[ii * self.w..(ii + 1) * self.w];
+            drow[..wlo].fill(T::zero());
+            drow[whi..].fill(T::zero());
+            let base = wlo * sw + kj * dw - pw;
+            if sw == 1 {
+                drow[wlo..whi].copy_from_slice(&src[base..base + (whi - wlo)]);
+            } else {
+                for (t, d) in drow[wlo..whi].iter_mut().enumerate() {
+                    *d = src[base + t * sw];
                 }
             }
         }
@@ -232,29 +235,43 @@ impl Geom {
     }
 }
 
-/// Runs `f(scratch, image_index, image_chunk, parallelism)` for every image:
-/// in parallel over images (single-threaded GEMMs) when there are at least
-/// as many images as threads, otherwise image by image with threaded GEMMs.
-fn per_image<T, F>(out: &mut [T], chunk: usize, scratch: usize, f: F) -> candle_core::Result<()>
+/// Allocates `n * chunk` values and runs `f(scratch, image_index,
+/// image_chunk, parallelism)` for every image: in parallel over images
+/// (single-threaded GEMMs) when there are at least as many images as
+/// threads, otherwise image by image with threaded GEMMs. Each chunk is
+/// zeroed by the thread that fills it, right before `f` (no serial
+/// `memset` of the whole output, and the chunk is in cache for `f`).
+fn per_image<T, F>(n: usize, chunk: usize, scratch: usize, f: F) -> candle_core::Result<Vec<T>>
 where
     T: Elem,
     F: Fn(&mut Vec<T>, usize, &mut [T], Parallelism) -> candle_core::Result<()> + Sync,
 {
-    if chunk == 0 {
-        return Ok(());
+    let total = n * chunk;
+    let mut out: Vec<T> = Vec::with_capacity(total);
+    if total == 0 {
+        return Ok(out);
     }
+    let spare = &mut out.spare_capacity_mut()[..total];
+    let zeroed = |c: &mut [std::mem::MaybeUninit<T>]| -> &mut [T] {
+        for v in c.iter_mut() {
+            v.write(T::zero());
+        }
+        // SAFETY: every element of `c` was initialised just above, and
+        // `MaybeUninit<T>` has the layout of `T`.
+        unsafe { &mut *(c as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
+    };
     let nt = threads();
-    let n = out.len() / chunk;
     if nt > 1 && n >= nt {
         // A few jobs per thread: enough to balance a noisy machine, few
         // enough that each scratch buffer serves many images.
-        out.par_chunks_mut(chunk)
+        spare
+            .par_chunks_mut(chunk)
             .with_min_len(n.div_ceil(4 * nt).max(1))
             .enumerate()
             .try_for_each_init(
                 || vec![T::zero(); scratch],
-                |buf, (i, c)| f(buf, i, c, Parallelism::None),
-            )
+                |buf, (i, c)| f(buf, i, zeroed(c), Parallelism::None),
+            )?;
     } else {
         let par = if nt > 1 {
             Parallelism::Rayon(nt)
@@ -262,11 +279,14 @@ where
             Parallelism::None
         };
         let mut buf = vec![T::zero(); scratch];
-        for (i, c) in out.chunks_mut(chunk).enumerate() {
-            f(&mut buf, i, c, par)?;
+        for (i, c) in spare.chunks_mut(chunk).enumerate() {
+            f(&mut buf, i, zeroed(c), par)?;
         }
-        Ok(())
     }
+    // SAFETY: every chunk was initialised (`zeroed`) and the loops above
+    // returned early on any error; `total <= capacity`.
+    unsafe { out.set_len(total) };
+    Ok(out)
 }
 
 /// `y = conv(x, w)`.
@@ -288,10 +308,13 @@ pub(crate) fn forward<T: Elem>(
     }
     let (og, kk, np) = (g.og(), g.kk(), g.np());
     let cghw = g.cg() * g.h * g.w;
-    let mut y = vec![T::zero(); g.n * g.out_img()];
     let scratch = if g.pointwise() { 0 } else { kk * np };
-    per_image(&mut y, g.out_img(), scratch, |col, ni, yimg, par| {
-        for gi in 0..g.p.groups {
+    // The weights of each group, prepared once for every image.
+    let lhs = (0..g.p.groups)
+        .map(|gi| Lhs::new(&w[gi * og * kk..(gi + 1) * og * kk], View::rm(og, kk)))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let y = per_image(g.n, g.out_img(), scratch, |col, ni, yimg, par| {
+        for (gi, lhs) in lhs.iter().enumerate() {
             let xs = &x[ni * g.in_img() + gi * cghw..ni * g.in_img() + (gi + 1) * cghw];
             let rhs: &[T] = if g.pointwise() {
                 xs
@@ -299,12 +322,11 @@ pub(crate) fn forward<T: Elem>(
                 g.im2col(xs, col);
                 col
             };
-            matmul(
+            matmul_lhs(
                 &mut yimg[gi * og * np..(gi + 1) * og * np],
                 View::rm(og, np),
                 false,
-                &w[gi * og * kk..(gi + 1) * og * kk],
-                View::rm(og, kk),
+                lhs,
                 rhs,
                 View::rm(kk, np),
                 par,
@@ -370,35 +392,19 @@ pub(crate) fn sum_slice<T: Elem>(v: &[T]) -> T {
 pub(crate) fn input_grad<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> candle_core::Result<Vec<T>> {
     let (og, kk, np) = (g.og(), g.kk(), g.np());
     let cghw = g.cg() * g.h * g.w;
-    let mut dx = vec![T::zero(); g.n * g.in_img()];
     let scratch = if g.pointwise() { 0 } else { kk * np };
-    per_image(&mut dx, g.in_img(), scratch, |col, ni, dximg, par| {
-        for gi in 0..g.p.groups {
+    // The transposed weights of each group, prepared once for every image.
+    let lhs = (0..g.p.groups)
+        .map(|gi| Lhs::new(&w[gi * og * kk..(gi + 1) * og * kk], View::rm(og, kk).t()))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let dx = per_image(g.n, g.in_img(), scratch, |col, ni, dximg, par| {
+        for (gi, wt) in lhs.iter().enumerate() {
             let dys = &dy[ni * g.out_img() + gi * og * np..ni * g.out_img() + (gi + 1) * og * np];
-            let wg = &w[gi * og * kk..(gi + 1) * og * kk];
             let dst = &mut dximg[gi * cghw..(gi + 1) * cghw];
             if g.pointwise() {
-                matmul(
-                    dst,
-                    View::rm(kk, np),
-                    false,
-                    wg,
-                    View::rm(og, kk).t(),
-                    dys,
-                    View::rm(og, np),
-                    par,
-                )?;
+                matmul_lhs(dst, View::rm(kk, np), false, wt, dys, View::rm(og, np), par)?;
             } else {
-                matmul(
-                    col,
-                    View::rm(kk, np),
-                    false,
-                    wg,
-                    View::rm(og, kk).t(),
-                    dys,
-                    View::rm(og, np),
-                    par,
-                )?;
+                matmul_lhs(col, View::rm(kk, np), false, wt, dys, View::rm(og, np), par)?;
                 g.col2im(col, dst);
             }
         }
@@ -408,6 +414,11 @@ pub(crate) fn input_grad<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> candle_core::R
 }
 
 /// `dw`: the gradient of `sum(conv(x, w) * dy)` in `w`.
+///
+/// Computed transposed, `dw^T (kk x og) += col (kk x np) · dy^T`, so that
+/// the large operand, the im2col matrix, is produced row by row straight
+/// into the GEMM's packed layout (never written out whole), and only the
+/// small `dy` is transposed.
 pub(crate) fn weight_grad<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> candle_core::Result<Vec<T>> {
     let (og, kk, np) = (g.og(), g.kk(), g.np());
     let cghw = g.cg() * g.h * g.w;
@@ -420,39 +431,33 @@ pub(crate) fn weight_grad<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> candle_core::
         Parallelism::None
     };
     let per = g.n.div_ceil(chunks.max(1)).max(1);
+    // Per chunk of images: dw^T of every group, (groups, kk, og).
     let partial: Vec<candle_core::Result<Vec<T>>> = (0..chunks)
         .into_par_iter()
         .map(|ci| {
-            let mut dw = vec![T::zero(); wlen];
-            let mut col = if g.pointwise() {
-                Vec::new()
-            } else {
-                vec![T::zero(); kk * np]
-            };
+            let mut dwt = vec![T::zero(); wlen];
             for ni in (ci * per)..((ci + 1) * per).min(g.n) {
                 for gi in 0..g.p.groups {
                     let xs = &x[ni * g.in_img() + gi * cghw..ni * g.in_img() + (gi + 1) * cghw];
-                    let rhs: &[T] = if g.pointwise() {
-                        xs
+                    let lhs = if g.pointwise() {
+                        Lhs::new(xs, View::rm(kk, np))?
                     } else {
-                        g.im2col(xs, &mut col);
-                        &col
+                        Lhs::from_rows(kk, np, |r, dst| g.im2col_row(xs, r, dst))
                     };
                     let dys =
                         &dy[ni * g.out_img() + gi * og * np..ni * g.out_img() + (gi + 1) * og * np];
-                    matmul(
-                        &mut dw[gi * og * kk..(gi + 1) * og * kk],
-                        View::rm(og, kk),
+                    matmul_lhs(
+                        &mut dwt[gi * og * kk..(gi + 1) * og * kk],
+                        View::rm(kk, og),
                         true,
+                        &lhs,
                         dys,
-                        View::rm(og, np),
-                        rhs,
-                        View::rm(kk, np).t(),
+                        View::rm(og, np).t(),
                         par,
                     )?;
                 }
             }
-            Ok(dw)
+            Ok(dwt)
         })
         .collect();
     let mut total: Option<Vec<T>> = None;
@@ -463,7 +468,17 @@ pub(crate) fn weight_grad<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> candle_core::
             Some(t) => t.iter_mut().zip(&p).for_each(|(a, b)| *a += *b),
         }
     }
-    Ok(total.unwrap_or_else(|| vec![T::zero(); wlen]))
+    let dwt = total.unwrap_or_else(|| vec![T::zero(); wlen]);
+    // (groups, kk, og) -> (groups, og, kk) = (o, cg, kh, kw).
+    let mut dw = vec![T::zero(); wlen];
+    for (src, dst) in dwt.chunks_exact(og * kk).zip(dw.chunks_exact_mut(og * kk)) {
+        for r in 0..kk {
+            for o in 0..og {
+                dst[o * kk + r] = src[r * og + o];
+            }
+        }
+    }
+    Ok(dw)
 }
 
 fn dims4(l: &Layout, what: &str) -> candle_core::Result<(usize, usize, usize, usize)> {

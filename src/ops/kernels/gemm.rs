@@ -75,10 +75,101 @@ impl View {
     }
 }
 
+/// The left operand of [`matmul_lhs`]: a strided matrix, packed for the
+/// AVX-512 kernel when the CPU has one and the element type is f32, so that
+/// one packing serves many products (a convolution's weights, for every
+/// image of the batch).
+pub(crate) struct Lhs<'a, T: Clone> {
+    data: std::borrow::Cow<'a, [T]>,
+    view: View,
+    #[cfg(target_arch = "x86_64")]
+    packed: Option<super::sgemm::PackedA>,
+}
+
+/// `s` as f32 values when `T` is f32.
+fn as_f32<T: Elem>(s: &[T]) -> Option<&[f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| {
+        // SAFETY: T is f32 (same type, same layout).
+        unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len()) }
+    })
+}
+
+/// `s` as mutable f32 values when `T` is f32.
+fn as_f32_mut<T: Elem>(s: &mut [T]) -> Option<&mut [f32]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| {
+        // SAFETY: T is f32 (same type, same layout).
+        unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut f32, s.len()) }
+    })
+}
+
+impl<'a, T: Elem> Lhs<'a, T> {
+    /// Wraps (and, for the AVX-512 kernel, packs) `view` of `data`. Errors
+    /// when the view does not fit the slice.
+    pub fn new(data: &'a [T], view: View) -> candle_core::Result<Self> {
+        if view.extent() > data.len() {
+            candle_core::bail!("aimass kernels: matmul lhs view out of bounds");
+        }
+        #[cfg(target_arch = "x86_64")]
+        let packed = match as_f32(data) {
+            Some(a) if super::sgemm::available() && view.rows > 0 && view.cols > 0 => {
+                Some(super::sgemm::PackedA::new(a, view))
+            }
+            _ => None,
+        };
+        Ok(Lhs {
+            data: std::borrow::Cow::Borrowed(data),
+            view,
+            #[cfg(target_arch = "x86_64")]
+            packed,
+        })
+    }
+}
+
+impl<T: Elem> Lhs<'static, T> {
+    /// A row-major `rows x cols` matrix produced row by row by
+    /// `fill(row, dst)`. The AVX-512 kernel packs each row as it comes
+    /// (the matrix is never stored whole); otherwise it is materialised.
+    pub fn from_rows(rows: usize, cols: usize, mut fill: impl FnMut(usize, &mut [T])) -> Self {
+        let view = View::rm(rows, cols);
+        #[cfg(target_arch = "x86_64")]
+        if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+            && super::sgemm::available()
+            && rows > 0
+            && cols > 0
+        {
+            let packed = super::sgemm::PackedA::from_rows(rows, cols, |r, dst| {
+                // SAFETY: T is f32 (checked above): same type, same layout.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut T, dst.len())
+                };
+                fill(r, dst)
+            });
+            return Lhs {
+                data: std::borrow::Cow::Owned(Vec::new()),
+                view,
+                packed: Some(packed),
+            };
+        }
+        let mut data = vec![T::zero(); rows * cols];
+        if cols > 0 {
+            for (r, dst) in data.chunks_exact_mut(cols).enumerate() {
+                fill(r, dst);
+            }
+        }
+        Lhs {
+            data: std::borrow::Cow::Owned(data),
+            view,
+            #[cfg(target_arch = "x86_64")]
+            packed: None,
+        }
+    }
+}
+
 /// `dst = (acc ? dst : 0) + lhs @ rhs` with shapes checked against the slices.
 ///
 /// Returns an error (never touches memory out of bounds) when the views do
 /// not fit their slices or the inner dimensions disagree.
+#[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul<T: Elem>(
     dst: &mut [T],
@@ -90,6 +181,20 @@ pub(crate) fn matmul<T: Elem>(
     rv: View,
     par: Parallelism,
 ) -> candle_core::Result<()> {
+    matmul_lhs(dst, dv, acc, &Lhs::new(lhs, lv)?, rhs, rv, par)
+}
+
+/// [`matmul`] with a prepared left operand.
+pub(crate) fn matmul_lhs<T: Elem>(
+    dst: &mut [T],
+    dv: View,
+    acc: bool,
+    lhs: &Lhs<'_, T>,
+    rhs: &[T],
+    rv: View,
+    par: Parallelism,
+) -> candle_core::Result<()> {
+    let lv = lhs.view;
     let (m, k, n) = (lv.rows, lv.cols, rv.cols);
     if rv.rows != k || dv.rows != m || dv.cols != n {
         candle_core::bail!(
@@ -99,7 +204,7 @@ pub(crate) fn matmul<T: Elem>(
             dv.cols
         );
     }
-    if dv.extent() > dst.len() || lv.extent() > lhs.len() || rv.extent() > rhs.len() {
+    if dv.extent() > dst.len() || rv.extent() > rhs.len() {
         candle_core::bail!("aimass kernels: matmul view out of bounds");
     }
     if m == 0 || n == 0 {
@@ -115,6 +220,22 @@ pub(crate) fn matmul<T: Elem>(
         }
         return Ok(());
     }
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(packed), Some(b), true) = (&lhs.packed, as_f32(rhs), dv.cs == 1) {
+        let threads = match par {
+            Parallelism::Rayon(t) => t.max(1),
+            _ => 1,
+        };
+        if let Some(c) = as_f32_mut(dst) {
+            // SAFETY: `packed` exists only when `available()` said so; the
+            // destination extent was checked above, it is borrowed mutably
+            // (no overlap with `rhs`), and `rv` fits `rhs` with
+            // `rv.rows == k == packed.cols()`.
+            unsafe { super::sgemm::gemm(c.as_mut_ptr(), dv.rs, n, acc, packed, b, rv, threads) };
+            return Ok(());
+        }
+    }
+    let lhs_data: &[T] = &lhs.data;
     // SAFETY: every view's extent was checked against its slice above, the
     // destination is borrowed mutably and cannot alias the inputs.
     unsafe {
@@ -126,7 +247,7 @@ pub(crate) fn matmul<T: Elem>(
             dv.cs as isize,
             dv.rs as isize,
             acc,
-            lhs.as_ptr(),
+            lhs_data.as_ptr(),
             lv.cs as isize,
             lv.rs as isize,
             rhs.as_ptr(),
@@ -146,4 +267,213 @@ pub(crate) fn matmul<T: Elem>(
 /// How many rayon threads the kernels may use.
 pub(crate) fn threads() -> usize {
     rayon::current_num_threads().max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// `dst (+)= lhs @ rhs` by the definition, in f64.
+    fn naive(dst: &mut [f32], dv: View, acc: bool, a: &[f32], av: View, b: &[f32], bv: View) {
+        for i in 0..av.rows {
+            for j in 0..bv.cols {
+                let mut s = 0.0f64;
+                for p in 0..av.cols {
+                    s += a[i * av.rs + p * av.cs] as f64 * b[p * bv.rs + j * bv.cs] as f64;
+                }
+                let d = &mut dst[i * dv.rs + j * dv.cs];
+                *d = if acc { *d + s as f32 } else { s as f32 };
+            }
+        }
+    }
+
+    /// Every path (AVX-512 with B in place or packed, the `gemm` crate for
+    /// transposed destinations) against the definition: ragged edges in
+    /// every dimension, k past one cache block, transposed operands,
+    /// accumulation, one and two threads.
+    #[test]
+    fn matmul_matches_definition() {
+        let shapes = [
+            (1, 1, 1),
+            (8, 32, 5),
+            (7, 33, 3),
+            (9, 17, 200),
+            (64, 196, 288),
+            (13, 16, 450),
+            (3, 70, 1),
+            (33, 4, 64),
+        ];
+        for (si, &(m, n, k)) in shapes.iter().enumerate() {
+            for (ta, tb, tc) in [
+                (false, false, false),
+                (true, false, false),
+                (false, true, false),
+                (true, true, false),
+                (false, false, true),
+            ] {
+                let av = if ta {
+                    View::rm(k, m).t()
+                } else {
+                    View::rm(m, k)
+                };
+                let bv = if tb {
+                    View::rm(n, k).t()
+                } else {
+                    View::rm(k, n)
+                };
+                let dv = if tc {
+                    View::rm(n, m).t()
+                } else {
+                    View::rm(m, n)
+                };
+                let a = values(m * k, si as u64 * 7 + 1);
+                let b = values(k * n, si as u64 * 7 + 2);
+                for acc in [false, true] {
+                    for par in [Parallelism::None, Parallelism::Rayon(2)] {
+                        let init = values(m * n, si as u64 * 7 + 3);
+                        let mut got = init.clone();
+                        matmul(&mut got, dv, acc, &a, av, &b, bv, par).unwrap();
+                        let mut want = init.clone();
+                        naive(&mut want, dv, acc, &a, av, &b, bv);
+                        for (g, w) in got.iter().zip(&want) {
+                            assert!(
+                                (g - w).abs() <= 1e-5 * (1.0 + k as f32),
+                                "{m}x{k}x{n} ta {ta} tb {tb} tc {tc} acc {acc}: {g} vs {w}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_rejects_bad_views() {
+        let a = vec![0.0f32; 6];
+        let mut d = vec![0.0f32; 4];
+        let r = matmul(
+            &mut d,
+            View::rm(2, 2),
+            false,
+            &a,
+            View::rm(2, 4),
+            &a,
+            View::rm(4, 2),
+            Parallelism::None,
+        );
+        assert!(r.is_err());
+        let r = matmul(
+            &mut d,
+            View::rm(2, 2),
+            false,
+            &a,
+            View::rm(2, 3),
+            &a,
+            View::rm(2, 2),
+            Parallelism::None,
+        );
+        assert!(r.is_err());
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    /// Single-thread GFLOP/s of the conv shapes, ours vs the gemm crate:
+    /// `cargo test --release --lib gemm_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn gemm_speed() {
+        let cases: [(&str, View, View); 4] = [
+            (
+                "fwd 64x288 @ 288x196",
+                View::rm(64, 288),
+                View::rm(288, 196),
+            ),
+            (
+                "dx 288x64(T) @ 64x196",
+                View::rm(64, 288).t(),
+                View::rm(64, 196),
+            ),
+            (
+                "dw 64x196 @ 196x288(T)",
+                View::rm(64, 196),
+                View::rm(288, 196).t(),
+            ),
+            (
+                "big 512x512 @ 512x512",
+                View::rm(512, 512),
+                View::rm(512, 512),
+            ),
+        ];
+        for (name, av, bv) in cases {
+            let (m, k, n) = (av.rows, av.cols, bv.cols);
+            let a = vec![0.5f32; m * k];
+            let b = vec![0.25f32; k * n];
+            let mut c = vec![0.0f32; m * n];
+            let flops = 2.0 * (m * k * n) as f64;
+            let iters = (2e9 / flops) as usize + 1;
+            for (label, portable) in [("ours", false), ("gemm crate", true)] {
+                let t = std::time::Instant::now();
+                for _ in 0..iters {
+                    if portable {
+                        unsafe {
+                            gemm::gemm(
+                                m,
+                                n,
+                                k,
+                                c.as_mut_ptr(),
+                                1,
+                                n as isize,
+                                false,
+                                a.as_ptr(),
+                                av.cs as isize,
+                                av.rs as isize,
+                                b.as_ptr(),
+                                bv.cs as isize,
+                                bv.rs as isize,
+                                1.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                Parallelism::None,
+                            )
+                        }
+                    } else {
+                        matmul(
+                            &mut c,
+                            View::rm(m, n),
+                            false,
+                            &a,
+                            av,
+                            &b,
+                            bv,
+                            Parallelism::None,
+                        )
+                        .unwrap();
+                    }
+                }
+                let s = t.elapsed().as_secs_f64();
+                println!(
+                    "{name:28} {label:10} {:7.1} GFLOP/s",
+                    flops * iters as f64 / s / 1e9
+                );
+            }
+        }
+    }
 }

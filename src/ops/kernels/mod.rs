@@ -55,6 +55,8 @@ mod batch_norm;
 mod conv;
 mod gemm;
 mod pool;
+#[cfg(target_arch = "x86_64")]
+mod sgemm;
 mod simd;
 mod util;
 
@@ -141,6 +143,7 @@ pub fn conv2d(
     dilation: (usize, usize),
     groups: usize,
 ) -> Result<Tensor> {
+    crate::device::tune_cpu_allocator();
     let p = conv_params(
         "kernels::conv2d",
         x,
@@ -169,6 +172,7 @@ pub fn conv2d_relu(
     dilation: (usize, usize),
     groups: usize,
 ) -> Result<Tensor> {
+    crate::device::tune_cpu_allocator();
     let p = conv_params(
         "kernels::conv2d_relu",
         x,
@@ -189,6 +193,7 @@ pub fn conv2d_relu(
 ///
 /// [`Error::InvalidArgument`] for tensors the kernels do not support.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
+    crate::device::tune_cpu_allocator();
     check_supported("kernels::relu", &[x])?;
     conv::relu(x).context("relu kernel")
 }
@@ -291,6 +296,7 @@ pub fn max_pool2d(
     stride: (usize, usize),
     padding: (usize, usize),
 ) -> Result<Tensor> {
+    crate::device::tune_cpu_allocator();
     let p = pool_params("kernels::max_pool2d", x, kernel, stride, padding)?;
     pool::max_pool(x, p).context("max_pool2d kernel")
 }
@@ -310,6 +316,7 @@ pub fn avg_pool2d(
     stride: (usize, usize),
     padding: (usize, usize),
 ) -> Result<Tensor> {
+    crate::device::tune_cpu_allocator();
     let p = pool_params("kernels::avg_pool2d", x, kernel, stride, padding)?;
     pool::avg_pool(x, p).context("avg_pool2d kernel")
 }
@@ -353,6 +360,7 @@ pub fn batch_norm_train(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<BatchNormTrainOutput> {
+    crate::device::tune_cpu_allocator();
     bn_impl("kernels::batch_norm_train", x, weight, bias, eps, false)
 }
 
@@ -368,6 +376,7 @@ pub fn batch_norm_relu_train(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<BatchNormTrainOutput> {
+    crate::device::tune_cpu_allocator();
     bn_impl("kernels::batch_norm_relu_train", x, weight, bias, eps, true)
 }
 
