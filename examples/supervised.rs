@@ -27,6 +27,7 @@ use aimass::data::{
 use aimass::nn::{
     init::seeded_var_builder, seq, ConvNet, ConvNetConfig, ResNet, ResNetConfig, SequentialT, Stem,
 };
+use aimass::optim::groups::varmap_single_group;
 use aimass::optim::{Adam, AdamConfig, ConstantLr, CosineAnnealingLr, Optimizer, Sgd, SgdConfig};
 use aimass::prelude::*;
 use aimass::train::{
@@ -192,12 +193,15 @@ fn main() -> Result<()> {
     } else {
         let lr = args.lr.unwrap_or(0.1);
         (
-            Box::new(Sgd::from_varmap(
+            // Weight decay on every parameter, biases and BatchNorm
+            // included, as the reference's `SGD(model.parameters(), ...)`
+            // (our default groups would exempt the 1-D parameters).
+            Box::new(Sgd::new(
                 SgdConfig::default()
                     .with_lr(lr)
                     .with_momentum(0.9)
                     .with_weight_decay(5e-4),
-                &varmap,
+                varmap_single_group(&varmap)?,
             )?),
             lr,
         )
