@@ -315,6 +315,8 @@ mod tests {
             (13, 16, 450),
             (3, 70, 1),
             (33, 4, 64),
+            // Enough rows that a row-major B is packed too.
+            (517, 37, 19),
         ];
         for (si, &(m, n, k)) in shapes.iter().enumerate() {
             for (ta, tb, tc) in [
@@ -398,7 +400,7 @@ mod speed {
     #[test]
     #[ignore]
     fn gemm_speed() {
-        let cases: [(&str, View, View); 4] = [
+        let cases = [
             (
                 "fwd 64x288 @ 288x196",
                 View::rm(64, 288),
@@ -418,6 +420,17 @@ mod speed {
                 "big 512x512 @ 512x512",
                 View::rm(512, 512),
                 View::rm(512, 512),
+            ),
+            ("1024^3", View::rm(1024, 1024), View::rm(1024, 1024)),
+            (
+                "fwd 128x1152 @ 1152x49",
+                View::rm(128, 1152),
+                View::rm(1152, 49),
+            ),
+            (
+                "fwd 32x288 @ 288x784",
+                View::rm(32, 288),
+                View::rm(288, 784),
             ),
         ];
         for (name, av, bv) in cases {

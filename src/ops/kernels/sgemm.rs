@@ -30,6 +30,10 @@ pub(crate) const NR: usize = 32;
 /// panel of `A` stay within a 32 KiB L1 cache.
 const KC: usize = 192;
 
+/// From this many rows of `A` on, `B` is packed even when it could be read
+/// in place (see [`gemm`]).
+const PACK_B_MIN_ROWS: usize = 512;
+
 /// Whether this CPU runs the AVX-512 kernel. Checked once; setting
 /// `AIMASS_CPU_GEMM=portable` in the environment turns it off (for
 /// comparisons), falling back to the `gemm` crate.
@@ -159,6 +163,15 @@ fn pack_b(b: &[f32], v: View) -> Vec<f32> {
         for (si, strip) in buf.chunks_exact_mut(NR * k).enumerate() {
             let c0 = si * NR;
             let cols = NR.min(n - c0);
+            if v.cs == 1 {
+                // Row-major B: each row of the strip is one contiguous copy.
+                for (p, dst) in strip.chunks_exact_mut(NR).enumerate() {
+                    let src = p * v.rs + c0;
+                    dst[..cols].copy_from_slice(&b[src..src + cols]);
+                    dst[cols..].fill(0.0);
+                }
+                continue;
+            }
             for j in 0..cols {
                 let col = (c0 + j) * v.cs;
                 if v.rs == 1 {
@@ -325,7 +338,12 @@ pub(crate) unsafe fn gemm(
         return;
     }
     let mut packed = Vec::new();
-    let rhs = if bv.cs == 1 {
+    // B is read in place when its rows are contiguous, unless many row
+    // panels of A will stream over it: then a packed copy (contiguous
+    // strips, no cache-set conflicts from a power-of-two row stride) pays
+    // for itself.
+    let in_place = bv.cs == 1 && m < PACK_B_MIN_ROWS;
+    let rhs = if in_place {
         RhsLayout {
             base: b.as_ptr() as usize,
             row_stride: bv.rs,
