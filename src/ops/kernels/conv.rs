@@ -1,4 +1,5 @@
-//! 2-D convolution on the CPU: im2col into the `gemm` crate, parallel over
+//! 2-D convolution on the CPU: im2col into a GEMM (our AVX-512 kernel,
+//! `sgemm.rs`, where the CPU has it, else the `gemm` crate), parallel over
 //! the batch with rayon.
 //!
 //! Three custom ops close under differentiation, so gradients of any order

@@ -6,7 +6,8 @@
 //! autograd works through them as through any candle op:
 //!
 //! * [`conv2d`] (and [`conv2d_relu`], with the ReLU fused in): im2col
-//!   (skipped for 1x1 convolutions) into the `gemm` crate, parallel over the
+//!   (skipped for 1x1 convolutions) into a GEMM (our own AVX-512 kernel
+//!   where the CPU has it, else the `gemm` crate), parallel over the
 //!   batch with rayon; stride, padding, dilation, groups, and the bias added
 //!   in the same pass. Its input and weight gradients are custom ops too,
 //!   whose own backward is again a convolution, so gradients of any order

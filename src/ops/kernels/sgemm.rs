@@ -56,7 +56,11 @@ fn take_buffer(len: usize) -> Vec<f32> {
     let mut v = BUFFERS
         .with(|b| {
             let mut b = b.borrow_mut();
-            let best = (0..b.len()).max_by_key(|&i| b[i].capacity())?;
+            // The smallest buffer that fits, else the largest (to grow).
+            let fits = (0..b.len())
+                .filter(|&i| b[i].capacity() >= len)
+                .min_by_key(|&i| b[i].capacity());
+            let best = fits.or_else(|| (0..b.len()).max_by_key(|&i| b[i].capacity()))?;
             Some(b.swap_remove(best))
         })
         .unwrap_or_default();
@@ -87,38 +91,18 @@ impl PackedA {
     /// Packs the `m x k` matrix `v` of `a` (any strides; bounds checked by
     /// the caller).
     pub fn new(a: &[f32], v: View) -> Self {
-        let (m, k) = (v.rows, v.cols);
-        let panels = m.div_ceil(MR);
-        let mut buf = take_buffer(panels * MR * k);
-        if k > 0 {
-            for (pi, panel) in buf.chunks_exact_mut(MR * k).enumerate() {
-                let r0 = pi * MR;
-                let rows = MR.min(m - r0);
-                for i in 0..rows {
-                    let row = (r0 + i) * v.rs;
-                    if v.cs == 1 {
-                        let src = &a[row..row + k];
-                        for (p, x) in src.iter().enumerate() {
-                            panel[p * MR + i] = *x;
-                        }
-                    } else {
-                        for p in 0..k {
-                            panel[p * MR + i] = a[row + p * v.cs];
-                        }
-                    }
-                }
-                if rows < MR {
-                    for group in panel.chunks_exact_mut(MR) {
-                        group[rows..].fill(0.0);
-                    }
+        Self::from_rows(v.rows, v.cols, |r, dst| {
+            let row = r * v.rs;
+            if v.cs == 1 {
+                dst.copy_from_slice(&a[row..row + dst.len()]);
+            } else {
+                for (p, d) in dst.iter_mut().enumerate() {
+                    *d = a[row + p * v.cs];
                 }
             }
-        }
-        PackedA { buf, m, k }
+        })
     }
-}
 
-impl PackedA {
     /// Packs the row-major `m x k` matrix whose row `r` `fill(r, dst)`
     /// writes into `dst` (`k` values): each row goes through a small
     /// buffer straight into its panel.
