@@ -156,6 +156,19 @@ fn cases() -> Vec<Case> {
         groups: 2,
         ..base
     });
+    // Stride 1 with an even, non-square kernel and asymmetric padding (the
+    // input gradient runs as a "full" convolution), and with padding beyond
+    // the kernel's reach (it cannot: the column path runs).
+    v.push(Case {
+        kh: 2,
+        kw: 3,
+        pad: (1, 0),
+        ..base
+    });
+    v.push(Case {
+        pad: (3, 2),
+        ..base
+    });
     v.push(Case {
         c: 6,
         o: 6,
