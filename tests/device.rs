@@ -45,3 +45,17 @@ fn aimass_device_env_var() {
     assert!(auto.is_cpu() && best_device().unwrap().is_cpu());
     let _ = auto;
 }
+
+/// The allocator settings take effect on Linux with glibc (unless opted
+/// out), nowhere else, and the answer does not change between calls.
+#[test]
+fn cpu_allocator_tuning() {
+    let first = aimass::device::tune_cpu_allocator();
+    let opted_out = std::env::var("AIMASS_CPU_MALLOC").is_ok_and(|v| v == "system");
+    let expected = cfg!(all(target_os = "linux", target_env = "gnu")) && !opted_out;
+    assert_eq!(first, expected);
+    assert_eq!(aimass::device::tune_cpu_allocator(), first);
+    // Allocation still works after the change, large blocks included.
+    let v = vec![1.0f32; 40 << 20];
+    assert_eq!(v[v.len() - 1], 1.0);
+}
