@@ -179,6 +179,26 @@ impl Geom {
         let plane = &x[ci * self.h * self.w..(ci + 1) * self.h * self.w];
         let (olo, ohi) = Self::valid_range(self.oh, self.h, ki, sh, ph, dh);
         let (wlo, whi) = Self::valid_range(self.ow, self.w, kj, sw, pw, dw);
+        if (sh, sw) == (1, 1) && self.ow == self.w && olo < ohi && wlo < whi {
+            // "Same"-size stride-1 convolution: output and input rows have
+            // one length, so the valid window is the plane shifted by one
+            // offset. One copy of the whole span, then zero what lies
+            // outside the window (the ends of each row, rows out of range),
+            // instead of a short copy per output row.
+            let w = self.w;
+            let shift = (ki * dh * w + kj * dw) as isize - (ph * w + pw) as isize;
+            let (first, last) = (olo * w + wlo, (ohi - 1) * w + whi);
+            let from = (first as isize + shift) as usize;
+            dst[first..last].copy_from_slice(&plane[from..from + (last - first)]);
+            dst[..first].fill(T::zero());
+            dst[last..].fill(T::zero());
+            for oi in olo..ohi {
+                let row = &mut dst[oi * w..(oi + 1) * w];
+                row[..wlo].fill(T::zero());
+                row[whi..].fill(T::zero());
+            }
+            return;
+        }
         for oi in 0..self.oh {
             let drow = &mut dst[oi * self.ow..(oi + 1) * self.ow];
             if oi < olo || oi >= ohi || wlo >= whi {
