@@ -86,20 +86,32 @@ pub(crate) struct Lhs<'a, T: Clone> {
     packed: Option<super::sgemm::PackedA>,
 }
 
-/// `s` as f32 values when `T` is f32.
-fn as_f32<T: Elem>(s: &[T]) -> Option<&[f32]> {
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| {
-        // SAFETY: T is f32 (same type, same layout).
-        unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len()) }
+/// `s` as a slice of `U` when `T` and `U` are the same type.
+#[cfg(target_arch = "x86_64")]
+fn same_type<T: 'static, U: 'static>(s: &[T]) -> Option<&[U]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<U>()).then(|| {
+        // SAFETY: T and U are the same type (same layout).
+        unsafe { std::slice::from_raw_parts(s.as_ptr() as *const U, s.len()) }
     })
 }
 
-/// `s` as mutable f32 values when `T` is f32.
-fn as_f32_mut<T: Elem>(s: &mut [T]) -> Option<&mut [f32]> {
-    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| {
-        // SAFETY: T is f32 (same type, same layout).
-        unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut f32, s.len()) }
+/// `s` as a mutable slice of `U` when `T` and `U` are the same type.
+#[cfg(target_arch = "x86_64")]
+fn same_type_mut<T: 'static, U: 'static>(s: &mut [T]) -> Option<&mut [U]> {
+    (std::any::TypeId::of::<T>() == std::any::TypeId::of::<U>()).then(|| {
+        // SAFETY: T and U are the same type (same layout).
+        unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut U, s.len()) }
     })
+}
+
+/// Whether a `view`-shaped left operand of element type `T` goes to the
+/// AVX-512 kernel (f32, a CPU that has it, not empty).
+#[cfg(target_arch = "x86_64")]
+fn packs<T: 'static>(view: View) -> bool {
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && super::sgemm::available()
+        && view.rows > 0
+        && view.cols > 0
 }
 
 impl<'a, T: Elem> Lhs<'a, T> {
@@ -110,10 +122,8 @@ impl<'a, T: Elem> Lhs<'a, T> {
             candle_core::bail!("aimass kernels: matmul lhs view out of bounds");
         }
         #[cfg(target_arch = "x86_64")]
-        let packed = match as_f32(data) {
-            Some(a) if super::sgemm::available() && view.rows > 0 && view.cols > 0 => {
-                Some(super::sgemm::PackedA::new(a, view))
-            }
+        let packed = match same_type::<T, f32>(data) {
+            Some(a) if packs::<T>(view) => Some(super::sgemm::PackedA::new(a, view)),
             _ => None,
         };
         Ok(Lhs {
@@ -132,17 +142,12 @@ impl<T: Elem> Lhs<'static, T> {
     pub fn from_rows(rows: usize, cols: usize, mut fill: impl FnMut(usize, &mut [T])) -> Self {
         let view = View::rm(rows, cols);
         #[cfg(target_arch = "x86_64")]
-        if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
-            && super::sgemm::available()
-            && rows > 0
-            && cols > 0
-        {
+        if packs::<T>(view) {
             let packed = super::sgemm::PackedA::from_rows(rows, cols, |r, dst| {
-                // SAFETY: T is f32 (checked above): same type, same layout.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut T, dst.len())
-                };
-                fill(r, dst)
+                // Always `Some`: `packs` checked that T is f32.
+                if let Some(dst) = same_type_mut::<f32, T>(dst) {
+                    fill(r, dst)
+                }
             });
             return Lhs {
                 data: std::borrow::Cow::Owned(Vec::new()),
@@ -221,12 +226,12 @@ pub(crate) fn matmul_lhs<T: Elem>(
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
-    if let (Some(packed), Some(b), true) = (&lhs.packed, as_f32(rhs), dv.cs == 1) {
+    if let (Some(packed), Some(b), true) = (&lhs.packed, same_type::<T, f32>(rhs), dv.cs == 1) {
         let threads = match par {
             Parallelism::Rayon(t) => t.max(1),
             _ => 1,
         };
-        if let Some(c) = as_f32_mut(dst) {
+        if let Some(c) = same_type_mut::<T, f32>(dst) {
             // SAFETY: `packed` exists only when `available()` said so; the
             // destination extent was checked above, it is borrowed mutably
             // (no overlap with `rhs`), and `rv` fits `rhs` with

@@ -83,6 +83,10 @@ pub(crate) fn supports_pool(x: &Tensor) -> bool {
     supports(x)
 }
 
+/// Checks that the kernels take `ts` (CPU, f32/f64, one dtype). Every
+/// entry point validates its operands here before running a kernel, so this
+/// is also where the CPU allocator gets tuned, once per process
+/// ([`crate::device::tune_cpu_allocator`]).
 fn check_supported(op: &str, ts: &[&Tensor]) -> Result<()> {
     let first = ts.first().map(|t| t.dtype());
     for t in ts {
@@ -108,6 +112,7 @@ fn check_supported(op: &str, ts: &[&Tensor]) -> Result<()> {
             ));
         }
     }
+    crate::device::tune_cpu_allocator();
     Ok(())
 }
 
@@ -144,7 +149,6 @@ pub fn conv2d(
     dilation: (usize, usize),
     groups: usize,
 ) -> Result<Tensor> {
-    crate::device::tune_cpu_allocator();
     let p = conv_params(
         "kernels::conv2d",
         x,
@@ -173,7 +177,6 @@ pub fn conv2d_relu(
     dilation: (usize, usize),
     groups: usize,
 ) -> Result<Tensor> {
-    crate::device::tune_cpu_allocator();
     let p = conv_params(
         "kernels::conv2d_relu",
         x,
@@ -194,7 +197,6 @@ pub fn conv2d_relu(
 ///
 /// [`Error::InvalidArgument`] for tensors the kernels do not support.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    crate::device::tune_cpu_allocator();
     check_supported("kernels::relu", &[x])?;
     conv::relu(x).context("relu kernel")
 }
@@ -297,7 +299,6 @@ pub fn max_pool2d(
     stride: (usize, usize),
     padding: (usize, usize),
 ) -> Result<Tensor> {
-    crate::device::tune_cpu_allocator();
     let p = pool_params("kernels::max_pool2d", x, kernel, stride, padding)?;
     pool::max_pool(x, p).context("max_pool2d kernel")
 }
@@ -317,7 +318,6 @@ pub fn avg_pool2d(
     stride: (usize, usize),
     padding: (usize, usize),
 ) -> Result<Tensor> {
-    crate::device::tune_cpu_allocator();
     let p = pool_params("kernels::avg_pool2d", x, kernel, stride, padding)?;
     pool::avg_pool(x, p).context("avg_pool2d kernel")
 }
@@ -361,7 +361,6 @@ pub fn batch_norm_train(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<BatchNormTrainOutput> {
-    crate::device::tune_cpu_allocator();
     bn_impl("kernels::batch_norm_train", x, weight, bias, eps, false)
 }
 
@@ -377,7 +376,6 @@ pub fn batch_norm_relu_train(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<BatchNormTrainOutput> {
-    crate::device::tune_cpu_allocator();
     bn_impl("kernels::batch_norm_relu_train", x, weight, bias, eps, true)
 }
 
