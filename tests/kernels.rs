@@ -108,6 +108,17 @@ fn cases() -> Vec<Case> {
         groups: 1,
     };
     v.push(base);
+    // "Same" 3x3 convolutions with at least 8 channels each way run the
+    // Winograd form (forward and input gradient): odd and even sizes.
+    v.push(Case { c: 8, o: 9, ..base });
+    v.push(Case {
+        n: 3,
+        c: 9,
+        h: 4,
+        w: 5,
+        o: 8,
+        ..base
+    });
     v.push(Case {
         pad: (0, 0),
         ..base
@@ -156,9 +167,8 @@ fn cases() -> Vec<Case> {
         groups: 2,
         ..base
     });
-    // Stride 1 with an even, non-square kernel and asymmetric padding (the
-    // input gradient runs as a "full" convolution), and with padding beyond
-    // the kernel's reach (it cannot: the column path runs).
+    // Stride 1 with an even, non-square kernel and asymmetric padding, and
+    // with padding beyond the kernel's reach.
     v.push(Case {
         kh: 2,
         kw: 3,

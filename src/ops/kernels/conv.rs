@@ -19,6 +19,7 @@ use rayon::prelude::*;
 use super::gemm::{matmul_lhs, threads, Elem, Lhs, Parallelism, View};
 use super::simd;
 use super::util::{contiguous_slice, needs_grad, zero_grad};
+use super::winograd::{self, Same3x3};
 
 /// Stride, padding, dilation and groups of a convolution (each `(h, w)`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +122,23 @@ impl Geom {
     /// im2col matrix.
     fn pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.p.stride == (1, 1) && self.p.padding == (0, 0)
+    }
+    /// These sizes as a "same" 3x3 convolution (stride 1, padding 1, no
+    /// dilation, one group) when they are one and the Winograd form pays.
+    fn winograd(&self) -> Option<Same3x3> {
+        let same = (self.kh, self.kw) == (3, 3)
+            && self.p.stride == (1, 1)
+            && self.p.padding == (1, 1)
+            && self.p.dilation == (1, 1)
+            && self.p.groups == 1;
+        let s = Same3x3 {
+            n: self.n,
+            c: self.c,
+            o: self.o,
+            h: self.h,
+            w: self.w,
+        };
+        (same && s.worthwhile()).then_some(s)
     }
     fn x_shape(&self) -> Shape {
         Shape::from((self.n, self.c, self.h, self.w))
@@ -327,6 +345,17 @@ pub(crate) fn forward<T: Elem>(
             );
         }
     }
+    if let Some(s) = g.winograd() {
+        let epilogue = |plane: &mut [T], ch: usize| {
+            if let Some(b) = bias {
+                simd::add_scalar(plane, b[ch]);
+            }
+            if relu {
+                simd::relu_in_place(plane);
+            }
+        };
+        return winograd::forward(&s, x, w, &epilogue);
+    }
     let (og, kk, np) = (g.og(), g.kk(), g.np());
     let cghw = g.cg() * g.h * g.w;
     let scratch = if g.pointwise() { 0 } else { kk * np };
@@ -411,6 +440,9 @@ pub(crate) fn sum_slice<T: Elem>(v: &[T]) -> T {
 
 /// `dx = conv^T(dy, w)`: the gradient of `sum(conv(x, w) * dy)` in `x`.
 pub(crate) fn input_grad<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> candle_core::Result<Vec<T>> {
+    if let Some(s) = g.winograd() {
+        return winograd::input_grad(&s, dy, w);
+    }
     let (og, kk, np) = (g.og(), g.kk(), g.np());
     let cghw = g.cg() * g.h * g.w;
     let scratch = if g.pointwise() { 0 } else { kk * np };

@@ -60,6 +60,7 @@ mod pool;
 mod sgemm;
 mod simd;
 mod util;
+mod winograd;
 
 use candle_core::{DType, Device, Tensor};
 

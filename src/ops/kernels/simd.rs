@@ -31,6 +31,7 @@ macro_rules! multiversion {
         }
     };
 }
+pub(crate) use multiversion;
 
 multiversion! {
     /// `y = x * a + b` (then ReLU).

@@ -1,0 +1,645 @@
+//! Winograd F(2x2, 3x3): "same" 3x3 convolutions (stride 1, padding 1,
+//! dilation 1, one group) with 2.25x fewer multiplications than im2col.
+//!
+//! The output is cut into 2x2 tiles; each tile needs the 4x4 input patch
+//! around it. With the transforms of Lavin & Gray (2016),
+//!
+//! ```text
+//! V = Bᵀ d B   (4x4 input patch → 16 values)
+//! U = G g Gᵀ   (3x3 kernel      → 16 values)
+//! Y = Aᵀ [U ⊙ V] A  (16 values  → 2x2 output tile)
+//! ```
+//!
+//! and summing over input channels inside the `⊙`, a convolution becomes 16
+//! independent GEMMs, `M[ξ] (o x tiles) = U[ξ] (o x c) · V[ξ] (c x tiles)`,
+//! one per position `ξ` of the 4x4 transform domain, against 9 products per
+//! output in the direct form over 4 outputs: 16 / (4 · 9 / 4) = 1 / 2.25.
+//!
+//! The input gradient of such a convolution is again one (of `dy` with the
+//! kernel flipped and its channel axes swapped), so both run here; the
+//! weight gradient stays on im2col. The transforms are sums and differences
+//! only (exact up to rounding, no division), so f32 results match the direct
+//! form to a few ulps of the inputs' magnitude.
+//!
+//! Turned off (im2col everywhere) by `AIMASS_CPU_CONV=im2col`.
+
+// The transforms index several fixed-size lane arrays with one counter.
+#![allow(clippy::needless_range_loop)]
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::gemm::{matmul_lhs, threads, Elem, Lhs, Parallelism, View};
+use super::simd::multiversion;
+
+/// Vector width the transforms are written for (fixed-size arrays the
+/// compiler turns into SIMD).
+const L: usize = 8;
+
+/// Whether the Winograd path may run (`AIMASS_CPU_CONV=im2col` turns it off).
+fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("AIMASS_CPU_CONV").map_or(true, |v| v != "im2col"))
+}
+
+/// Sizes of one "same" 3x3 convolution: `n` images of `c x h x w` in,
+/// `o x h x w` out.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Same3x3 {
+    pub n: usize,
+    pub c: usize,
+    pub o: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Same3x3 {
+    /// Whether the Winograd form pays for these sizes: both channel counts
+    /// are the GEMM's inner and row dimensions, too few of either and the
+    /// transforms cost more than they save (a 1-channel stem).
+    pub fn worthwhile(&self) -> bool {
+        enabled() && self.c >= 8 && self.o >= 8 && self.h >= 2 && self.w >= 2
+    }
+    fn th(&self) -> usize {
+        self.h.div_ceil(2)
+    }
+    fn tw(&self) -> usize {
+        self.w.div_ceil(2)
+    }
+    /// Tiles per image.
+    fn tiles(&self) -> usize {
+        self.th() * self.tw()
+    }
+    /// Images per work item: enough tiles for full 32-column GEMM strips,
+    /// few enough that the transformed input (16 x c x tiles) stays within
+    /// half of a 1 MiB L2 cache.
+    fn images_per_chunk(&self) -> usize {
+        let t = self.tiles().max(1);
+        let bytes = |b: usize| 16 * self.c * b * t * std::mem::size_of::<f32>();
+        let mut best = (1, 0.0f64);
+        for b in 1..=self.n.clamp(1, 16) {
+            if b > 1 && bytes(b) > 512 << 10 {
+                break;
+            }
+            let cols = b * t;
+            // Share of the 32-lane strips that carries data; small column
+            // counts are penalised for the per-strip overhead.
+            let fill = cols as f64 / (cols.div_ceil(32) * 32) as f64;
+            let score = fill * (cols as f64 / (cols as f64 + 32.0));
+            if score > best.1 + 1e-9 {
+                best = (b, score);
+            }
+        }
+        // Leave a few work items per thread.
+        let per_thread = self.n.div_ceil(2 * threads()).max(1);
+        best.0.min(per_thread)
+    }
+    /// Output channels per block of the GEMMs and output transform: the
+    /// block's 16 x rows x cols products stay within a quarter of L2.
+    fn out_block(&self, cols: usize) -> usize {
+        let rows = (256 << 10) / (16 * std::mem::size_of::<f32>() * cols.max(1));
+        (rows / 8 * 8).clamp(8, self.o.div_ceil(8) * 8)
+    }
+}
+
+/// `U = G g Gᵀ` of one 3x3 kernel `g` (row-major) into 16 values.
+fn kernel_transform<T: Elem>(g: [T; 9]) -> [T; 16] {
+    let half = T::from_f64(0.5);
+    // G g: 4x3.
+    let mut t = [T::zero(); 12];
+    for col in 0..3 {
+        let (g0, g1, g2) = (g[col], g[3 + col], g[6 + col]);
+        t[col] = g0;
+        t[3 + col] = (g0 + g1 + g2) * half;
+        t[6 + col] = (g0 - g1 + g2) * half;
+        t[9 + col] = g2;
+    }
+    // (G g) Gᵀ: 4x4.
+    let mut u = [T::zero(); 16];
+    for row in 0..4 {
+        let (a, b, c) = (t[row * 3], t[row * 3 + 1], t[row * 3 + 2]);
+        u[row * 4] = a;
+        u[row * 4 + 1] = (a + b + c) * half;
+        u[row * 4 + 2] = (a - b + c) * half;
+        u[row * 4 + 3] = c;
+    }
+    u
+}
+
+/// The transformed weights, `U[ξ]` (`rows x cols`: `rows` output channels
+/// of the product, `cols` inner), prepared as left operands per block of
+/// `block` rows: entry `[blk][ξ]`. `kernel(r, q)` returns the 3x3 kernel
+/// linking product row `r` to inner index `q`.
+fn transformed_weights<'a, T: Elem>(
+    rows: usize,
+    cols: usize,
+    block: usize,
+    kernel: impl Fn(usize, usize) -> [T; 9],
+    store: &'a mut Vec<T>,
+) -> candle_core::Result<Vec<Vec<Lhs<'a, T>>>> {
+    let plane = rows * cols;
+    store.clear();
+    store.resize(16 * plane, T::zero());
+    for r in 0..rows {
+        for q in 0..cols {
+            let u = kernel_transform(kernel(r, q));
+            for (xi, v) in u.iter().enumerate() {
+                store[xi * plane + r * cols + q] = *v;
+            }
+        }
+    }
+    let store: &'a [T] = store;
+    (0..rows)
+        .step_by(block.max(1))
+        .map(|r0| {
+            let n = block.min(rows - r0);
+            (0..16)
+                .map(|xi| {
+                    let at = xi * plane + r0 * cols;
+                    Lhs::new(&store[at..at + n * cols], View::rm(n, cols))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// `L` values of `s` from `at` (the caller keeps `at + L <= s.len()`).
+#[inline(always)]
+fn load<T: Elem>(s: &[T], at: usize) -> [T; L] {
+    let mut v = [T::zero(); L];
+    v.copy_from_slice(&s[at..at + L]);
+    v
+}
+
+#[inline(always)]
+fn add<T: Elem>(a: [T; L], b: [T; L]) -> [T; L] {
+    let mut r = a;
+    for i in 0..L {
+        r[i] = a[i] + b[i];
+    }
+    r
+}
+
+#[inline(always)]
+fn sub<T: Elem>(a: [T; L], b: [T; L]) -> [T; L] {
+    let mut r = a;
+    for i in 0..L {
+        r[i] = a[i] - b[i];
+    }
+    r
+}
+
+/// Length of one half (even or odd columns) of a split input row: room for
+/// `tw + 1` values and the transform's full-vector loads at `j + 1`.
+fn half_row(tw: usize) -> usize {
+    (tw + 1).div_ceil(L) * L + L
+}
+
+multiversion! {
+    /// Splits the rows of one `h x w` plane into even and odd columns:
+    /// padded row `r` (input row `r - 1`) holds `even[j]` = column `2j` and
+    /// `odd[j]` = column `2j - 1` at `split[r * 2 * half..]` (even, then odd
+    /// at `+ half`). Positions outside the plane are never written (the
+    /// caller zeroes `split` once per geometry).
+    fn split_rows<T>(s: &Same3x3, plane: &[T], split: &mut [T]) -> () {
+        let (h, w) = (s.h, s.w);
+        let half = half_row(s.tw());
+        for r in 0..h {
+            let src = &plane[r * w..(r + 1) * w];
+            let (even, odd) = split[(r + 1) * 2 * half..(r + 2) * 2 * half].split_at_mut(half);
+            let pairs = src.chunks_exact(2);
+            if let [last] = pairs.remainder() {
+                even[w / 2] = *last;
+            }
+            for ((p, e), o) in pairs.zip(even.iter_mut()).zip(odd[1..].iter_mut()) {
+                *e = p[0];
+                *o = p[1];
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `V = Bᵀ d B` of every tile of one plane (split by [`split_rows`]):
+    /// tile `t = i * tw + j` goes to `dst[ξ * stride + t]`. Each tile row is
+    /// written in whole vectors, so up to `L - 1` values past its end are
+    /// overwritten (the caller writes those later or leaves them unused).
+    fn input_tiles<T>(s: &Same3x3, split: &[T], dst: &mut [T], stride: usize) -> () {
+        let (th, tw) = (s.th(), s.tw());
+        let half = half_row(tw);
+        for i in 0..th {
+            let row = |k: usize| {
+                let r = 2 * i + k;
+                split[r * 2 * half..(r + 1) * 2 * half].split_at(half)
+            };
+            let rws = [row(0), row(1), row(2), row(3)];
+            let mut j = 0;
+            while j < tw {
+                // d B for each of the 4 patch rows: columns (2j-1, 2j,
+                // 2j+1, 2j+2) = (odd[j], even[j], odd[j+1], even[j+1]).
+                let mut db = [[[T::zero(); L]; 4]; 4];
+                for (d, (e, o)) in db.iter_mut().zip(rws) {
+                    let (s0, s1) = (load(o, j), load(e, j));
+                    let (s2, s3) = (load(o, j + 1), load(e, j + 1));
+                    *d = [sub(s0, s2), add(s1, s2), sub(s2, s1), sub(s1, s3)];
+                }
+                let base = i * tw + j;
+                for col in 0..4 {
+                    let v = [
+                        sub(db[0][col], db[2][col]),
+                        add(db[1][col], db[2][col]),
+                        sub(db[2][col], db[1][col]),
+                        sub(db[1][col], db[3][col]),
+                    ];
+                    for (row, vv) in v.iter().enumerate() {
+                        let at = (row * 4 + col) * stride + base;
+                        dst[at..at + L].copy_from_slice(vv);
+                    }
+                }
+                j += L;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `Y = Aᵀ M A` of every tile of one output plane: reads `M[ξ][t]` at
+    /// `m[ξ * stride + t]` and writes the plane at `out[at..at + h * w]`.
+    /// Rows are written in whole vectors, spilling up to `2L - 1` values
+    /// past a row's end into what comes after it in `out` (written later by
+    /// the caller), except where `out` ends. `tile` is scratch.
+    fn output_tiles<T>(
+        s: &Same3x3,
+        m: &[T],
+        stride: usize,
+        out: &mut [T],
+        at: usize,
+        tile: &mut [T],
+    ) -> () {
+        let (h, w, th, tw) = (s.h, s.w, s.th(), s.tw());
+        let tp = tw.div_ceil(L) * L;
+        for i in 0..th {
+            let mut j = 0;
+            while j < tw {
+                let mut mv = [[T::zero(); L]; 16];
+                for (xi, v) in mv.iter_mut().enumerate() {
+                    *v = load(m, xi * stride + i * tw + j);
+                }
+                // Aᵀ m: rows (m0 + m1 + m2, m1 - m2 - m3) for each column.
+                let (mut r0, mut r1) = ([[T::zero(); L]; 4], [[T::zero(); L]; 4]);
+                for c in 0..4 {
+                    r0[c] = add(add(mv[c], mv[4 + c]), mv[8 + c]);
+                    r1[c] = sub(sub(mv[4 + c], mv[8 + c]), mv[12 + c]);
+                }
+                // (Aᵀ m) A.
+                let y = [
+                    add(add(r0[0], r0[1]), r0[2]),
+                    sub(sub(r0[1], r0[2]), r0[3]),
+                    add(add(r1[0], r1[1]), r1[2]),
+                    sub(sub(r1[1], r1[2]), r1[3]),
+                ];
+                for (q, v) in y.iter().enumerate() {
+                    tile[q * tp + j..q * tp + j + L].copy_from_slice(v);
+                }
+                j += L;
+            }
+            // Output rows 2i and 2i + 1: even columns from tile output
+            // column 0, odd ones from column 1.
+            for dr in 0..2 {
+                let oy = 2 * i + dr;
+                if oy >= h {
+                    break;
+                }
+                let mut j = 0;
+                while j < tw {
+                    let (e, o) = (load(tile, 2 * dr * tp + j), load(tile, (2 * dr + 1) * tp + j));
+                    let mut pair = [T::zero(); 2 * L];
+                    for q in 0..L {
+                        pair[2 * q] = e[q];
+                        pair[2 * q + 1] = o[q];
+                    }
+                    let x = at + oy * w + 2 * j;
+                    let end = at + (oy + 1) * w;
+                    if x + 2 * L <= out.len() {
+                        out[x..x + 2 * L].copy_from_slice(&pair);
+                    } else {
+                        out[x..end].copy_from_slice(&pair[..end - x]);
+                    }
+                    j += L;
+                }
+            }
+        }
+    }
+}
+
+/// Runs the convolution of `x` (`n x c x h x w`) with the prepared `U`
+/// (`o x c` per ξ) into a fresh `n x o x h x w` output; `epilogue(plane,
+/// channel)` runs on each finished output plane (bias, ReLU).
+fn run<T: Elem>(
+    s: &Same3x3,
+    x: &[T],
+    u: &[Vec<Lhs<'_, T>>],
+    ob: usize,
+    epilogue: &(dyn Fn(&mut [T], usize) + Sync),
+) -> candle_core::Result<Vec<T>> {
+    let (c, o, hw, t) = (s.c, s.o, s.h * s.w, s.tiles());
+    let b = s.images_per_chunk();
+    let mut y = vec![T::zero(); s.n * o * hw];
+    if y.is_empty() {
+        return Ok(y);
+    }
+    let nchunks = s.n.div_ceil(b);
+    let nt = threads();
+    let inner = if nchunks < nt && nt > 1 {
+        Parallelism::Rayon(nt)
+    } else {
+        Parallelism::None
+    };
+    let half = half_row(s.tw());
+    let tp = s.tw().div_ceil(L) * L;
+    // Per worker: V (16 blocks of c x cols, each followed by L values the
+    // tile rows may spill into), M (16 x o x cols, + L for the last full
+    // loads), the split rows of one plane and one tile row of outputs.
+    let work = |bufs: &mut [Vec<T>; 4], (ci, ychunk): (usize, &mut [T])| {
+        let [v, m, split, tile] = bufs;
+        let imgs = ychunk.len() / (o * hw);
+        let cols = imgs * t;
+        let vstride = c * cols + L;
+        v.resize(16 * vstride, T::zero());
+        m.resize(16 * ob.min(o) * cols + L, T::zero());
+        split.clear();
+        split.resize((2 * s.th() + 2) * 2 * half, T::zero());
+        tile.resize(4 * tp, T::zero());
+        let x0 = ci * b * c * hw;
+        // Channel-major, images inner, tile rows in order: every spill of a
+        // tile row lands on values written after it.
+        for ch in 0..c {
+            for li in 0..imgs {
+                let at = x0 + (li * c + ch) * hw;
+                split_rows(s, &x[at..at + hw], split);
+                input_tiles(s, split, &mut v[ch * cols + li * t..], vstride);
+            }
+        }
+        // Per block of output channels: the 16 products, then the output
+        // transform of the block's planes, in memory order within each
+        // image (row spills land on later planes; the planes of the next
+        // block are written by its own pass).
+        for (bi, ub) in u.iter().enumerate() {
+            let (o0, on) = (bi * ob, ub.first().map_or(0, |l| l.rows()));
+            for (xi, lhs) in ub.iter().enumerate() {
+                matmul_lhs(
+                    &mut m[xi * on * cols..(xi + 1) * on * cols],
+                    View::rm(on, cols),
+                    false,
+                    lhs,
+                    &v[xi * vstride..xi * vstride + c * cols],
+                    View::rm(c, cols),
+                    inner,
+                )?;
+            }
+            for li in 0..imgs {
+                for k in 0..on {
+                    let at = (li * o + o0 + k) * hw;
+                    let end = (li * o + o0 + on) * hw;
+                    output_tiles(
+                        s,
+                        &m[k * cols + li * t..],
+                        on * cols,
+                        &mut ychunk[..end],
+                        at,
+                        tile,
+                    );
+                    epilogue(&mut ychunk[at..at + hw], o0 + k);
+                }
+            }
+        }
+        Ok::<(), candle_core::Error>(())
+    };
+    let chunk = b * o * hw;
+    if matches!(inner, Parallelism::None) && nt > 1 {
+        y.par_chunks_mut(chunk)
+            .enumerate()
+            .try_for_each_init(|| std::array::from_fn(|_| Vec::new()), work)?;
+    } else {
+        let mut bufs = std::array::from_fn(|_| Vec::new());
+        for item in y.chunks_mut(chunk).enumerate() {
+            work(&mut bufs, item)?;
+        }
+    }
+    Ok(y)
+}
+
+/// The 3x3 kernel `w[oi, ci]` (weights `o x c x 3 x 3`).
+fn kernel_at<T: Elem>(w: &[T], c: usize, oi: usize, ci: usize) -> [T; 9] {
+    let at = (oi * c + ci) * 9;
+    std::array::from_fn(|k| w[at + k])
+}
+
+/// `y = conv(x, w)` (+ bias, then ReLU) for a "same" 3x3 convolution.
+pub(crate) fn forward<T: Elem>(
+    s: &Same3x3,
+    x: &[T],
+    w: &[T],
+    epilogue: &(dyn Fn(&mut [T], usize) + Sync),
+) -> candle_core::Result<Vec<T>> {
+    if x.len() != s.n * s.c * s.h * s.w || w.len() != s.o * s.c * 9 {
+        candle_core::bail!("conv2d (winograd): input or weight size does not match {s:?}");
+    }
+    let ob = s.out_block(s.images_per_chunk() * s.tiles());
+    let mut store = Vec::new();
+    let u = transformed_weights(s.o, s.c, ob, |oi, ci| kernel_at(w, s.c, oi, ci), &mut store)?;
+    run(s, x, &u, ob, epilogue)
+}
+
+/// `dx` of a "same" 3x3 convolution from `dy` (`n x o x h x w`): the
+/// convolution of `dy` with the kernel flipped and its channel axes swapped.
+pub(crate) fn input_grad<T: Elem>(s: &Same3x3, dy: &[T], w: &[T]) -> candle_core::Result<Vec<T>> {
+    if dy.len() != s.n * s.o * s.h * s.w || w.len() != s.o * s.c * 9 {
+        candle_core::bail!("conv2d input grad (winograd): dy or weight size does not match {s:?}");
+    }
+    let t = Same3x3 {
+        c: s.o,
+        o: s.c,
+        ..*s
+    };
+    let ob = t.out_block(t.images_per_chunk() * t.tiles());
+    let mut store = Vec::new();
+    let u = transformed_weights(
+        s.c,
+        s.o,
+        ob,
+        |ci, oi| {
+            let k = kernel_at(w, s.c, oi, ci);
+            std::array::from_fn(|i| k[8 - i])
+        },
+        &mut store,
+    )?;
+    run(&t, dy, &u, ob, &|_, _| {})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u64) -> Vec<f64> {
+        let mut st = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                st ^= st << 13;
+                st ^= st >> 7;
+                st ^= st << 17;
+                ((st >> 40) as f64 / (1u64 << 24) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The direct "same" 3x3 convolution by its definition.
+    fn direct(s: &Same3x3, x: &[f64], w: &[f64]) -> Vec<f64> {
+        let (h, wd) = (s.h as isize, s.w as isize);
+        let mut y = vec![0.0; s.n * s.o * s.h * s.w];
+        for n in 0..s.n {
+            for o in 0..s.o {
+                for oy in 0..h {
+                    for ox in 0..wd {
+                        let mut acc = 0.0;
+                        for c in 0..s.c {
+                            for ky in 0..3isize {
+                                for kx in 0..3isize {
+                                    let (iy, ix) = (oy + ky - 1, ox + kx - 1);
+                                    if iy < 0 || ix < 0 || iy >= h || ix >= wd {
+                                        continue;
+                                    }
+                                    let xv =
+                                        x[((n * s.c + c) * s.h + iy as usize) * s.w + ix as usize];
+                                    let wv = w[(o * s.c + c) * 9 + (ky * 3 + kx) as usize];
+                                    acc += xv * wv;
+                                }
+                            }
+                        }
+                        y[((n * s.o + o) * s.h + oy as usize) * s.w + ox as usize] = acc;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn forward_matches_the_direct_convolution() {
+        for (n, c, o, h, w) in [
+            (1, 1, 1, 1, 1),
+            (2, 3, 5, 7, 7),
+            (3, 8, 4, 6, 5),
+            (1, 2, 3, 2, 9),
+            (5, 4, 6, 14, 13),
+            (2, 9, 17, 3, 4),
+            // Several blocks of output channels (16 + 8).
+            (2, 8, 24, 30, 29),
+        ] {
+            let s = Same3x3 { n, c, o, h, w };
+            if (n, o) == (2, 24) {
+                assert!(s.out_block(s.images_per_chunk() * s.tiles()) < o);
+            }
+            let x = values(n * c * h * w, 1);
+            let wt = values(o * c * 9, 2);
+            let got = forward(&s, &x, &wt, &|_, _| {}).unwrap();
+            let want = direct(&s, &x, &wt);
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-12, "{s:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn input_grad_is_the_adjoint_of_forward() {
+        // <conv(x, w), dy> == <x, input_grad(dy, w)> for any x and dy.
+        for (n, c, o, h, w) in [(2, 3, 5, 7, 7), (1, 4, 2, 5, 8), (3, 6, 9, 4, 3)] {
+            let s = Same3x3 { n, c, o, h, w };
+            let x = values(n * c * h * w, 3);
+            let wt = values(o * c * 9, 4);
+            let dy = values(n * o * h * w, 5);
+            let y = direct(&s, &x, &wt);
+            let dx = input_grad(&s, &dy, &wt).unwrap();
+            let lhs: f64 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
+            let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| a * b).sum();
+            assert!(
+                (lhs - rhs).abs() < 1e-9 * lhs.abs().max(1.0),
+                "{lhs} vs {rhs}"
+            );
+        }
+    }
+
+    #[test]
+    fn epilogue_sees_every_output_plane_once() {
+        let s = Same3x3 {
+            n: 3,
+            c: 2,
+            o: 4,
+            h: 5,
+            w: 5,
+        };
+        let x = values(3 * 2 * 25, 6);
+        let wt = values(4 * 2 * 9, 7);
+        let y = forward(&s, &x, &wt, &|p, ch| {
+            p.iter_mut().for_each(|v| *v = ch as f64)
+        })
+        .unwrap();
+        for (i, plane) in y.chunks(25).enumerate() {
+            assert!(plane.iter().all(|v| *v == (i % 4) as f64));
+        }
+    }
+
+    /// Times the forward of the benchmark's conv layer (`cargo test
+    /// --release --lib winograd_speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn winograd_speed() {
+        let s = Same3x3 {
+            n: 256,
+            c: 32,
+            o: 64,
+            h: 14,
+            w: 14,
+        };
+        let x: Vec<f32> = values(256 * 32 * 196, 1)
+            .iter()
+            .map(|v| *v as f32)
+            .collect();
+        let wt: Vec<f32> = values(64 * 32 * 9, 2).iter().map(|v| *v as f32).collect();
+        let flop = 2.0 * 256.0 * 64.0 * 196.0 * 32.0 * 9.0;
+        let mut best = f64::MAX;
+        for _ in 0..20 {
+            let t0 = std::time::Instant::now();
+            let y = forward(&s, &x, &wt, &|_, _| {}).unwrap();
+            best = best.min(t0.elapsed().as_secs_f64());
+            assert_eq!(y.len(), 256 * 64 * 196);
+        }
+        println!(
+            "winograd fwd {:.2} ms, {:.1} direct-GFLOP/s",
+            best * 1e3,
+            flop / best / 1e9
+        );
+    }
+
+    #[test]
+    fn f32_stays_close_to_the_direct_form() {
+        let s = Same3x3 {
+            n: 4,
+            c: 32,
+            o: 16,
+            h: 7,
+            w: 7,
+        };
+        let x = values(4 * 32 * 49, 8);
+        let wt = values(16 * 32 * 9, 9);
+        let want = direct(&s, &x, &wt);
+        let xf: Vec<f32> = x.iter().map(|v| *v as f32).collect();
+        let wf: Vec<f32> = wt.iter().map(|v| *v as f32).collect();
+        let got = forward(&s, &xf, &wf, &|_, _| {}).unwrap();
+        let scale = want.iter().fold(0.0f64, |a, b| a.max(b.abs()));
+        for (a, b) in got.iter().zip(&want) {
+            assert!((*a as f64 - b).abs() < 1e-5 * scale, "{a} vs {b}");
+        }
+    }
+}
