@@ -473,6 +473,9 @@ pub(crate) fn input_grad<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> candle_core::R
 /// into the GEMM's packed layout (never written out whole), and only the
 /// small `dy` is transposed.
 pub(crate) fn weight_grad<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> candle_core::Result<Vec<T>> {
+    if let Some(s) = g.winograd() {
+        return winograd::weight_grad(&s, x, dy);
+    }
     let (og, kk, np) = (g.og(), g.kk(), g.np());
     let cghw = g.cg() * g.h * g.w;
     let wlen = g.o * kk;

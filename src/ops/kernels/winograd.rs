@@ -237,20 +237,26 @@ multiversion! {
             let mut j = 0;
             while j < tw {
                 // d B for each of the 4 patch rows: columns (2j-1, 2j,
-                // 2j+1, 2j+2) = (odd[j], even[j], odd[j+1], even[j+1]).
-                let mut db = [[[T::zero(); L]; 4]; 4];
-                for (d, (e, o)) in db.iter_mut().zip(rws) {
-                    let (s0, s1) = (load(o, j), load(e, j));
-                    let (s2, s3) = (load(o, j + 1), load(e, j + 1));
-                    *d = [sub(s0, s2), add(s1, s2), sub(s2, s1), sub(s1, s3)];
-                }
+                // 2j+1, 2j+2) = (odd[j], even[j], odd[j+1], even[j+1]),
+                // giving (s0 - s2, s1 + s2, s2 - s1, s1 - s3); then Bᵀ (d B)
+                // down each of the 4 columns. One column at a time keeps
+                // few vectors live.
                 let base = i * tw + j;
                 for col in 0..4 {
+                    let mut db = [[T::zero(); L]; 4];
+                    for (d, (e, o)) in db.iter_mut().zip(rws) {
+                        *d = match col {
+                            0 => sub(load(o, j), load(o, j + 1)),
+                            1 => add(load(e, j), load(o, j + 1)),
+                            2 => sub(load(o, j + 1), load(e, j)),
+                            _ => sub(load(e, j), load(e, j + 1)),
+                        };
+                    }
                     let v = [
-                        sub(db[0][col], db[2][col]),
-                        add(db[1][col], db[2][col]),
-                        sub(db[2][col], db[1][col]),
-                        sub(db[1][col], db[3][col]),
+                        sub(db[0], db[2]),
+                        add(db[1], db[2]),
+                        sub(db[2], db[1]),
+                        sub(db[1], db[3]),
                     ];
                     for (row, vv) in v.iter().enumerate() {
                         let at = (row * 4 + col) * stride + base;
@@ -358,27 +364,29 @@ fn run<T: Elem>(
     };
     let half = half_row(s.tw());
     let tp = s.tw().div_ceil(L) * L;
-    // Per worker: V (16 blocks of c x cols, each followed by L values the
-    // tile rows may spill into), M (16 x o x cols, + L for the last full
-    // loads), the split rows of one plane and one tile row of outputs.
+    // Per worker: V, `(c, 16, cols + L)`: the 16 transformed rows of a
+    // channel lie together (one sequential region per plane), each row with
+    // L values of room for the whole-vector stores of its last tile row; M,
+    // `(block rows, 16, cols + L)` likewise for the output transform's
+    // loads; the split rows of one plane; one tile row of outputs.
     let work = |bufs: &mut [Vec<T>; 4], (ci, ychunk): (usize, &mut [T])| {
         let [v, m, split, tile] = bufs;
         let imgs = ychunk.len() / (o * hw);
         let cols = imgs * t;
-        let vstride = c * cols + L;
-        v.resize(16 * vstride, T::zero());
-        m.resize(16 * ob.min(o) * cols + L, T::zero());
+        let cp = cols + L;
+        v.resize(c * 16 * cp, T::zero());
+        m.resize(ob.min(o) * 16 * cp, T::zero());
         split.clear();
         split.resize((2 * s.th() + 2) * 2 * half, T::zero());
         tile.resize(4 * tp, T::zero());
         let x0 = ci * b * c * hw;
-        // Channel-major, images inner, tile rows in order: every spill of a
-        // tile row lands on values written after it.
+        // Images in order, tile rows in order: every spill of a tile row
+        // lands on values written after it (or on the row's slack).
         for ch in 0..c {
             for li in 0..imgs {
                 let at = x0 + (li * c + ch) * hw;
                 split_rows(s, &x[at..at + hw], split);
-                input_tiles(s, split, &mut v[ch * cols + li * t..], vstride);
+                input_tiles(s, split, &mut v[ch * 16 * cp + li * t..], cp);
             }
         }
         // Per block of output channels: the 16 products, then the output
@@ -388,13 +396,19 @@ fn run<T: Elem>(
         for (bi, ub) in u.iter().enumerate() {
             let (o0, on) = (bi * ob, ub.first().map_or(0, |l| l.rows()));
             for (xi, lhs) in ub.iter().enumerate() {
+                let rows = |r: usize| View {
+                    rows: r,
+                    cols,
+                    rs: 16 * cp,
+                    cs: 1,
+                };
                 matmul_lhs(
-                    &mut m[xi * on * cols..(xi + 1) * on * cols],
-                    View::rm(on, cols),
+                    &mut m[xi * cp..],
+                    rows(on),
                     false,
                     lhs,
-                    &v[xi * vstride..xi * vstride + c * cols],
-                    View::rm(c, cols),
+                    &v[xi * cp..],
+                    rows(c),
                     inner,
                 )?;
             }
@@ -404,8 +418,8 @@ fn run<T: Elem>(
                     let end = (li * o + o0 + on) * hw;
                     output_tiles(
                         s,
-                        &m[k * cols + li * t..],
-                        on * cols,
+                        &m[k * 16 * cp + li * t..],
+                        cp,
                         &mut ychunk[..end],
                         at,
                         tile,
@@ -476,6 +490,160 @@ pub(crate) fn input_grad<T: Elem>(s: &Same3x3, dy: &[T], w: &[T]) -> candle_core
         &mut store,
     )?;
     run(&t, dy, &u, ob, &|_, _| {})
+}
+
+multiversion! {
+    /// `A dy Aᵀ` of every 2x2 tile of one output-gradient plane (split by
+    /// [`split_rows`]): tile `t` goes to `dst[ξ * stride + t]`, written in
+    /// whole vectors per tile row as [`input_tiles`] does.
+    fn grad_tiles<T>(s: &Same3x3, split: &[T], dst: &mut [T], stride: usize) -> () {
+        let (th, tw) = (s.th(), s.tw());
+        let half = half_row(tw);
+        for i in 0..th {
+            // Plane rows 2i and 2i + 1 are split rows 2i + 1 and 2i + 2;
+            // column 2j is even[j], column 2j + 1 is odd[j + 1].
+            let row = |r: usize| split[r * 2 * half..(r + 1) * 2 * half].split_at(half);
+            let ((e0, o0), (e1, o1)) = (row(2 * i + 1), row(2 * i + 2));
+            let mut j = 0;
+            while j < tw {
+                let (a, b) = (load(e0, j), load(o0, j + 1));
+                let (c, d) = (load(e1, j), load(o1, j + 1));
+                let zero = [T::zero(); L];
+                // A dy: rows [a b], [a+c b+d], [a-c b-d], [-c -d].
+                let rows = [
+                    (a, b),
+                    (add(a, c), add(b, d)),
+                    (sub(a, c), sub(b, d)),
+                    (sub(zero, c), sub(zero, d)),
+                ];
+                let base = i * tw + j;
+                for (r, (p, q)) in rows.iter().enumerate() {
+                    // (A dy) Aᵀ: [p q] -> [p, p+q, p-q, -q].
+                    let v = [*p, add(*p, *q), sub(*p, *q), sub(zero, *q)];
+                    for (col, vv) in v.iter().enumerate() {
+                        let at = (r * 4 + col) * stride + base;
+                        dst[at..at + L].copy_from_slice(vv);
+                    }
+                }
+                j += L;
+            }
+        }
+    }
+}
+
+/// `Gᵀ Z G` of one 4x4 `Z` (row-major) into the 3x3 kernel gradient.
+fn kernel_grad_transform<T: Elem>(z: [T; 16]) -> [T; 9] {
+    let half = T::from_f64(0.5);
+    // Gᵀ Z: 3x4 (rows z0 + (z1 + z2)/2, (z1 - z2)/2, (z1 + z2)/2 + z3).
+    let mut t = [T::zero(); 12];
+    for col in 0..4 {
+        let (z0, z1, z2, z3) = (z[col], z[4 + col], z[8 + col], z[12 + col]);
+        t[col] = z0 + (z1 + z2) * half;
+        t[4 + col] = (z1 - z2) * half;
+        t[8 + col] = (z1 + z2) * half + z3;
+    }
+    // (Gᵀ Z) G: 3x3.
+    let mut g = [T::zero(); 9];
+    for row in 0..3 {
+        let (a, b, c, d) = (t[row * 4], t[row * 4 + 1], t[row * 4 + 2], t[row * 4 + 3]);
+        g[row * 3] = a + (b + c) * half;
+        g[row * 3 + 1] = (b - c) * half;
+        g[row * 3 + 2] = (b + c) * half + d;
+    }
+    g
+}
+
+/// `dw` (`o x c x 3 x 3`) of a "same" 3x3 convolution from its input `x`
+/// and output gradient `dy`: per ξ, `Z[ξ] (o x c) = Σ_tiles (A dy Aᵀ)[ξ] ·
+/// (Bᵀ x B)[ξ]ᵀ`, a GEMM over the tiles of the batch, then `dw = Gᵀ Z G`
+/// (the adjoint of the forward's `Aᵀ [U ⊙ V] A` in `U = G g Gᵀ`).
+pub(crate) fn weight_grad<T: Elem>(s: &Same3x3, x: &[T], dy: &[T]) -> candle_core::Result<Vec<T>> {
+    let (c, o, hw, t) = (s.c, s.o, s.h * s.w, s.tiles());
+    if x.len() != s.n * c * hw || dy.len() != s.n * o * hw {
+        candle_core::bail!("conv2d weight grad (winograd): x or dy size does not match {s:?}");
+    }
+    // The chunk size of the forward with the larger of the two channel
+    // counts: both transformed operands stay in L2.
+    let b = Same3x3 { c: c.max(o), ..*s }.images_per_chunk();
+    let nchunks = s.n.div_ceil(b);
+    let nt = threads();
+    let parts = if nt > 1 && nchunks >= nt { nt } else { 1 };
+    let inner = if parts == 1 && nt > 1 {
+        Parallelism::Rayon(nt)
+    } else {
+        Parallelism::None
+    };
+    let per = nchunks.div_ceil(parts);
+    let half = half_row(s.tw());
+    let split_len = (2 * s.th() + 2) * 2 * half;
+    // Per part of the chunks: Z of every ξ, (16, o, c).
+    let partial: Vec<candle_core::Result<Vec<T>>> = (0..parts)
+        .into_par_iter()
+        .map(|pi| {
+            let mut z = vec![T::zero(); 16 * o * c];
+            let (mut v, mut g, mut split) = (Vec::new(), Vec::new(), Vec::new());
+            for ci in (pi * per)..((pi + 1) * per).min(nchunks) {
+                let n0 = ci * b;
+                let imgs = b.min(s.n - n0);
+                let cols = imgs * t;
+                let cp = cols + L;
+                v.resize(c * 16 * cp, T::zero());
+                g.resize(o * 16 * cp, T::zero());
+                split.clear();
+                split.resize(split_len, T::zero());
+                for ch in 0..c {
+                    for li in 0..imgs {
+                        let at = ((n0 + li) * c + ch) * hw;
+                        split_rows(s, &x[at..at + hw], &mut split);
+                        input_tiles(s, &split, &mut v[ch * 16 * cp + li * t..], cp);
+                    }
+                }
+                split.clear();
+                split.resize(split_len, T::zero());
+                for oc in 0..o {
+                    for li in 0..imgs {
+                        let at = ((n0 + li) * o + oc) * hw;
+                        split_rows(s, &dy[at..at + hw], &mut split);
+                        grad_tiles(s, &split, &mut g[oc * 16 * cp + li * t..], cp);
+                    }
+                }
+                let rows = |r: usize| View {
+                    rows: r,
+                    cols,
+                    rs: 16 * cp,
+                    cs: 1,
+                };
+                for xi in 0..16 {
+                    let lhs = Lhs::new(&g[xi * cp..], rows(o))?;
+                    matmul_lhs(
+                        &mut z[xi * o * c..(xi + 1) * o * c],
+                        View::rm(o, c),
+                        true,
+                        &lhs,
+                        &v[xi * cp..],
+                        rows(c).t(),
+                        inner,
+                    )?;
+                }
+            }
+            Ok(z)
+        })
+        .collect();
+    let mut z: Option<Vec<T>> = None;
+    for p in partial {
+        let p = p?;
+        match z.as_mut() {
+            None => z = Some(p),
+            Some(acc) => acc.iter_mut().zip(&p).for_each(|(a, b)| *a += *b),
+        }
+    }
+    let z = z.unwrap_or_else(|| vec![T::zero(); 16 * o * c]);
+    let mut dw = vec![T::zero(); o * c * 9];
+    for (pair, out) in dw.chunks_exact_mut(9).enumerate() {
+        let zz = std::array::from_fn(|xi| z[xi * o * c + pair]);
+        out.copy_from_slice(&kernel_grad_transform(zz));
+    }
+    Ok(dw)
 }
 
 #[cfg(test)]
@@ -563,6 +731,42 @@ mod tests {
             let dx = input_grad(&s, &dy, &wt).unwrap();
             let lhs: f64 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
             let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| a * b).sum();
+            assert!(
+                (lhs - rhs).abs() < 1e-9 * lhs.abs().max(1.0),
+                "{lhs} vs {rhs}"
+            );
+        }
+    }
+
+    #[test]
+    fn weight_grad_is_the_adjoint_of_forward() {
+        // <conv(x, w), dy> == <w, weight_grad(x, dy)> for any w.
+        for (n, c, o, h, w) in [
+            (2, 3, 5, 7, 7),
+            (1, 4, 2, 5, 8),
+            (3, 6, 9, 4, 3),
+            (5, 8, 16, 9, 10),
+            (1, 2, 2, 1, 1),
+        ] {
+            let s = Same3x3 { n, c, o, h, w };
+            let x = values(n * c * h * w, 13);
+            let wt = values(o * c * 9, 14);
+            let dy = values(n * o * h * w, 15);
+            let y = direct(&s, &x, &wt);
+            let dw = weight_grad(&s, &x, &dy).unwrap();
+            // Each weight on its own: the direct form is linear in w.
+            for k in 0..o * c * 9 {
+                let mut e = vec![0.0; o * c * 9];
+                e[k] = 1.0;
+                let yk = direct(&s, &x, &e);
+                let want: f64 = yk.iter().zip(&dy).map(|(a, b)| a * b).sum();
+                assert!(
+                    (dw[k] - want).abs() < 1e-10 * want.abs().max(1.0),
+                    "{s:?} {k}"
+                );
+            }
+            let lhs: f64 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
+            let rhs: f64 = wt.iter().zip(&dw).map(|(a, b)| a * b).sum();
             assert!(
                 (lhs - rhs).abs() < 1e-9 * lhs.abs().max(1.0),
                 "{lhs} vs {rhs}"
