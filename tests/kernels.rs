@@ -650,6 +650,10 @@ const BN_SHAPES: &[&[usize]] = &[
     &[3, 2, 7],
     &[2, 5, 3, 1],
     &[1, 3, 4, 4],
+    // More than 64 images: several images per chunk of the reductions.
+    &[70, 2, 3],
+    // Planes of 42: the 16-lane loops plus a tail.
+    &[3, 4, 6, 7],
 ];
 
 #[test]

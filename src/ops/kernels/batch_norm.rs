@@ -51,14 +51,63 @@ impl Dims {
     fn count(&self) -> usize {
         self.n * self.hw
     }
-    /// The planes `x[i, ch, ..]` of one channel.
-    fn planes<'a, T>(&self, x: &'a [T], ch: usize) -> impl Iterator<Item = &'a [T]> + 'a {
-        let (c, hw) = (self.c, self.hw);
-        (0..self.n).map(move |i| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw])
-    }
     fn min_len(&self, units: usize) -> usize {
         units.div_ceil(4 * threads()).max(1)
     }
+}
+
+/// At most this many image chunks in the per-channel reductions: enough to
+/// spread over the threads, few enough that the partial sums stay small.
+const CHUNKS: usize = 64;
+
+/// Per-channel pairs of sums over all `n` images, walking memory in order:
+/// parallel over tasks of (a chunk of whole images, a block of channels),
+/// each adding `plane(ch, range)` (the sums over the plane `x[i, ch, ..]`,
+/// whose elements are `range` of the flat input) into per-channel f64
+/// partials, which are then added up chunk by chunk in order.
+///
+/// The tasks depend on the shape only, never on the thread count, so the
+/// order of the additions, and the result, is the same on every machine.
+/// Channels are split into blocks only when there are fewer than
+/// [`CHUNKS`] image chunks (small batches), to keep the threads busy.
+fn channel_sums<F>(d: Dims, plane: F) -> Vec<(f64, f64)>
+where
+    F: Fn(usize, std::ops::Range<usize>) -> (f64, f64) + Sync,
+{
+    if d.n == 0 || d.c == 0 {
+        return vec![(0.0, 0.0); d.c];
+    }
+    let per_img = d.n.div_ceil(CHUNKS);
+    let n_img = d.n.div_ceil(per_img);
+    let per_ch = d.c.div_ceil(CHUNKS.div_ceil(n_img).min(d.c));
+    let n_ch = d.c.div_ceil(per_ch);
+    let partials: Vec<Vec<(f64, f64)>> = (0..n_img * n_ch)
+        .into_par_iter()
+        .map(|t| {
+            let (imgs, chs) = (t / n_ch, t % n_ch);
+            let ch0 = chs * per_ch;
+            let ch1 = (ch0 + per_ch).min(d.c);
+            let mut acc = vec![(0f64, 0f64); ch1 - ch0];
+            for i in imgs * per_img..((imgs + 1) * per_img).min(d.n) {
+                for (a, ch) in acc.iter_mut().zip(ch0..ch1) {
+                    let start = (i * d.c + ch) * d.hw;
+                    let (s1, s2) = plane(ch, start..start + d.hw);
+                    a.0 += s1;
+                    a.1 += s2;
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![(0f64, 0f64); d.c];
+    for (t, p) in partials.iter().enumerate() {
+        let ch0 = (t % n_ch) * per_ch;
+        for (a, v) in total[ch0..].iter_mut().zip(p) {
+            a.0 += v.0;
+            a.1 += v.1;
+        }
+    }
+    total
 }
 
 fn stats<T: Elem>(d: Dims, x: &[T], eps: f64) -> candle_core::Result<Stats> {
@@ -71,29 +120,17 @@ fn stats<T: Elem>(d: Dims, x: &[T], eps: f64) -> candle_core::Result<Stats> {
             d.hw
         );
     }
-    let per: Vec<(f64, f64)> = (0..d.c)
-        .into_par_iter()
-        .with_min_len(d.min_len(d.c))
-        .map(|ch| {
-            // Shifted sums: exact enough even when |mean| >> std.
-            let k = d
-                .planes(x, ch)
-                .next()
-                .and_then(|p| p.first().copied())
-                .unwrap_or_else(T::zero);
-            let (mut s1, mut s2) = (0f64, 0f64);
-            for p in d.planes(x, ch) {
-                let (a1, a2) = simd::shifted_sums(p, k);
-                s1 += a1;
-                s2 += a2;
-            }
-            let mf = m as f64;
-            let mu = s1 / mf;
-            (k.to_f64() + mu, (s2 / mf - mu * mu).max(0.0))
-        })
-        .collect();
-    let mean = per.iter().map(|p| p.0).collect();
-    let var: Vec<f64> = per.iter().map(|p| p.1).collect();
+    // Shifted sums, exact enough even when |mean| >> std: the shift of each
+    // channel is its first value, x[0, ch, 0].
+    let k: Vec<T> = (0..d.c).map(|ch| x[ch * d.hw]).collect();
+    let sums = channel_sums(d, |ch, r| simd::shifted_sums(&x[r], k[ch]));
+    let mf = m as f64;
+    let (mut mean, mut var) = (Vec::with_capacity(d.c), Vec::with_capacity(d.c));
+    for (&(s1, s2), kc) in sums.iter().zip(&k) {
+        let mu = s1 / mf;
+        mean.push(kc.to_f64() + mu);
+        var.push((s2 / mf - mu * mu).max(0.0));
+    }
     let invstd = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     Ok(Stats { mean, var, invstd })
 }
@@ -141,21 +178,14 @@ fn backward<T: Elem>(
 ) -> Vec<T> {
     let m = d.count() as f64;
     // Pass 1: sum(dy) and sum(dy * xhat) per channel (dy masked by the ReLU).
-    let sums: Vec<(f64, f64)> = (0..d.c)
-        .into_par_iter()
-        .with_min_len(d.min_len(d.c))
-        .map(|ch| {
-            let mu = T::from_f64(st.mean[ch]);
-            let (mut sdy, mut sdyx) = (0f64, 0f64);
-            for i in 0..d.n {
-                let r = (i * d.c + ch) * d.hw..(i * d.c + ch + 1) * d.hw;
-                let (a1, a2) = simd::grad_sums(&x[r.clone()], &dy[r.clone()], &y[r], mu, relu);
-                sdy += a1;
-                sdyx += a2;
-            }
-            (sdy, sdyx * st.invstd[ch])
-        })
-        .collect();
+    let mu: Vec<T> = st.mean.iter().map(|&v| T::from_f64(v)).collect();
+    let sums: Vec<(f64, f64)> = channel_sums(d, |ch, r| {
+        simd::grad_sums(&x[r.clone()], &dy[r.clone()], &y[r], mu[ch], relu)
+    })
+    .into_iter()
+    .zip(&st.invstd)
+    .map(|((sdy, sdyx), is)| (sdy, sdyx * is))
+    .collect();
     // dx = A * dy + B * x + C per channel.
     let coef: Vec<(T, T, T)> = (0..d.c)
         .map(|ch| {
@@ -392,4 +422,41 @@ fn differentiable_bwd(
         .sub(&xhat.broadcast_mul(&(&sdyx / m)?)?)?;
     let dx = inner.broadcast_mul(&g.mul(&invstd)?)?;
     Ok((dx, sdyx.flatten_all()?, sdy.flatten_all()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every plane is visited exactly once, whatever the chunking: integer
+    /// sums are exact, so they must equal the direct per-channel loop.
+    #[test]
+    fn channel_sums_visit_every_plane_once() {
+        for (n, c, hw) in [
+            (1, 1, 1),
+            (1, 7, 3),
+            (2, 5, 4),
+            (3, 100, 2),
+            (63, 3, 5),
+            (64, 2, 1),
+            (65, 3, 2),
+            (130, 4, 3),
+            (200, 1, 9),
+        ] {
+            let d = Dims { n, c, hw };
+            let x: Vec<f64> = (0..n * c * hw).map(|i| (i % 97) as f64).collect();
+            let got = channel_sums(d, |ch, r| {
+                let s: f64 = x[r.clone()].iter().sum();
+                (s, (ch * r.len()) as f64)
+            });
+            for (ch, g) in got.iter().enumerate() {
+                let want: f64 = (0..n)
+                    .flat_map(|i| (0..hw).map(move |j| (i * c + ch) * hw + j))
+                    .map(|k| x[k])
+                    .sum();
+                assert_eq!(g.0, want, "{n} x {c} x {hw}, channel {ch}");
+                assert_eq!(g.1, (ch * hw * n) as f64, "{n} x {c} x {hw}, channel {ch}");
+            }
+        }
+    }
 }
