@@ -1,7 +1,13 @@
 //! BatchNorm in training mode, fused: forward is one pass for the
 //! per-channel statistics and one for `y = x * a + b`; backward is one pass
-//! for the two per-channel sums and one for `dx`. An optional ReLU is fused
-//! into both.
+//! for the two per-channel sums and one for `dx`. An epilogue is fused into
+//! both: nothing, a ReLU, or a residual add then a ReLU
+//! (`y = max(x * a + b + s, 0)`, the end of a ResNet block, whose backward
+//! also writes the shortcut's gradient `dy * (y > 0)` in the `dx` pass).
+//!
+//! The per-channel reductions (statistics, backward sums) walk memory in
+//! order, image by image, and add up f64 partials in an order fixed by the
+//! shape alone.
 //!
 //! First-order backward runs the fused kernel. When candle keeps gradients
 //! differentiable (`CANDLE_GRAD_DO_NOT_DETACH`, second-order mode) the
@@ -135,38 +141,74 @@ fn stats<T: Elem>(d: Dims, x: &[T], eps: f64) -> candle_core::Result<Stats> {
     Ok(Stats { mean, var, invstd })
 }
 
+/// What the fused op applies after the normalisation `bn(x) = a * x + b`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Epilogue {
+    /// `y = bn(x)`.
+    None,
+    /// `y = max(bn(x), 0)`.
+    Relu,
+    /// `y = max(bn(x) + s, 0)`, `s` (the residual shortcut, shaped as `x`)
+    /// being the op's third input: the end of a ResNet block.
+    AddRelu,
+}
+
+impl Epilogue {
+    /// Whether the output went through a ReLU, so that the backward masks
+    /// the incoming gradient with `y > 0`.
+    fn relu(self) -> bool {
+        self != Epilogue::None
+    }
+}
+
+/// The second pass of the forward: `y = a * x + b` per channel, then the
+/// epilogue (`s` is the shortcut, for [`Epilogue::AddRelu`] only).
 fn forward<T: Elem>(
     d: Dims,
     x: &[T],
+    s: Option<&[T]>,
     gamma: &[f64],
     beta: &[f64],
     st: &Stats,
     relu: bool,
-) -> Vec<T> {
+) -> candle_core::Result<Vec<T>> {
+    let numel = x.len();
+    if s.is_some_and(|s| s.len() != numel) {
+        candle_core::bail!("batch_norm: the shortcut must have the input's length {numel}");
+    }
     let a: Vec<T> = (0..d.c)
         .map(|c| T::from_f64(st.invstd[c] * gamma[c]))
         .collect();
     let b: Vec<T> = (0..d.c)
         .map(|c| T::from_f64(beta[c] - st.mean[c] * st.invstd[c] * gamma[c]))
         .collect();
-    let mut y = vec![T::zero(); x.len()];
-    let img = d.c * d.hw;
-    y.par_chunks_mut(img.max(1))
-        .zip(x.par_chunks(img.max(1)))
-        .with_min_len(d.min_len(d.n))
-        .for_each(|(yi, xi)| {
-            for (ch, (yp, xp)) in yi
-                .chunks_mut(d.hw.max(1))
-                .zip(xi.chunks(d.hw.max(1)))
-                .enumerate()
-            {
+    let mut y = vec![T::zero(); numel];
+    let img = (d.c * d.hw).max(1);
+    let hw = d.hw.max(1);
+    let pass = y
+        .par_chunks_mut(img)
+        .zip(x.par_chunks(img))
+        .with_min_len(d.min_len(d.n));
+    match s {
+        Some(s) => pass.zip(s.par_chunks(img)).for_each(|((yi, xi), si)| {
+            let planes = yi.chunks_mut(hw).zip(xi.chunks(hw)).zip(si.chunks(hw));
+            for (ch, ((yp, xp), sp)) in planes.enumerate() {
+                simd::affine_add_relu(yp, xp, sp, a[ch], b[ch]);
+            }
+        }),
+        None => pass.for_each(|(yi, xi)| {
+            for (ch, (yp, xp)) in yi.chunks_mut(hw).zip(xi.chunks(hw)).enumerate() {
                 simd::affine(yp, xp, a[ch], b[ch], relu);
             }
-        });
-    y
+        }),
+    }
+    Ok(y)
 }
 
-/// Fused backward: returns `[dx..., dgamma (c), dbeta (c)]` packed.
+/// Fused backward: returns `[dx..., ds..., dgamma (c), dbeta (c)]` packed,
+/// where `ds = dy * (y > 0)` (the shortcut's gradient) is there only when
+/// `shortcut_grad`, which needs `relu`.
+#[allow(clippy::too_many_arguments)]
 fn backward<T: Elem>(
     d: Dims,
     x: &[T],
@@ -175,7 +217,18 @@ fn backward<T: Elem>(
     gamma: &[f64],
     st: &Stats,
     relu: bool,
-) -> Vec<T> {
+    shortcut_grad: bool,
+) -> candle_core::Result<Vec<T>> {
+    let numel = x.len();
+    if dy.len() != numel || y.len() != numel || gamma.len() != d.c {
+        candle_core::bail!(
+            "batch_norm backward: lengths {numel}, {}, {}, {} (channels {})",
+            dy.len(),
+            y.len(),
+            gamma.len(),
+            d.c
+        );
+    }
     let m = d.count() as f64;
     // Pass 1: sum(dy) and sum(dy * xhat) per channel (dy masked by the ReLU).
     let mu: Vec<T> = st.mean.iter().map(|&v| T::from_f64(v)).collect();
@@ -196,55 +249,241 @@ fn backward<T: Elem>(
             (T::from_f64(a), T::from_f64(b), T::from_f64(c))
         })
         .collect();
-    let mut out = vec![T::zero(); x.len() + 2 * d.c];
-    let (dx, tail) = out.split_at_mut(x.len());
-    let img = d.c * d.hw;
-    dx.par_chunks_mut(img.max(1))
-        .zip(x.par_chunks(img.max(1)))
-        .zip(dy.par_chunks(img.max(1)))
-        .zip(y.par_chunks(img.max(1)))
-        .with_min_len(d.min_len(d.n))
-        .for_each(|(((dxi, xi), gi), yi)| {
-            let hw = d.hw.max(1);
-            for (ch, (((o, xp), gp), yp)) in dxi
-                .chunks_mut(hw)
-                .zip(xi.chunks(hw))
-                .zip(gi.chunks(hw))
-                .zip(yi.chunks(hw))
-                .enumerate()
-            {
-                let (a, b, c) = coef[ch];
-                simd::affine_grad(o, xp, gp, yp, a, b, c, relu);
-            }
-        });
+    let planes_out = if shortcut_grad { 2 * numel } else { numel };
+    let total = planes_out + 2 * d.c;
+    let mut out = vec![T::zero(); total];
+    let (grads, tail) = out.split_at_mut(planes_out);
+    let img = (d.c * d.hw).max(1);
+    let hw = d.hw.max(1);
+    if shortcut_grad {
+        let (dx, ds) = grads.split_at_mut(numel);
+        dx.par_chunks_mut(img)
+            .zip(ds.par_chunks_mut(img))
+            .zip(x.par_chunks(img))
+            .zip(dy.par_chunks(img))
+            .zip(y.par_chunks(img))
+            .with_min_len(d.min_len(d.n))
+            .for_each(|((((dxi, dsi), xi), gi), yi)| {
+                let planes = dxi
+                    .chunks_mut(hw)
+                    .zip(dsi.chunks_mut(hw))
+                    .zip(xi.chunks(hw))
+                    .zip(gi.chunks(hw))
+                    .zip(yi.chunks(hw));
+                for (ch, ((((o, os), xp), gp), yp)) in planes.enumerate() {
+                    let (a, b, c) = coef[ch];
+                    simd::affine_grad_add(o, os, xp, gp, yp, a, b, c);
+                }
+            });
+    } else {
+        grads
+            .par_chunks_mut(img)
+            .zip(x.par_chunks(img))
+            .zip(dy.par_chunks(img))
+            .zip(y.par_chunks(img))
+            .with_min_len(d.min_len(d.n))
+            .for_each(|(((dxi, xi), gi), yi)| {
+                let planes = dxi
+                    .chunks_mut(hw)
+                    .zip(xi.chunks(hw))
+                    .zip(gi.chunks(hw))
+                    .zip(yi.chunks(hw));
+                for (ch, (((o, xp), gp), yp)) in planes.enumerate() {
+                    let (a, b, c) = coef[ch];
+                    simd::affine_grad(o, xp, gp, yp, a, b, c, relu);
+                }
+            });
+    }
     for ch in 0..d.c {
         tail[ch] = T::from_f64(sums[ch].1);
         tail[d.c + ch] = T::from_f64(sums[ch].0);
     }
-    out
+    Ok(out)
 }
 
 fn to_f64_vec(t: &Tensor) -> candle_core::Result<Vec<f64>> {
     t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
 }
 
-/// The training forward `(x, gamma, beta) -> y`; caches the statistics.
+/// The training forward; caches the statistics. Its operands are `x`, the
+/// affine parameters packed as one `(2c,)` tensor `gamma ‖ beta`, and, for
+/// [`Epilogue::AddRelu`], the shortcut: a [`candle_core::CustomOp2`]
+/// `(x, gamma ‖ beta) -> y` for the other epilogues, a
+/// [`candle_core::CustomOp3`] `(x, gamma ‖ beta, s) -> y` for that one.
 pub(crate) struct BatchNormOp {
     pub eps: f64,
-    pub relu: bool,
+    pub epilogue: Epilogue,
     pub stats: Arc<Mutex<Option<Stats>>>,
 }
 
-/// The fused backward `(x, dy, y) -> [dx, dgamma, dbeta]` (packed, no grad).
+/// The fused backward `(x, dy, y) -> [dx, ds, dgamma, dbeta]` (packed, no
+/// grad; `ds` only when `shortcut_grad`).
 struct BatchNormBwdOp {
     gamma: Vec<f64>,
     stats: Stats,
     relu: bool,
+    shortcut_grad: bool,
+}
+
+/// The `(2c,)` parameters `gamma ‖ beta` as f64.
+fn params_f64(s: &CpuStorage, l: &Layout, c: usize) -> candle_core::Result<Vec<f64>> {
+    if l.shape().elem_count() != 2 * c {
+        candle_core::bail!("batch_norm: weight and bias need {c} values each");
+    }
+    Ok(match s {
+        CpuStorage::F32(_) => contiguous_slice::<f32>(s, l)?
+            .iter()
+            .map(|v| *v as f64)
+            .collect(),
+        CpuStorage::F64(_) => contiguous_slice::<f64>(s, l)?.to_vec(),
+        _ => candle_core::bail!("batch_norm: weight/bias must be f32 or f64"),
+    })
+}
+
+impl BatchNormOp {
+    /// The forward of both op arities; `shortcut` is the third operand.
+    fn fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        shortcut: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = Dims::of(l1.shape())?;
+        if shortcut.is_some() != (self.epilogue == Epilogue::AddRelu) {
+            candle_core::bail!("batch_norm: a shortcut goes with the add + ReLU epilogue only");
+        }
+        if let Some((_, l3)) = shortcut {
+            if l3.shape() != l1.shape() {
+                candle_core::bail!(
+                    "batch_norm: shortcut {:?} must have the input's shape {:?}",
+                    l3.shape(),
+                    l1.shape()
+                );
+            }
+        }
+        let gb = params_f64(s2, l2, d.c)?;
+        let (gamma, beta) = gb.split_at(d.c);
+        let relu = self.epilogue.relu();
+        fn run<T: Elem>(
+            d: Dims,
+            x: &[T],
+            s: Option<&[T]>,
+            gamma: &[f64],
+            beta: &[f64],
+            eps: f64,
+            relu: bool,
+        ) -> candle_core::Result<(Vec<T>, Stats)> {
+            let st = stats(d, x, eps)?;
+            Ok((forward(d, x, s, gamma, beta, &st, relu)?, st))
+        }
+        let (out, st) = match s1 {
+            CpuStorage::F32(_) => {
+                let x = contiguous_slice::<f32>(s1, l1)?;
+                let s = match shortcut {
+                    Some((s3, l3)) => Some(contiguous_slice::<f32>(s3, l3)?),
+                    None => None,
+                };
+                let (y, st) = run(d, x, s, gamma, beta, self.eps, relu)?;
+                (CpuStorage::F32(y), st)
+            }
+            CpuStorage::F64(_) => {
+                let x = contiguous_slice::<f64>(s1, l1)?;
+                let s = match shortcut {
+                    Some((s3, l3)) => Some(contiguous_slice::<f64>(s3, l3)?),
+                    None => None,
+                };
+                let (y, st) = run(d, x, s, gamma, beta, self.eps, relu)?;
+                (CpuStorage::F64(y), st)
+            }
+            _ => candle_core::bail!("batch_norm: only f32 and f64, got {:?}", s1.dtype()),
+        };
+        if let Ok(mut g) = self.stats.lock() {
+            *g = Some(st);
+        }
+        Ok((out, l1.shape().clone()))
+    }
+
+    /// The backward of both op arities: gradients of `x`, `gamma ‖ beta`
+    /// and (when given) the shortcut, each only where autograd wants it.
+    fn grads(
+        &self,
+        x: &Tensor,
+        gb: &Tensor,
+        shortcut: Option<&Tensor>,
+        res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = x.dim(1)?;
+        let want_ds = shortcut.is_some_and(needs_grad);
+        let relu = self.epilogue.relu();
+        let (dx, dgb, ds) = if second_order() {
+            let (dx, dgb, g) = differentiable_bwd(x, gb, res, dy, self.eps, relu)?;
+            (dx, dgb, want_ds.then_some(g))
+        } else {
+            let st = match self.stats.lock() {
+                Ok(g) => g.clone(),
+                Err(_) => None,
+            };
+            let Some(st) = st else {
+                candle_core::bail!("batch_norm backward: forward statistics missing")
+            };
+            let op = BatchNormBwdOp {
+                gamma: to_f64_vec(&gb.narrow(0, 0, c)?)?,
+                stats: st,
+                relu,
+                shortcut_grad: want_ds && relu,
+            };
+            let packed =
+                x.contiguous()?
+                    .apply_op3_no_bwd(&dy.contiguous()?, &res.contiguous()?, &op)?;
+            let numel = x.elem_count();
+            let dx = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
+            let (ds, off) = if op.shortcut_grad {
+                let ds = packed.narrow(0, numel, numel)?.reshape(x.shape())?;
+                (Some(ds), 2 * numel)
+            } else {
+                (None, numel)
+            };
+            (dx, packed.narrow(0, off, 2 * c)?, ds)
+        };
+        Ok((
+            needs_grad(x).then_some(dx),
+            needs_grad(gb).then_some(dgb),
+            ds,
+        ))
+    }
+}
+
+impl candle_core::CustomOp2 for BatchNormOp {
+    fn name(&self) -> &'static str {
+        "aimass-batch-norm-train"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.fwd(s1, l1, s2, l2, None)
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gb: &Tensor,
+        res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dgb, _) = self.grads(x, gb, None, res, dy)?;
+        Ok((dx, dgb))
+    }
 }
 
 impl candle_core::CustomOp3 for BatchNormOp {
     fn name(&self) -> &'static str {
-        "aimass-batch-norm-train"
+        "aimass-batch-norm-add-relu-train"
     }
     fn cpu_fwd(
         &self,
@@ -255,84 +494,17 @@ impl candle_core::CustomOp3 for BatchNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = Dims::of(l1.shape())?;
-        if l2.shape().elem_count() != d.c || l3.shape().elem_count() != d.c {
-            candle_core::bail!("batch_norm: weight and bias need {} values", d.c);
-        }
-        let f64s = |s: &CpuStorage, l: &Layout| -> candle_core::Result<Vec<f64>> {
-            Ok(match s {
-                CpuStorage::F32(_) => contiguous_slice::<f32>(s, l)?
-                    .iter()
-                    .map(|v| *v as f64)
-                    .collect(),
-                CpuStorage::F64(_) => contiguous_slice::<f64>(s, l)?.to_vec(),
-                _ => candle_core::bail!("batch_norm: weight/bias must be f32 or f64"),
-            })
-        };
-        let (gamma, beta) = (f64s(s2, l2)?, f64s(s3, l3)?);
-        let (out, st) = match s1 {
-            CpuStorage::F32(_) => {
-                let x = contiguous_slice::<f32>(s1, l1)?;
-                let st = stats(d, x, self.eps)?;
-                (
-                    CpuStorage::F32(forward(d, x, &gamma, &beta, &st, self.relu)),
-                    st,
-                )
-            }
-            CpuStorage::F64(_) => {
-                let x = contiguous_slice::<f64>(s1, l1)?;
-                let st = stats(d, x, self.eps)?;
-                (
-                    CpuStorage::F64(forward(d, x, &gamma, &beta, &st, self.relu)),
-                    st,
-                )
-            }
-            _ => candle_core::bail!("batch_norm: only f32 and f64, got {:?}", s1.dtype()),
-        };
-        if let Ok(mut g) = self.stats.lock() {
-            *g = Some(st);
-        }
-        Ok((out, l1.shape().clone()))
+        self.fwd(s1, l1, s2, l2, Some((s3, l3)))
     }
     fn bwd(
         &self,
         x: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
+        gb: &Tensor,
+        s: &Tensor,
         res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let c = x.dim(1)?;
-        let wanted = (needs_grad(x), needs_grad(gamma), needs_grad(beta));
-        let (dx, dg, db) = if second_order() {
-            differentiable_bwd(x, gamma, res, dy, self.eps, self.relu)?
-        } else {
-            let st = match self.stats.lock() {
-                Ok(g) => g.clone(),
-                Err(_) => None,
-            };
-            let Some(st) = st else {
-                candle_core::bail!("batch_norm backward: forward statistics missing")
-            };
-            let op = BatchNormBwdOp {
-                gamma: to_f64_vec(gamma)?,
-                stats: st,
-                relu: self.relu,
-            };
-            let packed =
-                x.contiguous()?
-                    .apply_op3_no_bwd(&dy.contiguous()?, &res.contiguous()?, &op)?;
-            let numel = x.elem_count();
-            let dx = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
-            let dg = packed.narrow(0, numel, c)?.reshape(gamma.shape())?;
-            let db = packed.narrow(0, numel + c, c)?.reshape(beta.shape())?;
-            (dx, dg, db)
-        };
-        Ok((
-            wanted.0.then_some(dx),
-            wanted.1.then_some(dg),
-            wanted.2.then_some(db),
-        ))
+        self.grads(x, gb, Some(s), res, dy)
     }
 }
 
@@ -350,7 +522,11 @@ impl candle_core::CustomOp3 for BatchNormBwdOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = Dims::of(l1.shape())?;
-        if l2.shape() != l1.shape() || l3.shape() != l1.shape() || self.gamma.len() != d.c {
+        if l2.shape() != l1.shape()
+            || l3.shape() != l1.shape()
+            || self.gamma.len() != d.c
+            || (self.shortcut_grad && !self.relu)
+        {
             candle_core::bail!(
                 "batch_norm backward: shapes {:?} {:?} {:?}",
                 l1.shape(),
@@ -358,7 +534,8 @@ impl candle_core::CustomOp3 for BatchNormBwdOp {
                 l3.shape()
             );
         }
-        let n = l1.shape().elem_count() + 2 * d.c;
+        let numel = l1.shape().elem_count();
+        let n = numel * (1 + self.shortcut_grad as usize) + 2 * d.c;
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
                 CpuStorage::F32(backward(
@@ -369,7 +546,8 @@ impl candle_core::CustomOp3 for BatchNormBwdOp {
                     &self.gamma,
                     &self.stats,
                     self.relu,
-                ))
+                    self.shortcut_grad,
+                )?)
             }
             (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
                 CpuStorage::F64(backward(
@@ -380,7 +558,8 @@ impl candle_core::CustomOp3 for BatchNormBwdOp {
                     &self.gamma,
                     &self.stats,
                     self.relu,
-                ))
+                    self.shortcut_grad,
+                )?)
             }
             _ => candle_core::bail!("batch_norm backward: only f32 and f64"),
         };
@@ -388,10 +567,13 @@ impl candle_core::CustomOp3 for BatchNormBwdOp {
     }
 }
 
-/// The backward written with candle's differentiable ops (second order).
+/// The backward written with candle's differentiable ops (second order):
+/// `(dx, d(gamma ‖ beta), g')` with `g' = dy * (y > 0)` under the ReLU (else
+/// `dy`), which is also the shortcut's gradient. The mask comes from the
+/// detached output: it is locally constant.
 fn differentiable_bwd(
     x: &Tensor,
-    gamma: &Tensor,
+    gb: &Tensor,
     res: &Tensor,
     dy: &Tensor,
     eps: f64,
@@ -416,12 +598,13 @@ fn differentiable_bwd(
     let xhat = xc.broadcast_mul(&invstd)?;
     let sdy = dy.sum_keepdim(red.clone())?;
     let sdyx = (&dy * &xhat)?.sum_keepdim(red)?;
-    let g = gamma.reshape(bshape)?;
+    let g = gb.narrow(0, 0, d.c)?.reshape(bshape)?;
     let inner = dy
         .broadcast_sub(&(&sdy / m)?)?
         .sub(&xhat.broadcast_mul(&(&sdyx / m)?)?)?;
     let dx = inner.broadcast_mul(&g.mul(&invstd)?)?;
-    Ok((dx, sdyx.flatten_all()?, sdy.flatten_all()?))
+    let dgb = Tensor::cat(&[sdyx.flatten_all()?, sdy.flatten_all()?], 0)?;
+    Ok((dx, dgb, dy))
 }
 
 #[cfg(test)]

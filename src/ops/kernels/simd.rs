@@ -65,6 +65,31 @@ multiversion! {
 }
 
 multiversion! {
+    /// `y = max(x * a + b + s, 0)`: BatchNorm, residual add, ReLU (NaN stays
+    /// NaN, as in [`relu`]). Rounded as the unfused `relu(affine + s)`.
+    fn affine_add_relu<T>(y: &mut [T], x: &[T], s: &[T], a: T, b: T) -> () {
+        let zero = T::zero();
+        for ((o, &v), &sv) in y.iter_mut().zip(x).zip(s) {
+            let t = v * a + b + sv;
+            *o = if t < zero { zero } else { t };
+        }
+    }
+}
+
+multiversion! {
+    /// `o = a * g' + b * x + c` and `ds = g'`, with `g' = g * (y > 0)`: the
+    /// backward of [`affine_add_relu`] (`ds` is the shortcut's gradient).
+    fn affine_grad_add<T>(o: &mut [T], ds: &mut [T], x: &[T], g: &[T], y: &[T], a: T, b: T, c: T) -> () {
+        let outs = o.iter_mut().zip(ds.iter_mut());
+        for (((o, ds), &xv), (&gv, &yv)) in outs.zip(x).zip(g.iter().zip(y)) {
+            let gv = gv.gate(yv);
+            *ds = gv;
+            *o = a * gv + b * xv + c;
+        }
+    }
+}
+
+multiversion! {
     /// `(sum g', sum g' * (x - mu))`, `g' = g * (y > 0)` under the ReLU;
     /// two sets of 8 lanes of partial sums (two independent add chains per
     /// sum, so the loop is not bound by the add latency).
