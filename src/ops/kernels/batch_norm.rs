@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use super::gemm::{threads, Elem};
 use super::simd;
-use super::util::{contiguous_slice, needs_grad, second_order};
+use super::util::{contiguous_slice, needs_grad, second_order, zero_init};
 
 /// Per-channel batch statistics of one forward pass.
 #[derive(Clone, Debug, Default)]
@@ -182,26 +182,33 @@ fn forward<T: Elem>(
     let b: Vec<T> = (0..d.c)
         .map(|c| T::from_f64(beta[c] - st.mean[c] * st.invstd[c] * gamma[c]))
         .collect();
-    let mut y = vec![T::zero(); numel];
+    let mut y: Vec<T> = Vec::with_capacity(numel);
     let img = (d.c * d.hw).max(1);
     let hw = d.hw.max(1);
-    let pass = y
+    let pass = y.spare_capacity_mut()[..numel]
         .par_chunks_mut(img)
         .zip(x.par_chunks(img))
         .with_min_len(d.min_len(d.n));
     match s {
         Some(s) => pass.zip(s.par_chunks(img)).for_each(|((yi, xi), si)| {
+            let yi = zero_init(yi);
             let planes = yi.chunks_mut(hw).zip(xi.chunks(hw)).zip(si.chunks(hw));
             for (ch, ((yp, xp), sp)) in planes.enumerate() {
                 simd::affine_add_relu(yp, xp, sp, a[ch], b[ch]);
             }
         }),
         None => pass.for_each(|(yi, xi)| {
+            let yi = zero_init(yi);
             for (ch, (yp, xp)) in yi.chunks_mut(hw).zip(xi.chunks(hw)).enumerate() {
                 simd::affine(yp, xp, a[ch], b[ch], relu);
             }
         }),
     }
+    // SAFETY: the first `numel` values were initialised (`zero_init`): the
+    // loop visits every `img`-sized chunk of them, paired one to one with
+    // the chunks of `x` (and `s`, of the same length), and does not exit
+    // early; `numel <= capacity`.
+    unsafe { y.set_len(numel) };
     Ok(y)
 }
 
@@ -251,8 +258,8 @@ fn backward<T: Elem>(
         .collect();
     let planes_out = if shortcut_grad { 2 * numel } else { numel };
     let total = planes_out + 2 * d.c;
-    let mut out = vec![T::zero(); total];
-    let (grads, tail) = out.split_at_mut(planes_out);
+    let mut out: Vec<T> = Vec::with_capacity(total);
+    let (grads, tail) = out.spare_capacity_mut()[..total].split_at_mut(planes_out);
     let img = (d.c * d.hw).max(1);
     let hw = d.hw.max(1);
     if shortcut_grad {
@@ -264,6 +271,7 @@ fn backward<T: Elem>(
             .zip(y.par_chunks(img))
             .with_min_len(d.min_len(d.n))
             .for_each(|((((dxi, dsi), xi), gi), yi)| {
+                let (dxi, dsi) = (zero_init(dxi), zero_init(dsi));
                 let planes = dxi
                     .chunks_mut(hw)
                     .zip(dsi.chunks_mut(hw))
@@ -283,6 +291,7 @@ fn backward<T: Elem>(
             .zip(y.par_chunks(img))
             .with_min_len(d.min_len(d.n))
             .for_each(|(((dxi, xi), gi), yi)| {
+                let dxi = zero_init(dxi);
                 let planes = dxi
                     .chunks_mut(hw)
                     .zip(xi.chunks(hw))
@@ -294,10 +303,17 @@ fn backward<T: Elem>(
                 }
             });
     }
+    let tail = zero_init(tail);
     for ch in 0..d.c {
         tail[ch] = T::from_f64(sums[ch].1);
         tail[d.c + ch] = T::from_f64(sums[ch].0);
     }
+    // SAFETY: all `total` values were initialised (`zero_init`): the tail
+    // just above, and the gradients (`dx`, then `ds` when written) by the
+    // parallel loop, which visits every `img`-sized chunk of them, paired one
+    // to one with the chunks of `x`, `dy` and `y` (all `numel` long), and
+    // does not exit early; `total <= capacity`.
+    unsafe { out.set_len(total) };
     Ok(out)
 }
 
