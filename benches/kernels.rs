@@ -235,6 +235,17 @@ fn bn(b: Backend, x: &Tensor, g: &Tensor, beta: &Tensor, relu: bool) -> R<Tensor
     }
 }
 
+/// `relu(bn(x) + s)`, the end of a residual block: one fused kernel for
+/// aimass, the composition for plain candle.
+fn bn_add_relu(b: Backend, x: &Tensor, g: &Tensor, beta: &Tensor, s: &Tensor) -> R<Tensor> {
+    match b {
+        Backend::Aimass => {
+            Ok(kernels::batch_norm_add_relu_train(x, Some(g), Some(beta), s, 1e-5)?.output)
+        }
+        Backend::Candle => Ok((bn(b, x, g, beta, false)? + s)?.relu()?),
+    }
+}
+
 fn relu(b: Backend, x: &Tensor) -> R<Tensor> {
     match b {
         Backend::Aimass => kernels::relu(x),
@@ -356,7 +367,6 @@ impl ResNet {
             let y = conv(b, &h, &blk.c1, None, blk.stride, 1, false)?;
             let y = bn(b, &y, &blk.b1.0, &blk.b1.1, true)?;
             let y = conv(b, &y, &blk.c2, None, 1, 1, false)?;
-            let y = bn(b, &y, &blk.b2.0, &blk.b2.1, false)?;
             let s = match &blk.short {
                 Some((w, (g, beta))) => bn(
                     b,
@@ -367,7 +377,7 @@ impl ResNet {
                 )?,
                 None => h.clone(),
             };
-            h = relu(b, &(y + s)?)?;
+            h = bn_add_relu(b, &y, &blk.b2.0, &blk.b2.1, &s)?;
         }
         Ok(h.mean(D::Minus1)?.mean(D::Minus1)?)
     }
@@ -497,6 +507,18 @@ fn main() -> R<()> {
         let ours = median_ms(2, 10, || run(Backend::Aimass))?;
         let cand = rep.candle(1, 5, || run(Backend::Candle))?;
         rep.line("bn_relu_fwd_bwd", ours, cand, None, None, bs);
+        // The end of a residual block: relu(bn(x) + s), s differentiable too.
+        let s = Var::from_tensor(&uniform(&[bs, 64, 14, 14], 1.0, 8)?)?;
+        let run = |be: Backend| {
+            bn_add_relu(be, &x, &g, &beta, &s)?
+                .mul(&r)?
+                .sum_all()?
+                .backward()?;
+            Ok(())
+        };
+        let ours = median_ms(2, 10, || run(Backend::Aimass))?;
+        let cand = rep.candle(1, 5, || run(Backend::Candle))?;
+        rep.line("bn_add_relu_fwd_bwd", ours, cand, None, None, bs);
     }
     if want("convnet") {
         let step_time = |be: Backend, warm: usize, iters: usize| -> R<f64> {

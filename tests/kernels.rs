@@ -660,6 +660,10 @@ const BN_SHAPES: &[&[usize]] = &[
     &[3, 2, 7],
     &[2, 5, 3, 1],
     &[1, 3, 4, 4],
+    // More than 64 images: several images per chunk of the reductions.
+    &[70, 2, 3],
+    // Planes of 42: the 16-lane loops plus a tail.
+    &[3, 4, 6, 7],
 ];
 
 #[test]
@@ -794,6 +798,186 @@ fn batch_norm_rejects_bad_arguments() {
     assert!(kernels::batch_norm_train(&x, Some(&w64), None, 1e-5).is_err());
     let empty = Tensor::zeros((0, 3), DType::F32, &Device::Cpu).unwrap();
     assert!(kernels::batch_norm_train(&empty, None, None, 1e-5).is_err());
+}
+
+/// BatchNorm (training) written with candle's own tensor ops: the output,
+/// the batch mean and the biased batch variance.
+fn candle_bn(x: &Tensor, g: &Tensor, b: &Tensor, eps: f64) -> (Tensor, Tensor, Tensor) {
+    let c = x.dim(1).unwrap();
+    let shape: Vec<usize> = (0..x.rank()).map(|i| if i == 1 { c } else { 1 }).collect();
+    let red: Vec<usize> = (0..x.rank()).filter(|&i| i != 1).collect();
+    let m = (x.elem_count() / c) as f64;
+    let mean = (x.sum_keepdim(red.clone()).unwrap() / m).unwrap();
+    let xc = x.broadcast_sub(&mean).unwrap();
+    let var = (xc.sqr().unwrap().sum_keepdim(red).unwrap() / m).unwrap();
+    let y = xc
+        .broadcast_div(&(&var + eps).unwrap().sqrt().unwrap())
+        .unwrap()
+        .broadcast_mul(&g.reshape(shape.clone()).unwrap())
+        .unwrap()
+        .broadcast_add(&b.reshape(shape).unwrap())
+        .unwrap();
+    (y, mean.flatten_all().unwrap(), var.flatten_all().unwrap())
+}
+
+#[test]
+fn batch_norm_add_relu_matches_candle_composition() {
+    let mut r = aimass::device::rng(24);
+    for dims in BN_SHAPES {
+        let c = dims[1];
+        let x = ((randt(&mut r, dims) * 3.0).unwrap() + 0.5).unwrap();
+        let g = randt(&mut r, &[c]);
+        let b = randt(&mut r, &[c]);
+        let s = randt(&mut r, dims);
+        let (bn, mean, var) = candle_bn(&x, &g, &b, 1e-5);
+        let want = flat(&(bn + &s).unwrap().relu().unwrap());
+        assert!(want.contains(&0.0) && want.iter().any(|v| *v > 0.0));
+        for (dt, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-4)] {
+            let cast = |t: &Tensor| t.to_dtype(dt).unwrap();
+            let out = kernels::batch_norm_add_relu_train(
+                &cast(&x),
+                Some(&cast(&g)),
+                Some(&cast(&b)),
+                &cast(&s),
+                1e-5,
+            )
+            .unwrap();
+            assert_eq!(out.output.dims(), *dims);
+            assert_eq!(out.output.dtype(), dt);
+            let d = max_abs_diff(&flat(&out.output), &want);
+            assert!(d < tol, "{dims:?} {dt:?}: max diff {d}");
+            // The statistics are those of x, not of x + shortcut.
+            assert!(max_abs_diff(&flat(&out.mean), &flat(&mean)) < tol);
+            assert!(max_abs_diff(&flat(&out.var), &flat(&var)) < tol);
+            assert_eq!(out.count, x.elem_count() / c);
+        }
+        // No affine parameters: weight 1, bias 0.
+        let (ones, zeros) = (
+            Tensor::ones(c, DType::F64, &Device::Cpu).unwrap(),
+            Tensor::zeros(c, DType::F64, &Device::Cpu).unwrap(),
+        );
+        let (bn, _, _) = candle_bn(&x, &ones, &zeros, 1e-3);
+        let want = flat(&(bn + &s).unwrap().relu().unwrap());
+        let out = kernels::batch_norm_add_relu_train(&x, None, None, &s, 1e-3).unwrap();
+        assert!(max_abs_diff(&flat(&out.output), &want) < 1e-10);
+    }
+    // A strided (transposed) shortcut.
+    let x = randt(&mut r, &[4, 3, 5, 6]);
+    let s = randt(&mut r, &[4, 5, 3, 6]).transpose(1, 2).unwrap();
+    assert!(!s.is_contiguous());
+    let (g, b) = (randt(&mut r, &[3]), randt(&mut r, &[3]));
+    let (bn, _, _) = candle_bn(&x, &g, &b, 1e-5);
+    let want = flat(&(bn + &s).unwrap().relu().unwrap());
+    let out = kernels::batch_norm_add_relu_train(&x, Some(&g), Some(&b), &s, 1e-5).unwrap();
+    assert!(max_abs_diff(&flat(&out.output), &want) < 1e-10);
+}
+
+#[test]
+fn batch_norm_add_relu_gradients_match_finite_differences() {
+    let mut r = aimass::device::rng(25);
+    for dims in BN_SHAPES {
+        let c = dims[1];
+        let x = randt(&mut r, dims);
+        let g = randt(&mut r, &[c]);
+        let b = randt(&mut r, &[c]);
+        let s = randt(&mut r, dims);
+        let rw = randt(&mut r, dims);
+        let loss = |x: &Tensor, g: &Tensor, b: &Tensor, s: &Tensor| {
+            kernels::batch_norm_add_relu_train(x, Some(g), Some(b), s, 1e-3)
+                .unwrap()
+                .output
+                .mul(&rw)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let var = |t: &Tensor| Var::from_tensor(t).unwrap();
+        let (xv, gv, bv, sv) = (var(&x), var(&g), var(&b), var(&s));
+        let grads = loss(
+            xv.as_tensor(),
+            gv.as_tensor(),
+            bv.as_tensor(),
+            sv.as_tensor(),
+        )
+        .backward()
+        .unwrap();
+        let t = |v: &[f64], d: &[usize]| Tensor::from_slice(v, d, &Device::Cpu).unwrap();
+        let sc = |t: Tensor| t.to_scalar::<f64>().unwrap();
+        let fx = fd_grad(&flat(&x), &|v| sc(loss(&t(v, x.dims()), &g, &b, &s)));
+        let fg = fd_grad(&flat(&g), &|v| sc(loss(&x, &t(v, g.dims()), &b, &s)));
+        let fb = fd_grad(&flat(&b), &|v| sc(loss(&x, &g, &t(v, b.dims()), &s)));
+        let fs = fd_grad(&flat(&s), &|v| sc(loss(&x, &g, &b, &t(v, s.dims()))));
+        let what = format!("bn add relu {dims:?}");
+        let gx = flat(grads.get(&xv).unwrap());
+        let gs = flat(grads.get(&sv).unwrap());
+        assert_close(&gx, &fx, 1e-6, &what);
+        assert_close(&flat(grads.get(&gv).unwrap()), &fg, 1e-6, &what);
+        assert_close(&flat(grads.get(&bv).unwrap()), &fb, 1e-6, &what);
+        assert_close(&gs, &fs, 1e-6, &what);
+        // Only some operands tracked: the same gradients.
+        let xv = var(&x);
+        let only_x = loss(xv.as_tensor(), &g, &b, &s).backward().unwrap();
+        assert!(max_abs_diff(&flat(only_x.get(&xv).unwrap()), &gx) < 1e-12);
+        let sv = var(&s);
+        let only_s = loss(&x, &g, &b, sv.as_tensor()).backward().unwrap();
+        assert!(max_abs_diff(&flat(only_s.get(&sv).unwrap()), &gs) < 1e-12);
+    }
+}
+
+#[test]
+fn batch_norm_add_relu_rejects_bad_arguments() {
+    let x = Tensor::zeros((2, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let f = |s: &Tensor| kernels::batch_norm_add_relu_train(&x, None, None, s, 1e-5);
+    let shape_err = |r: aimass::Result<kernels::BatchNormTrainOutput>| {
+        matches!(r, Err(aimass::Error::Shape { .. }))
+    };
+    let invalid = |r: aimass::Result<kernels::BatchNormTrainOutput>| {
+        matches!(r, Err(aimass::Error::InvalidArgument { .. }))
+    };
+    assert!(shape_err(f(&Tensor::zeros(
+        (2, 3, 4, 5),
+        DType::F32,
+        &Device::Cpu
+    )
+    .unwrap())));
+    // Same number of values, other shape.
+    assert!(shape_err(f(&Tensor::zeros(
+        (2, 3, 16),
+        DType::F32,
+        &Device::Cpu
+    )
+    .unwrap())));
+    assert!(shape_err(f(&Tensor::zeros(
+        (2, 3, 4),
+        DType::F32,
+        &Device::Cpu
+    )
+    .unwrap())));
+    assert!(invalid(f(&Tensor::zeros(
+        (2, 3, 4, 4),
+        DType::F64,
+        &Device::Cpu
+    )
+    .unwrap())));
+    assert!(invalid(f(&Tensor::zeros(
+        (2, 3, 4, 4),
+        DType::U32,
+        &Device::Cpu
+    )
+    .unwrap())));
+    // The BatchNorm checks still apply.
+    let w2 = Tensor::ones(2, DType::F32, &Device::Cpu).unwrap();
+    assert!(shape_err(kernels::batch_norm_add_relu_train(
+        &x,
+        Some(&w2),
+        None,
+        &x,
+        1e-5
+    )));
+    assert!(invalid(kernels::batch_norm_add_relu_train(
+        &x, None, None, &x, -1.0
+    )));
+    assert!(f(&x).is_ok());
 }
 
 #[test]

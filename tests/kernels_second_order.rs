@@ -205,6 +205,27 @@ fn batch_norm_hessian_vector_products_match_finite_differences() {
 }
 
 #[test]
+fn batch_norm_add_relu_hessian_vector_products_match_finite_differences() {
+    second_order_mode();
+    let mut r = aimass::device::rng(11);
+    let x = randt(&mut r, &[3, 2, 4, 4]);
+    let wt = randt(&mut r, &[3, 2, 3, 3]);
+    let g = randt(&mut r, &[3]);
+    let b = randt(&mut r, &[3]);
+    let s = randt(&mut r, &[3, 3, 4, 4]);
+    let f = |q: &[Tensor]| -> Tensor {
+        let h = kernels::conv2d(&q[0], &q[1], None, (1, 1), (1, 1), (1, 1), 1).unwrap();
+        // The shortcut through a non-linearity, so its second derivative counts.
+        let short = q[4].sin().unwrap();
+        let y = kernels::batch_norm_add_relu_train(&h, Some(&q[2]), Some(&q[3]), &short, 1e-3)
+            .unwrap()
+            .output;
+        (&y * &y).unwrap().tanh().unwrap().sum_all().unwrap()
+    };
+    check_hvp(&[x, wt, g, b, s], &f, 63, "bn add relu");
+}
+
+#[test]
 fn fused_conv_relu_hessian_vector_products_match_finite_differences() {
     second_order_mode();
     let mut r = aimass::device::rng(9);

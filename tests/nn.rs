@@ -127,6 +127,77 @@ fn batch_norm_2d_uses_batch_and_spatial_statistics_and_rejects_single_values() {
     ));
 }
 
+#[test]
+fn batch_norm_add_relu_matches_plain_ops_and_updates_running_statistics() {
+    let vm = VarMap::new();
+    let vb = seeded_var_builder(&vm, 0, DType::F32, &cpu());
+    let bn = BatchNorm::new(3, BatchNormConfig::default(), vb.pp("bn")).unwrap();
+    let w = Tensor::new(&[0.5f32, -1.5, 2.0], &cpu()).unwrap();
+    let b = Tensor::new(&[0.1f32, 0.3, -0.2], &cpu()).unwrap();
+    {
+        let data = vm.data().lock().unwrap();
+        data["bn.weight"].set(&w).unwrap();
+        data["bn.bias"].set(&b).unwrap();
+    }
+    let wave = |scale: f64, shift: f64| {
+        Tensor::arange(0f32, 96., &cpu())
+            .unwrap()
+            .reshape((4, 3, 2, 4))
+            .unwrap()
+            .affine(scale, shift)
+            .unwrap()
+            .sin()
+            .unwrap()
+    };
+    let x = (wave(0.37, 0.0) * 2.0).unwrap().affine(1.0, 1.0).unwrap();
+    let s = wave(0.91, 0.5);
+    let c = |t: &Tensor| t.reshape((1, 3, 1, 1)).unwrap();
+    // y = relu((x - mean) / sqrt(var + eps) * w + b + s), with plain candle ops.
+    let reference = |mean: &Tensor, var: &Tensor| {
+        x.broadcast_sub(&c(mean))
+            .unwrap()
+            .broadcast_div(&(c(var) + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(&c(&w))
+            .unwrap()
+            .broadcast_add(&c(&b))
+            .unwrap()
+            .add(&s)
+            .unwrap()
+            .relu()
+            .unwrap()
+    };
+    let mean = x.mean_keepdim(0).unwrap().mean_keepdim(2).unwrap();
+    let mean = mean.mean_keepdim(3).unwrap().flatten_all().unwrap();
+    let var = x.broadcast_sub(&c(&mean)).unwrap().sqr().unwrap();
+    let var = var.mean_keepdim(0).unwrap().mean_keepdim(2).unwrap();
+    let var = var.mean_keepdim(3).unwrap().flatten_all().unwrap();
+
+    let y = bn.forward_add_relu_t(&x, &s, true).unwrap();
+    assert!(max_abs_diff(&y, &reference(&mean, &var)) < 1e-5);
+    // Running statistics: momentum 0.1, unbiased variance (32 values per channel).
+    let rm = bn.running_mean().unwrap().clone();
+    let rv = bn.running_var().unwrap().clone();
+    assert!(max_abs_diff(&rm, &(&mean * 0.1).unwrap()) < 1e-6);
+    let want_rv = ((&var * (0.1 * 32.0 / 31.0)).unwrap() + 0.9).unwrap();
+    assert!(max_abs_diff(&rv, &want_rv) < 1e-6);
+
+    // Eval mode: the running statistics, and nothing changes.
+    let ye = bn.forward_add_relu_t(&x, &s, false).unwrap();
+    assert!(max_abs_diff(&ye, &reference(&rm, &rv)) < 1e-5);
+    assert_eq!(vec1(bn.running_mean().unwrap()), vec1(&rm));
+    assert_eq!(vec1(bn.running_var().unwrap()), vec1(&rv));
+
+    // The shortcut must have the input's shape.
+    for train in [true, false] {
+        let short = s.narrow(0, 0, 2).unwrap();
+        assert!(matches!(
+            bn.forward_add_relu_t(&x, &short, train),
+            Err(aimass::Error::Shape { .. })
+        ));
+    }
+}
+
 // ------------------------------------------------------------------ counts and shapes
 
 fn count(cfg: ResNetConfig) -> usize {
@@ -760,6 +831,52 @@ fn train_mode_gradients_match_finite_differences() {
         "layer2.0.downsample.0.weight",
         "layer2.0.bn1.bias",
         "fc.weight",
+    ] {
+        let v = &vars.iter().find(|(k, _)| k == n).unwrap().1;
+        check_fd(n, v, grads.get(v.as_tensor()).unwrap(), &lf);
+    }
+}
+
+#[test]
+fn bottleneck_train_mode_gradients_match_finite_differences() {
+    let dev = cpu();
+    let vm = VarMap::new();
+    // Bottleneck blocks, each with a downsample; bn3 ends every block (fused
+    // with the residual add and the ReLU in train mode).
+    let cfg = ResNetConfig::resnet50()
+        .with_layers([1, 1])
+        .with_widths([2, 3])
+        .with_in_channels(1)
+        .with_num_classes(Some(3));
+    let net = ResNet::new(cfg, seeded_var_builder(&vm, 4, DType::F64, &dev)).unwrap();
+    let x = Tensor::arange(0f64, 2. * 16. * 16., &dev)
+        .unwrap()
+        .reshape((2, 1, 16, 16))
+        .unwrap()
+        .affine(0.29, 0.3)
+        .unwrap()
+        .cos()
+        .unwrap();
+    let wts = Tensor::new(&[[0.3f64, -1.2, 0.7], [1.1, 0.4, -0.5]], &dev).unwrap();
+    let loss = || -> Tensor {
+        (net.forward_t(&x, true).unwrap() * &wts)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .sqr()
+            .unwrap()
+    };
+    let grads = loss().backward().unwrap();
+    let lf = || loss().to_scalar::<f64>().unwrap();
+    let vars = params::named_vars(&vm).unwrap();
+    for n in [
+        "conv1.weight",
+        "layer1.0.conv3.weight",
+        "layer1.0.bn3.weight",
+        "layer1.0.bn3.bias",
+        "layer1.0.downsample.0.weight",
+        "layer2.0.bn3.weight",
+        "layer2.0.downsample.1.bias",
     ] {
         let v = &vars.iter().find(|(k, _)| k == n).unwrap().1;
         check_fd(n, v, grads.get(v.as_tensor()).unwrap(), &lf);

@@ -219,21 +219,23 @@ impl Block {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let Some(((last_conv, last_bn), rest)) = self.convs.split_last() else {
+            return Err(Error::invalid(
+                "ResNet block",
+                "a block without convolutions",
+            ));
+        };
         let mut y = x.clone();
-        let n = self.convs.len();
-        for (i, (c, b)) in self.convs.iter().enumerate() {
-            let z = c.forward(&y)?;
-            y = if i + 1 < n {
-                b.forward_relu_t(&z, train)?
-            } else {
-                b.forward_t(&z, train)?
-            };
+        for (c, b) in rest {
+            y = b.forward_relu_t(&c.forward(&y)?, train)?;
         }
+        let z = last_conv.forward(&y)?;
         let short = match &self.downsample {
             Some((c, b)) => b.forward_t(&c.forward(x)?, train)?,
             None => x.clone(),
         };
-        crate::ops::relu(&(y + short)?)
+        // relu(bn(z) + short), one fused kernel in train mode on the CPU.
+        last_bn.forward_add_relu_t(&z, &short, train)
     }
 }
 

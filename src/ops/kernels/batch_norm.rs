@@ -1,7 +1,13 @@
 //! BatchNorm in training mode, fused: forward is one pass for the
 //! per-channel statistics and one for `y = x * a + b`; backward is one pass
-//! for the two per-channel sums and one for `dx`. An optional ReLU is fused
-//! into both.
+//! for the two per-channel sums and one for `dx`. An epilogue is fused into
+//! both: nothing, a ReLU, or a residual add then a ReLU
+//! (`y = max(x * a + b + s, 0)`, the end of a ResNet block, whose backward
+//! also writes the shortcut's gradient `dy * (y > 0)` in the `dx` pass).
+//!
+//! The per-channel reductions (statistics, backward sums) walk memory in
+//! order, image by image, and add up f64 partials in an order fixed by the
+//! shape alone.
 //!
 //! First-order backward runs the fused kernel. When candle keeps gradients
 //! differentiable (`CANDLE_GRAD_DO_NOT_DETACH`, second-order mode) the
@@ -16,7 +22,7 @@ use rayon::prelude::*;
 
 use super::gemm::{threads, Elem};
 use super::simd;
-use super::util::{contiguous_slice, needs_grad, second_order};
+use super::util::{contiguous_slice, needs_grad, second_order, zero_init};
 
 /// Per-channel batch statistics of one forward pass.
 #[derive(Clone, Debug, Default)]
@@ -51,14 +57,63 @@ impl Dims {
     fn count(&self) -> usize {
         self.n * self.hw
     }
-    /// The planes `x[i, ch, ..]` of one channel.
-    fn planes<'a, T>(&self, x: &'a [T], ch: usize) -> impl Iterator<Item = &'a [T]> + 'a {
-        let (c, hw) = (self.c, self.hw);
-        (0..self.n).map(move |i| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw])
-    }
     fn min_len(&self, units: usize) -> usize {
         units.div_ceil(4 * threads()).max(1)
     }
+}
+
+/// At most this many image chunks in the per-channel reductions: enough to
+/// spread over the threads, few enough that the partial sums stay small.
+const CHUNKS: usize = 64;
+
+/// Per-channel pairs of sums over all `n` images, walking memory in order:
+/// parallel over tasks of (a chunk of whole images, a block of channels),
+/// each adding `plane(ch, range)` (the sums over the plane `x[i, ch, ..]`,
+/// whose elements are `range` of the flat input) into per-channel f64
+/// partials, which are then added up chunk by chunk in order.
+///
+/// The tasks depend on the shape only, never on the thread count, so the
+/// order of the additions, and the result, is the same on every machine.
+/// Channels are split into blocks only when there are fewer than
+/// [`CHUNKS`] image chunks (small batches), to keep the threads busy.
+fn channel_sums<F>(d: Dims, plane: F) -> Vec<(f64, f64)>
+where
+    F: Fn(usize, std::ops::Range<usize>) -> (f64, f64) + Sync,
+{
+    if d.n == 0 || d.c == 0 {
+        return vec![(0.0, 0.0); d.c];
+    }
+    let per_img = d.n.div_ceil(CHUNKS);
+    let n_img = d.n.div_ceil(per_img);
+    let per_ch = d.c.div_ceil(CHUNKS.div_ceil(n_img).min(d.c));
+    let n_ch = d.c.div_ceil(per_ch);
+    let partials: Vec<Vec<(f64, f64)>> = (0..n_img * n_ch)
+        .into_par_iter()
+        .map(|t| {
+            let (imgs, chs) = (t / n_ch, t % n_ch);
+            let ch0 = chs * per_ch;
+            let ch1 = (ch0 + per_ch).min(d.c);
+            let mut acc = vec![(0f64, 0f64); ch1 - ch0];
+            for i in imgs * per_img..((imgs + 1) * per_img).min(d.n) {
+                for (a, ch) in acc.iter_mut().zip(ch0..ch1) {
+                    let start = (i * d.c + ch) * d.hw;
+                    let (s1, s2) = plane(ch, start..start + d.hw);
+                    a.0 += s1;
+                    a.1 += s2;
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![(0f64, 0f64); d.c];
+    for (t, p) in partials.iter().enumerate() {
+        let ch0 = (t % n_ch) * per_ch;
+        for (a, v) in total[ch0..].iter_mut().zip(p) {
+            a.0 += v.0;
+            a.1 += v.1;
+        }
+    }
+    total
 }
 
 fn stats<T: Elem>(d: Dims, x: &[T], eps: f64) -> candle_core::Result<Stats> {
@@ -71,65 +126,96 @@ fn stats<T: Elem>(d: Dims, x: &[T], eps: f64) -> candle_core::Result<Stats> {
             d.hw
         );
     }
-    let per: Vec<(f64, f64)> = (0..d.c)
-        .into_par_iter()
-        .with_min_len(d.min_len(d.c))
-        .map(|ch| {
-            // Shifted sums: exact enough even when |mean| >> std.
-            let k = d
-                .planes(x, ch)
-                .next()
-                .and_then(|p| p.first().copied())
-                .unwrap_or_else(T::zero);
-            let (mut s1, mut s2) = (0f64, 0f64);
-            for p in d.planes(x, ch) {
-                let (a1, a2) = simd::shifted_sums(p, k);
-                s1 += a1;
-                s2 += a2;
-            }
-            let mf = m as f64;
-            let mu = s1 / mf;
-            (k.to_f64() + mu, (s2 / mf - mu * mu).max(0.0))
-        })
-        .collect();
-    let mean = per.iter().map(|p| p.0).collect();
-    let var: Vec<f64> = per.iter().map(|p| p.1).collect();
+    // Shifted sums, exact enough even when |mean| >> std: the shift of each
+    // channel is its first value, x[0, ch, 0].
+    let k: Vec<T> = (0..d.c).map(|ch| x[ch * d.hw]).collect();
+    let sums = channel_sums(d, |ch, r| simd::shifted_sums(&x[r], k[ch]));
+    let mf = m as f64;
+    let (mut mean, mut var) = (Vec::with_capacity(d.c), Vec::with_capacity(d.c));
+    for (&(s1, s2), kc) in sums.iter().zip(&k) {
+        let mu = s1 / mf;
+        mean.push(kc.to_f64() + mu);
+        var.push((s2 / mf - mu * mu).max(0.0));
+    }
     let invstd = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     Ok(Stats { mean, var, invstd })
 }
 
+/// What the fused op applies after the normalisation `bn(x) = a * x + b`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Epilogue {
+    /// `y = bn(x)`.
+    None,
+    /// `y = max(bn(x), 0)`.
+    Relu,
+    /// `y = max(bn(x) + s, 0)`, `s` (the residual shortcut, shaped as `x`)
+    /// being the op's third input: the end of a ResNet block.
+    AddRelu,
+}
+
+impl Epilogue {
+    /// Whether the output went through a ReLU, so that the backward masks
+    /// the incoming gradient with `y > 0`.
+    fn relu(self) -> bool {
+        self != Epilogue::None
+    }
+}
+
+/// The second pass of the forward: `y = a * x + b` per channel, then the
+/// epilogue (`s` is the shortcut, for [`Epilogue::AddRelu`] only).
 fn forward<T: Elem>(
     d: Dims,
     x: &[T],
+    s: Option<&[T]>,
     gamma: &[f64],
     beta: &[f64],
     st: &Stats,
     relu: bool,
-) -> Vec<T> {
+) -> candle_core::Result<Vec<T>> {
+    let numel = x.len();
+    if s.is_some_and(|s| s.len() != numel) {
+        candle_core::bail!("batch_norm: the shortcut must have the input's length {numel}");
+    }
     let a: Vec<T> = (0..d.c)
         .map(|c| T::from_f64(st.invstd[c] * gamma[c]))
         .collect();
     let b: Vec<T> = (0..d.c)
         .map(|c| T::from_f64(beta[c] - st.mean[c] * st.invstd[c] * gamma[c]))
         .collect();
-    let mut y = vec![T::zero(); x.len()];
-    let img = d.c * d.hw;
-    y.par_chunks_mut(img.max(1))
-        .zip(x.par_chunks(img.max(1)))
-        .with_min_len(d.min_len(d.n))
-        .for_each(|(yi, xi)| {
-            for (ch, (yp, xp)) in yi
-                .chunks_mut(d.hw.max(1))
-                .zip(xi.chunks(d.hw.max(1)))
-                .enumerate()
-            {
+    let mut y: Vec<T> = Vec::with_capacity(numel);
+    let img = (d.c * d.hw).max(1);
+    let hw = d.hw.max(1);
+    let pass = y.spare_capacity_mut()[..numel]
+        .par_chunks_mut(img)
+        .zip(x.par_chunks(img))
+        .with_min_len(d.min_len(d.n));
+    match s {
+        Some(s) => pass.zip(s.par_chunks(img)).for_each(|((yi, xi), si)| {
+            let yi = zero_init(yi);
+            let planes = yi.chunks_mut(hw).zip(xi.chunks(hw)).zip(si.chunks(hw));
+            for (ch, ((yp, xp), sp)) in planes.enumerate() {
+                simd::affine_add_relu(yp, xp, sp, a[ch], b[ch]);
+            }
+        }),
+        None => pass.for_each(|(yi, xi)| {
+            let yi = zero_init(yi);
+            for (ch, (yp, xp)) in yi.chunks_mut(hw).zip(xi.chunks(hw)).enumerate() {
                 simd::affine(yp, xp, a[ch], b[ch], relu);
             }
-        });
-    y
+        }),
+    }
+    // SAFETY: the first `numel` values were initialised (`zero_init`): the
+    // loop visits every `img`-sized chunk of them, paired one to one with
+    // the chunks of `x` (and `s`, of the same length), and does not exit
+    // early; `numel <= capacity`.
+    unsafe { y.set_len(numel) };
+    Ok(y)
 }
 
-/// Fused backward: returns `[dx..., dgamma (c), dbeta (c)]` packed.
+/// Fused backward: returns `[dx..., ds..., dgamma (c), dbeta (c)]` packed,
+/// where `ds = dy * (y > 0)` (the shortcut's gradient) is there only when
+/// `shortcut_grad`, which needs `relu`.
+#[allow(clippy::too_many_arguments)]
 fn backward<T: Elem>(
     d: Dims,
     x: &[T],
@@ -138,24 +224,28 @@ fn backward<T: Elem>(
     gamma: &[f64],
     st: &Stats,
     relu: bool,
-) -> Vec<T> {
+    shortcut_grad: bool,
+) -> candle_core::Result<Vec<T>> {
+    let numel = x.len();
+    if dy.len() != numel || y.len() != numel || gamma.len() != d.c {
+        candle_core::bail!(
+            "batch_norm backward: lengths {numel}, {}, {}, {} (channels {})",
+            dy.len(),
+            y.len(),
+            gamma.len(),
+            d.c
+        );
+    }
     let m = d.count() as f64;
     // Pass 1: sum(dy) and sum(dy * xhat) per channel (dy masked by the ReLU).
-    let sums: Vec<(f64, f64)> = (0..d.c)
-        .into_par_iter()
-        .with_min_len(d.min_len(d.c))
-        .map(|ch| {
-            let mu = T::from_f64(st.mean[ch]);
-            let (mut sdy, mut sdyx) = (0f64, 0f64);
-            for i in 0..d.n {
-                let r = (i * d.c + ch) * d.hw..(i * d.c + ch + 1) * d.hw;
-                let (a1, a2) = simd::grad_sums(&x[r.clone()], &dy[r.clone()], &y[r], mu, relu);
-                sdy += a1;
-                sdyx += a2;
-            }
-            (sdy, sdyx * st.invstd[ch])
-        })
-        .collect();
+    let mu: Vec<T> = st.mean.iter().map(|&v| T::from_f64(v)).collect();
+    let sums: Vec<(f64, f64)> = channel_sums(d, |ch, r| {
+        simd::grad_sums(&x[r.clone()], &dy[r.clone()], &y[r], mu[ch], relu)
+    })
+    .into_iter()
+    .zip(&st.invstd)
+    .map(|((sdy, sdyx), is)| (sdy, sdyx * is))
+    .collect();
     // dx = A * dy + B * x + C per channel.
     let coef: Vec<(T, T, T)> = (0..d.c)
         .map(|ch| {
@@ -166,55 +256,250 @@ fn backward<T: Elem>(
             (T::from_f64(a), T::from_f64(b), T::from_f64(c))
         })
         .collect();
-    let mut out = vec![T::zero(); x.len() + 2 * d.c];
-    let (dx, tail) = out.split_at_mut(x.len());
-    let img = d.c * d.hw;
-    dx.par_chunks_mut(img.max(1))
-        .zip(x.par_chunks(img.max(1)))
-        .zip(dy.par_chunks(img.max(1)))
-        .zip(y.par_chunks(img.max(1)))
-        .with_min_len(d.min_len(d.n))
-        .for_each(|(((dxi, xi), gi), yi)| {
-            let hw = d.hw.max(1);
-            for (ch, (((o, xp), gp), yp)) in dxi
-                .chunks_mut(hw)
-                .zip(xi.chunks(hw))
-                .zip(gi.chunks(hw))
-                .zip(yi.chunks(hw))
-                .enumerate()
-            {
-                let (a, b, c) = coef[ch];
-                simd::affine_grad(o, xp, gp, yp, a, b, c, relu);
-            }
-        });
+    let planes_out = if shortcut_grad { 2 * numel } else { numel };
+    let total = planes_out + 2 * d.c;
+    let mut out: Vec<T> = Vec::with_capacity(total);
+    let (grads, tail) = out.spare_capacity_mut()[..total].split_at_mut(planes_out);
+    let img = (d.c * d.hw).max(1);
+    let hw = d.hw.max(1);
+    if shortcut_grad {
+        let (dx, ds) = grads.split_at_mut(numel);
+        dx.par_chunks_mut(img)
+            .zip(ds.par_chunks_mut(img))
+            .zip(x.par_chunks(img))
+            .zip(dy.par_chunks(img))
+            .zip(y.par_chunks(img))
+            .with_min_len(d.min_len(d.n))
+            .for_each(|((((dxi, dsi), xi), gi), yi)| {
+                let (dxi, dsi) = (zero_init(dxi), zero_init(dsi));
+                let planes = dxi
+                    .chunks_mut(hw)
+                    .zip(dsi.chunks_mut(hw))
+                    .zip(xi.chunks(hw))
+                    .zip(gi.chunks(hw))
+                    .zip(yi.chunks(hw));
+                for (ch, ((((o, os), xp), gp), yp)) in planes.enumerate() {
+                    let (a, b, c) = coef[ch];
+                    simd::affine_grad_add(o, os, xp, gp, yp, a, b, c);
+                }
+            });
+    } else {
+        grads
+            .par_chunks_mut(img)
+            .zip(x.par_chunks(img))
+            .zip(dy.par_chunks(img))
+            .zip(y.par_chunks(img))
+            .with_min_len(d.min_len(d.n))
+            .for_each(|(((dxi, xi), gi), yi)| {
+                let dxi = zero_init(dxi);
+                let planes = dxi
+                    .chunks_mut(hw)
+                    .zip(xi.chunks(hw))
+                    .zip(gi.chunks(hw))
+                    .zip(yi.chunks(hw));
+                for (ch, (((o, xp), gp), yp)) in planes.enumerate() {
+                    let (a, b, c) = coef[ch];
+                    simd::affine_grad(o, xp, gp, yp, a, b, c, relu);
+                }
+            });
+    }
+    let tail = zero_init(tail);
     for ch in 0..d.c {
         tail[ch] = T::from_f64(sums[ch].1);
         tail[d.c + ch] = T::from_f64(sums[ch].0);
     }
-    out
+    // SAFETY: all `total` values were initialised (`zero_init`): the tail
+    // just above, and the gradients (`dx`, then `ds` when written) by the
+    // parallel loop, which visits every `img`-sized chunk of them, paired one
+    // to one with the chunks of `x`, `dy` and `y` (all `numel` long), and
+    // does not exit early; `total <= capacity`.
+    unsafe { out.set_len(total) };
+    Ok(out)
 }
 
 fn to_f64_vec(t: &Tensor) -> candle_core::Result<Vec<f64>> {
     t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()
 }
 
-/// The training forward `(x, gamma, beta) -> y`; caches the statistics.
+/// The training forward; caches the statistics. Its operands are `x`, the
+/// affine parameters packed as one `(2c,)` tensor `gamma ‖ beta`, and, for
+/// [`Epilogue::AddRelu`], the shortcut: a [`candle_core::CustomOp2`]
+/// `(x, gamma ‖ beta) -> y` for the other epilogues, a
+/// [`candle_core::CustomOp3`] `(x, gamma ‖ beta, s) -> y` for that one.
 pub(crate) struct BatchNormOp {
     pub eps: f64,
-    pub relu: bool,
+    pub epilogue: Epilogue,
     pub stats: Arc<Mutex<Option<Stats>>>,
 }
 
-/// The fused backward `(x, dy, y) -> [dx, dgamma, dbeta]` (packed, no grad).
+/// The fused backward `(x, dy, y) -> [dx, ds, dgamma, dbeta]` (packed, no
+/// grad; `ds` only when `shortcut_grad`).
 struct BatchNormBwdOp {
     gamma: Vec<f64>,
     stats: Stats,
     relu: bool,
+    shortcut_grad: bool,
+}
+
+/// The `(2c,)` parameters `gamma ‖ beta` as f64.
+fn params_f64(s: &CpuStorage, l: &Layout, c: usize) -> candle_core::Result<Vec<f64>> {
+    if l.shape().elem_count() != 2 * c {
+        candle_core::bail!("batch_norm: weight and bias need {c} values each");
+    }
+    Ok(match s {
+        CpuStorage::F32(_) => contiguous_slice::<f32>(s, l)?
+            .iter()
+            .map(|v| *v as f64)
+            .collect(),
+        CpuStorage::F64(_) => contiguous_slice::<f64>(s, l)?.to_vec(),
+        _ => candle_core::bail!("batch_norm: weight/bias must be f32 or f64"),
+    })
+}
+
+impl BatchNormOp {
+    /// The forward of both op arities; `shortcut` is the third operand.
+    fn fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        shortcut: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = Dims::of(l1.shape())?;
+        if shortcut.is_some() != (self.epilogue == Epilogue::AddRelu) {
+            candle_core::bail!("batch_norm: a shortcut goes with the add + ReLU epilogue only");
+        }
+        if let Some((_, l3)) = shortcut {
+            if l3.shape() != l1.shape() {
+                candle_core::bail!(
+                    "batch_norm: shortcut {:?} must have the input's shape {:?}",
+                    l3.shape(),
+                    l1.shape()
+                );
+            }
+        }
+        let gb = params_f64(s2, l2, d.c)?;
+        let (gamma, beta) = gb.split_at(d.c);
+        let relu = self.epilogue.relu();
+        fn run<T: Elem>(
+            d: Dims,
+            x: &[T],
+            s: Option<&[T]>,
+            gamma: &[f64],
+            beta: &[f64],
+            eps: f64,
+            relu: bool,
+        ) -> candle_core::Result<(Vec<T>, Stats)> {
+            let st = stats(d, x, eps)?;
+            Ok((forward(d, x, s, gamma, beta, &st, relu)?, st))
+        }
+        let (out, st) = match s1 {
+            CpuStorage::F32(_) => {
+                let x = contiguous_slice::<f32>(s1, l1)?;
+                let s = match shortcut {
+                    Some((s3, l3)) => Some(contiguous_slice::<f32>(s3, l3)?),
+                    None => None,
+                };
+                let (y, st) = run(d, x, s, gamma, beta, self.eps, relu)?;
+                (CpuStorage::F32(y), st)
+            }
+            CpuStorage::F64(_) => {
+                let x = contiguous_slice::<f64>(s1, l1)?;
+                let s = match shortcut {
+                    Some((s3, l3)) => Some(contiguous_slice::<f64>(s3, l3)?),
+                    None => None,
+                };
+                let (y, st) = run(d, x, s, gamma, beta, self.eps, relu)?;
+                (CpuStorage::F64(y), st)
+            }
+            _ => candle_core::bail!("batch_norm: only f32 and f64, got {:?}", s1.dtype()),
+        };
+        if let Ok(mut g) = self.stats.lock() {
+            *g = Some(st);
+        }
+        Ok((out, l1.shape().clone()))
+    }
+
+    /// The backward of both op arities: gradients of `x`, `gamma ‖ beta`
+    /// and (when given) the shortcut, each only where autograd wants it.
+    fn grads(
+        &self,
+        x: &Tensor,
+        gb: &Tensor,
+        shortcut: Option<&Tensor>,
+        res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = x.dim(1)?;
+        let want_ds = shortcut.is_some_and(needs_grad);
+        let relu = self.epilogue.relu();
+        let (dx, dgb, ds) = if second_order() {
+            let (dx, dgb, g) = differentiable_bwd(x, gb, res, dy, self.eps, relu)?;
+            (dx, dgb, want_ds.then_some(g))
+        } else {
+            let st = match self.stats.lock() {
+                Ok(g) => g.clone(),
+                Err(_) => None,
+            };
+            let Some(st) = st else {
+                candle_core::bail!("batch_norm backward: forward statistics missing")
+            };
+            let op = BatchNormBwdOp {
+                gamma: to_f64_vec(&gb.narrow(0, 0, c)?)?,
+                stats: st,
+                relu,
+                shortcut_grad: want_ds && relu,
+            };
+            let packed =
+                x.contiguous()?
+                    .apply_op3_no_bwd(&dy.contiguous()?, &res.contiguous()?, &op)?;
+            let numel = x.elem_count();
+            let dx = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
+            let (ds, off) = if op.shortcut_grad {
+                let ds = packed.narrow(0, numel, numel)?.reshape(x.shape())?;
+                (Some(ds), 2 * numel)
+            } else {
+                (None, numel)
+            };
+            (dx, packed.narrow(0, off, 2 * c)?, ds)
+        };
+        Ok((
+            needs_grad(x).then_some(dx),
+            needs_grad(gb).then_some(dgb),
+            ds,
+        ))
+    }
+}
+
+impl candle_core::CustomOp2 for BatchNormOp {
+    fn name(&self) -> &'static str {
+        "aimass-batch-norm-train"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.fwd(s1, l1, s2, l2, None)
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gb: &Tensor,
+        res: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dgb, _) = self.grads(x, gb, None, res, dy)?;
+        Ok((dx, dgb))
+    }
 }
 
 impl candle_core::CustomOp3 for BatchNormOp {
     fn name(&self) -> &'static str {
-        "aimass-batch-norm-train"
+        "aimass-batch-norm-add-relu-train"
     }
     fn cpu_fwd(
         &self,
@@ -225,84 +510,17 @@ impl candle_core::CustomOp3 for BatchNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = Dims::of(l1.shape())?;
-        if l2.shape().elem_count() != d.c || l3.shape().elem_count() != d.c {
-            candle_core::bail!("batch_norm: weight and bias need {} values", d.c);
-        }
-        let f64s = |s: &CpuStorage, l: &Layout| -> candle_core::Result<Vec<f64>> {
-            Ok(match s {
-                CpuStorage::F32(_) => contiguous_slice::<f32>(s, l)?
-                    .iter()
-                    .map(|v| *v as f64)
-                    .collect(),
-                CpuStorage::F64(_) => contiguous_slice::<f64>(s, l)?.to_vec(),
-                _ => candle_core::bail!("batch_norm: weight/bias must be f32 or f64"),
-            })
-        };
-        let (gamma, beta) = (f64s(s2, l2)?, f64s(s3, l3)?);
-        let (out, st) = match s1 {
-            CpuStorage::F32(_) => {
-                let x = contiguous_slice::<f32>(s1, l1)?;
-                let st = stats(d, x, self.eps)?;
-                (
-                    CpuStorage::F32(forward(d, x, &gamma, &beta, &st, self.relu)),
-                    st,
-                )
-            }
-            CpuStorage::F64(_) => {
-                let x = contiguous_slice::<f64>(s1, l1)?;
-                let st = stats(d, x, self.eps)?;
-                (
-                    CpuStorage::F64(forward(d, x, &gamma, &beta, &st, self.relu)),
-                    st,
-                )
-            }
-            _ => candle_core::bail!("batch_norm: only f32 and f64, got {:?}", s1.dtype()),
-        };
-        if let Ok(mut g) = self.stats.lock() {
-            *g = Some(st);
-        }
-        Ok((out, l1.shape().clone()))
+        self.fwd(s1, l1, s2, l2, Some((s3, l3)))
     }
     fn bwd(
         &self,
         x: &Tensor,
-        gamma: &Tensor,
-        beta: &Tensor,
+        gb: &Tensor,
+        s: &Tensor,
         res: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let c = x.dim(1)?;
-        let wanted = (needs_grad(x), needs_grad(gamma), needs_grad(beta));
-        let (dx, dg, db) = if second_order() {
-            differentiable_bwd(x, gamma, res, dy, self.eps, self.relu)?
-        } else {
-            let st = match self.stats.lock() {
-                Ok(g) => g.clone(),
-                Err(_) => None,
-            };
-            let Some(st) = st else {
-                candle_core::bail!("batch_norm backward: forward statistics missing")
-            };
-            let op = BatchNormBwdOp {
-                gamma: to_f64_vec(gamma)?,
-                stats: st,
-                relu: self.relu,
-            };
-            let packed =
-                x.contiguous()?
-                    .apply_op3_no_bwd(&dy.contiguous()?, &res.contiguous()?, &op)?;
-            let numel = x.elem_count();
-            let dx = packed.narrow(0, 0, numel)?.reshape(x.shape())?;
-            let dg = packed.narrow(0, numel, c)?.reshape(gamma.shape())?;
-            let db = packed.narrow(0, numel + c, c)?.reshape(beta.shape())?;
-            (dx, dg, db)
-        };
-        Ok((
-            wanted.0.then_some(dx),
-            wanted.1.then_some(dg),
-            wanted.2.then_some(db),
-        ))
+        self.grads(x, gb, Some(s), res, dy)
     }
 }
 
@@ -320,7 +538,11 @@ impl candle_core::CustomOp3 for BatchNormBwdOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = Dims::of(l1.shape())?;
-        if l2.shape() != l1.shape() || l3.shape() != l1.shape() || self.gamma.len() != d.c {
+        if l2.shape() != l1.shape()
+            || l3.shape() != l1.shape()
+            || self.gamma.len() != d.c
+            || (self.shortcut_grad && !self.relu)
+        {
             candle_core::bail!(
                 "batch_norm backward: shapes {:?} {:?} {:?}",
                 l1.shape(),
@@ -328,7 +550,8 @@ impl candle_core::CustomOp3 for BatchNormBwdOp {
                 l3.shape()
             );
         }
-        let n = l1.shape().elem_count() + 2 * d.c;
+        let numel = l1.shape().elem_count();
+        let n = numel * (1 + self.shortcut_grad as usize) + 2 * d.c;
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
                 CpuStorage::F32(backward(
@@ -339,7 +562,8 @@ impl candle_core::CustomOp3 for BatchNormBwdOp {
                     &self.gamma,
                     &self.stats,
                     self.relu,
-                ))
+                    self.shortcut_grad,
+                )?)
             }
             (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
                 CpuStorage::F64(backward(
@@ -350,7 +574,8 @@ impl candle_core::CustomOp3 for BatchNormBwdOp {
                     &self.gamma,
                     &self.stats,
                     self.relu,
-                ))
+                    self.shortcut_grad,
+                )?)
             }
             _ => candle_core::bail!("batch_norm backward: only f32 and f64"),
         };
@@ -358,10 +583,13 @@ impl candle_core::CustomOp3 for BatchNormBwdOp {
     }
 }
 
-/// The backward written with candle's differentiable ops (second order).
+/// The backward written with candle's differentiable ops (second order):
+/// `(dx, d(gamma ‖ beta), g')` with `g' = dy * (y > 0)` under the ReLU (else
+/// `dy`), which is also the shortcut's gradient. The mask comes from the
+/// detached output: it is locally constant.
 fn differentiable_bwd(
     x: &Tensor,
-    gamma: &Tensor,
+    gb: &Tensor,
     res: &Tensor,
     dy: &Tensor,
     eps: f64,
@@ -386,10 +614,48 @@ fn differentiable_bwd(
     let xhat = xc.broadcast_mul(&invstd)?;
     let sdy = dy.sum_keepdim(red.clone())?;
     let sdyx = (&dy * &xhat)?.sum_keepdim(red)?;
-    let g = gamma.reshape(bshape)?;
+    let g = gb.narrow(0, 0, d.c)?.reshape(bshape)?;
     let inner = dy
         .broadcast_sub(&(&sdy / m)?)?
         .sub(&xhat.broadcast_mul(&(&sdyx / m)?)?)?;
     let dx = inner.broadcast_mul(&g.mul(&invstd)?)?;
-    Ok((dx, sdyx.flatten_all()?, sdy.flatten_all()?))
+    let dgb = Tensor::cat(&[sdyx.flatten_all()?, sdy.flatten_all()?], 0)?;
+    Ok((dx, dgb, dy))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every plane is visited exactly once, whatever the chunking: integer
+    /// sums are exact, so they must equal the direct per-channel loop.
+    #[test]
+    fn channel_sums_visit_every_plane_once() {
+        for (n, c, hw) in [
+            (1, 1, 1),
+            (1, 7, 3),
+            (2, 5, 4),
+            (3, 100, 2),
+            (63, 3, 5),
+            (64, 2, 1),
+            (65, 3, 2),
+            (130, 4, 3),
+            (200, 1, 9),
+        ] {
+            let d = Dims { n, c, hw };
+            let x: Vec<f64> = (0..n * c * hw).map(|i| (i % 97) as f64).collect();
+            let got = channel_sums(d, |ch, r| {
+                let s: f64 = x[r.clone()].iter().sum();
+                (s, (ch * r.len()) as f64)
+            });
+            for (ch, g) in got.iter().enumerate() {
+                let want: f64 = (0..n)
+                    .flat_map(|i| (0..hw).map(move |j| (i * c + ch) * hw + j))
+                    .map(|k| x[k])
+                    .sum();
+                assert_eq!(g.0, want, "{n} x {c} x {hw}, channel {ch}");
+                assert_eq!(g.1, (ch * hw * n) as f64, "{n} x {c} x {hw}, channel {ch}");
+            }
+        }
+    }
 }

@@ -16,7 +16,9 @@
 //!   the padding, like torch's default `count_include_pad=True`); max
 //!   pooling routes the whole gradient to the first maximum of each window.
 //! * [`batch_norm_train`] and [`batch_norm_relu_train`]: BatchNorm's
-//!   training forward and backward, each fused into two passes over the data.
+//!   training forward and backward, each fused into two passes over the data;
+//!   [`batch_norm_add_relu_train`] adds a residual shortcut before the ReLU
+//!   in the same passes (the end of a ResNet block).
 //! * [`relu`], whose backward is one pass (candle's takes three).
 //!
 //! The kernels take f32 and f64 tensors on the CPU (any layout: strided
@@ -329,7 +331,9 @@ pub fn avg_pool2d(
 #[non_exhaustive]
 pub struct BatchNormTrainOutput {
     /// `gamma * (x - mean) / sqrt(var + eps) + beta` (then ReLU, for
-    /// [`batch_norm_relu_train`]); same shape as the input. Differentiable.
+    /// [`batch_norm_relu_train`]; plus the shortcut, then ReLU, for
+    /// [`batch_norm_add_relu_train`]); same shape as the input.
+    /// Differentiable.
     pub output: Tensor,
     /// Per-channel batch mean, shape `(c,)`, detached.
     pub mean: Tensor,
@@ -362,7 +366,15 @@ pub fn batch_norm_train(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<BatchNormTrainOutput> {
-    bn_impl("kernels::batch_norm_train", x, weight, bias, eps, false)
+    bn_impl(
+        "kernels::batch_norm_train",
+        x,
+        weight,
+        bias,
+        None,
+        eps,
+        batch_norm::Epilogue::None,
+    )
 }
 
 /// [`batch_norm_train`] followed by ReLU, fused (saves a pass over the
@@ -377,16 +389,64 @@ pub fn batch_norm_relu_train(
     bias: Option<&Tensor>,
     eps: f64,
 ) -> Result<BatchNormTrainOutput> {
-    bn_impl("kernels::batch_norm_relu_train", x, weight, bias, eps, true)
+    bn_impl(
+        "kernels::batch_norm_relu_train",
+        x,
+        weight,
+        bias,
+        None,
+        eps,
+        batch_norm::Epilogue::Relu,
+    )
 }
 
+/// `relu(batch_norm_train(x, weight, bias, eps) + shortcut)`, fused: the end
+/// of a ResNet block (BatchNorm of the last convolution, residual add,
+/// ReLU). The forward is the statistics pass plus one pass computing
+/// `max(a * x + b + shortcut, 0)`; the backward masks the gradient with the
+/// output (`g = dy * (output > 0)`, which is also the shortcut's gradient,
+/// written in the same pass as the input's). Saves the separate add and ReLU
+/// passes over the data, forward and backward. `mean` and `var` are those of
+/// `x`.
+///
+/// Differentiable in `x`, `weight`, `bias` and `shortcut`; in candle's
+/// second-order mode the backward is built from candle's differentiable
+/// ops, as for [`batch_norm_train`].
+///
+/// # Errors
+///
+/// As [`batch_norm_train`], and [`Error::Shape`] when `shortcut` does not
+/// have the shape of `x`, [`Error::InvalidArgument`] when it is not a CPU
+/// tensor of `x`'s dtype.
+pub fn batch_norm_add_relu_train(
+    x: &Tensor,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    shortcut: &Tensor,
+    eps: f64,
+) -> Result<BatchNormTrainOutput> {
+    bn_impl(
+        "kernels::batch_norm_add_relu_train",
+        x,
+        weight,
+        bias,
+        Some(shortcut),
+        eps,
+        batch_norm::Epilogue::AddRelu,
+    )
+}
+
+/// The three BatchNorm entry points: validates, packs `weight ‖ bias` into
+/// one `(2c,)` operand, and applies the fused op (the shortcut, given with
+/// [`batch_norm::Epilogue::AddRelu`] only, is its third operand).
 fn bn_impl(
     op: &str,
     x: &Tensor,
     weight: Option<&Tensor>,
     bias: Option<&Tensor>,
+    shortcut: Option<&Tensor>,
     eps: f64,
-    relu: bool,
+    epilogue: batch_norm::Epilogue,
 ) -> Result<BatchNormTrainOutput> {
     check_supported(op, &[x])?;
     if !(eps.is_finite() && eps >= 0.0) {
@@ -426,16 +486,29 @@ fn bn_impl(
         }
     }
     check_supported(op, &[x, w, b])?;
+    if let Some(s) = shortcut {
+        if s.dims() != d {
+            return Err(Error::shape(
+                op,
+                format!("shortcut of the input's shape {d:?}"),
+                s.dims(),
+            ));
+        }
+        check_supported(op, &[x, s])?;
+    }
     let cache = std::sync::Arc::new(std::sync::Mutex::new(None));
     let bn = batch_norm::BatchNormOp {
         eps,
-        relu,
+        epilogue,
         stats: cache.clone(),
     };
-    let output = x
-        .contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, bn)
-        .context("batch_norm kernel")?;
+    let gb = Tensor::cat(&[w, b], 0)?;
+    let x = x.contiguous()?;
+    let output = match shortcut {
+        Some(s) => x.apply_op3(&gb, &s.contiguous()?, bn),
+        None => x.apply_op2(&gb, bn),
+    }
+    .context("batch_norm kernel")?;
     let st = cache
         .lock()
         .ok()

@@ -66,64 +66,98 @@ multiversion! {
 }
 
 multiversion! {
+    /// `y = max(x * a + b + s, 0)`: BatchNorm, residual add, ReLU (NaN stays
+    /// NaN, as in [`relu`]). Rounded as the unfused `relu(affine + s)`.
+    fn affine_add_relu<T>(y: &mut [T], x: &[T], s: &[T], a: T, b: T) -> () {
+        let zero = T::zero();
+        for ((o, &v), &sv) in y.iter_mut().zip(x).zip(s) {
+            let t = v * a + b + sv;
+            *o = if t < zero { zero } else { t };
+        }
+    }
+}
+
+multiversion! {
+    /// `o = a * g' + b * x + c` and `ds = g'`, with `g' = g * (y > 0)`: the
+    /// backward of [`affine_add_relu`] (`ds` is the shortcut's gradient).
+    fn affine_grad_add<T>(o: &mut [T], ds: &mut [T], x: &[T], g: &[T], y: &[T], a: T, b: T, c: T) -> () {
+        let outs = o.iter_mut().zip(ds.iter_mut());
+        for (((o, ds), &xv), (&gv, &yv)) in outs.zip(x).zip(g.iter().zip(y)) {
+            let gv = gv.gate(yv);
+            *ds = gv;
+            *o = a * gv + b * xv + c;
+        }
+    }
+}
+
+multiversion! {
     /// `(sum g', sum g' * (x - mu))`, `g' = g * (y > 0)` under the ReLU;
-    /// 8 lanes of partial sums.
+    /// two sets of 8 lanes of partial sums (two independent add chains per
+    /// sum, so the loop is not bound by the add latency).
     fn grad_sums<T>(x: &[T], g: &[T], y: &[T], mu: T, relu: bool) -> (f64, f64) {
         let zero = T::zero();
         let (mut a1, mut a2) = ([zero; 8], [zero; 8]);
-        let n8 = x.len() / 8 * 8;
-        let chunks = x[..n8]
-            .chunks_exact(8)
-            .zip(g[..n8].chunks_exact(8))
-            .zip(y[..n8].chunks_exact(8));
+        let (mut b1, mut b2) = ([zero; 8], [zero; 8]);
+        let n16 = x.len().min(g.len()).min(y.len()) / 16 * 16;
+        let chunks = x[..n16]
+            .chunks_exact(16)
+            .zip(g[..n16].chunks_exact(16))
+            .zip(y[..n16].chunks_exact(16));
         for ((xc, gc), yc) in chunks {
             // Fixed-size arrays: no bounds checks, so the lanes vectorise.
             let (Ok(xc), Ok(gc), Ok(yc)) = (
-                <&[T; 8]>::try_from(xc),
-                <&[T; 8]>::try_from(gc),
-                <&[T; 8]>::try_from(yc),
+                <&[T; 16]>::try_from(xc),
+                <&[T; 16]>::try_from(gc),
+                <&[T; 16]>::try_from(yc),
             ) else {
                 continue;
             };
             if relu {
                 for j in 0..8 {
-                    let gv = gc[j].gate(yc[j]);
-                    a1[j] += gv;
-                    a2[j] += gv * (xc[j] - mu);
+                    let (g0, g1) = (gc[j].gate(yc[j]), gc[j + 8].gate(yc[j + 8]));
+                    a1[j] += g0;
+                    a2[j] += g0 * (xc[j] - mu);
+                    b1[j] += g1;
+                    b2[j] += g1 * (xc[j + 8] - mu);
                 }
             } else {
                 for j in 0..8 {
                     a1[j] += gc[j];
                     a2[j] += gc[j] * (xc[j] - mu);
+                    b1[j] += gc[j + 8];
+                    b2[j] += gc[j + 8] * (xc[j + 8] - mu);
                 }
             }
         }
-        for j in n8..x.len() {
-            let gv = if !relu || y[j] > zero { g[j] } else { zero };
+        for ((&xv, &gv), &yv) in x[n16..].iter().zip(&g[n16..]).zip(&y[n16..]) {
+            let gv = if relu { gv.gate(yv) } else { gv };
             a1[0] += gv;
-            a2[0] += gv * (x[j] - mu);
+            a2[0] += gv * (xv - mu);
         }
         (
-            a1.iter().map(|v| v.to_f64()).sum(),
-            a2.iter().map(|v| v.to_f64()).sum(),
+            a1.iter().chain(&b1).map(|v| v.to_f64()).sum(),
+            a2.iter().chain(&b2).map(|v| v.to_f64()).sum(),
         )
     }
 }
 
 multiversion! {
-    /// `(sum (x - k), sum (x - k)^2)` in 8 lanes.
+    /// `(sum (x - k), sum (x - k)^2)` in two sets of 8 lanes.
     fn shifted_sums<T>(x: &[T], k: T) -> (f64, f64) {
         let zero = T::zero();
         let (mut a1, mut a2) = ([zero; 8], [zero; 8]);
-        let mut it = x.chunks_exact(8);
+        let (mut b1, mut b2) = ([zero; 8], [zero; 8]);
+        let mut it = x.chunks_exact(16);
         for c in &mut it {
-            let Ok(c) = <&[T; 8]>::try_from(c) else {
+            let Ok(c) = <&[T; 16]>::try_from(c) else {
                 continue;
             };
             for j in 0..8 {
-                let v = c[j] - k;
+                let (v, w) = (c[j] - k, c[j + 8] - k);
                 a1[j] += v;
                 a2[j] += v * v;
+                b1[j] += w;
+                b2[j] += w * w;
             }
         }
         for &v in it.remainder() {
@@ -132,8 +166,8 @@ multiversion! {
             a2[0] += v * v;
         }
         (
-            a1.iter().map(|v| v.to_f64()).sum(),
-            a2.iter().map(|v| v.to_f64()).sum(),
+            a1.iter().chain(&b1).map(|v| v.to_f64()).sum(),
+            a2.iter().chain(&b2).map(|v| v.to_f64()).sum(),
         )
     }
 }

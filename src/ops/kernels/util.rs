@@ -46,3 +46,16 @@ thread_local! {
 pub(crate) fn second_order() -> bool {
     DO_NOT_DETACH.with(|b| *b)
 }
+
+/// Zero-initialises `c` and returns it as initialised values: for outputs
+/// allocated with `Vec::with_capacity` and filled chunk by chunk in
+/// parallel, each chunk zeroed by the thread that fills it, while it is in
+/// cache (`vec![0; n]` is one serial `memset` of the whole buffer first).
+pub(crate) fn zero_init<T: Elem>(c: &mut [std::mem::MaybeUninit<T>]) -> &mut [T] {
+    for v in c.iter_mut() {
+        v.write(T::zero());
+    }
+    // SAFETY: every element of `c` was initialised just above, and
+    // `MaybeUninit<T>` has the layout of `T`.
+    unsafe { &mut *(c as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
+}
