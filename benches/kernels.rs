@@ -418,6 +418,63 @@ impl Sgd {
     }
 }
 
+/// The optimizer of a training workload: the library's own (fused CPU
+/// update) for aimass, candle-op versions for plain candle.
+enum Opt {
+    Lib(Box<dyn aimass::optim::Optimizer>),
+    CandleAdamW(candle_nn::AdamW),
+    CandleSgd(Sgd),
+}
+
+impl Opt {
+    /// One group holding every variable (weight decay on all, as torch's
+    /// `optimizer(model.parameters())`).
+    fn group(vars: &[Var]) -> Vec<aimass::optim::ParamGroup> {
+        let named = vars
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("p{i}"), v.clone()))
+            .collect();
+        vec![aimass::optim::ParamGroup::new(named)]
+    }
+    /// AdamW, torch defaults (weight decay 1e-2).
+    fn adamw(b: Backend, vars: &[Var], lr: f64) -> R<Self> {
+        Ok(match b {
+            Backend::Aimass => Opt::Lib(Box::new(aimass::optim::AdamW::new(
+                aimass::optim::AdamWConfig::default().with_lr(lr),
+                Self::group(vars),
+            )?)),
+            Backend::Candle => Opt::CandleAdamW(candle_nn::AdamW::new(
+                vars.to_vec(),
+                candle_nn::ParamsAdamW {
+                    lr,
+                    ..Default::default()
+                },
+            )?),
+        })
+    }
+    /// SGD with momentum 0.9 and weight decay 5e-4.
+    fn sgd(b: Backend, vars: &[Var], lr: f64) -> R<Self> {
+        Ok(match b {
+            Backend::Aimass => Opt::Lib(Box::new(aimass::optim::Sgd::new(
+                aimass::optim::SgdConfig::default()
+                    .with_lr(lr)
+                    .with_momentum(0.9)
+                    .with_weight_decay(5e-4),
+                Self::group(vars),
+            )?)),
+            Backend::Candle => Opt::CandleSgd(Sgd::new(vars.to_vec(), lr)),
+        })
+    }
+    fn step(&mut self, loss: &Tensor) -> R<()> {
+        match self {
+            Opt::Lib(o) => o.step(&loss.backward()?),
+            Opt::CandleAdamW(o) => Ok(o.backward_step(loss)?),
+            Opt::CandleSgd(o) => o.step(loss),
+        }
+    }
+}
+
 fn nt_xent(z1: &Tensor, z2: &Tensor, t: f64) -> R<Tensor> {
     let n = z1.dim(0)?;
     let z = Tensor::cat(&[z1, z2], 0)?;
@@ -524,17 +581,12 @@ fn main() -> R<()> {
         let step_time = |be: Backend, warm: usize, iters: usize| -> R<f64> {
             let mut p = Params::new();
             let net = ConvNet::new(&mut p)?;
-            let mut opt = candle_nn::AdamW::new(
-                p.vars.clone(),
-                candle_nn::ParamsAdamW {
-                    lr: 1e-3,
-                    ..Default::default()
-                },
-            )?;
+            let mut opt = Opt::adamw(be, &p.vars, 1e-3)?;
             median_ms(warm, iters, || {
-                let loss = candle_nn::loss::cross_entropy(&net.forward(be, &images)?, &labels)?;
-                opt.backward_step(&loss)?;
-                Ok(())
+                opt.step(&candle_nn::loss::cross_entropy(
+                    &net.forward(be, &images)?,
+                    &labels,
+                )?)
             })
         };
         let ours = step_time(Backend::Aimass, 2, 7)?;
@@ -558,7 +610,7 @@ fn main() -> R<()> {
             let net = ResNet::new(&mut p, [32, 64, 128])?;
             let fc_w = p.add(&[10, 128], 128)?;
             let fc_b = p.add(&[10], 128)?;
-            let mut opt = Sgd::new(p.vars.clone(), 0.1);
+            let mut opt = Opt::sgd(be, &p.vars, 0.1)?;
             median_ms(warm, iters, || {
                 let logits = linear(&net.forward(be, &images)?, &fc_w, &fc_b)?;
                 opt.step(&candle_nn::loss::cross_entropy(&logits, &labels)?)
@@ -586,7 +638,7 @@ fn main() -> R<()> {
                 let h = bn(be, &linear(x, &h1, &h1b)?, &hg, &hbeta, true)?;
                 linear(&h, &h2, &h2b)
             };
-            let mut opt = Sgd::new(p.vars.clone(), 0.06);
+            let mut opt = Opt::sgd(be, &p.vars, 0.06)?;
             median_ms(warm, iters, || {
                 let z1 = head(&enc.forward(be, &images)?)?;
                 let z2 = head(&enc.forward(be, &images2)?)?;

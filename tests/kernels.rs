@@ -523,6 +523,35 @@ fn pooling_values_match_naive_loops_and_candle() {
 }
 
 #[test]
+fn max_pool_nan_wins_as_in_torch() {
+    // A NaN is the maximum of its window (the last NaN, as torch's CPU
+    // kernel scans), on the 2x2 fast path and on the general path (3x3).
+    let nan = f32::NAN;
+    let x = Tensor::new(
+        &[[[
+            [1f32, nan, 0., 1.],
+            [3., 4., 5., 2.],
+            [nan, 1., 0., 0.],
+            [nan, 2., 0., 0.],
+        ]]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let xv = Var::from_tensor(&x).unwrap();
+    let y = kernels::max_pool2d(xv.as_tensor(), (2, 2), (2, 2), (0, 0)).unwrap();
+    let yv = flat(&y);
+    assert!(yv[0].is_nan() && yv[2].is_nan());
+    assert_eq!((yv[1], yv[3]), (5.0, 0.0));
+    let g = y.sum_all().unwrap().backward().unwrap();
+    let gx = flat(g.get(&xv).unwrap());
+    let hot: Vec<usize> = (0..16).filter(|&i| gx[i] != 0.0).collect();
+    assert_eq!(hot, vec![1, 6, 10, 12]);
+    let y3 = kernels::max_pool2d(&x, (3, 3), (1, 1), (0, 0)).unwrap();
+    let y3 = flat(&y3);
+    assert!(y3[..3].iter().all(|v| v.is_nan()) && y3[3] == 5.0, "{y3:?}");
+}
+
+#[test]
 fn max_pool_gradient_goes_whole_to_the_first_maximum() {
     // Hand-derived: 2x2 windows, stride 2; each window's max gets the whole
     // upstream gradient (candle's own max_pool2d backward gives 1/4 here).

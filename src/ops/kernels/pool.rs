@@ -17,7 +17,51 @@ use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{threads, Elem};
-use super::util::{contiguous_slice, needs_grad, zero_grad};
+use super::simd::multiversion;
+use super::util::{contiguous_slice, needs_grad, zero_grad, zero_init};
+
+multiversion! {
+    /// One output row of a 2x2 stride-2 max pool: the maximum of each
+    /// window of input rows `r0`, `r1` and its plane index (`base` = index
+    /// of `r0[0]`, `w` = row length). Ties and NaN as `argmax_plane`: the
+    /// first maximum in row-major order, a NaN wins (the last one).
+    fn argmax_2x2_row<T>(r0: &[T], r1: &[T], y: &mut [T], idx: &mut [u32], base: u32, w: u32) -> () {
+        let n = y.len().min(idx.len());
+        let (r0, r1) = (&r0[..2 * n], &r1[..2 * n]);
+        for j in 0..n {
+            let cand = [r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]];
+            let mut bv = r0[2 * j];
+            let mut k = 0u32;
+            for (q, &v) in cand.iter().enumerate() {
+                #[allow(clippy::eq_op)]
+                let take = (v > bv) | (v != v);
+                bv = T::pick(take, v, bv);
+                k = if take { q as u32 + 1 } else { k };
+            }
+            y[j] = bv;
+            idx[j] = base + 2 * j as u32 + (k & 1) + (k >> 1) * w;
+        }
+    }
+}
+
+multiversion! {
+    /// The backward of [`argmax_2x2_row`]: each window's input rows `d0`,
+    /// `d1` get `g` at the argmax and 0 elsewhere (the windows do not
+    /// overlap).
+    fn scatter_2x2_row<T>(g: &[T], idx: &[u32], d0: &mut [T], d1: &mut [T], base: u32, w: u32) -> () {
+        let n = g.len().min(idx.len());
+        let (d0, d1) = (&mut d0[..2 * n], &mut d1[..2 * n]);
+        let zero = T::zero();
+        for j in 0..n {
+            let (i, gv) = (idx[j], g[j]);
+            let p = base + 2 * j as u32;
+            d0[2 * j] = T::pick(i == p, gv, zero);
+            d0[2 * j + 1] = T::pick(i == p + 1, gv, zero);
+            d1[2 * j] = T::pick(i == p + w, gv, zero);
+            d1[2 * j + 1] = T::pick(i == p + w + 1, gv, zero);
+        }
+    }
+}
 
 /// Kernel, stride and padding of a pooling, each `(h, w)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -217,9 +261,40 @@ impl PoolGeom {
         y
     }
 
+    /// Whether this is the common 2x2, stride-2, unpadded pooling (windows
+    /// tile the plane without overlap), which has vectorised kernels.
+    fn is_2x2(&self) -> bool {
+        self.p
+            == PoolParams {
+                kernel: (2, 2),
+                stride: (2, 2),
+                padding: (0, 0),
+            }
+    }
+
     /// Values and plane-local argmax indices of every window.
     fn max_fwd_idx<T: Elem>(&self, x: &[T]) -> (Vec<T>, Vec<u32>) {
         let n = self.planes * self.out_plane();
+        if self.is_2x2() && n > 0 {
+            let (mut y, mut idx) = (vec![T::zero(); n], vec![0u32; n]);
+            let (w, ow) = (self.w, self.ow);
+            y.par_chunks_mut(self.out_plane())
+                .zip(idx.par_chunks_mut(self.out_plane()))
+                .zip(x.par_chunks(self.in_plane()))
+                .with_min_len(self.min_planes())
+                .for_each(|((yp, ip), xp)| {
+                    for oi in 0..self.oh {
+                        let r0 = &xp[2 * oi * w..(2 * oi + 1) * w];
+                        let r1 = &xp[(2 * oi + 1) * w..(2 * oi + 2) * w];
+                        let (yr, ir) = (
+                            &mut yp[oi * ow..(oi + 1) * ow],
+                            &mut ip[oi * ow..(oi + 1) * ow],
+                        );
+                        argmax_2x2_row(r0, r1, yr, ir, (2 * oi * w) as u32, w as u32);
+                    }
+                });
+            return (y, idx);
+        }
         let (mut y, mut idx) = (vec![T::zero(); n], vec![0u32; n]);
         y.par_chunks_mut(self.out_plane().max(1))
             .zip(idx.par_chunks_mut(self.out_plane().max(1)))
@@ -460,6 +535,28 @@ impl candle_core::CustomOp1 for IdxGatherOp {
 
 fn idx_scatter<T: Elem>(g: &PoolGeom, idx: &[u32], gr: &[T]) -> Vec<T> {
     let (ip, op) = (g.in_plane().max(1), g.out_plane().max(1));
+    let total = g.planes * g.in_plane();
+    if g.is_2x2() && total > 0 && idx.len() == g.planes * g.out_plane() {
+        let (w, ow) = (g.w, g.ow);
+        let mut dx: Vec<T> = Vec::with_capacity(total);
+        dx.spare_capacity_mut()[..total]
+            .par_chunks_mut(ip)
+            .zip(gr.par_chunks(op).zip(idx.par_chunks(op)))
+            .with_min_len(g.min_planes())
+            .for_each(|(dp, (gp, xp))| {
+                // Zeroed here: an odd last row or column is in no window.
+                let dp = zero_init(dp);
+                for oi in 0..g.oh {
+                    let (d0, d1) = dp[2 * oi * w..(2 * oi + 2) * w].split_at_mut(w);
+                    let (go, io) = (&gp[oi * ow..(oi + 1) * ow], &xp[oi * ow..(oi + 1) * ow]);
+                    scatter_2x2_row(go, io, d0, d1, (2 * oi * w) as u32, w as u32);
+                }
+            });
+        // SAFETY: every plane of the first `total` values was initialised
+        // by `zero_init` above (the chunks cover them exactly).
+        unsafe { dx.set_len(total) };
+        return dx;
+    }
     let mut dx = vec![T::zero(); g.planes * g.in_plane()];
     dx.par_chunks_mut(ip)
         .zip(gr.par_chunks(op).zip(idx.par_chunks(op)))

@@ -794,7 +794,7 @@ mod tests {
         }
     }
 
-    /// Times the forward of the benchmark's conv layer (`cargo test
+    /// Times the benchmark's conv layer, each pass (`cargo test
     /// --release --lib winograd_speed -- --ignored --nocapture`).
     #[test]
     #[ignore]
@@ -811,19 +811,40 @@ mod tests {
             .map(|v| *v as f32)
             .collect();
         let wt: Vec<f32> = values(64 * 32 * 9, 2).iter().map(|v| *v as f32).collect();
+        let dy: Vec<f32> = values(256 * 64 * 196, 3)
+            .iter()
+            .map(|v| *v as f32)
+            .collect();
         let flop = 2.0 * 256.0 * 64.0 * 196.0 * 32.0 * 9.0;
-        let mut best = f64::MAX;
-        for _ in 0..20 {
-            let t0 = std::time::Instant::now();
-            let y = forward(&s, &x, &wt, &|_, _| {}).unwrap();
-            best = best.min(t0.elapsed().as_secs_f64());
-            assert_eq!(y.len(), 256 * 64 * 196);
+        let time = |f: &dyn Fn() -> usize| {
+            let mut best = f64::MAX;
+            for _ in 0..20 {
+                let t0 = std::time::Instant::now();
+                assert!(f() > 0);
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            best
+        };
+        for (what, t) in [
+            (
+                "forward",
+                time(&|| forward(&s, &x, &wt, &|_, _| {}).unwrap().len()),
+            ),
+            (
+                "input grad",
+                time(&|| input_grad(&s, &dy, &wt).unwrap().len()),
+            ),
+            (
+                "weight grad",
+                time(&|| weight_grad(&s, &x, &dy).unwrap().len()),
+            ),
+        ] {
+            println!(
+                "winograd {what}: {:.2} ms, {:.1} direct-GFLOP/s",
+                t * 1e3,
+                flop / t / 1e9
+            );
         }
-        println!(
-            "winograd fwd {:.2} ms, {:.1} direct-GFLOP/s",
-            best * 1e3,
-            flop / best / 1e9
-        );
     }
 
     #[test]
