@@ -64,8 +64,14 @@ fn take_buffer(len: usize) -> Vec<f32> {
             Some(b.swap_remove(best))
         })
         .unwrap_or_default();
-    v.clear();
-    v.resize(len, 0.0);
+    // Keep the old values (the packers overwrite every position, padding
+    // included): only a grown tail gets written here, not a memset of the
+    // whole buffer on every packing.
+    if v.len() >= len {
+        v.truncate(len);
+    } else {
+        v.resize(len, 0.0);
+    }
     v
 }
 

@@ -32,6 +32,7 @@ use rayon::prelude::*;
 
 use super::gemm::{matmul_lhs, threads, Elem, Lhs, Parallelism, View};
 use super::simd::multiversion;
+use super::util::zero_init;
 
 /// Vector width the transforms are written for (fixed-size arrays the
 /// compiler turns into SIMD).
@@ -351,8 +352,9 @@ fn run<T: Elem>(
 ) -> candle_core::Result<Vec<T>> {
     let (c, o, hw, t) = (s.c, s.o, s.h * s.w, s.tiles());
     let b = s.images_per_chunk();
-    let mut y = vec![T::zero(); s.n * o * hw];
-    if y.is_empty() {
+    let total = s.n * o * hw;
+    let mut y: Vec<T> = Vec::with_capacity(total);
+    if total == 0 {
         return Ok(y);
     }
     let nchunks = s.n.div_ceil(b);
@@ -430,17 +432,24 @@ fn run<T: Elem>(
         }
         Ok::<(), candle_core::Error>(())
     };
+    // Each chunk of the output is zeroed by the thread that fills it (in
+    // cache, no serial memset of the whole output first).
     let chunk = b * o * hw;
+    let spare = &mut y.spare_capacity_mut()[..total];
     if matches!(inner, Parallelism::None) && nt > 1 {
-        y.par_chunks_mut(chunk)
-            .enumerate()
-            .try_for_each_init(|| std::array::from_fn(|_| Vec::new()), work)?;
+        spare.par_chunks_mut(chunk).enumerate().try_for_each_init(
+            || std::array::from_fn(|_| Vec::new()),
+            |bufs, (ci, c)| work(bufs, (ci, zero_init(c))),
+        )?;
     } else {
         let mut bufs = std::array::from_fn(|_| Vec::new());
-        for item in y.chunks_mut(chunk).enumerate() {
-            work(&mut bufs, item)?;
+        for (ci, c) in spare.chunks_mut(chunk).enumerate() {
+            work(&mut bufs, (ci, zero_init(c)))?;
         }
     }
+    // SAFETY: every chunk of the first `total` values was initialised by
+    // `zero_init` (the loops returned early on any error).
+    unsafe { y.set_len(total) };
     Ok(y)
 }
 
