@@ -25,21 +25,40 @@ multiversion! {
     /// window of input rows `r0`, `r1` and its plane index (`base` = index
     /// of `r0[0]`, `w` = row length). Ties and NaN as `argmax_plane`: the
     /// first maximum in row-major order, a NaN wins (the last one).
+    #[allow(clippy::needless_range_loop)]
     fn argmax_2x2_row<T>(r0: &[T], r1: &[T], y: &mut [T], idx: &mut [u32], base: u32, w: u32) -> () {
+        const L: usize = 8;
         let n = y.len().min(idx.len());
         let (r0, r1) = (&r0[..2 * n], &r1[..2 * n]);
-        for j in 0..n {
-            let cand = [r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]];
-            let mut bv = r0[2 * j];
-            let mut k = 0u32;
-            for (q, &v) in cand.iter().enumerate() {
-                #[allow(clippy::eq_op)]
-                let take = (v > bv) | (v != v);
-                bv = T::pick(take, v, bv);
-                k = if take { q as u32 + 1 } else { k };
+        let mut j = 0;
+        // Whole blocks of L windows as fixed-size lane arrays (vectorise);
+        // the rest one by one, with the same arithmetic.
+        while j < n {
+            let lanes = L.min(n - j);
+            let mut cand = [[T::zero(); L]; 4];
+            for l in 0..lanes {
+                let x = 2 * (j + l);
+                cand[0][l] = r0[x];
+                cand[1][l] = r0[x + 1];
+                cand[2][l] = r1[x];
+                cand[3][l] = r1[x + 1];
             }
-            y[j] = bv;
-            idx[j] = base + 2 * j as u32 + (k & 1) + (k >> 1) * w;
+            let mut bv = cand[0];
+            let mut k = [0u32; L];
+            for (q, c) in cand.iter().enumerate().skip(1) {
+                for l in 0..L {
+                    let v = c[l];
+                    #[allow(clippy::eq_op)]
+                    let take = (v > bv[l]) | (v != v);
+                    bv[l] = T::pick(take, v, bv[l]);
+                    k[l] = if take { q as u32 } else { k[l] };
+                }
+            }
+            y[j..j + lanes].copy_from_slice(&bv[..lanes]);
+            for l in 0..lanes {
+                idx[j + l] = base + 2 * (j + l) as u32 + (k[l] & 1) + (k[l] >> 1) * w;
+            }
+            j += L;
         }
     }
 }
