@@ -51,7 +51,8 @@ thread_local! {
     static BUFFERS: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// A buffer of `len` values (contents unspecified) from this thread's pool.
+/// A buffer of at least `len` values (contents unspecified; callers use
+/// the first `len`) from this thread's pool.
 fn take_buffer(len: usize) -> Vec<f32> {
     let mut v = BUFFERS
         .with(|b| {
@@ -64,12 +65,10 @@ fn take_buffer(len: usize) -> Vec<f32> {
             Some(b.swap_remove(best))
         })
         .unwrap_or_default();
-    // Keep the old values (the packers overwrite every position, padding
-    // included): only a grown tail gets written here, not a memset of the
-    // whole buffer on every packing.
-    if v.len() >= len {
-        v.truncate(len);
-    } else {
+    // Keep the old values and the old length (the packers overwrite every
+    // position they use, padding included): only growth writes here, not a
+    // memset of the buffer on every packing.
+    if v.len() < len {
         v.resize(len, 0.0);
     }
     v
@@ -117,11 +116,12 @@ impl PackedA {
         let mut buf = take_buffer(panels * MR * k);
         let mut row = take_buffer(k);
         if k > 0 {
-            for (pi, panel) in buf.chunks_exact_mut(MR * k).enumerate() {
+            let row = &mut row[..k];
+            for (pi, panel) in buf[..panels * MR * k].chunks_exact_mut(MR * k).enumerate() {
                 let r0 = pi * MR;
                 let rows = MR.min(m - r0);
                 for i in 0..rows {
-                    fill(r0 + i, &mut row);
+                    fill(r0 + i, row);
                     for (p, x) in row.iter().enumerate() {
                         panel[p * MR + i] = *x;
                     }
@@ -150,7 +150,7 @@ fn pack_b(b: &[f32], v: View) -> Vec<f32> {
     let strips = n.div_ceil(NR);
     let mut buf = take_buffer(strips * NR * k);
     if k > 0 {
-        for (si, strip) in buf.chunks_exact_mut(NR * k).enumerate() {
+        for (si, strip) in buf[..strips * NR * k].chunks_exact_mut(NR * k).enumerate() {
             let c0 = si * NR;
             let cols = NR.min(n - c0);
             if v.cs == 1 {
