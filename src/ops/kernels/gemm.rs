@@ -276,6 +276,76 @@ pub(crate) fn matmul_lhs<T: Elem>(
     Ok(())
 }
 
+/// `C += A · Bᵀ` for operands contiguous along the inner dimension: `A` is
+/// `m x k` (rows `lda` apart), `B` is `n x k` (rows `ldb` apart), `C` is
+/// `m x n` (rows `ldc` apart). The AVX-512 kernel runs it without packing
+/// either operand (see `sgemm::gemm_abt`); otherwise the `gemm` crate.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_abt<T: Elem>(
+    c: &mut [T],
+    ldc: usize,
+    a: &[T],
+    lda: usize,
+    b: &[T],
+    ldb: usize,
+    (m, n, k): (usize, usize, usize),
+) -> candle_core::Result<()> {
+    let av = View {
+        rows: m,
+        cols: k,
+        rs: lda,
+        cs: 1,
+    };
+    let bv = View {
+        rows: k,
+        cols: n,
+        rs: 1,
+        cs: ldb,
+    };
+    let cv = View {
+        rows: m,
+        cols: n,
+        rs: ldc,
+        cs: 1,
+    };
+    if av.extent() > a.len() || bv.extent() > b.len() || cv.extent() > c.len() {
+        candle_core::bail!("aimass kernels: matmul_abt view out of bounds");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let (true, Some(af), Some(bf)) = (
+        packs::<T>(av),
+        same_type::<T, f32>(a),
+        same_type::<T, f32>(b),
+    ) {
+        if let Some(cf) = same_type_mut::<T, f32>(c) {
+            // SAFETY: `packs` checked the CPU; every extent was checked
+            // above, and `c` is borrowed mutably (no overlap).
+            unsafe {
+                super::sgemm::gemm_abt(
+                    m,
+                    n,
+                    k,
+                    af.as_ptr(),
+                    lda,
+                    bf.as_ptr(),
+                    ldb,
+                    cf.as_mut_ptr(),
+                    ldc,
+                )
+            };
+            return Ok(());
+        }
+    }
+    // The portable path: A as a strided left operand, B transposed by view.
+    let lhs = Lhs {
+        data: std::borrow::Cow::Borrowed(a),
+        view: av,
+        #[cfg(target_arch = "x86_64")]
+        packed: None,
+    };
+    matmul_lhs(c, cv, true, &lhs, b, bv, Parallelism::None)
+}
+
 /// How many rayon threads the kernels may use.
 pub(crate) fn threads() -> usize {
     rayon::current_num_threads().max(1)
@@ -316,6 +386,39 @@ mod tests {
     /// transposed destinations) against the definition: ragged edges in
     /// every dimension, k past one cache block, transposed operands,
     /// accumulation, one and two threads.
+    #[test]
+    fn matmul_abt_matches_definition() {
+        // Odd sizes around the 4 x 4 blocks and the 16-lane tail, padded
+        // row strides, accumulation into existing values.
+        for &(m, n, k) in &[(1, 1, 1), (5, 7, 33), (4, 4, 16), (9, 3, 47), (8, 13, 200)] {
+            let (lda, ldb, ldc) = (k + 3, k + 5, n + 2);
+            let a = values(m * lda, 1);
+            let b = values(n * ldb, 2);
+            let mut c = values(m * ldc, 3);
+            let want: Vec<f64> = (0..m * ldc)
+                .map(|idx| {
+                    let (i, j) = (idx / ldc, idx % ldc);
+                    let mut s = c[idx] as f64;
+                    if j < n {
+                        for p in 0..k {
+                            s += a[i * lda + p] as f64 * b[j * ldb + p] as f64;
+                        }
+                    }
+                    s
+                })
+                .collect();
+            matmul_abt(&mut c, ldc, &a, lda, &b, ldb, (m, n, k)).unwrap();
+            for (g, w) in c.iter().zip(&want) {
+                assert!(
+                    (*g as f64 - w).abs() < 1e-4 * (1.0 + w.abs()),
+                    "{m}x{n}x{k}: {g} vs {w}"
+                );
+            }
+        }
+        let mut c = vec![0.0f32; 4];
+        assert!(matmul_abt(&mut c, 2, &[0.0; 3], 2, &[0.0; 4], 2, (2, 2, 2)).is_err());
+    }
+
     #[test]
     fn matmul_matches_definition() {
         let shapes = [

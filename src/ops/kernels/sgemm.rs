@@ -389,3 +389,78 @@ pub(crate) unsafe fn gemm(
     }
     give_buffer(packed);
 }
+
+/// Rows of `A` and of `B` per block of [`gemm_abt`]: 4 x 4 accumulators.
+const DOT: usize = 4;
+
+/// `C += A · Bᵀ` where both operands are contiguous along `k`: `A` is
+/// `m x k` with rows `lda` apart, `B` is `n x k` with rows `ldb` apart, `C`
+/// is `m x n` with rows `ldc` apart. No packing: each 4 x 4 block of `C`
+/// keeps 16 vector accumulators of dot products over `k` (16 lanes at a
+/// time, the tail masked) and reduces them once at the end, which pays when
+/// `k` is long and `m`, `n` are short (a weight gradient summed over many
+/// positions), where packing both operands would cost as much as the
+/// product.
+///
+/// # Safety
+/// [`available`] returned true; `a`, `b` and `c` hold the rows described
+/// (`(m - 1) * lda + k` values and so on, when the sizes are non-zero); `c`
+/// does not overlap `a` or `b`.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_abt(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    let tail = k % 16;
+    let tail_mask: __mmask16 = ((1u32 << tail) - 1) as __mmask16;
+    for i0 in (0..m).step_by(DOT) {
+        let rows = DOT.min(m - i0);
+        // Rows past the end repeat the last one (valid memory; their
+        // results are not stored).
+        let ar: [*const f32; DOT] = std::array::from_fn(|i| a.add((i0 + i.min(rows - 1)) * lda));
+        for j0 in (0..n).step_by(DOT) {
+            let cols = DOT.min(n - j0);
+            let br: [*const f32; DOT] =
+                std::array::from_fn(|j| b.add((j0 + j.min(cols - 1)) * ldb));
+            let mut acc = [[_mm512_setzero_ps(); DOT]; DOT];
+            let mut p = 0;
+            while p + 16 <= k {
+                let bv: [__m512; DOT] = std::array::from_fn(|j| _mm512_loadu_ps(br[j].add(p)));
+                for i in 0..DOT {
+                    let av = _mm512_loadu_ps(ar[i].add(p));
+                    for j in 0..DOT {
+                        acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
+                    }
+                }
+                p += 16;
+            }
+            if tail > 0 {
+                let bv: [__m512; DOT] =
+                    std::array::from_fn(|j| _mm512_maskz_loadu_ps(tail_mask, br[j].add(p)));
+                for i in 0..DOT {
+                    let av = _mm512_maskz_loadu_ps(tail_mask, ar[i].add(p));
+                    for j in 0..DOT {
+                        acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
+                    }
+                }
+            }
+            for (i, row) in acc.iter().enumerate().take(rows) {
+                let ci = c.add((i0 + i) * ldc + j0);
+                for (j, v) in row.iter().enumerate().take(cols) {
+                    *ci.add(j) += _mm512_reduce_add_ps(*v);
+                }
+            }
+        }
+    }
+}
