@@ -571,9 +571,11 @@ pub(crate) fn weight_grad<T: Elem>(s: &Same3x3, x: &[T], dy: &[T]) -> candle_cor
     if x.len() != s.n * c * hw || dy.len() != s.n * o * hw {
         candle_core::bail!("conv2d weight grad (winograd): x or dy size does not match {s:?}");
     }
-    // The chunk size of the forward with the larger of the two channel
-    // counts: both transformed operands stay in L2.
-    let b = Same3x3 { c: c.max(o), ..*s }.images_per_chunk();
+    // About 512 tiles per chunk: the products run along the tiles (a long
+    // inner dimension amortises the dot products' final reductions), and
+    // one ξ's two operands (2 x 128 channels x 512 tiles at most) stay in
+    // L2 while its 4 x 4 blocks re-read them. At least one chunk per thread.
+    let b = (512 / t.max(1)).clamp(1, s.n.div_ceil(threads()).max(1));
     let nchunks = s.n.div_ceil(b);
     // Parallel over parts of the chunks, each summing its own Z (a batch
     // smaller than the thread count runs as one part).
@@ -794,56 +796,90 @@ mod tests {
         }
     }
 
-    /// Times the benchmark's conv layer, each pass (`cargo test
-    /// --release --lib winograd_speed -- --ignored --nocapture`).
+    /// Times each pass of the bench's conv layer and of the small ResNet's
+    /// 3x3 convolutions, Winograd against the im2col path of `conv.rs`
+    /// (`cargo test --release --lib winograd_speed -- --ignored
+    /// --nocapture`; `WINOGRAD_SHAPE=i` runs only shape `i`).
     #[test]
     #[ignore]
     fn winograd_speed() {
-        let s = Same3x3 {
-            n: 256,
-            c: 32,
-            o: 64,
-            h: 14,
-            w: 14,
-        };
-        let x: Vec<f32> = values(256 * 32 * 196, 1)
-            .iter()
-            .map(|v| *v as f32)
-            .collect();
-        let wt: Vec<f32> = values(64 * 32 * 9, 2).iter().map(|v| *v as f32).collect();
-        let dy: Vec<f32> = values(256 * 64 * 196, 3)
-            .iter()
-            .map(|v| *v as f32)
-            .collect();
-        let flop = 2.0 * 256.0 * 64.0 * 196.0 * 32.0 * 9.0;
+        use super::super::conv::{self, ConvParams, Geom};
+        // As every kernel entry point does (large buffers stay mapped).
+        crate::device::tune_cpu_allocator();
+        let shapes = [(32, 64, 14), (32, 32, 28), (64, 64, 14), (128, 128, 7)];
+        let only: Option<usize> = std::env::var("WINOGRAD_SHAPE")
+            .ok()
+            .and_then(|v| v.parse().ok());
         let time = |f: &dyn Fn() -> usize| {
             let mut best = f64::MAX;
-            for _ in 0..20 {
+            for _ in 0..10 {
                 let t0 = std::time::Instant::now();
                 assert!(f() > 0);
                 best = best.min(t0.elapsed().as_secs_f64());
             }
             best
         };
-        for (what, t) in [
-            (
-                "forward",
-                time(&|| forward(&s, &x, &wt, &|_, _| {}).unwrap().len()),
-            ),
-            (
-                "input grad",
-                time(&|| input_grad(&s, &dy, &wt).unwrap().len()),
-            ),
-            (
-                "weight grad",
-                time(&|| weight_grad(&s, &x, &dy).unwrap().len()),
-            ),
-        ] {
-            println!(
-                "winograd {what}: {:.2} ms, {:.1} direct-GFLOP/s",
-                t * 1e3,
-                flop / t / 1e9
-            );
+        for (i, &(c, o, hw)) in shapes.iter().enumerate() {
+            if only.is_some_and(|k| k != i) {
+                continue;
+            }
+            let n = 256;
+            let s = Same3x3 {
+                n,
+                c,
+                o,
+                h: hw,
+                w: hw,
+            };
+            let f32s = |v: Vec<f64>| v.iter().map(|v| *v as f32).collect::<Vec<f32>>();
+            let x = f32s(values(n * c * hw * hw, 1));
+            let wt = f32s(values(o * c * 9, 2));
+            let dy = f32s(values(n * o * hw * hw, 3));
+            let flop = 2.0 * (n * o * hw * hw * c * 9) as f64;
+            let p = ConvParams {
+                stride: (1, 1),
+                padding: (1, 1),
+                dilation: (1, 1),
+                groups: 1,
+            };
+            // A 3x3 convolution with dilation 2 and padding 2 has the same
+            // sizes and cost on the im2col path, and never runs Winograd.
+            let g = Geom::new(
+                (n, c, hw, hw),
+                (o, c, 3, 3),
+                ConvParams {
+                    padding: (2, 2),
+                    dilation: (2, 2),
+                    ..p
+                },
+            )
+            .unwrap();
+            for (what, wino, col) in [
+                (
+                    "forward",
+                    time(&|| forward(&s, &x, &wt, &|_, _| {}).unwrap().len()),
+                    time(&|| conv::forward(&g, &x, &wt, None, false).unwrap().len()),
+                ),
+                (
+                    "input grad",
+                    time(&|| input_grad(&s, &dy, &wt).unwrap().len()),
+                    time(&|| conv::input_grad(&g, &dy, &wt).unwrap().len()),
+                ),
+                (
+                    "weight grad",
+                    time(&|| weight_grad(&s, &x, &dy).unwrap().len()),
+                    time(&|| conv::weight_grad(&g, &x, &dy).unwrap().len()),
+                ),
+            ] {
+                println!(
+                    "{c}->{o} {hw}x{hw} {what}: winograd {:.2} ms ({:.0} direct-GFLOP/s), \
+                     im2col {:.2} ms ({:.0} GFLOP/s)",
+                    wino * 1e3,
+                    flop / wino / 1e9,
+                    col * 1e3,
+                    flop / col / 1e9
+                );
+            }
         }
     }
 
