@@ -173,6 +173,26 @@ fn load<T: Elem>(s: &[T], at: usize) -> [T; L] {
     v
 }
 
+/// [`load`] without the bounds check.
+///
+/// # Safety
+/// `at + L <= s.len()`.
+#[inline(always)]
+unsafe fn load_unchecked<T: Elem>(s: &[T], at: usize) -> [T; L] {
+    debug_assert!(at + L <= s.len());
+    std::ptr::read_unaligned(s.as_ptr().add(at) as *const [T; L])
+}
+
+/// Stores `v` at `s[at..at + L]` without the bounds check.
+///
+/// # Safety
+/// `at + L <= s.len()`.
+#[inline(always)]
+unsafe fn store_unchecked<T: Elem>(s: &mut [T], at: usize, v: &[T; L]) {
+    debug_assert!(at + L <= s.len());
+    std::ptr::write_unaligned(s.as_mut_ptr().add(at) as *mut [T; L], *v)
+}
+
 #[inline(always)]
 fn add<T: Elem>(a: [T; L], b: [T; L]) -> [T; L] {
     let mut r = a;
@@ -229,12 +249,18 @@ multiversion! {
     fn input_tiles<T>(s: &Same3x3, split: &[T], dst: &mut [T], stride: usize) -> () {
         let (th, tw) = (s.th(), s.tw());
         let half = half_row(tw);
+        // Every index below stays under these bounds (tile rows are written
+        // in whole vectors, at most `th * tw + L - 1` past each ξ's start;
+        // loads reach `j + 1 + L <= half` within a split row).
+        assert!(split.len() >= (2 * th + 2) * 2 * half && dst.len() >= 15 * stride + th * tw + L);
         for i in 0..th {
             let row = |k: usize| {
                 let r = 2 * i + k;
                 split[r * 2 * half..(r + 1) * 2 * half].split_at(half)
             };
             let rws = [row(0), row(1), row(2), row(3)];
+            // SAFETY (loads and stores below): the bounds asserted above.
+            let load = |s: &[T], at: usize| unsafe { load_unchecked(s, at) };
             let mut j = 0;
             while j < tw {
                 // d B for each of the 4 patch rows: columns (2j-1, 2j,
@@ -261,7 +287,8 @@ multiversion! {
                     ];
                     for (row, vv) in v.iter().enumerate() {
                         let at = (row * 4 + col) * stride + base;
-                        dst[at..at + L].copy_from_slice(vv);
+                        // SAFETY: within the bounds asserted above.
+                        unsafe { store_unchecked(dst, at, vv) };
                     }
                 }
                 j += L;
@@ -286,12 +313,15 @@ multiversion! {
     ) -> () {
         let (h, w, th, tw) = (s.h, s.w, s.th(), s.tw());
         let tp = tw.div_ceil(L) * L;
+        // The loads of M reach `15 * stride + th * tw + L - 1` at most.
+        assert!(m.len() >= 15 * stride + th * tw + L && tile.len() >= 4 * tp);
         for i in 0..th {
             let mut j = 0;
             while j < tw {
                 let mut mv = [[T::zero(); L]; 16];
                 for (xi, v) in mv.iter_mut().enumerate() {
-                    *v = load(m, xi * stride + i * tw + j);
+                    // SAFETY: within the bound asserted above.
+                    *v = unsafe { load_unchecked(m, xi * stride + i * tw + j) };
                 }
                 // Aᵀ m: rows (m0 + m1 + m2, m1 - m2 - m3) for each column.
                 let (mut r0, mut r1) = ([[T::zero(); L]; 4], [[T::zero(); L]; 4]);
@@ -307,7 +337,8 @@ multiversion! {
                     sub(sub(r1[1], r1[2]), r1[3]),
                 ];
                 for (q, v) in y.iter().enumerate() {
-                    tile[q * tp + j..q * tp + j + L].copy_from_slice(v);
+                    // SAFETY: `j + L <= tp`, `tile` holds `4 * tp` (asserted).
+                    unsafe { store_unchecked(tile, q * tp + j, v) };
                 }
                 j += L;
             }
@@ -508,6 +539,8 @@ multiversion! {
     fn grad_tiles<T>(s: &Same3x3, split: &[T], dst: &mut [T], stride: usize) -> () {
         let (th, tw) = (s.th(), s.tw());
         let half = half_row(tw);
+        // As in `input_tiles`: the stores stay under this bound.
+        assert!(dst.len() >= 15 * stride + th * tw + L);
         for i in 0..th {
             // Plane rows 2i and 2i + 1 are split rows 2i + 1 and 2i + 2;
             // column 2j is even[j], column 2j + 1 is odd[j + 1].
@@ -531,7 +564,8 @@ multiversion! {
                     let v = [*p, add(*p, *q), sub(*p, *q), sub(zero, *q)];
                     for (col, vv) in v.iter().enumerate() {
                         let at = (r * 4 + col) * stride + base;
-                        dst[at..at + L].copy_from_slice(vv);
+                        // SAFETY: within the bound asserted above.
+                        unsafe { store_unchecked(dst, at, vv) };
                     }
                 }
                 j += L;
