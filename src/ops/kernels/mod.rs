@@ -5,13 +5,17 @@
 //! CPU kernels, wrapped as candle custom ops **with backward**, so that
 //! autograd works through them as through any candle op:
 //!
-//! * [`conv2d`] (and [`conv2d_relu`], with the ReLU fused in): im2col
-//!   (skipped for 1x1 convolutions) into a GEMM (our own AVX-512 kernel
-//!   where the CPU has it, else the `gemm` crate), parallel over the
-//!   batch with rayon; stride, padding, dilation, groups, and the bias added
-//!   in the same pass. Its input and weight gradients are custom ops too,
-//!   whose own backward is again a convolution, so gradients of any order
-//!   (MAML's second order included) are exact.
+//! * [`conv2d`] (and [`conv2d_relu`], with the ReLU fused in): "same" 3x3
+//!   convolutions (stride 1, padding 1, one group, at least 8 channels in
+//!   and out) run Winograd F(2x2, 3x3), 2.25x fewer multiplications, for
+//!   the forward and both gradients (`AIMASS_CPU_CONV=im2col` turns it
+//!   off); the others im2col (skipped for 1x1 convolutions). Both end in
+//!   GEMMs (our own AVX-512 kernels where the CPU has them, else the `gemm`
+//!   crate), parallel over the batch with rayon; stride, padding, dilation,
+//!   groups, and the bias added in the same pass. Its input and weight
+//!   gradients are custom ops too, whose own backward is again a
+//!   convolution, so gradients of any order (MAML's second order included)
+//!   are exact.
 //! * [`max_pool2d`] and [`avg_pool2d`] with padding (average pooling counts
 //!   the padding, like torch's default `count_include_pad=True`); max
 //!   pooling routes the whole gradient to the first maximum of each window.
