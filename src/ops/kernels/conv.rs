@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use super::gemm::{matmul_lhs, threads, Elem, Lhs, Parallelism, View};
 use super::simd;
-use super::util::{contiguous_slice, needs_grad, zero_grad};
+use super::util::{contiguous_slice, needs_grad, sum_partials, zero_grad};
 use super::winograd::{self, Same3x3};
 
 /// Stride, padding, dilation and groups of a convolution (each `(h, w)`).
@@ -516,15 +516,7 @@ pub(crate) fn weight_grad<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> candle_core::
             Ok(dwt)
         })
         .collect();
-    let mut total: Option<Vec<T>> = None;
-    for p in partial {
-        let p = p?;
-        match total.as_mut() {
-            None => total = Some(p),
-            Some(t) => t.iter_mut().zip(&p).for_each(|(a, b)| *a += *b),
-        }
-    }
-    let dwt = total.unwrap_or_else(|| vec![T::zero(); wlen]);
+    let dwt = sum_partials(partial, wlen)?;
     // (groups, kk, og) -> (groups, og, kk) = (o, cg, kh, kw).
     let mut dw = vec![T::zero(); wlen];
     for (src, dst) in dwt.chunks_exact(og * kk).zip(dw.chunks_exact_mut(og * kk)) {

@@ -59,3 +59,34 @@ pub(crate) fn zero_init<T: Elem>(c: &mut [std::mem::MaybeUninit<T>]) -> &mut [T]
     // `MaybeUninit<T>` has the layout of `T`.
     unsafe { &mut *(c as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
 }
+
+/// Adds up per-thread partial results of `len` values each (in order),
+/// returning the first error; zeros when there are none.
+pub(crate) fn sum_partials<T: Elem>(
+    partial: Vec<candle_core::Result<Vec<T>>>,
+    len: usize,
+) -> candle_core::Result<Vec<T>> {
+    let mut total: Option<Vec<T>> = None;
+    for p in partial {
+        let p = p?;
+        match total.as_mut() {
+            None => total = Some(p),
+            Some(t) => t.iter_mut().zip(&p).for_each(|(a, b)| *a += *b),
+        }
+    }
+    Ok(total.unwrap_or_else(|| vec![T::zero(); len]))
+}
+
+/// Deterministic test values in [-1, 1) (xorshift).
+#[cfg(test)]
+pub(crate) fn test_values(len: usize, seed: u64) -> Vec<f64> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f64 / (1u64 << 24) as f64) * 2.0 - 1.0
+        })
+        .collect()
+}

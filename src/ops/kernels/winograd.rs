@@ -32,7 +32,7 @@ use rayon::prelude::*;
 
 use super::gemm::{matmul_abt, matmul_lhs, threads, Elem, Lhs, Parallelism, View};
 use super::simd::multiversion;
-use super::util::zero_init;
+use super::util::{sum_partials, zero_init};
 
 /// Vector width the transforms are written for (fixed-size arrays the
 /// compiler turns into SIMD).
@@ -665,15 +665,7 @@ pub(crate) fn weight_grad<T: Elem>(s: &Same3x3, x: &[T], dy: &[T]) -> candle_cor
             Ok(z)
         })
         .collect();
-    let mut z: Option<Vec<T>> = None;
-    for p in partial {
-        let p = p?;
-        match z.as_mut() {
-            None => z = Some(p),
-            Some(acc) => acc.iter_mut().zip(&p).for_each(|(a, b)| *a += *b),
-        }
-    }
-    let z = z.unwrap_or_else(|| vec![T::zero(); 16 * o * c]);
+    let z = sum_partials(partial, 16 * o * c)?;
     let mut dw = vec![T::zero(); o * c * 9];
     for (pair, out) in dw.chunks_exact_mut(9).enumerate() {
         let zz = std::array::from_fn(|xi| z[xi * o * c + pair]);
@@ -686,17 +678,7 @@ pub(crate) fn weight_grad<T: Elem>(s: &Same3x3, x: &[T], dy: &[T]) -> candle_cor
 mod tests {
     use super::*;
 
-    fn values(len: usize, seed: u64) -> Vec<f64> {
-        let mut st = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..len)
-            .map(|_| {
-                st ^= st << 13;
-                st ^= st >> 7;
-                st ^= st << 17;
-                ((st >> 40) as f64 / (1u64 << 24) as f64) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use super::super::util::test_values as values;
 
     /// The direct "same" 3x3 convolution by its definition.
     fn direct(s: &Same3x3, x: &[f64], w: &[f64]) -> Vec<f64> {
