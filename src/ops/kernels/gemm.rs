@@ -377,10 +377,6 @@ mod tests {
         }
     }
 
-    /// Every path (AVX-512 with B in place or packed, the `gemm` crate for
-    /// transposed destinations) against the definition: ragged edges in
-    /// every dimension, k past one cache block, transposed operands,
-    /// accumulation, one and two threads.
     #[test]
     fn matmul_abt_matches_definition() {
         // Odd sizes around the 4 x 4 blocks and the 16-lane tail, padded
@@ -414,6 +410,10 @@ mod tests {
         assert!(matmul_abt(&mut c, 2, &[0.0; 3], 2, &[0.0; 4], 2, (2, 2, 2)).is_err());
     }
 
+    /// Every path (AVX-512 with B in place or packed, the `gemm` crate for
+    /// transposed destinations) against the definition: ragged edges in
+    /// every dimension, k past one cache block, transposed operands,
+    /// accumulation, one and two threads.
     #[test]
     fn matmul_matches_definition() {
         let shapes = [
