@@ -16,10 +16,18 @@
 //! output in the direct form over 4 outputs: 16 / (4 · 9 / 4) = 1 / 2.25.
 //!
 //! The input gradient of such a convolution is again one (of `dy` with the
-//! kernel flipped and its channel axes swapped), so both run here; the
-//! weight gradient stays on im2col. The transforms are sums and differences
-//! only (exact up to rounding, no division), so f32 results match the direct
-//! form to a few ulps of the inputs' magnitude.
+//! kernel flipped and its channel axes swapped), so both run here. The
+//! weight gradient is the adjoint: `dw = Gᵀ Z G` with `Z[ξ] = Σ_tiles (A dy
+//! Aᵀ)[ξ] (Bᵀ x B)[ξ]`, per ξ one product over all tiles of the batch (a
+//! dot-product GEMM, long inner dimension). The transforms are sums,
+//! differences and halvings (no division), so f32 results differ from the
+//! direct form by rounding only (the tests hold them to 1e-5 of the output's
+//! scale).
+//!
+//! Layout: the transformed input of a block of images is `(channel, ξ,
+//! tiles)`, so the 16 rows a plane produces are one sequential region and
+//! each ξ's GEMM operand is `c` rows `16 x tiles` apart; the products are
+//! laid out the same way per block of output channels.
 //!
 //! Turned off (im2col everywhere) by `AIMASS_CPU_CONV=im2col`.
 
