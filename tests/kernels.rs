@@ -109,7 +109,7 @@ fn cases() -> Vec<Case> {
     };
     v.push(base);
     // "Same" 3x3 convolutions with at least 8 channels each way run the
-    // Winograd form (forward and input gradient): odd and even sizes.
+    // Winograd form (forward and both gradients): odd and even sizes.
     v.push(Case { c: 8, o: 9, ..base });
     v.push(Case {
         n: 3,
@@ -485,7 +485,9 @@ fn pool_cases() -> Vec<PoolCase> {
 fn pooling_values_match_naive_loops_and_candle() {
     let mut r = aimass::device::rng(11);
     for (i, &(k, s, p)) in pool_cases().iter().enumerate() {
-        for &(h, w) in &[(7usize, 5usize), (8, 8), (4, 9)] {
+        // Widths up to 35: 17 windows per row, past one 8-lane block of the
+        // 2x2 row kernels.
+        for &(h, w) in &[(7usize, 5usize), (8, 8), (4, 9), (3, 35)] {
             let dims = (3, 2, h, w);
             let x = randt(&mut r, &[3, 2, h, w]);
             for max in [true, false] {
@@ -549,6 +551,41 @@ fn max_pool_nan_wins_as_in_torch() {
     let y3 = kernels::max_pool2d(&x, (3, 3), (1, 1), (0, 0)).unwrap();
     let y3 = flat(&y3);
     assert!(y3[..3].iter().all(|v| v.is_nan()) && y3[3] == 5.0, "{y3:?}");
+}
+
+#[test]
+fn max_pool_2x2_rows_longer_than_a_vector_keep_ties_and_nan() {
+    // One 2 x 34 plane (17 windows): each window's maximum is its top-right
+    // value, except window 10 (a NaN below) and window 12 (a tie on top:
+    // the first of the two wins).
+    let w = 34;
+    let mut v: Vec<f32> = (0..w).map(|c| c as f32).collect();
+    v.extend((0..w).map(|c| c as f32 - 0.5));
+    v[w + 20] = f32::NAN;
+    v[24] = 100.0;
+    v[25] = 100.0;
+    let xv = Var::from_tensor(&Tensor::from_vec(v, (1, 1, 2, w), &Device::Cpu).unwrap()).unwrap();
+    let y = kernels::max_pool2d(xv.as_tensor(), (2, 2), (2, 2), (0, 0)).unwrap();
+    let yv = flat(&y);
+    for (j, got) in yv.iter().enumerate() {
+        match j {
+            10 => assert!(got.is_nan()),
+            12 => assert_eq!(*got, 100.0),
+            _ => assert_eq!(*got, (2 * j + 1) as f64),
+        }
+    }
+    let g = y.sum_all().unwrap().backward().unwrap();
+    let gx = flat(g.get(&xv).unwrap());
+    let hot: Vec<usize> = (0..2 * w).filter(|&i| gx[i] != 0.0).collect();
+    let mut want: Vec<usize> = (0..17)
+        .map(|j| match j {
+            10 => w + 20,
+            12 => 24,
+            _ => 2 * j + 1,
+        })
+        .collect();
+    want.sort();
+    assert_eq!(hot, want);
 }
 
 #[test]

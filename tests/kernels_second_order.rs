@@ -84,7 +84,7 @@ fn conv2d_hessian_vector_products_match_finite_differences() {
         ((1, 1), (1, 1), (1, 1), 1),
         ((2, 1), (0, 1), (1, 2), 1),
         ((2, 2), (1, 1), (1, 1), 2),
-        // 8 channels: the Winograd form (forward and input gradient).
+        // 8 channels: the Winograd form (forward and both gradients).
         ((1, 1), (1, 1), (1, 1), 1),
     ]
     .into_iter()

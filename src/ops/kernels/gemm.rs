@@ -144,8 +144,10 @@ impl<T: Clone> Lhs<'_, T> {
 
 impl<T: Elem> Lhs<'static, T> {
     /// A row-major `rows x cols` matrix produced row by row by
-    /// `fill(row, dst)`. The AVX-512 kernel packs each row as it comes
-    /// (the matrix is never stored whole); otherwise it is materialised.
+    /// `fill(row, dst)`, which must write every value of `dst` (the buffer
+    /// holds leftovers of earlier rows or matrices). The AVX-512 kernel
+    /// packs each row as it comes (the matrix is never stored whole);
+    /// otherwise it is materialised.
     pub fn from_rows(rows: usize, cols: usize, mut fill: impl FnMut(usize, &mut [T])) -> Self {
         let view = View::rm(rows, cols);
         #[cfg(target_arch = "x86_64")]

@@ -555,7 +555,10 @@ impl candle_core::CustomOp1 for IdxGatherOp {
 fn idx_scatter<T: Elem>(g: &PoolGeom, idx: &[u32], gr: &[T]) -> Vec<T> {
     let (ip, op) = (g.in_plane().max(1), g.out_plane().max(1));
     let total = g.planes * g.in_plane();
-    if g.is_2x2() && total > 0 && idx.len() == g.planes * g.out_plane() {
+    // The fast path initialises every plane only when each has its
+    // gradient and indices (the caller checks the shapes; so does this).
+    let outs = g.planes * g.out_plane();
+    if g.is_2x2() && total > 0 && idx.len() == outs && gr.len() == outs {
         let (w, ow) = (g.w, g.ow);
         let mut dx: Vec<T> = Vec::with_capacity(total);
         dx.spare_capacity_mut()[..total]

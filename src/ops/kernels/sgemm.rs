@@ -109,8 +109,9 @@ impl PackedA {
     }
 
     /// Packs the row-major `m x k` matrix whose row `r` `fill(r, dst)`
-    /// writes into `dst` (`k` values): each row goes through a small
-    /// buffer straight into its panel.
+    /// writes into `dst` (`k` values; it must write all of them, the buffer
+    /// is reused without clearing): each row goes through a small buffer
+    /// straight into its panel.
     pub fn from_rows(m: usize, k: usize, mut fill: impl FnMut(usize, &mut [f32])) -> Self {
         let panels = m.div_ceil(MR);
         let mut buf = take_buffer(panels * MR * k);

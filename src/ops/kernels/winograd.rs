@@ -108,7 +108,7 @@ impl Same3x3 {
     /// block's 16 x rows x cols products stay within a quarter of L2.
     fn out_block(&self, cols: usize) -> usize {
         let rows = (256 << 10) / (16 * std::mem::size_of::<f32>() * cols.max(1));
-        (rows / 8 * 8).clamp(8, self.o.div_ceil(8) * 8)
+        (rows / 8 * 8).clamp(8, (self.o.div_ceil(8) * 8).max(8))
     }
 }
 
@@ -817,6 +817,124 @@ mod tests {
         .unwrap();
         for (i, plane) in y.chunks(25).enumerate() {
             assert!(plane.iter().all(|v| *v == (i % 4) as f64));
+        }
+    }
+
+    /// Forward, input gradient and weight gradient of `s` against the
+    /// direct form by definition (f64, every input and weight), and the f32
+    /// kernels against f64.
+    fn check_all_passes(s: &Same3x3, seed: u64) {
+        let (n, c, o, h, w) = (s.n, s.c, s.o, s.h, s.w);
+        let x = values(n * c * h * w, seed);
+        let wt = values(o * c * 9, seed + 1);
+        let dy = values(n * o * h * w, seed + 2);
+        let y = forward(s, &x, &wt, &|_, _| {}).unwrap();
+        let want_y = direct(s, &x, &wt);
+        for (a, b) in y.iter().zip(&want_y) {
+            assert!((a - b).abs() < 1e-12, "forward {s:?}: {a} vs {b}");
+        }
+        // Both gradients are linear: one unit input (weight) at a time.
+        let dot = |v: &[f64]| v.iter().zip(&dy).map(|(a, b)| a * b).sum::<f64>();
+        let unit = |len: usize, k: usize| {
+            let mut e = vec![0.0; len];
+            e[k] = 1.0;
+            e
+        };
+        let want_dx: Vec<f64> = (0..x.len())
+            .map(|k| dot(&direct(s, &unit(x.len(), k), &wt)))
+            .collect();
+        let want_dw: Vec<f64> = (0..wt.len())
+            .map(|k| dot(&direct(s, &x, &unit(wt.len(), k))))
+            .collect();
+        let dx = input_grad(s, &dy, &wt).unwrap();
+        let dw = weight_grad(s, &x, &dy).unwrap();
+        for (what, got, want) in [("dx", &dx, &want_dx), ("dw", &dw, &want_dw)] {
+            for (a, b) in got.iter().zip(want.iter()) {
+                assert!(
+                    (a - b).abs() < 1e-10 * b.abs().max(1.0),
+                    "{what} {s:?}: {a} vs {b}"
+                );
+            }
+        }
+        let f32s = |v: &[f64]| v.iter().map(|v| *v as f32).collect::<Vec<f32>>();
+        let (xf, wf, dyf) = (f32s(&x), f32s(&wt), f32s(&dy));
+        for (got, want) in [
+            (forward(s, &xf, &wf, &|_, _| {}).unwrap(), &want_y),
+            (input_grad(s, &dyf, &wf).unwrap(), &want_dx),
+            (weight_grad(s, &xf, &dyf).unwrap(), &want_dw),
+        ] {
+            let scale = want.iter().fold(1e-3f64, |a, b| a.max(b.abs()));
+            for (a, b) in got.iter().zip(want.iter()) {
+                assert!(
+                    (*a as f64 - b).abs() < 1e-4 * scale,
+                    "f32 {s:?}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_pass_matches_the_definition_at_any_thread_count() {
+        // Tiny planes with several images (output spills across planes),
+        // 1-wide planes, more tile columns than one vector (second block,
+        // spill into the next tile row), ragged last chunks; the chunking
+        // depends on the thread count, so several pools.
+        let shapes = [
+            (5, 2, 3, 2, 2),
+            (7, 3, 2, 1, 18),
+            (4, 2, 3, 18, 1),
+            (3, 3, 4, 5, 19),
+            (2, 2, 3, 17, 17),
+            (5, 3, 2, 3, 2),
+            (9, 2, 2, 2, 3),
+            (3, 9, 20, 2, 2),
+            (1, 2, 3, 4, 33),
+        ];
+        for threads in [1, 2, 3, 8] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                for (i, &(n, c, o, h, w)) in shapes.iter().enumerate() {
+                    check_all_passes(&Same3x3 { n, c, o, h, w }, 40 + i as u64);
+                }
+            });
+        }
+    }
+
+    #[test]
+    fn several_output_blocks_with_an_epilogue() {
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                for (n, c, o, h, w) in [(5, 3, 40, 40, 30), (3, 2, 17, 60, 60)] {
+                    let s = Same3x3 { n, c, o, h, w };
+                    assert!(s.out_block(s.images_per_chunk() * s.tiles()) < o);
+                    let x = values(n * c * h * w, 3);
+                    let wt = values(o * c * 9, 4);
+                    let add_channel =
+                        |p: &mut [f64], ch: usize| p.iter_mut().for_each(|v| *v += ch as f64);
+                    let got = forward(&s, &x, &wt, &add_channel).unwrap();
+                    let want = direct(&s, &x, &wt);
+                    for (idx, (a, b)) in got.iter().zip(&want).enumerate() {
+                        let ch = (idx / (h * w)) % o;
+                        assert!((a - b - ch as f64).abs() < 1e-12, "{s:?}: {a} vs {b}");
+                    }
+                    let f32s = |v: &[f64]| v.iter().map(|v| *v as f32).collect::<Vec<f32>>();
+                    let got = forward(&s, &f32s(&x), &f32s(&wt), &|_, _| {}).unwrap();
+                    let scale = want.iter().fold(0.0f64, |a, b| a.max(b.abs()));
+                    for (a, b) in got.iter().zip(&want) {
+                        assert!(
+                            (*a as f64 - b).abs() < 1e-5 * scale,
+                            "f32 {s:?}: {a} vs {b}"
+                        );
+                    }
+                }
+            });
         }
     }
 
