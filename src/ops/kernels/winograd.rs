@@ -657,17 +657,20 @@ pub(crate) fn weight_grad<T: Elem>(s: &Same3x3, x: &[T], dy: &[T]) -> candle_cor
                     }
                 }
                 // Z[ξ] += G[ξ] · V[ξ]ᵀ: both are read along the tiles, rows
-                // 16 * cp apart.
-                for xi in 0..16 {
-                    matmul_abt(
-                        &mut z[xi * o * c..(xi + 1) * o * c],
-                        c,
-                        &g[xi * cp..],
-                        16 * cp,
-                        &v[xi * cp..],
-                        16 * cp,
-                        (o, c, cols),
-                    )?;
+                // 16 * cp apart. With one part only (a batch smaller than
+                // the thread count), the 16 products run in parallel.
+                let product = |xi: usize, zx: &mut [T]| {
+                    let (gx, vx) = (&g[xi * cp..], &v[xi * cp..]);
+                    matmul_abt(zx, c, gx, 16 * cp, vx, 16 * cp, (o, c, cols))
+                };
+                if parts == 1 && threads() > 1 {
+                    z.par_chunks_mut((o * c).max(1))
+                        .enumerate()
+                        .try_for_each(|(xi, zx)| product(xi, zx))?;
+                } else {
+                    for (xi, zx) in z.chunks_mut((o * c).max(1)).enumerate() {
+                        product(xi, zx)?;
+                    }
                 }
             }
             Ok(z)
