@@ -135,13 +135,6 @@ impl<'a, T: Elem> Lhs<'a, T> {
     }
 }
 
-impl<T: Clone> Lhs<'_, T> {
-    /// Rows of the matrix.
-    pub fn rows(&self) -> usize {
-        self.view.rows
-    }
-}
-
 impl<T: Elem> Lhs<'static, T> {
     /// A row-major `rows x cols` matrix produced row by row by
     /// `fill(row, dst)`, which must write every value of `dst` (the buffer

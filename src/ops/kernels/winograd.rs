@@ -403,7 +403,7 @@ fn run<T: Elem>(
     } else {
         Parallelism::None
     };
-    let half = half_row(s.tw());
+    let split_len = (2 * s.th() + 2) * 2 * half_row(s.tw());
     let tp = s.tw().div_ceil(L) * L;
     // Per worker: V, `(c, 16, cols + L)`: the 16 transformed rows of a
     // channel lie together (one sequential region per plane), each row with
@@ -417,8 +417,11 @@ fn run<T: Elem>(
         let cp = cols + L;
         v.resize(c * 16 * cp, T::zero());
         m.resize(ob.min(o) * 16 * cp, T::zero());
-        split.clear();
-        split.resize((2 * s.th() + 2) * 2 * half, T::zero());
+        // Zeroed once per worker: every plane of this geometry writes the
+        // same positions, the padding stays zero.
+        if split.is_empty() {
+            split.resize(split_len, T::zero());
+        }
         tile.resize(4 * tp, T::zero());
         let x0 = ci * b * c * hw;
         // Images in order, tile rows in order: every spill of a tile row
@@ -435,7 +438,7 @@ fn run<T: Elem>(
         // image (row spills land on later planes; the planes of the next
         // block are written by its own pass).
         for (bi, ub) in u.iter().enumerate() {
-            let (o0, on) = (bi * ob, ub.first().map_or(0, |l| l.rows()));
+            let (o0, on) = (bi * ob, ob.min(o - bi * ob));
             for (xi, lhs) in ub.iter().enumerate() {
                 let rows = |r: usize| View {
                     rows: r,
@@ -630,7 +633,10 @@ pub(crate) fn weight_grad<T: Elem>(s: &Same3x3, x: &[T], dy: &[T]) -> candle_cor
         .into_par_iter()
         .map(|pi| {
             let mut z = vec![T::zero(); 16 * o * c];
-            let (mut v, mut g, mut split) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut v, mut g) = (Vec::new(), Vec::new());
+            // Zeroed once: the planes of x and of dy share this geometry,
+            // so they write the same positions and the padding stays zero.
+            let mut split = vec![T::zero(); split_len];
             for ci in (pi * per)..((pi + 1) * per).min(nchunks) {
                 let n0 = ci * b;
                 let imgs = b.min(s.n - n0);
@@ -638,8 +644,6 @@ pub(crate) fn weight_grad<T: Elem>(s: &Same3x3, x: &[T], dy: &[T]) -> candle_cor
                 let cp = cols + L;
                 v.resize(c * 16 * cp, T::zero());
                 g.resize(o * 16 * cp, T::zero());
-                split.clear();
-                split.resize(split_len, T::zero());
                 for ch in 0..c {
                     for li in 0..imgs {
                         let at = ((n0 + li) * c + ch) * hw;
@@ -647,8 +651,6 @@ pub(crate) fn weight_grad<T: Elem>(s: &Same3x3, x: &[T], dy: &[T]) -> candle_cor
                         input_tiles(s, &split, &mut v[ch * 16 * cp + li * t..], cp);
                     }
                 }
-                split.clear();
-                split.resize(split_len, T::zero());
                 for oc in 0..o {
                     for li in 0..imgs {
                         let at = ((n0 + li) * o + oc) * hw;
@@ -690,6 +692,11 @@ mod tests {
     use super::*;
 
     use super::super::util::test_values as values;
+
+    /// `v` rounded to f32.
+    fn f32s(v: &[f64]) -> Vec<f32> {
+        v.iter().map(|v| *v as f32).collect()
+    }
 
     /// The direct "same" 3x3 convolution by its definition.
     fn direct(s: &Same3x3, x: &[f64], w: &[f64]) -> Vec<f64> {
@@ -804,7 +811,6 @@ mod tests {
                 );
             }
         }
-        let f32s = |v: &[f64]| v.iter().map(|v| *v as f32).collect::<Vec<f32>>();
         let (xf, wf, dyf) = (f32s(&x), f32s(&wt), f32s(&dy));
         for (got, want) in [
             (forward(s, &xf, &wf, &|_, _| {}).unwrap(), &want_y),
@@ -877,7 +883,6 @@ mod tests {
                         let ch = (idx / (h * w)) % o;
                         assert!((a - b - ch as f64).abs() < 1e-12, "{s:?}: {a} vs {b}");
                     }
-                    let f32s = |v: &[f64]| v.iter().map(|v| *v as f32).collect::<Vec<f32>>();
                     let got = forward(&s, &f32s(&x), &f32s(&wt), &|_, _| {}).unwrap();
                     let scale = want.iter().fold(0.0f64, |a, b| a.max(b.abs()));
                     for (a, b) in got.iter().zip(&want) {
@@ -926,10 +931,9 @@ mod tests {
                 h: hw,
                 w: hw,
             };
-            let f32s = |v: Vec<f64>| v.iter().map(|v| *v as f32).collect::<Vec<f32>>();
-            let x = f32s(values(n * c * hw * hw, 1));
-            let wt = f32s(values(o * c * 9, 2));
-            let dy = f32s(values(n * o * hw * hw, 3));
+            let x = f32s(&values(n * c * hw * hw, 1));
+            let wt = f32s(&values(o * c * 9, 2));
+            let dy = f32s(&values(n * o * hw * hw, 3));
             let flop = 2.0 * (n * o * hw * hw * c * 9) as f64;
             let p = ConvParams {
                 stride: (1, 1),
@@ -990,8 +994,7 @@ mod tests {
         let x = values(4 * 32 * 49, 8);
         let wt = values(16 * 32 * 9, 9);
         let want = direct(&s, &x, &wt);
-        let xf: Vec<f32> = x.iter().map(|v| *v as f32).collect();
-        let wf: Vec<f32> = wt.iter().map(|v| *v as f32).collect();
+        let (xf, wf) = (f32s(&x), f32s(&wt));
         let got = forward(&s, &xf, &wf, &|_, _| {}).unwrap();
         let scale = want.iter().fold(0.0f64, |a, b| a.max(b.abs()));
         for (a, b) in got.iter().zip(&want) {
@@ -1000,7 +1003,7 @@ mod tests {
         // The gradients in f32 (the AVX-512 kernels where the CPU has them)
         // against the f64 ones.
         let dy = values(4 * 16 * 49, 10);
-        let dyf: Vec<f32> = dy.iter().map(|v| *v as f32).collect();
+        let dyf = f32s(&dy);
         for (got, want) in [
             (
                 input_grad(&s, &dyf, &wf).unwrap(),
