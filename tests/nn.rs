@@ -793,25 +793,23 @@ fn check_fd(name: &str, var: &Var, g: &Tensor, loss: &dyn Fn() -> f64) {
     }
 }
 
-#[test]
-fn train_mode_gradients_match_finite_differences() {
+/// Train-mode gradients of `cfg`'s ResNet (f64, seeded) on a fixed input
+/// (`wave` of a ramp) against finite differences, for the parameters
+/// `names`.
+fn check_resnet_train_grads(
+    cfg: ResNetConfig,
+    seed: u64,
+    wave: fn(&Tensor) -> Tensor,
+    names: &[&str],
+) {
     let dev = cpu();
     let vm = VarMap::new();
-    // ImageNet stem (7x7/2 conv, max pool), both stage kinds, downsample, classifier.
-    let cfg = ResNetConfig::resnet18()
-        .with_layers([1, 1])
-        .with_widths([2, 4])
-        .with_in_channels(1)
-        .with_num_classes(Some(3));
-    let net = ResNet::new(cfg, seeded_var_builder(&vm, 3, DType::F64, &dev)).unwrap();
-    let x = Tensor::arange(0f64, 2. * 16. * 16., &dev)
+    let net = ResNet::new(cfg, seeded_var_builder(&vm, seed, DType::F64, &dev)).unwrap();
+    let ramp = Tensor::arange(0f64, 2. * 16. * 16., &dev)
         .unwrap()
         .reshape((2, 1, 16, 16))
-        .unwrap()
-        .affine(0.37, 0.0)
-        .unwrap()
-        .sin()
         .unwrap();
+    let x = wave(&ramp);
     let wts = Tensor::new(&[[0.3f64, -1.2, 0.7], [1.1, 0.4, -0.5]], &dev).unwrap();
     let loss = || -> Tensor {
         (net.forward_t(&x, true).unwrap() * &wts)
@@ -824,23 +822,37 @@ fn train_mode_gradients_match_finite_differences() {
     let grads = loss().backward().unwrap();
     let lf = || loss().to_scalar::<f64>().unwrap();
     let vars = params::named_vars(&vm).unwrap();
-    for n in [
-        "conv1.weight",
-        "bn1.weight",
-        "layer1.0.conv2.weight",
-        "layer2.0.downsample.0.weight",
-        "layer2.0.bn1.bias",
-        "fc.weight",
-    ] {
+    for n in names {
         let v = &vars.iter().find(|(k, _)| k == n).unwrap().1;
         check_fd(n, v, grads.get(v.as_tensor()).unwrap(), &lf);
     }
 }
 
 #[test]
+fn train_mode_gradients_match_finite_differences() {
+    // ImageNet stem (7x7/2 conv, max pool), both stage kinds, downsample, classifier.
+    let cfg = ResNetConfig::resnet18()
+        .with_layers([1, 1])
+        .with_widths([2, 4])
+        .with_in_channels(1)
+        .with_num_classes(Some(3));
+    check_resnet_train_grads(
+        cfg,
+        3,
+        |r| r.affine(0.37, 0.0).unwrap().sin().unwrap(),
+        &[
+            "conv1.weight",
+            "bn1.weight",
+            "layer1.0.conv2.weight",
+            "layer2.0.downsample.0.weight",
+            "layer2.0.bn1.bias",
+            "fc.weight",
+        ],
+    );
+}
+
+#[test]
 fn bottleneck_train_mode_gradients_match_finite_differences() {
-    let dev = cpu();
-    let vm = VarMap::new();
     // Bottleneck blocks, each with a downsample; bn3 ends every block (fused
     // with the residual add and the ReLU in train mode).
     let cfg = ResNetConfig::resnet50()
@@ -848,39 +860,20 @@ fn bottleneck_train_mode_gradients_match_finite_differences() {
         .with_widths([2, 3])
         .with_in_channels(1)
         .with_num_classes(Some(3));
-    let net = ResNet::new(cfg, seeded_var_builder(&vm, 4, DType::F64, &dev)).unwrap();
-    let x = Tensor::arange(0f64, 2. * 16. * 16., &dev)
-        .unwrap()
-        .reshape((2, 1, 16, 16))
-        .unwrap()
-        .affine(0.29, 0.3)
-        .unwrap()
-        .cos()
-        .unwrap();
-    let wts = Tensor::new(&[[0.3f64, -1.2, 0.7], [1.1, 0.4, -0.5]], &dev).unwrap();
-    let loss = || -> Tensor {
-        (net.forward_t(&x, true).unwrap() * &wts)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .sqr()
-            .unwrap()
-    };
-    let grads = loss().backward().unwrap();
-    let lf = || loss().to_scalar::<f64>().unwrap();
-    let vars = params::named_vars(&vm).unwrap();
-    for n in [
-        "conv1.weight",
-        "layer1.0.conv3.weight",
-        "layer1.0.bn3.weight",
-        "layer1.0.bn3.bias",
-        "layer1.0.downsample.0.weight",
-        "layer2.0.bn3.weight",
-        "layer2.0.downsample.1.bias",
-    ] {
-        let v = &vars.iter().find(|(k, _)| k == n).unwrap().1;
-        check_fd(n, v, grads.get(v.as_tensor()).unwrap(), &lf);
-    }
+    check_resnet_train_grads(
+        cfg,
+        4,
+        |r| r.affine(0.29, 0.3).unwrap().cos().unwrap(),
+        &[
+            "conv1.weight",
+            "layer1.0.conv3.weight",
+            "layer1.0.bn3.weight",
+            "layer1.0.bn3.bias",
+            "layer1.0.downsample.0.weight",
+            "layer2.0.bn3.weight",
+            "layer2.0.downsample.1.bias",
+        ],
+    );
 }
 
 #[test]
