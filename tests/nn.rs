@@ -305,6 +305,40 @@ fn output_shapes_for_28_32_and_224_inputs() {
     ));
 }
 
+/// The `field` of an `Error::Config`, or a panic naming what came instead.
+fn config_field<T>(r: aimass::Result<T>) -> String {
+    match r {
+        Err(aimass::Error::Config { field, .. }) => field,
+        Err(e) => panic!("expected a config error, got {e}"),
+        Ok(_) => panic!("expected a config error, got Ok"),
+    }
+}
+
+#[test]
+fn conv_and_convnet_configs_reject_zero_sizes_naming_the_field() {
+    let vm = VarMap::new();
+    let vb = seeded_var_builder(&vm, 0, DType::F32, &cpu());
+    for (cfg, field) in [
+        (Conv2dConfig::default().with_stride(0), "Conv2dConfig::stride"),
+        (Conv2dConfig::default().with_dilation(0), "Conv2dConfig::dilation"),
+        (Conv2dConfig::default().with_groups(0), "Conv2dConfig::groups"),
+        (Conv2dConfig::default().with_groups(3), "Conv2dConfig::groups"),
+    ] {
+        assert_eq!(config_field(Conv2d::new(4, 4, 3, cfg, vb.pp("c"))), field);
+    }
+    let d = ConvNetConfig::default;
+    for (cfg, field) in [
+        (d().with_image_size(3), "ConvNetConfig::image_size"),
+        (d().with_in_channels(0), "ConvNetConfig::in_channels"),
+        (d().with_channels((0, 8)), "ConvNetConfig::channels.0"),
+        (d().with_channels((8, 0)), "ConvNetConfig::channels.1"),
+        (d().with_hidden(0), "ConvNetConfig::hidden"),
+        (d().with_num_classes(0), "ConvNetConfig::num_classes"),
+    ] {
+        assert_eq!(config_field(ConvNet::new(cfg, vb.pp("n"))), field);
+    }
+}
+
 #[test]
 fn convnet_mlp_and_heads_shapes_and_names() {
     let dev = cpu();

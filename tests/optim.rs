@@ -193,7 +193,7 @@ fn adam_and_adamw_match_torch() {
             "adam_amsgrad",
             DType::F64,
             F64_TOL,
-            adam(c.clone().with_betas(0.8, 0.99).with_amsgrad(true)),
+            adam(c.clone().with_betas((0.8, 0.99)).with_amsgrad(true)),
         );
         let c = AdamWConfig::default()
             .with_lr(0.05)
@@ -499,7 +499,7 @@ fn state_export_import_continues_the_trajectory() {
     check_resume("adam_amsgrad", 11, &|p| {
         let c = AdamConfig::default()
             .with_lr(0.05)
-            .with_betas(0.8, 0.99)
+            .with_betas((0.8, 0.99))
             .with_amsgrad(true);
         Box::new(Adam::new(c, p.one_group()).unwrap())
     });
@@ -705,11 +705,11 @@ fn bad_configs_name_the_field() {
     );
     let adam = |c: AdamConfig| config_field(Adam::new(c, g()).err().unwrap());
     assert_eq!(
-        adam(AdamConfig::default().with_betas(1.0, 0.999)),
+        adam(AdamConfig::default().with_betas((1.0, 0.999))),
         "AdamConfig::betas.0"
     );
     assert_eq!(
-        adam(AdamConfig::default().with_betas(0.9, -0.1)),
+        adam(AdamConfig::default().with_betas((0.9, -0.1))),
         "AdamConfig::betas.1"
     );
     assert_eq!(adam(AdamConfig::default().with_eps(0.0)), "AdamConfig::eps");

@@ -44,7 +44,7 @@ fn loader(seed: u64) -> DataLoader {
         .then(
             aimass::data::augment::RandomCrop::new(
                 aimass::data::augment::RandomCropConfig::default()
-                    .with_size(8, 8)
+                    .with_size((8, 8))
                     .with_padding(2),
             )
             .unwrap(),

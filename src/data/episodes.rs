@@ -9,47 +9,37 @@ use rand::Rng;
 
 use super::augment::{derive_seed, ImageBatch, Transform};
 use super::Dataset;
+use crate::config::config;
 use crate::device::rng;
 use crate::error::Context;
 use crate::{Error, Result};
 
-/// Options of [`EpisodeSampler`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct EpisodeConfig {
-    /// Classes per episode (N). Default 5 (MAML, ProtoNets).
-    pub n_way: usize,
-    /// Support images per class (K). Default 1 (the 5-way 1-shot benchmark).
-    pub k_shot: usize,
-    /// Query images per class (Q). Default 15 (ProtoNets, MAML's mini-ImageNet).
-    pub q_query: usize,
-}
-
-impl Default for EpisodeConfig {
-    fn default() -> Self {
-        Self {
-            n_way: 5,
-            k_shot: 1,
-            q_query: 15,
-        }
+config! {
+    /// Options of [`EpisodeSampler`].
+    #[derive(Copy, Eq)]
+    pub struct EpisodeConfig {
+        /// Classes per episode (N). Default 5 (MAML, ProtoNets).
+        n_way: usize = 5,
+        /// Support images per class (K). Default 1 (the 5-way 1-shot benchmark).
+        k_shot: usize = 1,
+        /// Query images per class (Q). Default 15 (ProtoNets, MAML's mini-ImageNet).
+        q_query: usize = 15,
     }
 }
 
 impl EpisodeConfig {
-    /// Sets [`EpisodeConfig::n_way`].
-    pub fn with_n_way(mut self, v: usize) -> Self {
-        self.n_way = v;
-        self
-    }
-    /// Sets [`EpisodeConfig::k_shot`].
-    pub fn with_k_shot(mut self, v: usize) -> Self {
-        self.k_shot = v;
-        self
-    }
-    /// Sets [`EpisodeConfig::q_query`].
-    pub fn with_q_query(mut self, v: usize) -> Self {
-        self.q_query = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        for (f, v) in [
+            ("EpisodeConfig::n_way", self.n_way),
+            ("EpisodeConfig::k_shot", self.k_shot),
+            ("EpisodeConfig::q_query", self.q_query),
+        ] {
+            if v == 0 {
+                return Err(Error::config(f, 0, "must be at least 1"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -127,15 +117,7 @@ impl EpisodeSampler {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
-        for (f, v) in [
-            ("EpisodeConfig::n_way", cfg.n_way),
-            ("EpisodeConfig::k_shot", cfg.k_shot),
-            ("EpisodeConfig::q_query", cfg.q_query),
-        ] {
-            if v == 0 {
-                return Err(Error::config(f, 0, "must be at least 1"));
-            }
-        }
+        cfg.validate()?;
         let mut sorted = classes.to_vec();
         sorted.sort_unstable();
         sorted.dedup();

@@ -20,39 +20,27 @@
 //! dimension. Channel counts may differ. The teacher is detached.
 
 use super::{check_batch, check_float, check_non_negative, check_positive, check_rank};
+use crate::config::config;
 use crate::ops;
 use crate::{Error, Result};
 use candle_core::Tensor;
 
-/// Configuration of [`AttentionTransfer`].
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct AttentionTransferConfig {
-    /// The exponent `p` > 0 of the attention map (paper and RepDistiller: 2).
-    pub p: f64,
-    /// Weight of the summed per-pair losses, >= 0 (RepDistiller: 1000).
-    pub beta: f64,
-}
-
-impl Default for AttentionTransferConfig {
-    fn default() -> Self {
-        Self {
-            p: 2.0,
-            beta: 1000.0,
-        }
+config! {
+    /// Configuration of [`AttentionTransfer`].
+    pub struct AttentionTransferConfig {
+        /// The exponent `p` > 0 of the attention map (paper and RepDistiller: 2).
+        p: f64 = 2.0,
+        /// Weight of the summed per-pair losses, >= 0 (RepDistiller: 1000).
+        beta: f64 = 1000.0,
     }
 }
 
 impl AttentionTransferConfig {
-    /// Sets [`AttentionTransferConfig::p`].
-    pub fn with_p(mut self, v: f64) -> Self {
-        self.p = v;
-        self
-    }
-    /// Sets [`AttentionTransferConfig::beta`].
-    pub fn with_beta(mut self, v: f64) -> Self {
-        self.beta = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_positive("AttentionTransferConfig::p", self.p)?;
+        check_non_negative("AttentionTransferConfig::beta", self.beta)?;
+        Ok(())
     }
 }
 
@@ -65,8 +53,7 @@ pub struct AttentionTransfer {
 impl AttentionTransfer {
     /// Validates the configuration.
     pub fn new(cfg: AttentionTransferConfig) -> Result<Self> {
-        check_positive("AttentionTransferConfig::p", cfg.p)?;
-        check_non_negative("AttentionTransferConfig::beta", cfg.beta)?;
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 

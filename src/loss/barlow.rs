@@ -15,41 +15,29 @@
 
 use super::check_same_shape;
 use super::{check_batch, check_float, check_non_negative, check_positive, check_rank};
+use crate::config::config;
 use crate::ops;
 use crate::Result;
 use candle_core::Tensor;
 
-/// Configuration of [`BarlowTwins`]; defaults from the paper.
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct BarlowTwinsConfig {
-    /// Weight λ >= 0 of the redundancy-reduction (off-diagonal) term
-    /// (paper: 5e-3).
-    pub lambda: f64,
-    /// `eps` added to the variance in the batch standardisation
-    /// (`BatchNorm1d` default: 1e-5).
-    pub eps: f64,
-}
-
-impl Default for BarlowTwinsConfig {
-    fn default() -> Self {
-        Self {
-            lambda: 5e-3,
-            eps: 1e-5,
-        }
+config! {
+    /// Configuration of [`BarlowTwins`]; defaults from the paper.
+    pub struct BarlowTwinsConfig {
+        /// Weight λ >= 0 of the redundancy-reduction (off-diagonal) term
+        /// (paper: 5e-3).
+        lambda: f64 = 5e-3,
+        /// `eps` added to the variance in the batch standardisation
+        /// (`BatchNorm1d` default: 1e-5).
+        eps: f64 = 1e-5,
     }
 }
 
 impl BarlowTwinsConfig {
-    /// Sets [`BarlowTwinsConfig::lambda`].
-    pub fn with_lambda(mut self, v: f64) -> Self {
-        self.lambda = v;
-        self
-    }
-    /// Sets [`BarlowTwinsConfig::eps`].
-    pub fn with_eps(mut self, v: f64) -> Self {
-        self.eps = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_non_negative("BarlowTwinsConfig::lambda", self.lambda)?;
+        check_positive("BarlowTwinsConfig::eps", self.eps)?;
+        Ok(())
     }
 }
 
@@ -70,8 +58,7 @@ pub(crate) fn batch_standardize(z: &Tensor, eps: f64) -> Result<Tensor> {
 impl BarlowTwins {
     /// Validates the configuration.
     pub fn new(cfg: BarlowTwinsConfig) -> Result<Self> {
-        check_non_negative("BarlowTwinsConfig::lambda", cfg.lambda)?;
-        check_positive("BarlowTwinsConfig::eps", cfg.eps)?;
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 

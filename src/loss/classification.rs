@@ -30,71 +30,30 @@
 //! **MSE**: `mean((x − y)²)` (torch's `F.mse_loss`).
 
 use super::{check_float, check_rank, check_same_shape, class_indices, Reduction};
+use crate::config::config;
 use crate::ops;
 use crate::{Error, Result};
 use candle_core::Tensor;
 
-/// Configuration of [`CrossEntropy`]; defaults are torch's.
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct CrossEntropyConfig {
-    /// Label smoothing ε in [0, 1] (torch default 0.0; Inception-v3 used 0.1).
-    pub label_smoothing: f64,
-    /// Per-class weights, one per class, finite and >= 0 (torch default: none).
-    pub weight: Option<Vec<f64>>,
-    /// Targets equal to this index contribute nothing (torch default -100).
-    /// Use i64 or u8/u32 targets; a negative index only matches i64 targets.
-    pub ignore_index: Option<i64>,
-    /// How the per-sample losses are reduced (torch default: mean).
-    pub reduction: Reduction,
-}
-
-impl Default for CrossEntropyConfig {
-    fn default() -> Self {
-        Self {
-            label_smoothing: 0.0,
-            weight: None,
-            ignore_index: Some(-100),
-            reduction: Reduction::Mean,
-        }
+config! {
+    /// Configuration of [`CrossEntropy`]; defaults are torch's.
+    pub struct CrossEntropyConfig {
+        /// Label smoothing ε in [0, 1] (torch default 0.0; Inception-v3 used 0.1).
+        label_smoothing: f64 = 0.0,
+        /// Per-class weights, one per class, finite and >= 0 (torch default: none).
+        weight: Option<Vec<f64>> = None,
+        /// Targets equal to this index contribute nothing (torch default -100).
+        /// Use i64 or u8/u32 targets; a negative index only matches i64 targets.
+        ignore_index: Option<i64> = Some(-100),
+        /// How the per-sample losses are reduced (torch default: mean).
+        reduction: Reduction = Reduction::Mean,
     }
 }
 
 impl CrossEntropyConfig {
-    /// Sets [`CrossEntropyConfig::label_smoothing`].
-    pub fn with_label_smoothing(mut self, v: f64) -> Self {
-        self.label_smoothing = v;
-        self
-    }
-    /// Sets [`CrossEntropyConfig::weight`].
-    pub fn with_weight(mut self, v: Option<Vec<f64>>) -> Self {
-        self.weight = v;
-        self
-    }
-    /// Sets [`CrossEntropyConfig::ignore_index`].
-    pub fn with_ignore_index(mut self, v: Option<i64>) -> Self {
-        self.ignore_index = v;
-        self
-    }
-    /// Sets [`CrossEntropyConfig::reduction`].
-    pub fn with_reduction(mut self, v: Reduction) -> Self {
-        self.reduction = v;
-        self
-    }
-}
-
-/// Cross-entropy between logits `(N, C)` and class indices `(N,)`, with
-/// label smoothing, class weights and an ignore index (see the module docs
-/// for the formula).
-#[derive(Debug, Clone)]
-pub struct CrossEntropy {
-    cfg: CrossEntropyConfig,
-}
-
-impl CrossEntropy {
-    /// Validates the configuration.
-    pub fn new(cfg: CrossEntropyConfig) -> Result<Self> {
-        let e = cfg.label_smoothing;
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        let e = self.label_smoothing;
         if !(e.is_finite() && (0.0..=1.0).contains(&e)) {
             return Err(Error::config(
                 "CrossEntropyConfig::label_smoothing",
@@ -102,7 +61,7 @@ impl CrossEntropy {
                 "must be in [0, 1]",
             ));
         }
-        if let Some(w) = &cfg.weight {
+        if let Some(w) = &self.weight {
             if w.is_empty() {
                 return Err(Error::config(
                     "CrossEntropyConfig::weight",
@@ -118,6 +77,22 @@ impl CrossEntropy {
                 ));
             }
         }
+        Ok(())
+    }
+}
+
+/// Cross-entropy between logits `(N, C)` and class indices `(N,)`, with
+/// label smoothing, class weights and an ignore index (see the module docs
+/// for the formula).
+#[derive(Debug, Clone)]
+pub struct CrossEntropy {
+    cfg: CrossEntropyConfig,
+}
+
+impl CrossEntropy {
+    /// Validates the configuration.
+    pub fn new(cfg: CrossEntropyConfig) -> Result<Self> {
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 
@@ -195,40 +170,21 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     CrossEntropy::new(CrossEntropyConfig::default())?.forward(logits, targets)
 }
 
-/// Configuration of [`BceWithLogits`]; defaults are torch's.
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct BceWithLogitsConfig {
-    /// Weight of the positive term per class (last dimension), torch's
-    /// `pos_weight` (default: none, i.e. 1). Finite and >= 0.
-    pub pos_weight: Option<Vec<f64>>,
-    /// How the per-element losses are reduced (torch default: mean).
-    pub reduction: Reduction,
+config! {
+    /// Configuration of [`BceWithLogits`]; defaults are torch's.
+    pub struct BceWithLogitsConfig {
+        /// Weight of the positive term per class (last dimension), torch's
+        /// `pos_weight` (default: none, i.e. 1). Finite and >= 0.
+        pos_weight: Option<Vec<f64>> = None,
+        /// How the per-element losses are reduced (torch default: mean).
+        reduction: Reduction = Reduction::Mean,
+    }
 }
 
 impl BceWithLogitsConfig {
-    /// Sets [`BceWithLogitsConfig::pos_weight`].
-    pub fn with_pos_weight(mut self, v: Option<Vec<f64>>) -> Self {
-        self.pos_weight = v;
-        self
-    }
-    /// Sets [`BceWithLogitsConfig::reduction`].
-    pub fn with_reduction(mut self, v: Reduction) -> Self {
-        self.reduction = v;
-        self
-    }
-}
-
-/// Numerically stable binary cross-entropy on logits (see the module docs).
-#[derive(Debug, Clone)]
-pub struct BceWithLogits {
-    cfg: BceWithLogitsConfig,
-}
-
-impl BceWithLogits {
-    /// Validates the configuration.
-    pub fn new(cfg: BceWithLogitsConfig) -> Result<Self> {
-        if let Some(pw) = &cfg.pos_weight {
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        if let Some(pw) = &self.pos_weight {
             if pw.is_empty() {
                 return Err(Error::config(
                     "BceWithLogitsConfig::pos_weight",
@@ -244,6 +200,20 @@ impl BceWithLogits {
                 ));
             }
         }
+        Ok(())
+    }
+}
+
+/// Numerically stable binary cross-entropy on logits (see the module docs).
+#[derive(Debug, Clone)]
+pub struct BceWithLogits {
+    cfg: BceWithLogitsConfig,
+}
+
+impl BceWithLogits {
+    /// Validates the configuration.
+    pub fn new(cfg: BceWithLogitsConfig) -> Result<Self> {
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 
@@ -304,19 +274,11 @@ pub fn binary_cross_entropy_with_logits(logits: &Tensor, targets: &Tensor) -> Re
     BceWithLogits::new(BceWithLogitsConfig::default())?.forward(logits, targets)
 }
 
-/// Configuration of [`Mse`].
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct MseConfig {
-    /// How the squared errors are reduced (torch default: mean).
-    pub reduction: Reduction,
-}
-
-impl MseConfig {
-    /// Sets [`MseConfig::reduction`].
-    pub fn with_reduction(mut self, v: Reduction) -> Self {
-        self.reduction = v;
-        self
+config! {
+    /// Configuration of [`Mse`].
+    pub struct MseConfig {
+        /// How the squared errors are reduced (torch default: mean).
+        reduction: Reduction = Reduction::Mean,
     }
 }
 

@@ -29,39 +29,27 @@
 //! (MoCo v1/v2); symmetrise by calling it twice with the views swapped.
 
 use super::{check_batch, check_float, check_positive, check_rank, check_same_shape};
+use crate::config::config;
 use crate::ops;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 
-/// Configuration of [`NtXent`].
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct NtXentConfig {
-    /// Temperature τ > 0 (SimCLR CIFAR-10 and lightly: 0.5).
-    pub temperature: f64,
-    /// `eps` of the L2 normalisation (torch's `F.normalize`: 1e-12).
-    pub eps: f64,
-}
-
-impl Default for NtXentConfig {
-    fn default() -> Self {
-        Self {
-            temperature: 0.5,
-            eps: 1e-12,
-        }
+config! {
+    /// Configuration of [`NtXent`].
+    pub struct NtXentConfig {
+        /// Temperature τ > 0 (SimCLR CIFAR-10 and lightly: 0.5).
+        temperature: f64 = 0.5,
+        /// `eps` of the L2 normalisation (torch's `F.normalize`: 1e-12).
+        eps: f64 = 1e-12,
     }
 }
 
 impl NtXentConfig {
-    /// Sets [`NtXentConfig::temperature`].
-    pub fn with_temperature(mut self, v: f64) -> Self {
-        self.temperature = v;
-        self
-    }
-    /// Sets [`NtXentConfig::eps`].
-    pub fn with_eps(mut self, v: f64) -> Self {
-        self.eps = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_positive("NtXentConfig::temperature", self.temperature)?;
+        check_positive("NtXentConfig::eps", self.eps)?;
+        Ok(())
     }
 }
 
@@ -74,8 +62,7 @@ pub struct NtXent {
 impl NtXent {
     /// Validates the configuration.
     pub fn new(cfg: NtXentConfig) -> Result<Self> {
-        check_positive("NtXentConfig::temperature", cfg.temperature)?;
-        check_positive("NtXentConfig::eps", cfg.eps)?;
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 
@@ -117,44 +104,25 @@ pub fn nt_xent(z1: &Tensor, z2: &Tensor, temperature: f64) -> Result<Tensor> {
     NtXent::new(NtXentConfig::default().with_temperature(temperature))?.forward(z1, z2)
 }
 
-/// Configuration of [`InfoNce`].
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct InfoNceConfig {
-    /// Temperature τ > 0 (MoCo v2: 0.2; MoCo v1: 0.07).
-    pub temperature: f64,
-    /// Whether the keys are detached (MoCo: true, the key encoder is a
-    /// momentum copy that gets no gradient).
-    pub detach_keys: bool,
-    /// `eps` of the L2 normalisation (torch's `F.normalize`: 1e-12).
-    pub eps: f64,
-}
-
-impl Default for InfoNceConfig {
-    fn default() -> Self {
-        Self {
-            temperature: 0.2,
-            detach_keys: true,
-            eps: 1e-12,
-        }
+config! {
+    /// Configuration of [`InfoNce`].
+    pub struct InfoNceConfig {
+        /// Temperature τ > 0 (MoCo v2: 0.2; MoCo v1: 0.07).
+        temperature: f64 = 0.2,
+        /// Whether the keys are detached (MoCo: true, the key encoder is a
+        /// momentum copy that gets no gradient).
+        detach_keys: bool = true,
+        /// `eps` of the L2 normalisation (torch's `F.normalize`: 1e-12).
+        eps: f64 = 1e-12,
     }
 }
 
 impl InfoNceConfig {
-    /// Sets [`InfoNceConfig::temperature`].
-    pub fn with_temperature(mut self, v: f64) -> Self {
-        self.temperature = v;
-        self
-    }
-    /// Sets [`InfoNceConfig::detach_keys`].
-    pub fn with_detach_keys(mut self, v: bool) -> Self {
-        self.detach_keys = v;
-        self
-    }
-    /// Sets [`InfoNceConfig::eps`].
-    pub fn with_eps(mut self, v: f64) -> Self {
-        self.eps = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_positive("InfoNceConfig::temperature", self.temperature)?;
+        check_positive("InfoNceConfig::eps", self.eps)?;
+        Ok(())
     }
 }
 
@@ -168,8 +136,7 @@ pub struct InfoNce {
 impl InfoNce {
     /// Validates the configuration.
     pub fn new(cfg: InfoNceConfig) -> Result<Self> {
-        check_positive("InfoNceConfig::temperature", cfg.temperature)?;
-        check_positive("InfoNceConfig::eps", cfg.eps)?;
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 

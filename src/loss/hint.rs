@@ -19,6 +19,7 @@
 //! must be handed to the optimizer with the student's.
 
 use super::{check_float, check_non_negative, check_rank, check_same_shape, Mse, MseConfig};
+use crate::config::config;
 use crate::ops;
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -36,35 +37,21 @@ pub enum HintRegressor {
     Linear,
 }
 
-/// Configuration of [`Hint`].
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct HintConfig {
-    /// The regressor (default: 1×1 convolution).
-    pub regressor: HintRegressor,
-    /// Weight of the loss, >= 0 (RepDistiller's FitNet runs: 100).
-    pub beta: f64,
-}
-
-impl Default for HintConfig {
-    fn default() -> Self {
-        Self {
-            regressor: HintRegressor::Conv1x1,
-            beta: 100.0,
-        }
+config! {
+    /// Configuration of [`Hint`].
+    pub struct HintConfig {
+        /// The regressor (default: 1×1 convolution).
+        regressor: HintRegressor = HintRegressor::Conv1x1,
+        /// Weight of the loss, >= 0 (RepDistiller's FitNet runs: 100).
+        beta: f64 = 100.0,
     }
 }
 
 impl HintConfig {
-    /// Sets [`HintConfig::regressor`].
-    pub fn with_regressor(mut self, v: HintRegressor) -> Self {
-        self.regressor = v;
-        self
-    }
-    /// Sets [`HintConfig::beta`].
-    pub fn with_beta(mut self, v: f64) -> Self {
-        self.beta = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_non_negative("HintConfig::beta", self.beta)?;
+        Ok(())
     }
 }
 
@@ -86,7 +73,7 @@ impl Hint {
         teacher_dim: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
-        check_non_negative("HintConfig::beta", cfg.beta)?;
+        cfg.validate()?;
         if student_dim == 0 || teacher_dim == 0 {
             return Err(Error::invalid(
                 "Hint::new",

@@ -18,40 +18,34 @@
 
 use super::{check_batch, check_float, check_positive, check_rank, check_same_shape};
 use super::{CrossEntropy, CrossEntropyConfig};
+use crate::config::config;
 use crate::ops;
 use crate::{Error, Result};
 use candle_core::Tensor;
 
-/// Configuration of [`Kd`]; defaults from RepDistiller's KD runs.
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct KdConfig {
-    /// Softmax temperature `T` > 0 (RepDistiller: 4; Hinton's MNIST: 20).
-    pub temperature: f64,
-    /// Weight of the soft (KD) term in [0, 1]; the hard CE gets `1 − alpha`
-    /// (RepDistiller: 0.9).
-    pub alpha: f64,
-}
-
-impl Default for KdConfig {
-    fn default() -> Self {
-        Self {
-            temperature: 4.0,
-            alpha: 0.9,
-        }
+config! {
+    /// Configuration of [`Kd`]; defaults from RepDistiller's KD runs.
+    pub struct KdConfig {
+        /// Softmax temperature `T` > 0 (RepDistiller: 4; Hinton's MNIST: 20).
+        temperature: f64 = 4.0,
+        /// Weight of the soft (KD) term in [0, 1]; the hard CE gets `1 − alpha`
+        /// (RepDistiller: 0.9).
+        alpha: f64 = 0.9,
     }
 }
 
 impl KdConfig {
-    /// Sets [`KdConfig::temperature`].
-    pub fn with_temperature(mut self, v: f64) -> Self {
-        self.temperature = v;
-        self
-    }
-    /// Sets [`KdConfig::alpha`].
-    pub fn with_alpha(mut self, v: f64) -> Self {
-        self.alpha = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_positive("KdConfig::temperature", self.temperature)?;
+        if !(self.alpha.is_finite() && (0.0..=1.0).contains(&self.alpha)) {
+            return Err(Error::config(
+                "KdConfig::alpha",
+                self.alpha,
+                "must be in [0, 1]",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -66,14 +60,7 @@ pub struct Kd {
 impl Kd {
     /// Validates the configuration.
     pub fn new(cfg: KdConfig) -> Result<Self> {
-        check_positive("KdConfig::temperature", cfg.temperature)?;
-        if !(cfg.alpha.is_finite() && (0.0..=1.0).contains(&cfg.alpha)) {
-            return Err(Error::config(
-                "KdConfig::alpha",
-                cfg.alpha,
-                "must be in [0, 1]",
-            ));
-        }
+        cfg.validate()?;
         Ok(Self {
             cfg,
             ce: CrossEntropy::new(CrossEntropyConfig::default())?,

@@ -13,30 +13,18 @@
 //! offered.
 
 use super::{check_float, check_same_shape, Reduction};
+use crate::config::config;
 use crate::{Error, Result};
 use candle_core::Tensor;
 
-/// Configuration of [`KlDiv`].
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct KlDivConfig {
-    /// Reduction; `Mean` is the batch mean (torch's `"batchmean"`).
-    pub reduction: Reduction,
-    /// Whether the target is given as log-probabilities (torch's
-    /// `log_target`, default false).
-    pub log_target: bool,
-}
-
-impl KlDivConfig {
-    /// Sets [`KlDivConfig::reduction`].
-    pub fn with_reduction(mut self, v: Reduction) -> Self {
-        self.reduction = v;
-        self
-    }
-    /// Sets [`KlDivConfig::log_target`].
-    pub fn with_log_target(mut self, v: bool) -> Self {
-        self.log_target = v;
-        self
+config! {
+    /// Configuration of [`KlDiv`].
+    pub struct KlDivConfig {
+        /// Reduction; `Mean` is the batch mean (torch's `"batchmean"`).
+        reduction: Reduction = Reduction::Mean,
+        /// Whether the target is given as log-probabilities (torch's
+        /// `log_target`, default false).
+        log_target: bool = false,
     }
 }
 

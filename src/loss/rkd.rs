@@ -18,39 +18,27 @@
 //! detached. The angle term costs `O(N²·D + N³)` memory.
 
 use super::{check_batch, check_float, check_non_negative};
+use crate::config::config;
 use crate::ops;
 use crate::{Error, Result};
 use candle_core::Tensor;
 
-/// Configuration of [`Rkd`]; defaults from the paper and RepDistiller.
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct RkdConfig {
-    /// Weight `w_d` of the distance term, >= 0 (paper: 25).
-    pub distance_weight: f64,
-    /// Weight `w_a` of the angle term, >= 0 (paper: 50).
-    pub angle_weight: f64,
-}
-
-impl Default for RkdConfig {
-    fn default() -> Self {
-        Self {
-            distance_weight: 25.0,
-            angle_weight: 50.0,
-        }
+config! {
+    /// Configuration of [`Rkd`]; defaults from the paper and RepDistiller.
+    pub struct RkdConfig {
+        /// Weight `w_d` of the distance term, >= 0 (paper: 25).
+        distance_weight: f64 = 25.0,
+        /// Weight `w_a` of the angle term, >= 0 (paper: 50).
+        angle_weight: f64 = 50.0,
     }
 }
 
 impl RkdConfig {
-    /// Sets [`RkdConfig::distance_weight`].
-    pub fn with_distance_weight(mut self, v: f64) -> Self {
-        self.distance_weight = v;
-        self
-    }
-    /// Sets [`RkdConfig::angle_weight`].
-    pub fn with_angle_weight(mut self, v: f64) -> Self {
-        self.angle_weight = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_non_negative("RkdConfig::distance_weight", self.distance_weight)?;
+        check_non_negative("RkdConfig::angle_weight", self.angle_weight)?;
+        Ok(())
     }
 }
 
@@ -115,8 +103,7 @@ fn angles(x: &Tensor) -> Result<Tensor> {
 impl Rkd {
     /// Validates the configuration.
     pub fn new(cfg: RkdConfig) -> Result<Self> {
-        check_non_negative("RkdConfig::distance_weight", cfg.distance_weight)?;
-        check_non_negative("RkdConfig::angle_weight", cfg.angle_weight)?;
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 

@@ -12,29 +12,24 @@
 //! [−1, 1]; −1 is perfect agreement.
 
 use super::{check_batch, check_float, check_positive, check_rank, check_same_shape};
+use crate::config::config;
 use crate::ops;
 use crate::Result;
 use candle_core::Tensor;
 
-/// Configuration of [`SimSiamLoss`].
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct SimSiamLossConfig {
-    /// `eps` of the cosine similarity (torch's `F.cosine_similarity`: 1e-8).
-    pub eps: f64,
-}
-
-impl Default for SimSiamLossConfig {
-    fn default() -> Self {
-        Self { eps: 1e-8 }
+config! {
+    /// Configuration of [`SimSiamLoss`].
+    pub struct SimSiamLossConfig {
+        /// `eps` of the cosine similarity (torch's `F.cosine_similarity`: 1e-8).
+        eps: f64 = 1e-8,
     }
 }
 
 impl SimSiamLossConfig {
-    /// Sets [`SimSiamLossConfig::eps`].
-    pub fn with_eps(mut self, v: f64) -> Self {
-        self.eps = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_positive("SimSiamLossConfig::eps", self.eps)?;
+        Ok(())
     }
 }
 
@@ -47,7 +42,7 @@ pub struct SimSiamLoss {
 impl SimSiamLoss {
     /// Validates the configuration.
     pub fn new(cfg: SimSiamLossConfig) -> Result<Self> {
-        check_positive("SimSiamLossConfig::eps", cfg.eps)?;
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 

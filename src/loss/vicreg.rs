@@ -17,55 +17,33 @@
 
 use super::check_same_shape;
 use super::{check_batch, check_float, check_non_negative, check_positive, check_rank};
+use crate::config::config;
 use crate::ops;
 use crate::Result;
 use candle_core::Tensor;
 
-/// Configuration of [`VicReg`]; defaults from the paper.
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct VicRegConfig {
-    /// Weight λ >= 0 of the invariance (MSE) term (paper: 25).
-    pub sim_coeff: f64,
-    /// Weight μ >= 0 of the variance term (paper: 25).
-    pub std_coeff: f64,
-    /// Weight ν >= 0 of the covariance term (paper: 1).
-    pub cov_coeff: f64,
-    /// ε > 0 added to the variance before the square root (paper: 1e-4).
-    pub eps: f64,
-}
-
-impl Default for VicRegConfig {
-    fn default() -> Self {
-        Self {
-            sim_coeff: 25.0,
-            std_coeff: 25.0,
-            cov_coeff: 1.0,
-            eps: 1e-4,
-        }
+config! {
+    /// Configuration of [`VicReg`]; defaults from the paper.
+    pub struct VicRegConfig {
+        /// Weight λ >= 0 of the invariance (MSE) term (paper: 25).
+        sim_coeff: f64 = 25.0,
+        /// Weight μ >= 0 of the variance term (paper: 25).
+        std_coeff: f64 = 25.0,
+        /// Weight ν >= 0 of the covariance term (paper: 1).
+        cov_coeff: f64 = 1.0,
+        /// ε > 0 added to the variance before the square root (paper: 1e-4).
+        eps: f64 = 1e-4,
     }
 }
 
 impl VicRegConfig {
-    /// Sets [`VicRegConfig::sim_coeff`].
-    pub fn with_sim_coeff(mut self, v: f64) -> Self {
-        self.sim_coeff = v;
-        self
-    }
-    /// Sets [`VicRegConfig::std_coeff`].
-    pub fn with_std_coeff(mut self, v: f64) -> Self {
-        self.std_coeff = v;
-        self
-    }
-    /// Sets [`VicRegConfig::cov_coeff`].
-    pub fn with_cov_coeff(mut self, v: f64) -> Self {
-        self.cov_coeff = v;
-        self
-    }
-    /// Sets [`VicRegConfig::eps`].
-    pub fn with_eps(mut self, v: f64) -> Self {
-        self.eps = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_non_negative("VicRegConfig::sim_coeff", self.sim_coeff)?;
+        check_non_negative("VicRegConfig::std_coeff", self.std_coeff)?;
+        check_non_negative("VicRegConfig::cov_coeff", self.cov_coeff)?;
+        check_positive("VicRegConfig::eps", self.eps)?;
+        Ok(())
     }
 }
 
@@ -91,10 +69,7 @@ pub struct VicReg {
 impl VicReg {
     /// Validates the configuration.
     pub fn new(cfg: VicRegConfig) -> Result<Self> {
-        check_non_negative("VicRegConfig::sim_coeff", cfg.sim_coeff)?;
-        check_non_negative("VicRegConfig::std_coeff", cfg.std_coeff)?;
-        check_non_negative("VicRegConfig::cov_coeff", cfg.cov_coeff)?;
-        check_positive("VicRegConfig::eps", cfg.eps)?;
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 

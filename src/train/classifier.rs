@@ -42,40 +42,19 @@ use candle_nn::VarMap;
 use super::fit::{StepOutput, TrainStep};
 use super::guard::{GuardAction, NonFiniteGuard, NonFinitePolicy};
 use super::Checkpoint;
+use crate::config::config;
 use crate::data::Batch;
 use crate::loss::{CrossEntropy, CrossEntropyConfig};
 use crate::optim::Optimizer;
 use crate::{Error, Result};
 
-/// Settings of [`Classifier`].
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct ClassifierConfig {
-    /// Label smoothing of the cross-entropy (default 0, torch's).
-    pub label_smoothing: f64,
-    /// What to do on a NaN/Inf loss or gradient (default: error).
-    pub non_finite: NonFinitePolicy,
-}
-
-impl Default for ClassifierConfig {
-    fn default() -> Self {
-        ClassifierConfig {
-            label_smoothing: 0.0,
-            non_finite: NonFinitePolicy::Error,
-        }
-    }
-}
-
-impl ClassifierConfig {
-    /// Sets the label smoothing.
-    pub fn with_label_smoothing(mut self, v: f64) -> Self {
-        self.label_smoothing = v;
-        self
-    }
-    /// Sets the non-finite policy.
-    pub fn with_non_finite(mut self, v: NonFinitePolicy) -> Self {
-        self.non_finite = v;
-        self
+config! {
+    /// Settings of [`Classifier`].
+    pub struct ClassifierConfig {
+        /// Label smoothing of the cross-entropy (default 0, torch's).
+        label_smoothing: f64 = 0.0,
+        /// What to do on a NaN/Inf loss or gradient (default: error).
+        non_finite: NonFinitePolicy = NonFinitePolicy::Error,
     }
 }
 
