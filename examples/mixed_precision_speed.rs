@@ -49,7 +49,7 @@ fn step_ms(model: &str, precision: Precision, dev: &Device) -> Result<f64> {
         }
     };
     let mut mp = MixedPrecision::new(precision)?;
-    let mut opt = Sgd::from_varmap(SgdConfig::default().with_lr(1e-3), &varmap)?;
+    let mut opt = Sgd::from_varmap(&varmap, SgdConfig::default().with_lr(1e-3))?;
     let x = x.to_dtype(precision.dtype())?;
     median_ms(
         || {

@@ -414,7 +414,7 @@ fn hint_from(cfg: HintConfig, w: &Tensor, b: &Tensor) -> Hint {
         ("bias".to_string(), b.clone()),
     ]);
     let vb = VarBuilder::from_tensors(ts, DType::F64, &Device::Cpu);
-    Hint::new(cfg, w.dim(1).unwrap(), w.dim(0).unwrap(), vb).unwrap()
+    Hint::new(w.dim(1).unwrap(), w.dim(0).unwrap(), cfg, vb).unwrap()
 }
 
 #[test]
@@ -454,7 +454,7 @@ fn hint_matches_torch() {
 fn hint_builds_trainable_regressor() {
     let vm = aimass::candle_nn::VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-    let h = Hint::new(HintConfig::default(), 3, 8, vb.pp("hint")).unwrap();
+    let h = Hint::new(3, 8, HintConfig::default(), vb.pp("hint")).unwrap();
     let names: Vec<String> = vm.data().lock().unwrap().keys().cloned().collect();
     assert!(names.contains(&"hint.weight".to_string()) && names.contains(&"hint.bias".to_string()));
     let s = Tensor::ones((2, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();

@@ -319,10 +319,22 @@ fn conv_and_convnet_configs_reject_zero_sizes_naming_the_field() {
     let vm = VarMap::new();
     let vb = seeded_var_builder(&vm, 0, DType::F32, &cpu());
     for (cfg, field) in [
-        (Conv2dConfig::default().with_stride(0), "Conv2dConfig::stride"),
-        (Conv2dConfig::default().with_dilation(0), "Conv2dConfig::dilation"),
-        (Conv2dConfig::default().with_groups(0), "Conv2dConfig::groups"),
-        (Conv2dConfig::default().with_groups(3), "Conv2dConfig::groups"),
+        (
+            Conv2dConfig::default().with_stride(0),
+            "Conv2dConfig::stride",
+        ),
+        (
+            Conv2dConfig::default().with_dilation(0),
+            "Conv2dConfig::dilation",
+        ),
+        (
+            Conv2dConfig::default().with_groups(0),
+            "Conv2dConfig::groups",
+        ),
+        (
+            Conv2dConfig::default().with_groups(3),
+            "Conv2dConfig::groups",
+        ),
     ] {
         assert_eq!(config_field(Conv2d::new(4, 4, 3, cfg, vb.pp("c"))), field);
     }

@@ -68,9 +68,9 @@ impl Hint {
     /// features) in `vb` (tensors `weight` and `bias`, initialised like
     /// torch's `Conv2d` / `Linear`: uniform in ±1/√student_dim).
     pub fn new(
-        cfg: HintConfig,
         student_dim: usize,
         teacher_dim: usize,
+        cfg: HintConfig,
         vb: VarBuilder,
     ) -> Result<Self> {
         cfg.validate()?;

@@ -189,7 +189,7 @@ pub struct Adam {
 
 impl Adam {
     /// Builds the optimizer over `groups`; validates the config.
-    pub fn new(config: AdamConfig, groups: Vec<ParamGroup>) -> Result<Self> {
+    pub fn new(groups: Vec<ParamGroup>, config: AdamConfig) -> Result<Self> {
         config.validate()?;
         let h = config.params();
         let core = Core::new(
@@ -228,7 +228,7 @@ pub struct AdamW {
 
 impl AdamW {
     /// Builds the optimizer over `groups`; validates the config.
-    pub fn new(config: AdamWConfig, groups: Vec<ParamGroup>) -> Result<Self> {
+    pub fn new(groups: Vec<ParamGroup>, config: AdamWConfig) -> Result<Self> {
         config.validate()?;
         let h = config.params();
         let core = Core::new(

@@ -61,7 +61,7 @@ impl Ema {
     /// Pairs the variables of `online` and `target` by name (sorted). Both
     /// maps must hold the same names (buffers excepted unless
     /// `include_buffers`) with the same shapes.
-    pub fn new(cfg: EmaConfig, online: &VarMap, target: &VarMap) -> Result<Self> {
+    pub fn new(online: &VarMap, target: &VarMap, cfg: EmaConfig) -> Result<Self> {
         let lock = |m: &VarMap| -> Result<HashMap<String, Var>> {
             m.data()
                 .lock()
@@ -88,11 +88,11 @@ impl Ema {
                 format!("target variable `{n}` has no online counterpart"),
             ));
         }
-        Self::from_pairs(cfg, pairs)
+        Self::from_pairs(pairs, cfg)
     }
 
     /// From explicit `(name, online, target)` triples.
-    pub fn from_pairs(cfg: EmaConfig, pairs: Vec<(String, Var, Var)>) -> Result<Self> {
+    pub fn from_pairs(pairs: Vec<(String, Var, Var)>, cfg: EmaConfig) -> Result<Self> {
         cfg.validate()?;
         for (n, o, t) in &pairs {
             if o.dims() != t.dims() {

@@ -89,7 +89,7 @@ fn norm(t: &Tensor) -> Result<f64> {
 impl Lars {
     /// Builds the optimizer over `groups`; validates the config. Groups
     /// with `trust_ratio == false` are not adapted.
-    pub fn new(config: LarsConfig, groups: Vec<ParamGroup>) -> Result<Self> {
+    pub fn new(groups: Vec<ParamGroup>, config: LarsConfig) -> Result<Self> {
         config.validate()?;
         let bufs = if config.momentum != 0.0 {
             vec!["momentum_buffer"]

@@ -62,7 +62,7 @@ pub struct RmsProp {
 
 impl RmsProp {
     /// Builds the optimizer over `groups`; validates the config.
-    pub fn new(config: RmsPropConfig, groups: Vec<ParamGroup>) -> Result<Self> {
+    pub fn new(groups: Vec<ParamGroup>, config: RmsPropConfig) -> Result<Self> {
         config.validate()?;
         let mut bufs = vec!["square_avg"];
         if config.momentum > 0.0 {

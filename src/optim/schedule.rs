@@ -508,7 +508,7 @@ pub struct ReduceLrOnPlateau {
 
 impl ReduceLrOnPlateau {
     /// Starts at learning rate `lr`; validates the config.
-    pub fn new(cfg: ReduceLrOnPlateauConfig, lr: f64) -> Result<Self> {
+    pub fn new(lr: f64, cfg: ReduceLrOnPlateauConfig) -> Result<Self> {
         check_base("ReduceLrOnPlateau::lr", lr)?;
         cfg.validate()?;
         let best = match cfg.mode {

@@ -77,7 +77,7 @@ pub struct Sgd {
 impl Sgd {
     /// Builds the optimizer over `groups` (see [`ParamGroup`]); validates
     /// the config.
-    pub fn new(config: SgdConfig, groups: Vec<ParamGroup>) -> Result<Self> {
+    pub fn new(groups: Vec<ParamGroup>, config: SgdConfig) -> Result<Self> {
         config.validate()?;
         let bufs = if config.momentum != 0.0 {
             vec!["momentum_buffer"]

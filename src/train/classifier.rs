@@ -28,7 +28,7 @@
 //! let vb = aimass::nn::init::seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu);
 //! let mlp = Mlp::new(MlpConfig::new(vec![4, 16, 4]), vb)?;
 //! let model = aimass::nn::seq().add_fn(|x, _train| x.flatten_from(1)).add(mlp);
-//! let opt = Sgd::from_varmap(SgdConfig::default().with_lr(0.5).with_momentum(0.9), &varmap)?;
+//! let opt = Sgd::from_varmap(&varmap, SgdConfig::default().with_lr(0.5).with_momentum(0.9))?;
 //! let mut clf = Classifier::new(model, varmap, opt, ClassifierConfig::default())?;
 //!
 //! let summary = Fit::new(&mut clf, &mut loader, FitConfig::default().with_epochs(20))?.run()?;

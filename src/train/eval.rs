@@ -167,10 +167,10 @@ pub fn linear_probe(
     let vb = crate::nn::init::seeded_var_builder(&varmap, config.seed, DType::F32, &dev);
     let head = candle_nn::linear(d, classes, vb.pp("probe"))?;
     let mut opt = AdamW::from_varmap(
+        &varmap,
         AdamWConfig::default()
             .with_lr(config.lr)
             .with_weight_decay(config.weight_decay),
-        &varmap,
     )?;
     let per_epoch = n.div_ceil(config.batch_size);
     let total = (config.epochs * per_epoch) as u64;

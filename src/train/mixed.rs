@@ -28,7 +28,7 @@
 //! let vb = aimass::nn::init::seeded_var_builder(&varmap, 0, DType::F32, &dev);
 //! let _ = aimass::candle_nn::linear(4, 1, vb.pp("fc"))?; // creates the f32 master weights
 //! let mut mp = MixedPrecision::new(Precision::Bf16)?;
-//! let mut opt = Sgd::from_varmap(SgdConfig::default().with_lr(0.1), &varmap)?;
+//! let mut opt = Sgd::from_varmap(&varmap, SgdConfig::default().with_lr(0.1))?;
 //! let x = Tensor::ones((8, 4), DType::BF16, &dev)?;
 //! for _ in 0..3 {
 //!     let fc = aimass::candle_nn::linear(4, 1, mp.var_builder(&varmap, &dev)?.pp("fc"))?;
@@ -173,7 +173,7 @@ mod tests {
     ) -> (f32, MixedPrecision, VarMap) {
         let (varmap, x, y) = setup();
         let mut mp = MixedPrecision::with_scaler(precision, scaler).unwrap();
-        let mut opt = Sgd::from_varmap(SgdConfig::default().with_lr(0.05), &varmap).unwrap();
+        let mut opt = Sgd::from_varmap(&varmap, SgdConfig::default().with_lr(0.05)).unwrap();
         let dt = precision.dtype();
         let mut last = f32::NAN;
         for _ in 0..steps {

@@ -40,7 +40,7 @@ pub use callback::{Callback, Control, EpochInfo, StepInfo, TrainingState};
 pub use checkpoint::{Checkpoint, FORMAT_VERSION};
 pub use checkpoint_dir::{CheckpointDir, PeriodicCheckpoint};
 pub use classifier::{Classifier, ClassifierConfig};
-pub use early_stopping::{EarlyStopping, MonitorMode};
+pub use early_stopping::{EarlyStopping, EarlyStoppingConfig, MonitorMode};
 pub use episodes::EpisodeEpochs;
 pub use eval::{
     evaluate_accuracy, extract, extract_features, linear_probe, LinearProbeConfig,
