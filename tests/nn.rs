@@ -925,12 +925,8 @@ fn bottleneck_train_mode_gradients_match_finite_differences() {
 #[test]
 fn layer_norm_matches_hand_computed_values() {
     let vm = VarMap::new();
-    let ln = LayerNorm::new(
-        4,
-        true,
-        seeded_var_builder(&vm, 0, DType::F32, &cpu()).pp("ln"),
-    )
-    .unwrap();
+    let vb = seeded_var_builder(&vm, 0, DType::F32, &cpu());
+    let ln = LayerNorm::new(4, LayerNormConfig::default(), vb.pp("ln")).unwrap();
     // Row 1, 2, 3, 6: mean 3, biased var 3.5.
     let x = Tensor::new(&[[1f32, 2., 3., 6.]], &cpu()).unwrap();
     let y = vec1(&ln.forward(&x).unwrap());
@@ -943,4 +939,31 @@ fn layer_norm_matches_hand_computed_values() {
         .map(|(n, _)| n)
         .collect();
     assert_eq!(names, ["ln.bias", "ln.weight"]);
+
+    // Without affine parameters and with a larger eps: no variables, and
+    // eps enters the denominator.
+    let vm = VarMap::new();
+    let vb = seeded_var_builder(&vm, 0, DType::F32, &cpu());
+    let cfg = LayerNormConfig::default().with_affine(false).with_eps(0.5);
+    let y = vec1(
+        &LayerNorm::new(4, cfg, vb.pp("ln"))
+            .unwrap()
+            .forward(&x)
+            .unwrap(),
+    );
+    for (v, xi) in y.iter().zip([1f64, 2., 3., 6.]) {
+        assert!((*v as f64 - (xi - 3.) / 4f64.sqrt()).abs() < 1e-5);
+    }
+    assert!(params::named_vars(&vm).unwrap().is_empty());
+    for eps in [0.0, -1.0, f64::NAN] {
+        let cfg = LayerNormConfig::default().with_eps(eps);
+        assert_eq!(
+            config_field(LayerNorm::new(4, cfg, vb.pp("bad"))),
+            "LayerNormConfig::eps"
+        );
+    }
+    assert_eq!(
+        config_field(LayerNorm::new(0, LayerNormConfig::default(), vb.pp("bad"))),
+        "LayerNorm dim"
+    );
 }

@@ -804,7 +804,7 @@ fn check_schedule(case: &str, s: &dyn Schedule) {
 
 #[test]
 fn schedules_match_torch() {
-    check_schedule("constant", &ConstantLr::with_factor(0.1, 0.5, 10).unwrap());
+    check_schedule("constant", &ConstantLr::scaled(0.1, 0.5, 10).unwrap());
     check_schedule("step", &StepLr::new(0.1, 30, 0.5).unwrap());
     check_schedule(
         "multistep",

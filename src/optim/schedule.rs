@@ -51,7 +51,8 @@ fn check_gamma(field: &str, v: f64) -> Result<()> {
 }
 
 /// torch's `ConstantLR`: `base_lr * factor` for the first `total_iters`
-/// steps, then `base_lr`. [`ConstantLr::new`] gives a plain constant.
+/// steps, then `base_lr`. [`ConstantLr::new`] gives a plain constant,
+/// [`ConstantLr::scaled`] torch's schedule.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ConstantLr {
     base_lr: f64,
@@ -70,9 +71,10 @@ impl ConstantLr {
         })
     }
 
-    /// torch `ConstantLR(factor, total_iters)` (torch defaults 1/3 and 5);
-    /// `factor` in `[0, 1]`.
-    pub fn with_factor(base_lr: f64, factor: f64, total_iters: u64) -> Result<Self> {
+    /// torch `ConstantLR(factor, total_iters)` (torch defaults 1/3 and 5):
+    /// `base_lr * factor` for `total_iters` steps, then `base_lr`; `factor`
+    /// in `[0, 1]`.
+    pub fn scaled(base_lr: f64, factor: f64, total_iters: u64) -> Result<Self> {
         check_base("ConstantLr::base_lr", base_lr)?;
         if !(0.0..=1.0).contains(&factor) {
             return Err(Error::config(

@@ -50,7 +50,7 @@ pub use fit::{BatchSource, Evaluator, Fit, FitConfig, FitSummary, StepOutput, Tr
 pub use guard::{GuardAction, NonFiniteGuard, NonFinitePolicy};
 pub use knn::{accuracy_of, knn_accuracy, knn_predict, KnnConfig};
 pub use metrics_log::MetricsLog;
-pub use mixed::{MixedPrecision, Precision};
+pub use mixed::{MixedPrecision, MixedPrecisionConfig, Precision};
 #[cfg(feature = "plot")]
 pub use plot::CurvePlot;
 pub use progress::{Progress, ProgressMode};
