@@ -944,8 +944,9 @@ fn episodes_have_right_shapes_allowed_classes_and_disjoint_support_query() {
     let cfg = EpisodeConfig::default()
         .with_n_way(5)
         .with_k_shot(5)
-        .with_q_query(15);
-    let mut s = EpisodeSampler::new(fm.test.clone(), &meta_test, cfg, 1, &Device::Cpu).unwrap();
+        .with_q_query(15)
+        .with_seed(1);
+    let mut s = EpisodeSampler::new(fm.test.clone(), &meta_test, cfg, &Device::Cpu).unwrap();
     for _ in 0..20 {
         let ep = s.sample().unwrap();
         assert_eq!(ep.support.dims(), &[25, 1, 28, 28]);
@@ -974,6 +975,14 @@ fn episodes_have_right_shapes_allowed_classes_and_disjoint_support_query() {
         s.episode(3).unwrap().query_indices,
         s.episode(4).unwrap().query_indices
     );
+    // The seed is EpisodeConfig::seed: another seed draws other episodes.
+    let other =
+        EpisodeSampler::new(fm.test.clone(), &meta_test, cfg.with_seed(2), &Device::Cpu).unwrap();
+    assert_eq!((s.seed(), other.seed()), (1, 2));
+    assert_ne!(
+        s.episode(3).unwrap().query_indices,
+        other.episode(3).unwrap().query_indices
+    );
     // Too few images per class, too many ways.
     let tiny = numbered(14);
     assert!(EpisodeSampler::new(
@@ -983,11 +992,10 @@ fn episodes_have_right_shapes_allowed_classes_and_disjoint_support_query() {
             .with_n_way(2)
             .with_k_shot(1)
             .with_q_query(2),
-        0,
         &Device::Cpu
     )
     .is_err());
-    assert!(EpisodeSampler::new(tiny, &[0, 1], EpisodeConfig::default(), 0, &Device::Cpu).is_err());
+    assert!(EpisodeSampler::new(tiny, &[0, 1], EpisodeConfig::default(), &Device::Cpu).is_err());
 }
 
 #[test]

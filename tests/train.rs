@@ -394,9 +394,10 @@ fn fit_runs_over_episodes_and_resumes() {
         let cfg = EpisodeConfig::default()
             .with_n_way(2)
             .with_k_shot(1)
-            .with_q_query(1);
+            .with_q_query(1)
+            .with_seed(5);
         EpisodeEpochs::new(
-            EpisodeSampler::new(dataset(2), &[0, 1, 2], cfg, 5, &Device::Cpu).unwrap(),
+            EpisodeSampler::new(dataset(2), &[0, 1, 2], cfg, &Device::Cpu).unwrap(),
             3,
         )
         .unwrap()

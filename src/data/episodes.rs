@@ -24,6 +24,9 @@ config! {
         k_shot: usize = 1,
         /// Query images per class (Q). Default 15 (ProtoNets, MAML's mini-ImageNet).
         q_query: usize = 15,
+        /// Seed of the class and image draws and of the transform's
+        /// randomness; episode `i` depends only on it and `i`. Default 0.
+        seed: u64 = 0,
     }
 }
 
@@ -74,8 +77,12 @@ pub struct Episode {
 /// // 6 classes × 4 images of 1×2×2.
 /// let labels: Vec<u32> = (0..24).map(|i| i % 6).collect();
 /// let ds = InMemoryDataset::new(vec![0; 24 * 4], labels, (1, 2, 2))?;
-/// let cfg = EpisodeConfig::default().with_n_way(3).with_k_shot(1).with_q_query(2);
-/// let mut sampler = EpisodeSampler::new(ds, &[0, 1, 2, 3], cfg, 7, &Device::Cpu)?;
+/// let cfg = EpisodeConfig::default()
+///     .with_n_way(3)
+///     .with_k_shot(1)
+///     .with_q_query(2)
+///     .with_seed(7);
+/// let mut sampler = EpisodeSampler::new(ds, &[0, 1, 2, 3], cfg, &Device::Cpu)?;
 /// let ep = sampler.sample()?;
 /// assert_eq!(ep.support.dims(), &[3, 1, 2, 2]);
 /// assert_eq!(ep.query_labels.to_vec1::<u32>()?, vec![0, 0, 1, 1, 2, 2]);
@@ -87,7 +94,6 @@ pub struct EpisodeSampler {
     by_class: BTreeMap<u32, Vec<usize>>,
     classes: Vec<u32>,
     cfg: EpisodeConfig,
-    seed: u64,
     next: u64,
     transform: Option<Arc<dyn Transform>>,
     device: Device,
@@ -98,7 +104,6 @@ impl std::fmt::Debug for EpisodeSampler {
         f.debug_struct("EpisodeSampler")
             .field("classes", &self.classes)
             .field("cfg", &self.cfg)
-            .field("seed", &self.seed)
             .field("next", &self.next)
             .finish()
     }
@@ -114,7 +119,6 @@ impl EpisodeSampler {
         dataset: impl Dataset + 'static,
         classes: &[u32],
         cfg: EpisodeConfig,
-        seed: u64,
         device: &Device,
     ) -> Result<Self> {
         cfg.validate()?;
@@ -157,7 +161,6 @@ impl EpisodeSampler {
             by_class,
             classes: classes.to_vec(),
             cfg,
-            seed,
             next: 0,
             transform: None,
             device: device.clone(),
@@ -171,9 +174,9 @@ impl EpisodeSampler {
         self
     }
 
-    /// The seed of the sampler.
+    /// The seed of the sampler ([`EpisodeConfig::seed`]).
     pub fn seed(&self) -> u64 {
-        self.seed
+        self.cfg.seed
     }
 
     /// The N-way K-shot Q-query configuration.
@@ -205,7 +208,7 @@ impl EpisodeSampler {
 
     /// Episode number `i` (a pure function of the seed and `i`).
     pub fn episode(&self, i: u64) -> Result<Episode> {
-        let mut r = rng(derive_seed(self.seed, &[i]));
+        let mut r = rng(derive_seed(self.cfg.seed, &[i]));
         // Choose N classes (partial Fisher-Yates over the allowed classes).
         let mut pool = self.classes.clone();
         for k in 0..self.cfg.n_way {
@@ -233,7 +236,7 @@ impl EpisodeSampler {
         let query_labels: Vec<u32> = (0..chosen.len() as u32)
             .flat_map(|l| std::iter::repeat_n(l, q))
             .collect();
-        let seed = derive_seed(self.seed, &[i, 1]);
+        let seed = derive_seed(self.cfg.seed, &[i, 1]);
         let support = self.images(&support_indices, seed)?;
         let query = self.images(&query_indices, derive_seed(seed, &[2]))?;
         let d = &self.device;
