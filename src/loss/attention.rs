@@ -26,8 +26,8 @@ use crate::{Error, Result};
 use candle_core::Tensor;
 
 config! {
-    /// Configuration of [`AttentionTransfer`].
-    pub struct AttentionTransferConfig {
+    /// Configuration of [`AttentionTransferLoss`].
+    pub struct AttentionTransferLossConfig {
         /// The exponent `p` > 0 of the attention map (paper and RepDistiller: 2).
         p: f64 = 2.0,
         /// Weight of the summed per-pair losses, >= 0 (RepDistiller: 1000).
@@ -35,30 +35,30 @@ config! {
     }
 }
 
-impl AttentionTransferConfig {
+impl AttentionTransferLossConfig {
     /// Checks every field; called by the constructor.
     fn validate(&self) -> Result<()> {
-        check_positive("AttentionTransferConfig::p", self.p)?;
-        check_non_negative("AttentionTransferConfig::beta", self.beta)?;
+        check_positive("AttentionTransferLossConfig::p", self.p)?;
+        check_non_negative("AttentionTransferLossConfig::beta", self.beta)?;
         Ok(())
     }
 }
 
 /// Attention-transfer loss over pairs of student/teacher feature maps.
 #[derive(Debug, Clone)]
-pub struct AttentionTransfer {
-    cfg: AttentionTransferConfig,
+pub struct AttentionTransferLoss {
+    cfg: AttentionTransferLossConfig,
 }
 
-impl AttentionTransfer {
+impl AttentionTransferLoss {
     /// Validates the configuration.
-    pub fn new(cfg: AttentionTransferConfig) -> Result<Self> {
+    pub fn new(cfg: AttentionTransferLossConfig) -> Result<Self> {
         cfg.validate()?;
         Ok(Self { cfg })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &AttentionTransferConfig {
+    pub fn config(&self) -> &AttentionTransferLossConfig {
         &self.cfg
     }
 
@@ -76,7 +76,7 @@ impl AttentionTransfer {
 
     /// The unweighted loss of one pair: `mean((Q(student) − Q(teacher))²)`.
     pub fn pair(&self, student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
-        const OP: &str = "attention_transfer";
+        const OP: &str = "attention_transfer_loss";
         check_rank(OP, "student feature map (N, C, H, W)", student, 4)?;
         check_rank(OP, "teacher feature map (N, C, H, W)", teacher, 4)?;
         check_float(OP, "student feature map", student)?;
@@ -124,7 +124,7 @@ impl AttentionTransfer {
     pub fn forward(&self, student: &[Tensor], teacher: &[Tensor]) -> Result<Tensor> {
         if student.len() != teacher.len() || student.is_empty() {
             return Err(Error::invalid(
-                "AttentionTransfer::forward",
+                "AttentionTransferLoss::forward",
                 format!(
                     "needs as many student as teacher feature maps, at least one (got {} and {})",
                     student.len(),
@@ -143,7 +143,7 @@ impl AttentionTransfer {
         match total {
             Some(t) => Ok((t * self.cfg.beta)?),
             None => Err(Error::invalid(
-                "AttentionTransfer::forward",
+                "AttentionTransferLoss::forward",
                 "no feature maps",
             )),
         }
@@ -152,6 +152,6 @@ impl AttentionTransfer {
 
 /// The unweighted attention-transfer loss (p = 2) of one pair of feature
 /// maps: `mean((Q(student) − Q(teacher))²)` (see the module docs).
-pub fn attention_transfer(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
-    AttentionTransfer::new(AttentionTransferConfig::default())?.pair(student, teacher)
+pub fn attention_transfer_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    AttentionTransferLoss::new(AttentionTransferLossConfig::default())?.pair(student, teacher)
 }

@@ -21,8 +21,8 @@ use crate::Result;
 use candle_core::Tensor;
 
 config! {
-    /// Configuration of [`BarlowTwins`]; defaults from the paper.
-    pub struct BarlowTwinsConfig {
+    /// Configuration of [`BarlowTwinsLoss`]; defaults from the paper.
+    pub struct BarlowTwinsLossConfig {
         /// Weight λ >= 0 of the redundancy-reduction (off-diagonal) term
         /// (paper: 5e-3).
         lambda: f64 = 5e-3,
@@ -32,19 +32,19 @@ config! {
     }
 }
 
-impl BarlowTwinsConfig {
+impl BarlowTwinsLossConfig {
     /// Checks every field; called by the constructor.
     fn validate(&self) -> Result<()> {
-        check_non_negative("BarlowTwinsConfig::lambda", self.lambda)?;
-        check_positive("BarlowTwinsConfig::eps", self.eps)?;
+        check_non_negative("BarlowTwinsLossConfig::lambda", self.lambda)?;
+        check_positive("BarlowTwinsLossConfig::eps", self.eps)?;
         Ok(())
     }
 }
 
 /// Barlow Twins loss (see the module docs).
 #[derive(Debug, Clone)]
-pub struct BarlowTwins {
-    cfg: BarlowTwinsConfig,
+pub struct BarlowTwinsLoss {
+    cfg: BarlowTwinsLossConfig,
 }
 
 /// Standardises each column over the batch (biased variance), like
@@ -55,21 +55,21 @@ pub(crate) fn batch_standardize(z: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(centered.broadcast_div(&(var + eps)?.sqrt()?)?)
 }
 
-impl BarlowTwins {
+impl BarlowTwinsLoss {
     /// Validates the configuration.
-    pub fn new(cfg: BarlowTwinsConfig) -> Result<Self> {
+    pub fn new(cfg: BarlowTwinsLossConfig) -> Result<Self> {
         cfg.validate()?;
         Ok(Self { cfg })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &BarlowTwinsConfig {
+    pub fn config(&self) -> &BarlowTwinsLossConfig {
         &self.cfg
     }
 
     /// The loss of two views' embeddings `(N, D)`, N >= 2.
     pub fn forward(&self, z1: &Tensor, z2: &Tensor) -> Result<Tensor> {
-        const OP: &str = "barlow_twins";
+        const OP: &str = "barlow_twins_loss";
         check_rank(OP, "embeddings (N, D)", z1, 2)?;
         check_float(OP, "embeddings", z1)?;
         check_same_shape(OP, z1, z2)?;
@@ -92,6 +92,6 @@ impl BarlowTwins {
 
 /// Barlow Twins loss of two views' embeddings `(N, D)` with weight `lambda`
 /// on the off-diagonal term (paper: 5e-3).
-pub fn barlow_twins(z1: &Tensor, z2: &Tensor, lambda: f64) -> Result<Tensor> {
-    BarlowTwins::new(BarlowTwinsConfig::default().with_lambda(lambda))?.forward(z1, z2)
+pub fn barlow_twins_loss(z1: &Tensor, z2: &Tensor, lambda: f64) -> Result<Tensor> {
+    BarlowTwinsLoss::new(BarlowTwinsLossConfig::default().with_lambda(lambda))?.forward(z1, z2)
 }

@@ -36,8 +36,8 @@ use crate::{Error, Result};
 use candle_core::Tensor;
 
 config! {
-    /// Configuration of [`CrossEntropy`]; defaults are torch's.
-    pub struct CrossEntropyConfig {
+    /// Configuration of [`CrossEntropyLoss`]; defaults are torch's.
+    pub struct CrossEntropyLossConfig {
         /// Label smoothing ε in [0, 1] (torch default 0.0; Inception-v3 used 0.1).
         label_smoothing: f64 = 0.0,
         /// Per-class weights, one per class, finite and >= 0 (torch default: none).
@@ -50,13 +50,13 @@ config! {
     }
 }
 
-impl CrossEntropyConfig {
+impl CrossEntropyLossConfig {
     /// Checks every field; called by the constructor.
     fn validate(&self) -> Result<()> {
         let e = self.label_smoothing;
         if !(e.is_finite() && (0.0..=1.0).contains(&e)) {
             return Err(Error::config(
-                "CrossEntropyConfig::label_smoothing",
+                "CrossEntropyLossConfig::label_smoothing",
                 e,
                 "must be in [0, 1]",
             ));
@@ -64,14 +64,14 @@ impl CrossEntropyConfig {
         if let Some(w) = &self.weight {
             if w.is_empty() {
                 return Err(Error::config(
-                    "CrossEntropyConfig::weight",
+                    "CrossEntropyLossConfig::weight",
                     "[]",
                     "needs one weight per class",
                 ));
             }
             if let Some(bad) = w.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
                 return Err(Error::config(
-                    "CrossEntropyConfig::weight",
+                    "CrossEntropyLossConfig::weight",
                     bad,
                     "every class weight must be finite and >= 0",
                 ));
@@ -85,19 +85,19 @@ impl CrossEntropyConfig {
 /// label smoothing, class weights and an ignore index (see the module docs
 /// for the formula).
 #[derive(Debug, Clone)]
-pub struct CrossEntropy {
-    cfg: CrossEntropyConfig,
+pub struct CrossEntropyLoss {
+    cfg: CrossEntropyLossConfig,
 }
 
-impl CrossEntropy {
+impl CrossEntropyLoss {
     /// Validates the configuration.
-    pub fn new(cfg: CrossEntropyConfig) -> Result<Self> {
+    pub fn new(cfg: CrossEntropyLossConfig) -> Result<Self> {
         cfg.validate()?;
         Ok(Self { cfg })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &CrossEntropyConfig {
+    pub fn config(&self) -> &CrossEntropyLossConfig {
         &self.cfg
     }
 
@@ -108,7 +108,7 @@ impl CrossEntropy {
     /// and flatten to `(N·H·W, C)` first. The class indices are read to the
     /// host (one small transfer per call on a GPU).
     pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        const OP: &str = "cross_entropy";
+        const OP: &str = "cross_entropy_loss";
         check_rank(OP, "logits (N, C)", logits, 2)?;
         check_float(OP, "logits", logits)?;
         let (n, c) = logits.dims2()?;
@@ -165,14 +165,14 @@ impl CrossEntropy {
 
 /// Mean cross-entropy of `logits` `(N, C)` against class indices `(N,)`
 /// (torch's `F.cross_entropy(logits, targets)` defaults; targets equal to
-/// -100 are ignored). See [`CrossEntropy`] for smoothing, weights, reductions.
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    CrossEntropy::new(CrossEntropyConfig::default())?.forward(logits, targets)
+/// -100 are ignored). See [`CrossEntropyLoss`] for smoothing, weights, reductions.
+pub fn cross_entropy_loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    CrossEntropyLoss::new(CrossEntropyLossConfig::default())?.forward(logits, targets)
 }
 
 config! {
-    /// Configuration of [`BceWithLogits`]; defaults are torch's.
-    pub struct BceWithLogitsConfig {
+    /// Configuration of [`BceWithLogitsLoss`]; defaults are torch's.
+    pub struct BceWithLogitsLossConfig {
         /// Weight of the positive term per class (last dimension), torch's
         /// `pos_weight` (default: none, i.e. 1). Finite and >= 0.
         pos_weight: Option<Vec<f64>> = None,
@@ -181,20 +181,20 @@ config! {
     }
 }
 
-impl BceWithLogitsConfig {
+impl BceWithLogitsLossConfig {
     /// Checks every field; called by the constructor.
     fn validate(&self) -> Result<()> {
         if let Some(pw) = &self.pos_weight {
             if pw.is_empty() {
                 return Err(Error::config(
-                    "BceWithLogitsConfig::pos_weight",
+                    "BceWithLogitsLossConfig::pos_weight",
                     "[]",
                     "needs one weight per class (last dimension)",
                 ));
             }
             if let Some(bad) = pw.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
                 return Err(Error::config(
-                    "BceWithLogitsConfig::pos_weight",
+                    "BceWithLogitsLossConfig::pos_weight",
                     bad,
                     "every weight must be finite and >= 0",
                 ));
@@ -206,19 +206,19 @@ impl BceWithLogitsConfig {
 
 /// Numerically stable binary cross-entropy on logits (see the module docs).
 #[derive(Debug, Clone)]
-pub struct BceWithLogits {
-    cfg: BceWithLogitsConfig,
+pub struct BceWithLogitsLoss {
+    cfg: BceWithLogitsLossConfig,
 }
 
-impl BceWithLogits {
+impl BceWithLogitsLoss {
     /// Validates the configuration.
-    pub fn new(cfg: BceWithLogitsConfig) -> Result<Self> {
+    pub fn new(cfg: BceWithLogitsLossConfig) -> Result<Self> {
         cfg.validate()?;
         Ok(Self { cfg })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &BceWithLogitsConfig {
+    pub fn config(&self) -> &BceWithLogitsLossConfig {
         &self.cfg
     }
 
@@ -226,7 +226,7 @@ impl BceWithLogits {
     /// (any rank >= 1). Scalar, or the element-wise losses for
     /// [`Reduction::None`].
     pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        const OP: &str = "binary_cross_entropy_with_logits";
+        const OP: &str = "bce_with_logits_loss";
         check_float(OP, "logits", logits)?;
         check_same_shape(OP, logits, targets)?;
         if logits.elem_count() == 0 {
@@ -270,13 +270,13 @@ impl BceWithLogits {
 /// Mean binary cross-entropy of `logits` against `targets` (same shape,
 /// values in [0, 1]); finite for any finite logit, unlike candle-nn's
 /// `binary_cross_entropy_with_logit`.
-pub fn binary_cross_entropy_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    BceWithLogits::new(BceWithLogitsConfig::default())?.forward(logits, targets)
+pub fn bce_with_logits_loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    BceWithLogitsLoss::new(BceWithLogitsLossConfig::default())?.forward(logits, targets)
 }
 
 config! {
-    /// Configuration of [`Mse`].
-    pub struct MseConfig {
+    /// Configuration of [`MseLoss`].
+    pub struct MseLossConfig {
         /// How the squared errors are reduced (torch default: mean).
         reduction: Reduction = Reduction::Mean,
     }
@@ -285,13 +285,13 @@ config! {
 /// Mean squared error, torch's `F.mse_loss` (no broadcasting: the shapes
 /// must match).
 #[derive(Debug, Clone)]
-pub struct Mse {
-    cfg: MseConfig,
+pub struct MseLoss {
+    cfg: MseLossConfig,
 }
 
-impl Mse {
+impl MseLoss {
     /// Builds the loss (every configuration is valid).
-    pub fn new(cfg: MseConfig) -> Result<Self> {
+    pub fn new(cfg: MseLossConfig) -> Result<Self> {
         Ok(Self { cfg })
     }
 
@@ -319,5 +319,5 @@ impl Mse {
 
 /// Mean squared error `mean((input − target)²)`.
 pub fn mse_loss(input: &Tensor, target: &Tensor) -> Result<Tensor> {
-    Mse::new(MseConfig::default())?.forward(input, target)
+    MseLoss::new(MseLossConfig::default())?.forward(input, target)
 }

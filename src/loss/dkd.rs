@@ -23,8 +23,8 @@ use crate::Result;
 use candle_core::{Tensor, D};
 
 config! {
-    /// Configuration of [`Dkd`]; defaults from the paper (CIFAR-100).
-    pub struct DkdConfig {
+    /// Configuration of [`DkdLoss`]; defaults from the paper (CIFAR-100).
+    pub struct DkdLossConfig {
         /// Weight of the target-class term TCKD, >= 0 (paper: 1).
         alpha: f64 = 1.0,
         /// Weight of the non-target-class term NCKD, >= 0 (paper: 8).
@@ -34,31 +34,31 @@ config! {
     }
 }
 
-impl DkdConfig {
+impl DkdLossConfig {
     /// Checks every field; called by the constructor.
     fn validate(&self) -> Result<()> {
-        check_non_negative("DkdConfig::alpha", self.alpha)?;
-        check_non_negative("DkdConfig::beta", self.beta)?;
-        check_positive("DkdConfig::temperature", self.temperature)?;
+        check_non_negative("DkdLossConfig::alpha", self.alpha)?;
+        check_non_negative("DkdLossConfig::beta", self.beta)?;
+        check_positive("DkdLossConfig::temperature", self.temperature)?;
         Ok(())
     }
 }
 
 /// Decoupled KD loss (see the module docs).
 #[derive(Debug, Clone)]
-pub struct Dkd {
-    cfg: DkdConfig,
+pub struct DkdLoss {
+    cfg: DkdLossConfig,
 }
 
-impl Dkd {
+impl DkdLoss {
     /// Validates the configuration.
-    pub fn new(cfg: DkdConfig) -> Result<Self> {
+    pub fn new(cfg: DkdLossConfig) -> Result<Self> {
         cfg.validate()?;
         Ok(Self { cfg })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &DkdConfig {
+    pub fn config(&self) -> &DkdLossConfig {
         &self.cfg
     }
 
@@ -102,7 +102,7 @@ pub fn dkd_loss(
     beta: f64,
     temperature: f64,
 ) -> Result<Tensor> {
-    Dkd::new(DkdConfig {
+    DkdLoss::new(DkdLossConfig {
         alpha,
         beta,
         temperature,

@@ -18,14 +18,16 @@
 //! parameters (`weight`, `bias`) are created in the given `VarBuilder` and
 //! must be handed to the optimizer with the student's.
 
-use super::{check_float, check_non_negative, check_rank, check_same_shape, Mse, MseConfig};
+use super::{
+    check_float, check_non_negative, check_rank, check_same_shape, MseLoss, MseLossConfig,
+};
 use crate::config::config;
 use crate::ops;
 use crate::{Error, Result};
 use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};
 
-/// The kind of regressor [`Hint`] learns.
+/// The kind of regressor [`HintLoss`] learns.
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HintRegressor {
@@ -38,8 +40,8 @@ pub enum HintRegressor {
 }
 
 config! {
-    /// Configuration of [`Hint`].
-    pub struct HintConfig {
+    /// Configuration of [`HintLoss`].
+    pub struct HintLossConfig {
         /// The regressor (default: 1×1 convolution).
         regressor: HintRegressor = HintRegressor::Conv1x1,
         /// Weight of the loss, >= 0 (RepDistiller's FitNet runs: 100).
@@ -47,36 +49,36 @@ config! {
     }
 }
 
-impl HintConfig {
+impl HintLossConfig {
     /// Checks every field; called by the constructor.
     fn validate(&self) -> Result<()> {
-        check_non_negative("HintConfig::beta", self.beta)?;
+        check_non_negative("HintLossConfig::beta", self.beta)?;
         Ok(())
     }
 }
 
 /// FitNets hint loss with its regressor (see the module docs).
 #[derive(Debug, Clone)]
-pub struct Hint {
-    cfg: HintConfig,
+pub struct HintLoss {
+    cfg: HintLossConfig,
     weight: Tensor,
     bias: Tensor,
 }
 
-impl Hint {
+impl HintLoss {
     /// Builds the regressor from `student_dim` to `teacher_dim` channels (or
     /// features) in `vb` (tensors `weight` and `bias`, initialised like
     /// torch's `Conv2d` / `Linear`: uniform in ±1/√student_dim).
     pub fn new(
         student_dim: usize,
         teacher_dim: usize,
-        cfg: HintConfig,
+        cfg: HintLossConfig,
         vb: VarBuilder,
     ) -> Result<Self> {
         cfg.validate()?;
         if student_dim == 0 || teacher_dim == 0 {
             return Err(Error::invalid(
-                "Hint::new",
+                "HintLoss::new",
                 format!("student_dim ({student_dim}) and teacher_dim ({teacher_dim}) must be > 0"),
             ));
         }
@@ -98,13 +100,13 @@ impl Hint {
     }
 
     /// The configuration.
-    pub fn config(&self) -> &HintConfig {
+    pub fn config(&self) -> &HintLossConfig {
         &self.cfg
     }
 
     /// The regressor applied to a student feature.
     pub fn regress(&self, student: &Tensor) -> Result<Tensor> {
-        const OP: &str = "Hint::regress";
+        const OP: &str = "HintLoss::regress";
         check_float(OP, "student feature", student)?;
         let s_dim = self.weight.dim(1)?;
         match self.cfg.regressor {
@@ -151,5 +153,5 @@ impl Hint {
 /// feature already mapped to the teacher's shape; the teacher is detached.
 pub fn hint_loss(regressed: &Tensor, teacher: &Tensor) -> Result<Tensor> {
     check_same_shape("hint_loss", regressed, teacher)?;
-    Mse::new(MseConfig::default())?.forward(regressed, &teacher.detach())
+    MseLoss::new(MseLossConfig::default())?.forward(regressed, &teacher.detach())
 }

@@ -18,8 +18,8 @@ use crate::{Error, Result};
 use candle_core::Tensor;
 
 config! {
-    /// Configuration of [`KlDiv`].
-    pub struct KlDivConfig {
+    /// Configuration of [`KlDivLoss`].
+    pub struct KlDivLossConfig {
         /// Reduction; `Mean` is the batch mean (torch's `"batchmean"`).
         reduction: Reduction = Reduction::Mean,
         /// Whether the target is given as log-probabilities (torch's
@@ -30,20 +30,20 @@ config! {
 
 /// KL divergence `KL(target ‖ exp(log_input))`, see the module docs.
 #[derive(Debug, Clone)]
-pub struct KlDiv {
-    cfg: KlDivConfig,
+pub struct KlDivLoss {
+    cfg: KlDivLossConfig,
 }
 
-impl KlDiv {
+impl KlDivLoss {
     /// Builds the loss (every configuration is valid).
-    pub fn new(cfg: KlDivConfig) -> Result<Self> {
+    pub fn new(cfg: KlDivLossConfig) -> Result<Self> {
         Ok(Self { cfg })
     }
 
     /// The divergence between `log_input` and `target` (same shape, rank >= 1,
     /// the batch along dimension 0).
     pub fn forward(&self, log_input: &Tensor, target: &Tensor) -> Result<Tensor> {
-        const OP: &str = "kl_div";
+        const OP: &str = "kl_div_loss";
         check_float(OP, "log_input", log_input)?;
         check_float(OP, "target", target)?;
         check_same_shape(OP, log_input, target)?;
@@ -69,6 +69,6 @@ impl KlDiv {
 
 /// `KL(target ‖ exp(log_input))` averaged over the batch (torch's
 /// `F.kl_div(log_input, target, reduction="batchmean")`).
-pub fn kl_div(log_input: &Tensor, target: &Tensor) -> Result<Tensor> {
-    KlDiv::new(KlDivConfig::default())?.forward(log_input, target)
+pub fn kl_div_loss(log_input: &Tensor, target: &Tensor) -> Result<Tensor> {
+    KlDivLoss::new(KlDivLossConfig::default())?.forward(log_input, target)
 }

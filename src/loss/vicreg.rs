@@ -23,8 +23,8 @@ use crate::Result;
 use candle_core::Tensor;
 
 config! {
-    /// Configuration of [`VicReg`]; defaults from the paper.
-    pub struct VicRegConfig {
+    /// Configuration of [`VicRegLoss`]; defaults from the paper.
+    pub struct VicRegLossConfig {
         /// Weight λ >= 0 of the invariance (MSE) term (paper: 25).
         sim_coeff: f64 = 25.0,
         /// Weight μ >= 0 of the variance term (paper: 25).
@@ -36,13 +36,13 @@ config! {
     }
 }
 
-impl VicRegConfig {
+impl VicRegLossConfig {
     /// Checks every field; called by the constructor.
     fn validate(&self) -> Result<()> {
-        check_non_negative("VicRegConfig::sim_coeff", self.sim_coeff)?;
-        check_non_negative("VicRegConfig::std_coeff", self.std_coeff)?;
-        check_non_negative("VicRegConfig::cov_coeff", self.cov_coeff)?;
-        check_positive("VicRegConfig::eps", self.eps)?;
+        check_non_negative("VicRegLossConfig::sim_coeff", self.sim_coeff)?;
+        check_non_negative("VicRegLossConfig::std_coeff", self.std_coeff)?;
+        check_non_negative("VicRegLossConfig::cov_coeff", self.cov_coeff)?;
+        check_positive("VicRegLossConfig::eps", self.eps)?;
         Ok(())
     }
 }
@@ -62,25 +62,25 @@ pub struct VicRegTerms {
 
 /// VICReg loss (see the module docs).
 #[derive(Debug, Clone)]
-pub struct VicReg {
-    cfg: VicRegConfig,
+pub struct VicRegLoss {
+    cfg: VicRegLossConfig,
 }
 
-impl VicReg {
+impl VicRegLoss {
     /// Validates the configuration.
-    pub fn new(cfg: VicRegConfig) -> Result<Self> {
+    pub fn new(cfg: VicRegLossConfig) -> Result<Self> {
         cfg.validate()?;
         Ok(Self { cfg })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &VicRegConfig {
+    pub fn config(&self) -> &VicRegLossConfig {
         &self.cfg
     }
 
     /// The terms and the total for two views' embeddings `(N, D)`, N >= 2.
     pub fn terms(&self, x: &Tensor, y: &Tensor) -> Result<VicRegTerms> {
-        const OP: &str = "vicreg";
+        const OP: &str = "vicreg_loss";
         check_rank(OP, "embeddings (N, D)", x, 2)?;
         check_float(OP, "embeddings", x)?;
         check_same_shape(OP, x, y)?;
@@ -124,6 +124,6 @@ impl VicReg {
 
 /// VICReg with the paper's weights (25, 25, 1) for two views' embeddings
 /// `(N, D)`, N >= 2.
-pub fn vicreg(x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    VicReg::new(VicRegConfig::default())?.forward(x, y)
+pub fn vicreg_loss(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    VicRegLoss::new(VicRegLossConfig::default())?.forward(x, y)
 }

@@ -44,7 +44,7 @@ use super::guard::{GuardAction, NonFiniteGuard, NonFinitePolicy};
 use super::Checkpoint;
 use crate::config::config;
 use crate::data::Batch;
-use crate::loss::{CrossEntropy, CrossEntropyConfig};
+use crate::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use crate::optim::Optimizer;
 use crate::{Error, Result};
 
@@ -63,7 +63,7 @@ pub struct Classifier<M: ModuleT, O: Optimizer> {
     model: M,
     varmap: VarMap,
     optimizer: O,
-    loss: CrossEntropy,
+    loss: CrossEntropyLoss,
     guard: NonFiniteGuard,
     params: Vec<(String, Var)>,
     buffers: Vec<Var>,
@@ -73,8 +73,8 @@ impl<M: ModuleT, O: Optimizer> Classifier<M, O> {
     /// A trainer for `model`, whose parameters (and BatchNorm buffers) live
     /// in `varmap`, updated by `optimizer`.
     pub fn new(model: M, varmap: VarMap, optimizer: O, config: ClassifierConfig) -> Result<Self> {
-        let loss = CrossEntropy::new(
-            CrossEntropyConfig::default().with_label_smoothing(config.label_smoothing),
+        let loss = CrossEntropyLoss::new(
+            CrossEntropyLossConfig::default().with_label_smoothing(config.label_smoothing),
         )?;
         let params = crate::nn::params::named_vars(&varmap)?;
         let buffers = crate::nn::params::buffer_vars(&varmap)?

@@ -18,7 +18,7 @@ use candle_nn::{Module, VarMap};
 use super::knn::accuracy_of;
 use crate::config::config;
 use crate::data::DataLoader;
-use crate::loss::cross_entropy;
+use crate::loss::cross_entropy_loss;
 use crate::optim::{AdamW, AdamWConfig, CosineAnnealingLr, Optimizer, Schedule};
 use crate::{Error, Result};
 
@@ -184,7 +184,7 @@ pub fn linear_probe(
         for chunk in order.chunks(config.batch_size) {
             let idx = Tensor::new(chunk, &dev)?;
             let logits = head.forward(&tx.index_select(&idx, 0)?)?;
-            let loss = cross_entropy(&logits, &ty.index_select(&idx, 0)?)?;
+            let loss = cross_entropy_loss(&logits, &ty.index_select(&idx, 0)?)?;
             opt.set_lr(schedule.lr(step));
             opt.step(&loss.backward()?)?;
             step += 1;

@@ -18,42 +18,42 @@ use crate::Result;
 use candle_core::Tensor;
 
 config! {
-    /// Configuration of [`SimSiamLoss`].
-    pub struct SimSiamLossConfig {
+    /// Configuration of [`NegativeCosineLoss`].
+    pub struct NegativeCosineLossConfig {
         /// `eps` of the cosine similarity (torch's `F.cosine_similarity`: 1e-8).
         eps: f64 = 1e-8,
     }
 }
 
-impl SimSiamLossConfig {
+impl NegativeCosineLossConfig {
     /// Checks every field; called by the constructor.
     fn validate(&self) -> Result<()> {
-        check_positive("SimSiamLossConfig::eps", self.eps)?;
+        check_positive("NegativeCosineLossConfig::eps", self.eps)?;
         Ok(())
     }
 }
 
 /// SimSiam's loss (see the module docs).
 #[derive(Debug, Clone)]
-pub struct SimSiamLoss {
-    cfg: SimSiamLossConfig,
+pub struct NegativeCosineLoss {
+    cfg: NegativeCosineLossConfig,
 }
 
-impl SimSiamLoss {
+impl NegativeCosineLoss {
     /// Validates the configuration.
-    pub fn new(cfg: SimSiamLossConfig) -> Result<Self> {
+    pub fn new(cfg: NegativeCosineLossConfig) -> Result<Self> {
         cfg.validate()?;
         Ok(Self { cfg })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &SimSiamLossConfig {
+    pub fn config(&self) -> &NegativeCosineLossConfig {
         &self.cfg
     }
 
     /// `D(p, z) = −mean cos(p, stopgrad(z))` for `(N, D)` inputs.
     pub fn forward(&self, p: &Tensor, z: &Tensor) -> Result<Tensor> {
-        const OP: &str = "negative_cosine";
+        const OP: &str = "negative_cosine_loss";
         check_rank(OP, "predictions (N, D)", p, 2)?;
         check_float(OP, "predictions", p)?;
         check_same_shape(OP, p, z)?;
@@ -76,6 +76,6 @@ impl SimSiamLoss {
 }
 
 /// `−mean cos(p, stopgrad(z))`, SimSiam's `D(p, z)`.
-pub fn negative_cosine(p: &Tensor, z: &Tensor) -> Result<Tensor> {
-    SimSiamLoss::new(SimSiamLossConfig::default())?.forward(p, z)
+pub fn negative_cosine_loss(p: &Tensor, z: &Tensor) -> Result<Tensor> {
+    NegativeCosineLoss::new(NegativeCosineLossConfig::default())?.forward(p, z)
 }
