@@ -88,10 +88,10 @@ fn main() {
         )]
     };
     let cfg = AdamWConfig::default().with_lr(1e-3);
-    let mut fused = AdamW::new(cfg.clone(), named(&vars)).unwrap();
+    let mut fused = AdamW::new(named(&vars), cfg.clone()).unwrap();
     let ours = time(iters, || fused.step(&grads).unwrap());
     println!("aimass AdamW (fused CPU):   {ours:8.2} ms");
-    let mut ops = AdamW::new(cfg.with_fused(false), named(&vars)).unwrap();
+    let mut ops = AdamW::new(named(&vars), cfg.with_fused(false)).unwrap();
     let ours_ops = time(iters, || ops.step(&grads).unwrap());
     println!("aimass AdamW (candle ops):  {ours_ops:8.2} ms");
     let mut cnn = <aimass::candle_nn::AdamW as aimass::candle_nn::Optimizer>::new(

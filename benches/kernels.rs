@@ -441,8 +441,8 @@ impl Opt {
     fn adamw(b: Backend, vars: &[Var], lr: f64) -> R<Self> {
         Ok(match b {
             Backend::Aimass => Opt::Lib(Box::new(aimass::optim::AdamW::new(
-                aimass::optim::AdamWConfig::default().with_lr(lr),
                 Self::group(vars),
+                aimass::optim::AdamWConfig::default().with_lr(lr),
             )?)),
             Backend::Candle => Opt::CandleAdamW(candle_nn::AdamW::new(
                 vars.to_vec(),
@@ -457,11 +457,11 @@ impl Opt {
     fn sgd(b: Backend, vars: &[Var], lr: f64) -> R<Self> {
         Ok(match b {
             Backend::Aimass => Opt::Lib(Box::new(aimass::optim::Sgd::new(
+                Self::group(vars),
                 aimass::optim::SgdConfig::default()
                     .with_lr(lr)
                     .with_momentum(0.9)
                     .with_weight_decay(5e-4),
-                Self::group(vars),
             )?)),
             Backend::Candle => Opt::CandleSgd(Sgd::new(vars.to_vec(), lr)),
         })

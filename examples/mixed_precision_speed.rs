@@ -10,7 +10,7 @@ use std::time::Instant;
 use aimass::nn::{init::seeded_var_builder, Mlp, MlpConfig, ResNet, ResNetConfig};
 use aimass::optim::{Sgd, SgdConfig};
 use aimass::prelude::*;
-use aimass::train::{MixedPrecision, Precision};
+use aimass::train::{MixedPrecision, MixedPrecisionConfig, Precision};
 
 fn median_ms(mut f: impl FnMut() -> Result<()>, reps: usize) -> Result<f64> {
     f()?; // warm-up
@@ -48,8 +48,8 @@ fn step_ms(model: &str, precision: Precision, dev: &Device) -> Result<f64> {
             )
         }
     };
-    let mut mp = MixedPrecision::new(precision)?;
-    let mut opt = Sgd::from_varmap(SgdConfig::default().with_lr(1e-3), &varmap)?;
+    let mut mp = MixedPrecision::new(MixedPrecisionConfig::default().with_precision(precision))?;
+    let mut opt = Sgd::from_varmap(&varmap, SgdConfig::default().with_lr(1e-3))?;
     let x = x.to_dtype(precision.dtype())?;
     median_ms(
         || {

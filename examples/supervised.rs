@@ -185,8 +185,8 @@ fn main() -> Result<()> {
         let lr = args.lr.unwrap_or(1e-3);
         (
             Box::new(Adam::from_varmap(
-                AdamConfig::default().with_lr(lr),
                 &varmap,
+                AdamConfig::default().with_lr(lr),
             )?),
             lr,
         )
@@ -197,11 +197,11 @@ fn main() -> Result<()> {
             // included, as the reference's `SGD(model.parameters(), ...)`
             // (our default groups would exempt the 1-D parameters).
             Box::new(Sgd::new(
+                varmap_single_group(&varmap)?,
                 SgdConfig::default()
                     .with_lr(lr)
                     .with_momentum(0.9)
                     .with_weight_decay(5e-4),
-                varmap_single_group(&varmap)?,
             )?),
             lr,
         )

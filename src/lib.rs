@@ -48,6 +48,7 @@ pub use candle_core as candle;
 pub use candle_nn;
 
 mod atomic_file;
+mod config;
 pub mod data;
 pub mod device;
 pub mod error;

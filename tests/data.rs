@@ -307,7 +307,7 @@ fn image_folder_loads_classes_in_order_and_rejects_bad_files() {
         &d,
         ImageFolderConfig::default()
             .with_channels(1)
-            .with_size(6, 8),
+            .with_size((6, 8)),
     )
     .unwrap();
     assert_eq!(g.dataset.image_shape(), (1, 6, 8));
@@ -543,7 +543,7 @@ fn crop_area_fractions_stay_in_the_scale_range() {
         let scale = (0.3, 0.9);
         let crop = RandomResizedCrop::new(
             RandomResizedCropConfig::default()
-                .with_scale(scale.0, scale.1)
+                .with_scale(scale)
                 .with_mode(mode),
         )
         .unwrap();
@@ -641,7 +641,7 @@ fn pipelines_keep_shapes_and_ranges_for_one_and_three_channels() {
     for c in [1usize, 3] {
         let full = Compose::new()
             .then(
-                RandomResizedCrop::new(RandomResizedCropConfig::default().with_size(20, 24))
+                RandomResizedCrop::new(RandomResizedCropConfig::default().with_size((20, 24)))
                     .unwrap(),
             )
             .then(HorizontalFlip::default())
@@ -652,7 +652,7 @@ fn pipelines_keep_shapes_and_ranges_for_one_and_three_channels() {
             .then(
                 RandomCrop::new(
                     RandomCropConfig::default()
-                        .with_size(20, 24)
+                        .with_size((20, 24))
                         .with_padding(3),
                 )
                 .unwrap(),
@@ -744,7 +744,7 @@ fn invalid_configs_name_the_field() {
     );
     assert_eq!(
         field(
-            RandomResizedCrop::new(RandomResizedCropConfig::default().with_scale(0.9, 0.1))
+            RandomResizedCrop::new(RandomResizedCropConfig::default().with_scale((0.9, 0.1)))
                 .unwrap_err()
         ),
         "RandomResizedCropConfig::scale"
@@ -944,8 +944,9 @@ fn episodes_have_right_shapes_allowed_classes_and_disjoint_support_query() {
     let cfg = EpisodeConfig::default()
         .with_n_way(5)
         .with_k_shot(5)
-        .with_q_query(15);
-    let mut s = EpisodeSampler::new(fm.test.clone(), &meta_test, cfg, 1, &Device::Cpu).unwrap();
+        .with_q_query(15)
+        .with_seed(1);
+    let mut s = EpisodeSampler::new(fm.test.clone(), &meta_test, cfg, &Device::Cpu).unwrap();
     for _ in 0..20 {
         let ep = s.sample().unwrap();
         assert_eq!(ep.support.dims(), &[25, 1, 28, 28]);
@@ -974,6 +975,14 @@ fn episodes_have_right_shapes_allowed_classes_and_disjoint_support_query() {
         s.episode(3).unwrap().query_indices,
         s.episode(4).unwrap().query_indices
     );
+    // The seed is EpisodeConfig::seed: another seed draws other episodes.
+    let other =
+        EpisodeSampler::new(fm.test.clone(), &meta_test, cfg.with_seed(2), &Device::Cpu).unwrap();
+    assert_eq!((s.seed(), other.seed()), (1, 2));
+    assert_ne!(
+        s.episode(3).unwrap().query_indices,
+        other.episode(3).unwrap().query_indices
+    );
     // Too few images per class, too many ways.
     let tiny = numbered(14);
     assert!(EpisodeSampler::new(
@@ -983,11 +992,10 @@ fn episodes_have_right_shapes_allowed_classes_and_disjoint_support_query() {
             .with_n_way(2)
             .with_k_shot(1)
             .with_q_query(2),
-        0,
         &Device::Cpu
     )
     .is_err());
-    assert!(EpisodeSampler::new(tiny, &[0, 1], EpisodeConfig::default(), 0, &Device::Cpu).is_err());
+    assert!(EpisodeSampler::new(tiny, &[0, 1], EpisodeConfig::default(), &Device::Cpu).is_err());
 }
 
 #[test]
@@ -1030,7 +1038,7 @@ fn random_crop_takes_a_window_of_the_zero_padded_image() {
     };
     let t = RandomCrop::new(
         RandomCropConfig::default()
-            .with_size(h, w)
+            .with_size((h, w))
             .with_padding(pad),
     )
     .unwrap();

@@ -160,15 +160,15 @@ fn cross_entropy_matches_torch() {
     let x = field(c, "logits");
     let y = labels(c, "targets");
     let w: Vec<f64> = serde_json::from_value(c["weight"].clone()).unwrap();
-    let ce = |cfg: CrossEntropyConfig, y: &Tensor| {
-        CrossEntropy::new(cfg).unwrap().forward(&x, y).unwrap()
+    let ce = |cfg: CrossEntropyLossConfig, y: &Tensor| {
+        CrossEntropyLoss::new(cfg).unwrap().forward(&x, y).unwrap()
     };
     close(
-        scalar(&cross_entropy(&x, &y).unwrap()),
+        scalar(&cross_entropy_loss(&x, &y).unwrap()),
         num(c, "plain_mean"),
         TOL,
     );
-    let base = CrossEntropyConfig::default();
+    let base = CrossEntropyLossConfig::default();
     close(
         scalar(&ce(base.clone().with_reduction(Reduction::Sum), &y)),
         num(c, "plain_sum"),
@@ -231,7 +231,7 @@ fn cross_entropy_matches_torch() {
     // f32 logits agree to f32 precision.
     let x32 = x.to_dtype(DType::F32).unwrap();
     close(
-        scalar(&cross_entropy(&x32, &y).unwrap()),
+        scalar(&cross_entropy_loss(&x32, &y).unwrap()),
         num(c, "plain_mean"),
         1e-6,
     );
@@ -242,8 +242,8 @@ fn cross_entropy_gradient() {
     let c = case("cross_entropy");
     let y7 = labels(c, "targets_ignore7");
     let w: Vec<f64> = serde_json::from_value(c["weight"].clone()).unwrap();
-    let ce = CrossEntropy::new(
-        CrossEntropyConfig::default()
+    let ce = CrossEntropyLoss::new(
+        CrossEntropyLossConfig::default()
             .with_weight(Some(w))
             .with_label_smoothing(0.3)
             .with_ignore_index(Some(7)),
@@ -256,7 +256,7 @@ fn cross_entropy_gradient() {
 fn cross_entropy_all_ignored_is_zero() {
     let x = Tensor::new(&[[1.0f64, 2.0], [0.5, -1.0]], &Device::Cpu).unwrap();
     let y = Tensor::new(&[-100i64, -100], &Device::Cpu).unwrap();
-    assert_eq!(scalar(&cross_entropy(&x, &y).unwrap()), 0.0);
+    assert_eq!(scalar(&cross_entropy_loss(&x, &y).unwrap()), 0.0);
 }
 
 #[test]
@@ -266,25 +266,32 @@ fn bce_matches_torch_and_is_stable() {
     let y = field(c, "targets");
     let pw: Vec<f64> = serde_json::from_value(c["pos_weight"].clone()).unwrap();
     close(
-        scalar(&binary_cross_entropy_with_logits(&x, &y).unwrap()),
+        scalar(&bce_with_logits_loss(&x, &y).unwrap()),
         num(c, "mean"),
         TOL,
     );
-    let b = |cfg: BceWithLogitsConfig| BceWithLogits::new(cfg).unwrap().forward(&x, &y).unwrap();
+    let b = |cfg: BceWithLogitsLossConfig| {
+        BceWithLogitsLoss::new(cfg)
+            .unwrap()
+            .forward(&x, &y)
+            .unwrap()
+    };
     close(
         scalar(&b(
-            BceWithLogitsConfig::default().with_reduction(Reduction::Sum)
+            BceWithLogitsLossConfig::default().with_reduction(Reduction::Sum)
         )),
         num(c, "sum"),
         TOL,
     );
     close_vec(
-        &b(BceWithLogitsConfig::default().with_reduction(Reduction::None)),
+        &b(BceWithLogitsLossConfig::default().with_reduction(Reduction::None)),
         &c["none"],
         TOL,
     );
     close(
-        scalar(&b(BceWithLogitsConfig::default().with_pos_weight(Some(pw)))),
+        scalar(&b(
+            BceWithLogitsLossConfig::default().with_pos_weight(Some(pw))
+        )),
         num(c, "pos_weight_mean"),
         TOL,
     );
@@ -293,7 +300,7 @@ fn bce_matches_torch_and_is_stable() {
     // candle-nn's binary_cross_entropy_with_logit gives inf/NaN.
     let x32 = x.to_dtype(DType::F32).unwrap();
     let y32 = y.to_dtype(DType::F32).unwrap();
-    let ours = scalar(&binary_cross_entropy_with_logits(&x32, &y32).unwrap());
+    let ours = scalar(&bce_with_logits_loss(&x32, &y32).unwrap());
     assert!(ours.is_finite());
     close(ours, num(c, "mean_f32"), 1e-6);
     let theirs =
@@ -306,7 +313,8 @@ fn bce_gradient() {
     let c = case("bce");
     let pw: Vec<f64> = serde_json::from_value(c["pos_weight"].clone()).unwrap();
     let y = field(c, "targets");
-    let b = BceWithLogits::new(BceWithLogitsConfig::default().with_pos_weight(Some(pw))).unwrap();
+    let b = BceWithLogitsLoss::new(BceWithLogitsLossConfig::default().with_pos_weight(Some(pw)))
+        .unwrap();
     // Large logits included: the gradient stays exact (sigmoid saturates).
     grad_check(&[field(c, "logits")], &[0], |t| b.forward(&t[0], &y));
 }
@@ -316,26 +324,30 @@ fn mse_and_kl_match_torch() {
     let c = case("mse");
     let (x, t) = (field(c, "input"), field(c, "target"));
     close(scalar(&mse_loss(&x, &t).unwrap()), num(c, "mean"), TOL);
-    let s = Mse::new(MseConfig::default().with_reduction(Reduction::Sum)).unwrap();
+    let s = MseLoss::new(MseLossConfig::default().with_reduction(Reduction::Sum)).unwrap();
     close(scalar(&s.forward(&x, &t).unwrap()), num(c, "sum"), TOL);
     grad_check(&[x, t], &[0, 1], |a| mse_loss(&a[0], &a[1]));
 
     let c = case("kl_div");
     let (li, tp) = (field(c, "log_input"), field(c, "target"));
-    close(scalar(&kl_div(&li, &tp).unwrap()), num(c, "batchmean"), TOL);
-    let s = KlDiv::new(KlDivConfig::default().with_reduction(Reduction::Sum)).unwrap();
+    close(
+        scalar(&kl_div_loss(&li, &tp).unwrap()),
+        num(c, "batchmean"),
+        TOL,
+    );
+    let s = KlDivLoss::new(KlDivLossConfig::default().with_reduction(Reduction::Sum)).unwrap();
     close(scalar(&s.forward(&li, &tp).unwrap()), num(c, "sum"), TOL);
-    let lt = KlDiv::new(KlDivConfig::default().with_log_target(true)).unwrap();
+    let lt = KlDivLoss::new(KlDivLossConfig::default().with_log_target(true)).unwrap();
     close(
         scalar(&lt.forward(&li, &tp.log().unwrap()).unwrap()),
         num(c, "batchmean_log_target"),
         TOL,
     );
-    grad_check(&[li, tp], &[0, 1], |a| kl_div(&a[0], &a[1]));
+    grad_check(&[li, tp], &[0, 1], |a| kl_div_loss(&a[0], &a[1]));
     // Zero target probabilities contribute 0, not NaN.
     let li = Tensor::new(&[[-0.1f64, -2.4]], &Device::Cpu).unwrap();
     let tp = Tensor::new(&[[1.0f64, 0.0]], &Device::Cpu).unwrap();
-    close(scalar(&kl_div(&li, &tp).unwrap()), 0.1, TOL);
+    close(scalar(&kl_div_loss(&li, &tp).unwrap()), 0.1, TOL);
 }
 
 // ------------------------------------------------------------------ distillation
@@ -358,13 +370,18 @@ fn kd_matches_repdistiller() {
         num(c, "soft_T1"),
         TOL,
     );
-    let kd = Kd::new(KdConfig::default()).unwrap();
+    let kd = KdLoss::new(KdLossConfig::default()).unwrap();
     close(
         scalar(&kd.forward(&s, &t, &y).unwrap()),
         num(c, "total_T4_a0.9"),
         TOL,
     );
-    let kd2 = Kd::new(KdConfig::default().with_temperature(2.0).with_alpha(0.5)).unwrap();
+    let kd2 = KdLoss::new(
+        KdLossConfig::default()
+            .with_temperature(2.0)
+            .with_alpha(0.5),
+    )
+    .unwrap();
     close(
         scalar(&kd2.forward(&s, &t, &y).unwrap()),
         num(c, "total_T2_a0.5"),
@@ -392,8 +409,8 @@ fn dkd_matches_mdistiller() {
         num(c, "a1_b8_T4"),
         TOL,
     );
-    let d = Dkd::new(
-        DkdConfig::default()
+    let d = DkdLoss::new(
+        DkdLossConfig::default()
             .with_alpha(0.5)
             .with_beta(2.0)
             .with_temperature(1.0),
@@ -404,17 +421,17 @@ fn dkd_matches_mdistiller() {
         num(c, "a0.5_b2_T1"),
         TOL,
     );
-    let d = Dkd::new(DkdConfig::default()).unwrap();
+    let d = DkdLoss::new(DkdLossConfig::default()).unwrap();
     grad_check(&[s, t], &[0], |a| d.forward(&a[0], &a[1], &y));
 }
 
-fn hint_from(cfg: HintConfig, w: &Tensor, b: &Tensor) -> Hint {
+fn hint_from(cfg: HintLossConfig, w: &Tensor, b: &Tensor) -> HintLoss {
     let ts = HashMap::from([
         ("weight".to_string(), w.clone()),
         ("bias".to_string(), b.clone()),
     ]);
     let vb = VarBuilder::from_tensors(ts, DType::F64, &Device::Cpu);
-    Hint::new(cfg, w.dim(1).unwrap(), w.dim(0).unwrap(), vb).unwrap()
+    HintLoss::new(w.dim(1).unwrap(), w.dim(0).unwrap(), cfg, vb).unwrap()
 }
 
 #[test]
@@ -422,25 +439,25 @@ fn hint_matches_torch() {
     let c = case("hint");
     let (s, t) = (field(c, "student_conv"), field(c, "teacher_conv"));
     let (w, b) = (field(c, "weight_conv"), field(c, "bias_conv"));
-    let h = hint_from(HintConfig::default().with_beta(1.0), &w, &b);
+    let h = hint_from(HintLossConfig::default().with_beta(1.0), &w, &b);
     close(
         scalar(&h.forward(&s, &t).unwrap()),
         num(c, "loss_conv"),
         TOL,
     );
-    let h100 = hint_from(HintConfig::default(), &w, &b);
+    let h100 = hint_from(HintLossConfig::default(), &w, &b);
     close(
         scalar(&h100.forward(&s, &t).unwrap()),
         100.0 * num(c, "loss_conv"),
         TOL,
     );
     grad_check(&[s, t, w, b], &[0, 2, 3], |a| {
-        hint_from(HintConfig::default().with_beta(1.0), &a[2], &a[3]).forward(&a[0], &a[1])
+        hint_from(HintLossConfig::default().with_beta(1.0), &a[2], &a[3]).forward(&a[0], &a[1])
     });
 
     let (s, t) = (field(c, "student_vec"), field(c, "teacher_vec"));
     let (w, b) = (field(c, "weight_vec"), field(c, "bias_vec"));
-    let cfg = HintConfig::default()
+    let cfg = HintLossConfig::default()
         .with_regressor(HintRegressor::Linear)
         .with_beta(1.0);
     let h = hint_from(cfg.clone(), &w, &b);
@@ -454,7 +471,7 @@ fn hint_matches_torch() {
 fn hint_builds_trainable_regressor() {
     let vm = aimass::candle_nn::VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-    let h = Hint::new(HintConfig::default(), 3, 8, vb.pp("hint")).unwrap();
+    let h = HintLoss::new(3, 8, HintLossConfig::default(), vb.pp("hint")).unwrap();
     let names: Vec<String> = vm.data().lock().unwrap().keys().cloned().collect();
     assert!(names.contains(&"hint.weight".to_string()) && names.contains(&"hint.bias".to_string()));
     let s = Tensor::ones((2, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
@@ -476,22 +493,24 @@ fn attention_transfer_matches_repdistiller() {
         field(c, "student_big"),
     );
     close(
-        scalar(&attention_transfer(&s, &t).unwrap()),
+        scalar(&attention_transfer_loss(&s, &t).unwrap()),
         num(c, "same_size"),
         TOL,
     );
     close(
-        scalar(&attention_transfer(&sb, &t).unwrap()),
+        scalar(&attention_transfer_loss(&sb, &t).unwrap()),
         num(c, "pooled"),
         TOL,
     );
-    let at = AttentionTransfer::new(AttentionTransferConfig::default()).unwrap();
+    let at = AttentionTransferLoss::new(AttentionTransferLossConfig::default()).unwrap();
     let total = at
         .forward(&[s.clone(), sb.clone()], &[t.clone(), t.clone()])
         .unwrap();
     close(scalar(&total), num(c, "beta1000_two_pairs"), TOL);
-    grad_check(&[s, t.clone()], &[0], |a| attention_transfer(&a[0], &a[1]));
-    grad_check(&[sb, t], &[0], |a| attention_transfer(&a[0], &a[1]));
+    grad_check(&[s, t.clone()], &[0], |a| {
+        attention_transfer_loss(&a[0], &a[1])
+    });
+    grad_check(&[sb, t], &[0], |a| attention_transfer_loss(&a[0], &a[1]));
 }
 
 #[test]
@@ -499,12 +518,16 @@ fn rkd_matches_repdistiller() {
     let c = case("rkd");
     let (s, t) = (field(c, "student"), field(c, "teacher"));
     close(
-        scalar(&rkd_distance(&s, &t).unwrap()),
+        scalar(&rkd_distance_loss(&s, &t).unwrap()),
         num(c, "distance"),
         TOL,
     );
-    close(scalar(&rkd_angle(&s, &t).unwrap()), num(c, "angle"), TOL);
-    let rkd = Rkd::new(RkdConfig::default()).unwrap();
+    close(
+        scalar(&rkd_angle_loss(&s, &t).unwrap()),
+        num(c, "angle"),
+        TOL,
+    );
+    let rkd = RkdLoss::new(RkdLossConfig::default()).unwrap();
     close(
         scalar(&rkd.forward(&s, &t).unwrap()),
         num(c, "total_25_50"),
@@ -519,7 +542,7 @@ fn rkd_handles_coincident_points() {
     let s = Tensor::new(&[[1.0f64, 2.0], [1.0, 2.0], [0.0, -1.0]], &Device::Cpu).unwrap();
     let t = Tensor::new(&[[0.5f64, 2.0], [1.0, 0.0], [0.0, -1.0]], &Device::Cpu).unwrap();
     let sv = var(&s);
-    let l = Rkd::new(RkdConfig::default())
+    let l = RkdLoss::new(RkdLossConfig::default())
         .unwrap()
         .forward(&sv, &t)
         .unwrap();
@@ -534,28 +557,28 @@ fn nt_xent_matches_lightly() {
     let c = case("nt_xent");
     let (z1, z2) = (field(c, "z1"), field(c, "z2"));
     close(
-        scalar(&nt_xent(&z1, &z2, 0.5).unwrap()),
+        scalar(&nt_xent_loss(&z1, &z2, 0.5).unwrap()),
         num(c, "t0.5"),
         TOL,
     );
     close(
-        scalar(&nt_xent(&z1, &z2, 0.1).unwrap()),
+        scalar(&nt_xent_loss(&z1, &z2, 0.1).unwrap()),
         num(c, "t0.1"),
         TOL,
     );
     let (a, b) = (z1.narrow(0, 0, 2).unwrap(), z2.narrow(0, 0, 2).unwrap());
     close(
-        scalar(&nt_xent(&a, &b, 1.0).unwrap()),
+        scalar(&nt_xent_loss(&a, &b, 1.0).unwrap()),
         num(c, "t1.0_batch2"),
         TOL,
     );
     // Symmetric in the views.
     close(
-        scalar(&nt_xent(&z2, &z1, 0.5).unwrap()),
+        scalar(&nt_xent_loss(&z2, &z1, 0.5).unwrap()),
         num(c, "t0.5"),
         TOL,
     );
-    grad_check(&[z1, z2], &[0, 1], |a| nt_xent(&a[0], &a[1], 0.5));
+    grad_check(&[z1, z2], &[0, 1], |a| nt_xent_loss(&a[0], &a[1], 0.5));
 }
 
 #[test]
@@ -563,30 +586,30 @@ fn info_nce_matches_moco() {
     let c = case("info_nce");
     let (q, k, queue) = (field(c, "q"), field(c, "k"), field(c, "queue"));
     close(
-        scalar(&info_nce(&q, &k, Some(&queue), 0.2).unwrap()),
+        scalar(&info_nce_loss(&q, &k, Some(&queue), 0.2).unwrap()),
         num(c, "queue_t0.2"),
         TOL,
     );
     close(
-        scalar(&info_nce(&q, &k, Some(&queue), 0.07).unwrap()),
+        scalar(&info_nce_loss(&q, &k, Some(&queue), 0.07).unwrap()),
         num(c, "queue_t0.07"),
         TOL,
     );
     close(
-        scalar(&info_nce(&q, &k, None, 0.2).unwrap()),
+        scalar(&info_nce_loss(&q, &k, None, 0.2).unwrap()),
         num(c, "batch_t0.2"),
         TOL,
     );
     grad_check(&[q.clone(), k.clone(), queue.clone()], &[0], |a| {
-        info_nce(&a[0], &a[1], Some(&a[2]), 0.2)
+        info_nce_loss(&a[0], &a[1], Some(&a[2]), 0.2)
     });
-    let both = InfoNce::new(InfoNceConfig::default().with_detach_keys(false)).unwrap();
+    let both = InfoNceLoss::new(InfoNceLossConfig::default().with_detach_keys(false)).unwrap();
     grad_check(&[q.clone(), k.clone()], &[0, 1], |a| {
         both.forward(&a[0], &a[1], None)
     });
     // Keys and queue are detached by default.
     let (kv, qv) = (var(&k), var(&queue));
-    let l = info_nce(&var(&q), &kv, Some(&qv), 0.2).unwrap();
+    let l = info_nce_loss(&var(&q), &kv, Some(&qv), 0.2).unwrap();
     let g = l.backward().unwrap();
     assert!(g.get(&kv).is_none() && g.get(&qv).is_none());
 }
@@ -626,21 +649,21 @@ fn simsiam_matches_paper_with_stop_gradient() {
         field(c, "z2"),
     );
     close(
-        scalar(&negative_cosine(&p1, &z2).unwrap()),
+        scalar(&negative_cosine_loss(&p1, &z2).unwrap()),
         num(c, "single"),
         TOL,
     );
-    let s = SimSiamLoss::new(SimSiamLossConfig::default()).unwrap();
+    let s = NegativeCosineLoss::new(NegativeCosineLossConfig::default()).unwrap();
     close(
         scalar(&s.forward_symmetric(&p1, &p2, &z1, &z2).unwrap()),
         num(c, "symmetric"),
         TOL,
     );
     grad_check(&[p1.clone(), z2.clone()], &[0], |a| {
-        negative_cosine(&a[0], &a[1])
+        negative_cosine_loss(&a[0], &a[1])
     });
     let zv = var(&z2);
-    let l = negative_cosine(&var(&p1), &zv).unwrap();
+    let l = negative_cosine_loss(&var(&p1), &zv).unwrap();
     assert!(
         grad_of(&l, &zv).iter().all(|g| *g == 0.0),
         "stop-gradient on z"
@@ -652,11 +675,11 @@ fn barlow_twins_matches_authors() {
     let c = case("barlow");
     let (z1, z2) = (field(c, "z1"), field(c, "z2"));
     close(
-        scalar(&barlow_twins(&z1, &z2, 5e-3).unwrap()),
+        scalar(&barlow_twins_loss(&z1, &z2, 5e-3).unwrap()),
         num(c, "lambda_5e-3"),
         TOL,
     );
-    let b = BarlowTwins::new(BarlowTwinsConfig::default().with_lambda(0.1)).unwrap();
+    let b = BarlowTwinsLoss::new(BarlowTwinsLossConfig::default().with_lambda(0.1)).unwrap();
     close(
         scalar(&b.forward(&z1, &z2).unwrap()),
         num(c, "lambda_0.1"),
@@ -670,19 +693,19 @@ fn vicreg_matches_authors() {
     let c = case("vicreg");
     let (x, y) = (field(c, "z1"), field(c, "z2"));
     close(
-        scalar(&vicreg(&x, &y).unwrap()),
+        scalar(&vicreg_loss(&x, &y).unwrap()),
         num(c, "total_25_25_1"),
         TOL,
     );
-    let terms = VicReg::new(VicRegConfig::default())
+    let terms = VicRegLoss::new(VicRegLossConfig::default())
         .unwrap()
         .terms(&x, &y)
         .unwrap();
     close(scalar(&terms.invariance), num(c, "invariance"), TOL);
     close(scalar(&terms.variance), num(c, "variance"), TOL);
     close(scalar(&terms.covariance), num(c, "covariance"), TOL);
-    let v = VicReg::new(
-        VicRegConfig::default()
+    let v = VicRegLoss::new(
+        VicRegLossConfig::default()
             .with_sim_coeff(10.0)
             .with_std_coeff(5.0)
             .with_cov_coeff(2.0),
@@ -693,7 +716,7 @@ fn vicreg_matches_authors() {
         num(c, "total_10_5_2"),
         TOL,
     );
-    grad_check(&[x, y], &[0, 1], |a| vicreg(&a[0], &a[1]));
+    grad_check(&[x, y], &[0, 1], |a| vicreg_loss(&a[0], &a[1]));
 }
 
 // ------------------------------------------------------------------ bad input
@@ -701,60 +724,60 @@ fn vicreg_matches_authors() {
 #[test]
 fn bad_configs_are_rejected() {
     is_config_err(
-        NtXent::new(NtXentConfig::default().with_temperature(0.0)),
-        "NtXentConfig::temperature",
+        NtXentLoss::new(NtXentLossConfig::default().with_temperature(0.0)),
+        "NtXentLossConfig::temperature",
     );
     is_config_err(
-        NtXent::new(NtXentConfig::default().with_temperature(-0.5)),
-        "NtXentConfig::temperature",
+        NtXentLoss::new(NtXentLossConfig::default().with_temperature(-0.5)),
+        "NtXentLossConfig::temperature",
     );
     is_config_err(
-        InfoNce::new(InfoNceConfig::default().with_temperature(f64::NAN)),
-        "InfoNceConfig::temperature",
+        InfoNceLoss::new(InfoNceLossConfig::default().with_temperature(f64::NAN)),
+        "InfoNceLossConfig::temperature",
     );
     is_config_err(
-        Kd::new(KdConfig::default().with_temperature(0.0)),
-        "KdConfig::temperature",
+        KdLoss::new(KdLossConfig::default().with_temperature(0.0)),
+        "KdLossConfig::temperature",
     );
     is_config_err(
-        Kd::new(KdConfig::default().with_alpha(1.5)),
-        "KdConfig::alpha",
+        KdLoss::new(KdLossConfig::default().with_alpha(1.5)),
+        "KdLossConfig::alpha",
     );
     is_config_err(
-        Dkd::new(DkdConfig::default().with_beta(-1.0)),
-        "DkdConfig::beta",
+        DkdLoss::new(DkdLossConfig::default().with_beta(-1.0)),
+        "DkdLossConfig::beta",
     );
     is_config_err(
-        CrossEntropy::new(CrossEntropyConfig::default().with_label_smoothing(1.1)),
-        "CrossEntropyConfig::label_smoothing",
+        CrossEntropyLoss::new(CrossEntropyLossConfig::default().with_label_smoothing(1.1)),
+        "CrossEntropyLossConfig::label_smoothing",
     );
     is_config_err(
-        CrossEntropy::new(CrossEntropyConfig::default().with_weight(Some(vec![1.0, -1.0]))),
-        "CrossEntropyConfig::weight",
+        CrossEntropyLoss::new(CrossEntropyLossConfig::default().with_weight(Some(vec![1.0, -1.0]))),
+        "CrossEntropyLossConfig::weight",
     );
     is_config_err(
-        BceWithLogits::new(BceWithLogitsConfig::default().with_pos_weight(Some(vec![]))),
-        "BceWithLogitsConfig::pos_weight",
+        BceWithLogitsLoss::new(BceWithLogitsLossConfig::default().with_pos_weight(Some(vec![]))),
+        "BceWithLogitsLossConfig::pos_weight",
     );
     is_config_err(
-        BarlowTwins::new(BarlowTwinsConfig::default().with_lambda(-1.0)),
-        "BarlowTwinsConfig::lambda",
+        BarlowTwinsLoss::new(BarlowTwinsLossConfig::default().with_lambda(-1.0)),
+        "BarlowTwinsLossConfig::lambda",
     );
     is_config_err(
-        VicReg::new(VicRegConfig::default().with_eps(0.0)),
-        "VicRegConfig::eps",
+        VicRegLoss::new(VicRegLossConfig::default().with_eps(0.0)),
+        "VicRegLossConfig::eps",
     );
     is_config_err(
-        AttentionTransfer::new(AttentionTransferConfig::default().with_p(0.0)),
-        "AttentionTransferConfig::p",
+        AttentionTransferLoss::new(AttentionTransferLossConfig::default().with_p(0.0)),
+        "AttentionTransferLossConfig::p",
     );
     is_config_err(
-        Rkd::new(RkdConfig::default().with_angle_weight(f64::INFINITY)),
-        "RkdConfig::angle_weight",
+        RkdLoss::new(RkdLossConfig::default().with_angle_weight(f64::INFINITY)),
+        "RkdLossConfig::angle_weight",
     );
     // The function forms validate too.
     let z = Tensor::ones((3, 2), DType::F32, &Device::Cpu).unwrap();
-    is_err(nt_xent(&z, &z, 0.0));
+    is_err(nt_xent_loss(&z, &z, 0.0));
     is_err(kd_loss(&z, &z, -1.0));
 }
 
@@ -764,44 +787,44 @@ fn bad_inputs_are_rejected() {
     let z = |n: usize, d: usize| Tensor::ones((n, d), DType::F32, &dev).unwrap();
     // Empty batch.
     for r in [
-        nt_xent(&z(0, 4), &z(0, 4), 0.5),
+        nt_xent_loss(&z(0, 4), &z(0, 4), 0.5),
         byol_loss(&z(0, 4), &z(0, 4)),
-        negative_cosine(&z(0, 4), &z(0, 4)),
-        barlow_twins(&z(0, 4), &z(0, 4), 5e-3),
-        vicreg(&z(0, 4), &z(0, 4)),
+        negative_cosine_loss(&z(0, 4), &z(0, 4)),
+        barlow_twins_loss(&z(0, 4), &z(0, 4), 5e-3),
+        vicreg_loss(&z(0, 4), &z(0, 4)),
         mse_loss(&z(0, 4), &z(0, 4)),
-        binary_cross_entropy_with_logits(&z(0, 4), &z(0, 4)),
+        bce_with_logits_loss(&z(0, 4), &z(0, 4)),
         kd_loss(&z(0, 4), &z(0, 4), 4.0),
     ] {
         is_err(r);
     }
     // A batch of one for losses that need pairs.
     for r in [
-        nt_xent(&z(1, 4), &z(1, 4), 0.5),
-        info_nce(&z(1, 4), &z(1, 4), None, 0.2),
-        barlow_twins(&z(1, 4), &z(1, 4), 5e-3),
-        vicreg(&z(1, 4), &z(1, 4)),
-        rkd_distance(&z(1, 4), &z(1, 4)),
+        nt_xent_loss(&z(1, 4), &z(1, 4), 0.5),
+        info_nce_loss(&z(1, 4), &z(1, 4), None, 0.2),
+        barlow_twins_loss(&z(1, 4), &z(1, 4), 5e-3),
+        vicreg_loss(&z(1, 4), &z(1, 4)),
+        rkd_distance_loss(&z(1, 4), &z(1, 4)),
     ] {
         is_err(r);
     }
     // ... but MoCo with a queue has its negatives.
-    assert!(info_nce(&z(1, 4), &z(1, 4), Some(&z(3, 4)), 0.2).is_ok());
+    assert!(info_nce_loss(&z(1, 4), &z(1, 4), Some(&z(3, 4)), 0.2).is_ok());
     // Mismatched shapes.
     for r in [
-        nt_xent(&z(4, 4), &z(4, 3), 0.5),
-        nt_xent(&z(4, 4), &z(3, 4), 0.5),
-        info_nce(&z(4, 4), &z(4, 4), Some(&z(5, 3)), 0.2),
+        nt_xent_loss(&z(4, 4), &z(4, 3), 0.5),
+        nt_xent_loss(&z(4, 4), &z(3, 4), 0.5),
+        info_nce_loss(&z(4, 4), &z(4, 4), Some(&z(5, 3)), 0.2),
         byol_loss(&z(4, 4), &z(4, 3)),
-        negative_cosine(&z(4, 4), &z(2, 4)),
-        barlow_twins(&z(4, 4), &z(4, 5), 5e-3),
-        vicreg(&z(4, 4), &z(3, 4)),
+        negative_cosine_loss(&z(4, 4), &z(2, 4)),
+        barlow_twins_loss(&z(4, 4), &z(4, 5), 5e-3),
+        vicreg_loss(&z(4, 4), &z(3, 4)),
         mse_loss(&z(4, 4), &z(4, 1)),
-        binary_cross_entropy_with_logits(&z(4, 4), &z(4, 1)),
+        bce_with_logits_loss(&z(4, 4), &z(4, 1)),
         kd_loss(&z(4, 4), &z(4, 5), 4.0),
-        kl_div(&z(4, 4), &z(4, 5)),
-        rkd_angle(&z(4, 4), &z(3, 4)),
-        nt_xent(
+        kl_div_loss(&z(4, 4), &z(4, 5)),
+        rkd_angle_loss(&z(4, 4), &z(3, 4)),
+        nt_xent_loss(
             &Tensor::ones(4, DType::F32, &dev).unwrap(),
             &Tensor::ones(4, DType::F32, &dev).unwrap(),
             0.5,
@@ -811,26 +834,27 @@ fn bad_inputs_are_rejected() {
     }
     // Cross-entropy: labels out of range, wrong length, wrong dtype, weights of wrong length.
     let logits = z(3, 4);
-    is_err(cross_entropy(
+    is_err(cross_entropy_loss(
         &logits,
         &Tensor::new(&[0u32, 4, 1], &dev).unwrap(),
     ));
-    is_err(cross_entropy(
+    is_err(cross_entropy_loss(
         &logits,
         &Tensor::new(&[0i64, -3, 1], &dev).unwrap(),
     ));
-    is_err(cross_entropy(
+    is_err(cross_entropy_loss(
         &logits,
         &Tensor::new(&[0u32, 1], &dev).unwrap(),
     ));
-    is_err(cross_entropy(
+    is_err(cross_entropy_loss(
         &logits,
         &Tensor::new(&[0f32, 1., 2.], &dev).unwrap(),
     ));
     let w =
-        CrossEntropy::new(CrossEntropyConfig::default().with_weight(Some(vec![1.0; 3]))).unwrap();
+        CrossEntropyLoss::new(CrossEntropyLossConfig::default().with_weight(Some(vec![1.0; 3])))
+            .unwrap();
     is_err(w.forward(&logits, &Tensor::new(&[0u32, 1, 2], &dev).unwrap()));
-    is_err(Kd::new(KdConfig::default()).unwrap().forward(
+    is_err(KdLoss::new(KdLossConfig::default()).unwrap().forward(
         &logits,
         &logits,
         &Tensor::new(&[0u32, 9, 1], &dev).unwrap(),
@@ -845,10 +869,10 @@ fn bad_inputs_are_rejected() {
     ));
     // Attention transfer: non-integer size ratio, rank, batch mismatch.
     let fm = |n: usize, h: usize| Tensor::ones((n, 2, h, h), DType::F32, &dev).unwrap();
-    is_err(attention_transfer(&fm(2, 6), &fm(2, 4)));
-    is_err(attention_transfer(&fm(2, 4), &fm(3, 4)));
-    is_err(attention_transfer(&z(2, 4), &z(2, 4)));
-    let at = AttentionTransfer::new(AttentionTransferConfig::default()).unwrap();
+    is_err(attention_transfer_loss(&fm(2, 6), &fm(2, 4)));
+    is_err(attention_transfer_loss(&fm(2, 4), &fm(3, 4)));
+    is_err(attention_transfer_loss(&z(2, 4), &z(2, 4)));
+    let at = AttentionTransferLoss::new(AttentionTransferLossConfig::default()).unwrap();
     is_err(at.forward(&[fm(2, 4)], &[]));
 }
 
@@ -858,14 +882,14 @@ fn f32_inputs_work_everywhere() {
     let c = case("nt_xent");
     let f = |k: &str| field(c, k).to_dtype(DType::F32).unwrap();
     close(
-        scalar(&nt_xent(&f("z1"), &f("z2"), 0.5).unwrap()),
+        scalar(&nt_xent_loss(&f("z1"), &f("z2"), 0.5).unwrap()),
         num(c, "t0.5"),
         1e-5,
     );
     let c = case("barlow");
     let f = |k: &str| field(c, k).to_dtype(DType::F32).unwrap();
     close(
-        scalar(&barlow_twins(&f("z1"), &f("z2"), 5e-3).unwrap()),
+        scalar(&barlow_twins_loss(&f("z1"), &f("z2"), 5e-3).unwrap()),
         num(c, "lambda_5e-3"),
         1e-4,
     );
@@ -873,7 +897,7 @@ fn f32_inputs_work_everywhere() {
     let f = |k: &str| field(c, k).to_dtype(DType::F32).unwrap();
     close(
         scalar(
-            &Rkd::new(RkdConfig::default())
+            &RkdLoss::new(RkdLossConfig::default())
                 .unwrap()
                 .forward(&f("student"), &f("teacher"))
                 .unwrap(),
@@ -922,7 +946,7 @@ fn key_queue_is_a_fifo_that_wraps() {
         .to_vec1::<f32>()
         .unwrap();
     assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-5));
-    assert!(info_nce(
+    assert!(info_nce_loss(
         &Tensor::ones((2, 4), DType::F32, &dev).unwrap(),
         &Tensor::ones((2, 4), DType::F32, &dev).unwrap(),
         Some(a.keys()),

@@ -305,6 +305,52 @@ fn output_shapes_for_28_32_and_224_inputs() {
     ));
 }
 
+/// The `field` of an `Error::Config`, or a panic naming what came instead.
+fn config_field<T>(r: aimass::Result<T>) -> String {
+    match r {
+        Err(aimass::Error::Config { field, .. }) => field,
+        Err(e) => panic!("expected a config error, got {e}"),
+        Ok(_) => panic!("expected a config error, got Ok"),
+    }
+}
+
+#[test]
+fn conv_and_convnet_configs_reject_zero_sizes_naming_the_field() {
+    let vm = VarMap::new();
+    let vb = seeded_var_builder(&vm, 0, DType::F32, &cpu());
+    for (cfg, field) in [
+        (
+            Conv2dConfig::default().with_stride(0),
+            "Conv2dConfig::stride",
+        ),
+        (
+            Conv2dConfig::default().with_dilation(0),
+            "Conv2dConfig::dilation",
+        ),
+        (
+            Conv2dConfig::default().with_groups(0),
+            "Conv2dConfig::groups",
+        ),
+        (
+            Conv2dConfig::default().with_groups(3),
+            "Conv2dConfig::groups",
+        ),
+    ] {
+        assert_eq!(config_field(Conv2d::new(4, 4, 3, cfg, vb.pp("c"))), field);
+    }
+    let d = ConvNetConfig::default;
+    for (cfg, field) in [
+        (d().with_image_size(3), "ConvNetConfig::image_size"),
+        (d().with_in_channels(0), "ConvNetConfig::in_channels"),
+        (d().with_channels((0, 8)), "ConvNetConfig::channels.0"),
+        (d().with_channels((8, 0)), "ConvNetConfig::channels.1"),
+        (d().with_hidden(0), "ConvNetConfig::hidden"),
+        (d().with_num_classes(0), "ConvNetConfig::num_classes"),
+    ] {
+        assert_eq!(config_field(ConvNet::new(cfg, vb.pp("n"))), field);
+    }
+}
+
 #[test]
 fn convnet_mlp_and_heads_shapes_and_names() {
     let dev = cpu();
@@ -879,12 +925,8 @@ fn bottleneck_train_mode_gradients_match_finite_differences() {
 #[test]
 fn layer_norm_matches_hand_computed_values() {
     let vm = VarMap::new();
-    let ln = LayerNorm::new(
-        4,
-        true,
-        seeded_var_builder(&vm, 0, DType::F32, &cpu()).pp("ln"),
-    )
-    .unwrap();
+    let vb = seeded_var_builder(&vm, 0, DType::F32, &cpu());
+    let ln = LayerNorm::new(4, LayerNormConfig::default(), vb.pp("ln")).unwrap();
     // Row 1, 2, 3, 6: mean 3, biased var 3.5.
     let x = Tensor::new(&[[1f32, 2., 3., 6.]], &cpu()).unwrap();
     let y = vec1(&ln.forward(&x).unwrap());
@@ -897,4 +939,31 @@ fn layer_norm_matches_hand_computed_values() {
         .map(|(n, _)| n)
         .collect();
     assert_eq!(names, ["ln.bias", "ln.weight"]);
+
+    // Without affine parameters and with a larger eps: no variables, and
+    // eps enters the denominator.
+    let vm = VarMap::new();
+    let vb = seeded_var_builder(&vm, 0, DType::F32, &cpu());
+    let cfg = LayerNormConfig::default().with_affine(false).with_eps(0.5);
+    let y = vec1(
+        &LayerNorm::new(4, cfg, vb.pp("ln"))
+            .unwrap()
+            .forward(&x)
+            .unwrap(),
+    );
+    for (v, xi) in y.iter().zip([1f64, 2., 3., 6.]) {
+        assert!((*v as f64 - (xi - 3.) / 4f64.sqrt()).abs() < 1e-5);
+    }
+    assert!(params::named_vars(&vm).unwrap().is_empty());
+    for eps in [0.0, -1.0, f64::NAN] {
+        let cfg = LayerNormConfig::default().with_eps(eps);
+        assert_eq!(
+            config_field(LayerNorm::new(4, cfg, vb.pp("bad"))),
+            "LayerNormConfig::eps"
+        );
+    }
+    assert_eq!(
+        config_field(LayerNorm::new(0, LayerNormConfig::default(), vb.pp("bad"))),
+        "LayerNorm dim"
+    );
 }

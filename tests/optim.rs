@@ -116,16 +116,16 @@ fn check_traj_with(
 const F64_TOL: f64 = 1e-9;
 
 fn sgd(c: SgdConfig) -> impl FnOnce(&Problem) -> Box<dyn Optimizer> {
-    move |p| Box::new(Sgd::new(c, p.one_group()).unwrap())
+    move |p| Box::new(Sgd::new(p.one_group(), c).unwrap())
 }
 fn adam(c: AdamConfig) -> impl FnOnce(&Problem) -> Box<dyn Optimizer> {
-    move |p| Box::new(Adam::new(c, p.one_group()).unwrap())
+    move |p| Box::new(Adam::new(p.one_group(), c).unwrap())
 }
 fn adamw(c: AdamWConfig) -> impl FnOnce(&Problem) -> Box<dyn Optimizer> {
-    move |p| Box::new(AdamW::new(c, p.one_group()).unwrap())
+    move |p| Box::new(AdamW::new(p.one_group(), c).unwrap())
 }
 fn rms(c: RmsPropConfig) -> impl FnOnce(&Problem) -> Box<dyn Optimizer> {
-    move |p| Box::new(RmsProp::new(c, p.one_group()).unwrap())
+    move |p| Box::new(RmsProp::new(p.one_group(), c).unwrap())
 }
 
 #[test]
@@ -174,7 +174,7 @@ fn param_groups_match_torch() {
             .with_lr(0.05)
             .with_momentum(0.9)
             .with_weight_decay(0.1);
-        Box::new(Sgd::new(c, groups).unwrap())
+        Box::new(Sgd::new(groups, c).unwrap())
     });
 }
 
@@ -193,7 +193,7 @@ fn adam_and_adamw_match_torch() {
             "adam_amsgrad",
             DType::F64,
             F64_TOL,
-            adam(c.clone().with_betas(0.8, 0.99).with_amsgrad(true)),
+            adam(c.clone().with_betas((0.8, 0.99)).with_amsgrad(true)),
         );
         let c = AdamWConfig::default()
             .with_lr(0.05)
@@ -267,11 +267,11 @@ fn lars_matches_reference_formula() {
         .with_weight_decay(0.1)
         .with_eta(0.01);
     check_traj("lars", DType::F64, F64_TOL, |p| {
-        Box::new(Lars::new(c.clone(), lars_groups(p)).unwrap())
+        Box::new(Lars::new(lars_groups(p), c.clone()).unwrap())
     });
     let c = c.clone().with_nesterov(true);
     check_traj("lars_nesterov", DType::F64, F64_TOL, |p| {
-        Box::new(Lars::new(c, lars_groups(p)).unwrap())
+        Box::new(Lars::new(lars_groups(p), c).unwrap())
     });
 }
 
@@ -307,7 +307,7 @@ fn clipping_option_and_standalone_match_torch() {
     let mut norms = Vec::new();
     let pb = Problem::new(&f, DType::F64);
     let traj = f["traj.adam_clip_value"].to_vec2::<f64>().unwrap();
-    let mut opt = Adam::new(a, pb.one_group()).unwrap();
+    let mut opt = Adam::new(pb.one_group(), a).unwrap();
     for row in traj.iter().skip(1) {
         let mut g = pb.grads();
         clip_grad_value(&mut g, &pb.vars(), 0.5).unwrap();
@@ -317,8 +317,8 @@ fn clipping_option_and_standalone_match_torch() {
     let pb = Problem::new(&f, DType::F64);
     let traj = f["traj.sgd_clip_norm"].to_vec2::<f64>().unwrap();
     let mut opt = Sgd::new(
-        SgdConfig::default().with_lr(0.05).with_momentum(0.9),
         pb.one_group(),
+        SgdConfig::default().with_lr(0.05).with_momentum(0.9),
     )
     .unwrap();
     for row in traj.iter().skip(1) {
@@ -408,10 +408,10 @@ fn non_finite_gradients_are_reported_and_not_applied() {
             ("b".into(), b.clone()),
         ])];
         let mut opt = Sgd::new(
+            groups,
             SgdConfig::default()
                 .with_lr(0.1)
                 .with_grad_clip(GradClip::norm(1.0)),
-            groups,
         )
         .unwrap();
         let e = optim::Optimizer::step(&mut opt, &g).unwrap_err();
@@ -431,8 +431,8 @@ fn vars_without_gradient_are_untouched() {
     groups.push(ParamGroup::new(vec![("unused".into(), extra.clone())]));
     let traj = f["traj.adamw"].to_vec2::<f64>().unwrap();
     let mut opt = AdamW::new(
-        AdamWConfig::default().with_lr(0.05).with_weight_decay(0.1),
         groups,
+        AdamWConfig::default().with_lr(0.05).with_weight_decay(0.1),
     )
     .unwrap();
     for row in traj.iter().skip(1) {
@@ -487,11 +487,11 @@ fn state_export_import_continues_the_trajectory() {
     check_resume("sgd_nesterov", 7, &|p| {
         Box::new(
             Sgd::new(
+                p.one_group(),
                 SgdConfig::default()
                     .with_lr(0.05)
                     .with_momentum(0.9)
                     .with_nesterov(true),
-                p.one_group(),
             )
             .unwrap(),
         )
@@ -499,15 +499,15 @@ fn state_export_import_continues_the_trajectory() {
     check_resume("adam_amsgrad", 11, &|p| {
         let c = AdamConfig::default()
             .with_lr(0.05)
-            .with_betas(0.8, 0.99)
+            .with_betas((0.8, 0.99))
             .with_amsgrad(true);
-        Box::new(Adam::new(c, p.one_group()).unwrap())
+        Box::new(Adam::new(p.one_group(), c).unwrap())
     });
     check_resume("adamw", 5, &|p| {
         Box::new(
             AdamW::new(
-                AdamWConfig::default().with_lr(0.05).with_weight_decay(0.1),
                 p.one_group(),
+                AdamWConfig::default().with_lr(0.05).with_weight_decay(0.1),
             )
             .unwrap(),
         )
@@ -519,7 +519,7 @@ fn state_export_import_continues_the_trajectory() {
             .with_momentum(0.5)
             .with_centered(true)
             .with_weight_decay(0.1);
-        Box::new(RmsProp::new(c, p.one_group()).unwrap())
+        Box::new(RmsProp::new(p.one_group(), c).unwrap())
     });
     check_resume("lars", 13, &|p| {
         let c = LarsConfig::default()
@@ -527,7 +527,7 @@ fn state_export_import_continues_the_trajectory() {
             .with_momentum(0.9)
             .with_weight_decay(0.1)
             .with_eta(0.01);
-        Box::new(Lars::new(c, lars_groups(p)).unwrap())
+        Box::new(Lars::new(lars_groups(p), c).unwrap())
     });
 }
 
@@ -536,7 +536,7 @@ fn state_names_and_import_errors() {
     let f = fixtures();
     let pb = Problem::new(&f, DType::F64);
     let c = AdamConfig::default().with_amsgrad(true);
-    let mut opt = Adam::new(c.clone(), pb.one_group()).unwrap();
+    let mut opt = Adam::new(pb.one_group(), c.clone()).unwrap();
     optim::Optimizer::step(&mut opt, &pb.grads()).unwrap();
     let st = opt.state_dict().unwrap();
     let mut keys: Vec<_> = st.keys().cloned().collect();
@@ -651,14 +651,14 @@ fn varmap_default_groups_skip_buffers_and_decay() {
     let vb = VarBuilder::from_varmap(&vm, DType::F64, &dev);
     let _lin = aimass::candle_nn::linear(3, 2, vb.pp("fc")).unwrap();
     let _bn = aimass::candle_nn::batch_norm(2, 1e-5, vb.pp("bn")).unwrap();
-    let opt = Sgd::from_varmap(SgdConfig::default().with_weight_decay(0.1), &vm).unwrap();
+    let opt = Sgd::from_varmap(&vm, SgdConfig::default().with_weight_decay(0.1)).unwrap();
     assert_eq!(
         optim::Optimizer::param_names(&opt),
         ["fc.weight", "bn.bias", "bn.weight", "fc.bias"]
     );
     // Every optimizer accepts the split.
-    assert!(Lars::from_varmap(LarsConfig::default(), &vm).is_ok());
-    assert!(AdamW::from_varmap(AdamWConfig::default(), &vm).is_ok());
+    assert!(Lars::from_varmap(&vm, LarsConfig::default()).is_ok());
+    assert!(AdamW::from_varmap(&vm, AdamWConfig::default()).is_ok());
 }
 
 fn config_field(e: Error) -> String {
@@ -673,7 +673,7 @@ fn bad_configs_name_the_field() {
     let f = fixtures();
     let pb = Problem::new(&f, DType::F64);
     let g = || pb.one_group();
-    let sgd = |c: SgdConfig| config_field(Sgd::new(c, g()).err().unwrap());
+    let sgd = |c: SgdConfig| config_field(Sgd::new(g(), c).err().unwrap());
     assert_eq!(sgd(SgdConfig::default().with_lr(-1.0)), "SgdConfig::lr");
     assert_eq!(sgd(SgdConfig::default().with_lr(f64::NAN)), "SgdConfig::lr");
     assert_eq!(
@@ -703,22 +703,22 @@ fn bad_configs_name_the_field() {
         sgd(SgdConfig::default().with_grad_clip(GradClip::norm(0.0))),
         "SgdConfig::grad_clip.max_norm"
     );
-    let adam = |c: AdamConfig| config_field(Adam::new(c, g()).err().unwrap());
+    let adam = |c: AdamConfig| config_field(Adam::new(g(), c).err().unwrap());
     assert_eq!(
-        adam(AdamConfig::default().with_betas(1.0, 0.999)),
+        adam(AdamConfig::default().with_betas((1.0, 0.999))),
         "AdamConfig::betas.0"
     );
     assert_eq!(
-        adam(AdamConfig::default().with_betas(0.9, -0.1)),
+        adam(AdamConfig::default().with_betas((0.9, -0.1))),
         "AdamConfig::betas.1"
     );
     assert_eq!(adam(AdamConfig::default().with_eps(0.0)), "AdamConfig::eps");
-    let adamw = |c: AdamWConfig| config_field(AdamW::new(c, g()).err().unwrap());
+    let adamw = |c: AdamWConfig| config_field(AdamW::new(g(), c).err().unwrap());
     assert_eq!(
         adamw(AdamWConfig::default().with_weight_decay(-0.01)),
         "AdamWConfig::weight_decay"
     );
-    let rms = |c: RmsPropConfig| config_field(RmsProp::new(c, g()).err().unwrap());
+    let rms = |c: RmsPropConfig| config_field(RmsProp::new(g(), c).err().unwrap());
     assert_eq!(
         rms(RmsPropConfig::default().with_alpha(1.5)),
         "RmsPropConfig::alpha"
@@ -727,7 +727,7 @@ fn bad_configs_name_the_field() {
         rms(RmsPropConfig::default().with_momentum(1.0)),
         "RmsPropConfig::momentum"
     );
-    let lars = |c: LarsConfig| config_field(Lars::new(c, g()).err().unwrap());
+    let lars = |c: LarsConfig| config_field(Lars::new(g(), c).err().unwrap());
     assert_eq!(lars(LarsConfig::default().with_eta(0.0)), "LarsConfig::eta");
     assert_eq!(
         lars(LarsConfig::default().with_momentum(0.0).with_nesterov(true)),
@@ -735,7 +735,7 @@ fn bad_configs_name_the_field() {
     );
     let grp = vec![ParamGroup::new(vec![("w".into(), pb.w.clone())]).with_lr_scale(-1.0)];
     assert!(
-        config_field(Sgd::new(SgdConfig::default(), grp).err().unwrap())
+        config_field(Sgd::new(grp, SgdConfig::default()).err().unwrap())
             .starts_with("ParamGroup::lr_scale")
     );
     // Duplicate names / vars are rejected.
@@ -744,7 +744,7 @@ fn bad_configs_name_the_field() {
         ("w2".into(), pb.w.clone()),
     ])];
     assert!(matches!(
-        Sgd::new(SgdConfig::default(), dup),
+        Sgd::new(dup, SgdConfig::default()),
         Err(Error::InvalidArgument { .. })
     ));
     // Schedules.
@@ -768,7 +768,7 @@ fn bad_configs_name_the_field() {
     );
     assert_eq!(
         config_field(
-            ReduceLrOnPlateau::new(ReduceLrOnPlateauConfig::default().with_factor(1.0), 0.1)
+            ReduceLrOnPlateau::new(0.1, ReduceLrOnPlateauConfig::default().with_factor(1.0))
                 .unwrap_err()
         ),
         "ReduceLrOnPlateauConfig::factor"
@@ -783,7 +783,7 @@ fn bad_configs_name_the_field() {
     );
     assert_eq!(
         config_field(
-            Ema::from_pairs(EmaConfig::default().with_tau_base(1.5), vec![])
+            Ema::from_pairs(vec![], EmaConfig::default().with_tau_base(1.5))
                 .err()
                 .unwrap()
         ),
@@ -804,7 +804,7 @@ fn check_schedule(case: &str, s: &dyn Schedule) {
 
 #[test]
 fn schedules_match_torch() {
-    check_schedule("constant", &ConstantLr::with_factor(0.1, 0.5, 10).unwrap());
+    check_schedule("constant", &ConstantLr::scaled(0.1, 0.5, 10).unwrap());
     check_schedule("step", &StepLr::new(0.1, 30, 0.5).unwrap());
     check_schedule(
         "multistep",
@@ -879,7 +879,7 @@ fn reduce_on_plateau_matches_torch() {
     ];
     for (case, sign, cfg) in cases.clone() {
         let want = f[&format!("plateau.{case}")].to_vec1::<f64>().unwrap();
-        let mut s = ReduceLrOnPlateau::new(cfg, 0.1).unwrap();
+        let mut s = ReduceLrOnPlateau::new(0.1, cfg).unwrap();
         let mut reductions = 0;
         for (t, (m, w)) in metric.iter().zip(&want).enumerate() {
             let before = s.lr();
@@ -898,12 +898,12 @@ fn reduce_on_plateau_matches_torch() {
     // Checkpoint mid-run (inside a cooldown) and resume in a fresh scheduler.
     let want = f["plateau.min_rel"].to_vec1::<f64>().unwrap();
     let cfg = cases[0].2.clone();
-    let mut s = ReduceLrOnPlateau::new(cfg.clone(), 0.1).unwrap();
+    let mut s = ReduceLrOnPlateau::new(0.1, cfg.clone()).unwrap();
     for m in &metric[..40] {
         s.step(*m);
     }
     let st = s.state_dict().unwrap();
-    let mut r = ReduceLrOnPlateau::new(cfg, 0.5).unwrap();
+    let mut r = ReduceLrOnPlateau::new(0.5, cfg).unwrap();
     r.load_state_dict(&st).unwrap();
     for (t, m) in metric.iter().enumerate().skip(40) {
         assert!(
@@ -938,7 +938,7 @@ fn ema_hand_values() {
     put(&online, "bn.running_mean", &[5.0]);
     put(&target, "fc.weight", &[0.0, 0.0]);
     put(&target, "bn.running_mean", &[0.0]);
-    let ema = Ema::new(EmaConfig::default().with_tau_base(0.9), &online, &target).unwrap();
+    let ema = Ema::new(&online, &target, EmaConfig::default().with_tau_base(0.9)).unwrap();
     assert_eq!(ema.names(), ["fc.weight"]);
     assert_eq!(ema.update(0).unwrap(), 0.9);
     let tw = |m: &VarMap, n: &str| m.data().lock().unwrap()[n].to_vec1::<f64>().unwrap();
@@ -953,11 +953,11 @@ fn ema_hand_values() {
     assert_eq!(tw(&target, "bn.running_mean"), [0.0]);
     // Cosine schedule and buffers.
     let ema = Ema::new(
+        &online,
+        &target,
         EmaConfig::default()
             .with_total_steps(10)
             .with_include_buffers(true),
-        &online,
-        &target,
     )
     .unwrap();
     ema.copy_online_to_target().unwrap();
@@ -965,7 +965,7 @@ fn ema_hand_values() {
     assert!((ema.tau(5) - 0.998).abs() < 1e-15);
     // Mismatched maps.
     put(&target, "extra", &[1.0]);
-    assert!(Ema::new(EmaConfig::default(), &online, &target).is_err());
+    assert!(Ema::new(&online, &target, EmaConfig::default()).is_err());
 }
 
 /// Optimizer state never references the forward graph: candle's weight
@@ -991,8 +991,8 @@ fn optimizer_state_does_not_hold_the_graph() {
             Box::new(|v| {
                 Box::new(
                     Sgd::new(
-                        SgdConfig::default().with_momentum(0.9).with_fused(false),
                         named(v),
+                        SgdConfig::default().with_momentum(0.9).with_fused(false),
                     )
                     .unwrap(),
                 )
@@ -1001,26 +1001,26 @@ fn optimizer_state_does_not_hold_the_graph() {
         (
             "sgd fused",
             Box::new(|v| {
-                Box::new(Sgd::new(SgdConfig::default().with_momentum(0.9), named(v)).unwrap())
+                Box::new(Sgd::new(named(v), SgdConfig::default().with_momentum(0.9)).unwrap())
             }),
         ),
         (
             "adam",
             Box::new(|v| {
-                Box::new(Adam::new(AdamConfig::default().with_fused(false), named(v)).unwrap())
+                Box::new(Adam::new(named(v), AdamConfig::default().with_fused(false)).unwrap())
             }),
         ),
         (
             "rmsprop",
             Box::new(|v| {
                 Box::new(
-                    RmsProp::new(RmsPropConfig::default().with_momentum(0.9), named(v)).unwrap(),
+                    RmsProp::new(named(v), RmsPropConfig::default().with_momentum(0.9)).unwrap(),
                 )
             }),
         ),
         (
             "lars",
-            Box::new(|v| Box::new(Lars::new(LarsConfig::default(), named(v)).unwrap())),
+            Box::new(|v| Box::new(Lars::new(named(v), LarsConfig::default()).unwrap())),
         ),
     ];
     for (name, make) in makes {

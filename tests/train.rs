@@ -9,8 +9,8 @@ use aimass::data::{DataLoader, DataLoaderConfig, InMemoryDataset};
 use aimass::nn::{init::seeded_var_builder, seq, Mlp, MlpConfig, SequentialT};
 use aimass::optim::{CosineAnnealingLr, Sgd, SgdConfig};
 use aimass::train::{
-    Callback, Checkpoint, Classifier, ClassifierConfig, Control, EarlyStopping, EpochInfo, Fit,
-    FitConfig, MonitorMode, NonFinitePolicy, TrainingState,
+    Callback, Checkpoint, Classifier, ClassifierConfig, Control, EarlyStopping,
+    EarlyStoppingConfig, EpochInfo, Fit, FitConfig, MonitorMode, NonFinitePolicy, TrainingState,
 };
 use aimass::Error;
 use rand::Rng;
@@ -44,7 +44,7 @@ fn loader(seed: u64) -> DataLoader {
         .then(
             aimass::data::augment::RandomCrop::new(
                 aimass::data::augment::RandomCropConfig::default()
-                    .with_size(8, 8)
+                    .with_size((8, 8))
                     .with_padding(2),
             )
             .unwrap(),
@@ -68,12 +68,12 @@ fn classifier(width: usize, policy: NonFinitePolicy) -> Clf {
     let mlp = Mlp::new(MlpConfig::new(vec![64, width, 3]).with_batch_norm(true), vb).unwrap();
     let model = seq().add_fn(|x, _| x.flatten_from(1)).add(mlp);
     let opt = Sgd::from_varmap(
+        &varmap,
         SgdConfig::default()
             .with_lr(0.1)
             .with_momentum(0.9)
             .with_nesterov(true)
             .with_weight_decay(1e-3),
-        &varmap,
     )
     .unwrap();
     Classifier::new(
@@ -343,7 +343,15 @@ fn callbacks_evaluation_and_early_stopping() {
     let s = Fit::new(&mut c, &mut l, FitConfig::default().with_epochs(10))
         .unwrap()
         .with_evaluator(|_: &mut Clf, _| Ok(BTreeMap::from([("flat".to_string(), 1.0)])))
-        .with_callback(EarlyStopping::new("flat", MonitorMode::Max, 1, 0.0).unwrap())
+        .with_callback(
+            EarlyStopping::new(
+                "flat",
+                EarlyStoppingConfig::default()
+                    .with_mode(MonitorMode::Max)
+                    .with_patience(1),
+            )
+            .unwrap(),
+        )
         .run()
         .unwrap();
     assert_eq!(s.epochs, 3);
@@ -386,9 +394,10 @@ fn fit_runs_over_episodes_and_resumes() {
         let cfg = EpisodeConfig::default()
             .with_n_way(2)
             .with_k_shot(1)
-            .with_q_query(1);
+            .with_q_query(1)
+            .with_seed(5);
         EpisodeEpochs::new(
-            EpisodeSampler::new(dataset(2), &[0, 1, 2], cfg, 5, &Device::Cpu).unwrap(),
+            EpisodeSampler::new(dataset(2), &[0, 1, 2], cfg, &Device::Cpu).unwrap(),
             3,
         )
         .unwrap()

@@ -9,47 +9,40 @@ use rand::Rng;
 
 use super::augment::{derive_seed, ImageBatch, Transform};
 use super::Dataset;
+use crate::config::config;
 use crate::device::rng;
 use crate::error::Context;
 use crate::{Error, Result};
 
-/// Options of [`EpisodeSampler`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct EpisodeConfig {
-    /// Classes per episode (N). Default 5 (MAML, ProtoNets).
-    pub n_way: usize,
-    /// Support images per class (K). Default 1 (the 5-way 1-shot benchmark).
-    pub k_shot: usize,
-    /// Query images per class (Q). Default 15 (ProtoNets, MAML's mini-ImageNet).
-    pub q_query: usize,
-}
-
-impl Default for EpisodeConfig {
-    fn default() -> Self {
-        Self {
-            n_way: 5,
-            k_shot: 1,
-            q_query: 15,
-        }
+config! {
+    /// Options of [`EpisodeSampler`].
+    #[derive(Copy, Eq)]
+    pub struct EpisodeConfig {
+        /// Classes per episode (N). Default 5 (MAML, ProtoNets).
+        n_way: usize = 5,
+        /// Support images per class (K). Default 1 (the 5-way 1-shot benchmark).
+        k_shot: usize = 1,
+        /// Query images per class (Q). Default 15 (ProtoNets, MAML's mini-ImageNet).
+        q_query: usize = 15,
+        /// Seed of the class and image draws and of the transform's
+        /// randomness; episode `i` depends only on it and `i`. Default 0.
+        seed: u64 = 0,
     }
 }
 
 impl EpisodeConfig {
-    /// Sets [`EpisodeConfig::n_way`].
-    pub fn with_n_way(mut self, v: usize) -> Self {
-        self.n_way = v;
-        self
-    }
-    /// Sets [`EpisodeConfig::k_shot`].
-    pub fn with_k_shot(mut self, v: usize) -> Self {
-        self.k_shot = v;
-        self
-    }
-    /// Sets [`EpisodeConfig::q_query`].
-    pub fn with_q_query(mut self, v: usize) -> Self {
-        self.q_query = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        for (f, v) in [
+            ("EpisodeConfig::n_way", self.n_way),
+            ("EpisodeConfig::k_shot", self.k_shot),
+            ("EpisodeConfig::q_query", self.q_query),
+        ] {
+            if v == 0 {
+                return Err(Error::config(f, 0, "must be at least 1"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -84,8 +77,12 @@ pub struct Episode {
 /// // 6 classes × 4 images of 1×2×2.
 /// let labels: Vec<u32> = (0..24).map(|i| i % 6).collect();
 /// let ds = InMemoryDataset::new(vec![0; 24 * 4], labels, (1, 2, 2))?;
-/// let cfg = EpisodeConfig::default().with_n_way(3).with_k_shot(1).with_q_query(2);
-/// let mut sampler = EpisodeSampler::new(ds, &[0, 1, 2, 3], cfg, 7, &Device::Cpu)?;
+/// let cfg = EpisodeConfig::default()
+///     .with_n_way(3)
+///     .with_k_shot(1)
+///     .with_q_query(2)
+///     .with_seed(7);
+/// let mut sampler = EpisodeSampler::new(ds, &[0, 1, 2, 3], cfg, &Device::Cpu)?;
 /// let ep = sampler.sample()?;
 /// assert_eq!(ep.support.dims(), &[3, 1, 2, 2]);
 /// assert_eq!(ep.query_labels.to_vec1::<u32>()?, vec![0, 0, 1, 1, 2, 2]);
@@ -97,7 +94,6 @@ pub struct EpisodeSampler {
     by_class: BTreeMap<u32, Vec<usize>>,
     classes: Vec<u32>,
     cfg: EpisodeConfig,
-    seed: u64,
     next: u64,
     transform: Option<Arc<dyn Transform>>,
     device: Device,
@@ -108,7 +104,6 @@ impl std::fmt::Debug for EpisodeSampler {
         f.debug_struct("EpisodeSampler")
             .field("classes", &self.classes)
             .field("cfg", &self.cfg)
-            .field("seed", &self.seed)
             .field("next", &self.next)
             .finish()
     }
@@ -124,18 +119,9 @@ impl EpisodeSampler {
         dataset: impl Dataset + 'static,
         classes: &[u32],
         cfg: EpisodeConfig,
-        seed: u64,
         device: &Device,
     ) -> Result<Self> {
-        for (f, v) in [
-            ("EpisodeConfig::n_way", cfg.n_way),
-            ("EpisodeConfig::k_shot", cfg.k_shot),
-            ("EpisodeConfig::q_query", cfg.q_query),
-        ] {
-            if v == 0 {
-                return Err(Error::config(f, 0, "must be at least 1"));
-            }
-        }
+        cfg.validate()?;
         let mut sorted = classes.to_vec();
         sorted.sort_unstable();
         sorted.dedup();
@@ -175,7 +161,6 @@ impl EpisodeSampler {
             by_class,
             classes: classes.to_vec(),
             cfg,
-            seed,
             next: 0,
             transform: None,
             device: device.clone(),
@@ -189,9 +174,9 @@ impl EpisodeSampler {
         self
     }
 
-    /// The seed of the sampler.
+    /// The seed of the sampler ([`EpisodeConfig::seed`]).
     pub fn seed(&self) -> u64 {
-        self.seed
+        self.cfg.seed
     }
 
     /// The N-way K-shot Q-query configuration.
@@ -223,7 +208,7 @@ impl EpisodeSampler {
 
     /// Episode number `i` (a pure function of the seed and `i`).
     pub fn episode(&self, i: u64) -> Result<Episode> {
-        let mut r = rng(derive_seed(self.seed, &[i]));
+        let mut r = rng(derive_seed(self.cfg.seed, &[i]));
         // Choose N classes (partial Fisher-Yates over the allowed classes).
         let mut pool = self.classes.clone();
         for k in 0..self.cfg.n_way {
@@ -251,7 +236,7 @@ impl EpisodeSampler {
         let query_labels: Vec<u32> = (0..chosen.len() as u32)
             .flat_map(|l| std::iter::repeat_n(l, q))
             .collect();
-        let seed = derive_seed(self.seed, &[i, 1]);
+        let seed = derive_seed(self.cfg.seed, &[i, 1]);
         let support = self.images(&support_indices, seed)?;
         let query = self.images(&query_indices, derive_seed(seed, &[2]))?;
         let d = &self.device;

@@ -14,38 +14,41 @@
 use std::path::{Path, PathBuf};
 
 use super::InMemoryDataset;
+use crate::config::config;
 use crate::{Error, Result};
 
-/// Options of [`ImageFolder::load`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ImageFolderConfig {
-    /// Channels of the loaded images: 1 (grayscale) or 3 (RGB). Default 3.
-    pub channels: usize,
-    /// Resize every image to `(height, width)`; `None` (default) requires
-    /// all images to have the same size already.
-    pub size: Option<(usize, usize)>,
-}
-
-impl Default for ImageFolderConfig {
-    fn default() -> Self {
-        Self {
-            channels: 3,
-            size: None,
-        }
+config! {
+    /// Options of [`ImageFolder::load`].
+    #[derive(Eq)]
+    pub struct ImageFolderConfig {
+        /// Channels of the loaded images: 1 (grayscale) or 3 (RGB). Default 3.
+        channels: usize = 3,
+        /// Resize every image to `(height, width)`; `None` (default) requires
+        /// all images to have the same size already.
+        size: Option<(usize, usize)> = None,
     }
 }
 
 impl ImageFolderConfig {
-    /// Sets [`ImageFolderConfig::channels`].
-    pub fn with_channels(mut self, v: usize) -> Self {
-        self.channels = v;
-        self
-    }
-    /// Sets [`ImageFolderConfig::size`].
-    pub fn with_size(mut self, height: usize, width: usize) -> Self {
-        self.size = Some((height, width));
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        if self.channels != 1 && self.channels != 3 {
+            return Err(Error::config(
+                "ImageFolderConfig::channels",
+                self.channels,
+                "must be 1 or 3",
+            ));
+        }
+        if let Some((h, w)) = self.size {
+            if h == 0 || w == 0 || h > 1 << 16 || w > 1 << 16 {
+                return Err(Error::config(
+                    "ImageFolderConfig::size",
+                    format!("{h}×{w}"),
+                    "both sides must be in 1..=65536",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -80,22 +83,7 @@ impl ImageFolder {
     /// Loads every PNG/JPEG under `root/<class>/`.
     pub fn load(root: impl AsRef<Path>, config: ImageFolderConfig) -> Result<Self> {
         let root = root.as_ref();
-        if config.channels != 1 && config.channels != 3 {
-            return Err(Error::config(
-                "ImageFolderConfig::channels",
-                config.channels,
-                "must be 1 or 3",
-            ));
-        }
-        if let Some((h, w)) = config.size {
-            if h == 0 || w == 0 || h > 1 << 16 || w > 1 << 16 {
-                return Err(Error::config(
-                    "ImageFolderConfig::size",
-                    format!("{h}×{w}"),
-                    "both sides must be in 1..=65536",
-                ));
-            }
-        }
+        config.validate()?;
         let mut classes = Vec::new();
         let mut files = Vec::new();
         let mut labels = Vec::new();

@@ -10,6 +10,7 @@ use rand::Rng;
 
 use super::augment::{derive_seed, ImageBatch, MultiView, Transform};
 use super::Dataset;
+use crate::config::config;
 use crate::device::rng;
 use crate::error::Context;
 use crate::{Error, Result};
@@ -17,60 +18,42 @@ use crate::{Error, Result};
 const SHUFFLE_TAG: u64 = 0x5348_5546; // "SHUF"
 const AUGMENT_TAG: u64 = 0x4155_474d; // "AUGM"
 
-/// Options of [`DataLoader`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct DataLoaderConfig {
-    /// Samples per batch. Default 256 (the reference runs' batch).
-    pub batch_size: usize,
-    /// Reshuffle the order at every epoch. Default `true`.
-    pub shuffle: bool,
-    /// Drop the last, incomplete batch. Default `false` (torch's default).
-    pub drop_last: bool,
-    /// The seed of shuffling and augmentation. Default 0.
-    pub seed: u64,
-    /// Batches prepared ahead on a background thread; 0 prepares each batch
-    /// on the caller's thread when asked. Default 2.
-    pub prefetch: usize,
-}
-
-impl Default for DataLoaderConfig {
-    fn default() -> Self {
-        Self {
-            batch_size: 256,
-            shuffle: true,
-            drop_last: false,
-            seed: 0,
-            prefetch: 2,
-        }
+config! {
+    /// Options of [`DataLoader`].
+    #[derive(Eq)]
+    pub struct DataLoaderConfig {
+        /// Samples per batch. Default 256 (the reference runs' batch).
+        batch_size: usize = 256,
+        /// Reshuffle the order at every epoch. Default `true`.
+        shuffle: bool = true,
+        /// Drop the last, incomplete batch. Default `false` (torch's default).
+        drop_last: bool = false,
+        /// The seed of shuffling and augmentation. Default 0.
+        seed: u64 = 0,
+        /// Batches prepared ahead on a background thread; 0 prepares each batch
+        /// on the caller's thread when asked. Default 2.
+        prefetch: usize = 2,
     }
 }
 
 impl DataLoaderConfig {
-    /// Sets [`DataLoaderConfig::batch_size`].
-    pub fn with_batch_size(mut self, v: usize) -> Self {
-        self.batch_size = v;
-        self
-    }
-    /// Sets [`DataLoaderConfig::shuffle`].
-    pub fn with_shuffle(mut self, v: bool) -> Self {
-        self.shuffle = v;
-        self
-    }
-    /// Sets [`DataLoaderConfig::drop_last`].
-    pub fn with_drop_last(mut self, v: bool) -> Self {
-        self.drop_last = v;
-        self
-    }
-    /// Sets [`DataLoaderConfig::seed`].
-    pub fn with_seed(mut self, v: u64) -> Self {
-        self.seed = v;
-        self
-    }
-    /// Sets [`DataLoaderConfig::prefetch`].
-    pub fn with_prefetch(mut self, v: usize) -> Self {
-        self.prefetch = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(Error::config(
+                "DataLoaderConfig::batch_size",
+                0,
+                "must be at least 1",
+            ));
+        }
+        if self.prefetch > 1024 {
+            return Err(Error::config(
+                "DataLoaderConfig::prefetch",
+                self.prefetch,
+                "must be at most 1024",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -171,20 +154,7 @@ impl DataLoader {
         cfg: DataLoaderConfig,
         device: &Device,
     ) -> Result<Self> {
-        if cfg.batch_size == 0 {
-            return Err(Error::config(
-                "DataLoaderConfig::batch_size",
-                0,
-                "must be at least 1",
-            ));
-        }
-        if cfg.prefetch > 1024 {
-            return Err(Error::config(
-                "DataLoaderConfig::prefetch",
-                cfg.prefetch,
-                "must be at most 1024",
-            ));
-        }
+        cfg.validate()?;
         let pos = LoaderPosition {
             seed: cfg.seed,
             epoch: 0,

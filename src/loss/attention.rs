@@ -20,58 +20,45 @@
 //! dimension. Channel counts may differ. The teacher is detached.
 
 use super::{check_batch, check_float, check_non_negative, check_positive, check_rank};
+use crate::config::config;
 use crate::ops;
 use crate::{Error, Result};
 use candle_core::Tensor;
 
-/// Configuration of [`AttentionTransfer`].
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct AttentionTransferConfig {
-    /// The exponent `p` > 0 of the attention map (paper and RepDistiller: 2).
-    pub p: f64,
-    /// Weight of the summed per-pair losses, >= 0 (RepDistiller: 1000).
-    pub beta: f64,
-}
-
-impl Default for AttentionTransferConfig {
-    fn default() -> Self {
-        Self {
-            p: 2.0,
-            beta: 1000.0,
-        }
+config! {
+    /// Configuration of [`AttentionTransferLoss`].
+    pub struct AttentionTransferLossConfig {
+        /// The exponent `p` > 0 of the attention map (paper and RepDistiller: 2).
+        p: f64 = 2.0,
+        /// Weight of the summed per-pair losses, >= 0 (RepDistiller: 1000).
+        beta: f64 = 1000.0,
     }
 }
 
-impl AttentionTransferConfig {
-    /// Sets [`AttentionTransferConfig::p`].
-    pub fn with_p(mut self, v: f64) -> Self {
-        self.p = v;
-        self
-    }
-    /// Sets [`AttentionTransferConfig::beta`].
-    pub fn with_beta(mut self, v: f64) -> Self {
-        self.beta = v;
-        self
+impl AttentionTransferLossConfig {
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_positive("AttentionTransferLossConfig::p", self.p)?;
+        check_non_negative("AttentionTransferLossConfig::beta", self.beta)?;
+        Ok(())
     }
 }
 
 /// Attention-transfer loss over pairs of student/teacher feature maps.
 #[derive(Debug, Clone)]
-pub struct AttentionTransfer {
-    cfg: AttentionTransferConfig,
+pub struct AttentionTransferLoss {
+    cfg: AttentionTransferLossConfig,
 }
 
-impl AttentionTransfer {
+impl AttentionTransferLoss {
     /// Validates the configuration.
-    pub fn new(cfg: AttentionTransferConfig) -> Result<Self> {
-        check_positive("AttentionTransferConfig::p", cfg.p)?;
-        check_non_negative("AttentionTransferConfig::beta", cfg.beta)?;
+    pub fn new(cfg: AttentionTransferLossConfig) -> Result<Self> {
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &AttentionTransferConfig {
+    pub fn config(&self) -> &AttentionTransferLossConfig {
         &self.cfg
     }
 
@@ -89,7 +76,7 @@ impl AttentionTransfer {
 
     /// The unweighted loss of one pair: `mean((Q(student) − Q(teacher))²)`.
     pub fn pair(&self, student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
-        const OP: &str = "attention_transfer";
+        const OP: &str = "attention_transfer_loss";
         check_rank(OP, "student feature map (N, C, H, W)", student, 4)?;
         check_rank(OP, "teacher feature map (N, C, H, W)", teacher, 4)?;
         check_float(OP, "student feature map", student)?;
@@ -137,7 +124,7 @@ impl AttentionTransfer {
     pub fn forward(&self, student: &[Tensor], teacher: &[Tensor]) -> Result<Tensor> {
         if student.len() != teacher.len() || student.is_empty() {
             return Err(Error::invalid(
-                "AttentionTransfer::forward",
+                "AttentionTransferLoss::forward",
                 format!(
                     "needs as many student as teacher feature maps, at least one (got {} and {})",
                     student.len(),
@@ -156,7 +143,7 @@ impl AttentionTransfer {
         match total {
             Some(t) => Ok((t * self.cfg.beta)?),
             None => Err(Error::invalid(
-                "AttentionTransfer::forward",
+                "AttentionTransferLoss::forward",
                 "no feature maps",
             )),
         }
@@ -165,6 +152,6 @@ impl AttentionTransfer {
 
 /// The unweighted attention-transfer loss (p = 2) of one pair of feature
 /// maps: `mean((Q(student) − Q(teacher))²)` (see the module docs).
-pub fn attention_transfer(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
-    AttentionTransfer::new(AttentionTransferConfig::default())?.pair(student, teacher)
+pub fn attention_transfer_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    AttentionTransferLoss::new(AttentionTransferLossConfig::default())?.pair(student, teacher)
 }

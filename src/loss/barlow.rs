@@ -15,48 +15,36 @@
 
 use super::check_same_shape;
 use super::{check_batch, check_float, check_non_negative, check_positive, check_rank};
+use crate::config::config;
 use crate::ops;
 use crate::Result;
 use candle_core::Tensor;
 
-/// Configuration of [`BarlowTwins`]; defaults from the paper.
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct BarlowTwinsConfig {
-    /// Weight λ >= 0 of the redundancy-reduction (off-diagonal) term
-    /// (paper: 5e-3).
-    pub lambda: f64,
-    /// `eps` added to the variance in the batch standardisation
-    /// (`BatchNorm1d` default: 1e-5).
-    pub eps: f64,
-}
-
-impl Default for BarlowTwinsConfig {
-    fn default() -> Self {
-        Self {
-            lambda: 5e-3,
-            eps: 1e-5,
-        }
+config! {
+    /// Configuration of [`BarlowTwinsLoss`]; defaults from the paper.
+    pub struct BarlowTwinsLossConfig {
+        /// Weight λ >= 0 of the redundancy-reduction (off-diagonal) term
+        /// (paper: 5e-3).
+        lambda: f64 = 5e-3,
+        /// `eps` added to the variance in the batch standardisation
+        /// (`BatchNorm1d` default: 1e-5).
+        eps: f64 = 1e-5,
     }
 }
 
-impl BarlowTwinsConfig {
-    /// Sets [`BarlowTwinsConfig::lambda`].
-    pub fn with_lambda(mut self, v: f64) -> Self {
-        self.lambda = v;
-        self
-    }
-    /// Sets [`BarlowTwinsConfig::eps`].
-    pub fn with_eps(mut self, v: f64) -> Self {
-        self.eps = v;
-        self
+impl BarlowTwinsLossConfig {
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_non_negative("BarlowTwinsLossConfig::lambda", self.lambda)?;
+        check_positive("BarlowTwinsLossConfig::eps", self.eps)?;
+        Ok(())
     }
 }
 
 /// Barlow Twins loss (see the module docs).
 #[derive(Debug, Clone)]
-pub struct BarlowTwins {
-    cfg: BarlowTwinsConfig,
+pub struct BarlowTwinsLoss {
+    cfg: BarlowTwinsLossConfig,
 }
 
 /// Standardises each column over the batch (biased variance), like
@@ -67,22 +55,21 @@ pub(crate) fn batch_standardize(z: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(centered.broadcast_div(&(var + eps)?.sqrt()?)?)
 }
 
-impl BarlowTwins {
+impl BarlowTwinsLoss {
     /// Validates the configuration.
-    pub fn new(cfg: BarlowTwinsConfig) -> Result<Self> {
-        check_non_negative("BarlowTwinsConfig::lambda", cfg.lambda)?;
-        check_positive("BarlowTwinsConfig::eps", cfg.eps)?;
+    pub fn new(cfg: BarlowTwinsLossConfig) -> Result<Self> {
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &BarlowTwinsConfig {
+    pub fn config(&self) -> &BarlowTwinsLossConfig {
         &self.cfg
     }
 
     /// The loss of two views' embeddings `(N, D)`, N >= 2.
     pub fn forward(&self, z1: &Tensor, z2: &Tensor) -> Result<Tensor> {
-        const OP: &str = "barlow_twins";
+        const OP: &str = "barlow_twins_loss";
         check_rank(OP, "embeddings (N, D)", z1, 2)?;
         check_float(OP, "embeddings", z1)?;
         check_same_shape(OP, z1, z2)?;
@@ -105,6 +92,6 @@ impl BarlowTwins {
 
 /// Barlow Twins loss of two views' embeddings `(N, D)` with weight `lambda`
 /// on the off-diagonal term (paper: 5e-3).
-pub fn barlow_twins(z1: &Tensor, z2: &Tensor, lambda: f64) -> Result<Tensor> {
-    BarlowTwins::new(BarlowTwinsConfig::default().with_lambda(lambda))?.forward(z1, z2)
+pub fn barlow_twins_loss(z1: &Tensor, z2: &Tensor, lambda: f64) -> Result<Tensor> {
+    BarlowTwinsLoss::new(BarlowTwinsLossConfig::default().with_lambda(lambda))?.forward(z1, z2)
 }

@@ -13,29 +13,24 @@
 //! as in the paper (`L + L̃`); lightly averages them instead (half of ours).
 
 use super::{check_batch, check_float, check_positive, check_rank, check_same_shape};
+use crate::config::config;
 use crate::ops;
 use crate::Result;
 use candle_core::Tensor;
 
-/// Configuration of [`ByolLoss`].
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct ByolLossConfig {
-    /// `eps` of the L2 normalisation (BYOL's code uses `F.normalize`: 1e-12).
-    pub eps: f64,
-}
-
-impl Default for ByolLossConfig {
-    fn default() -> Self {
-        Self { eps: 1e-12 }
+config! {
+    /// Configuration of [`ByolLoss`].
+    pub struct ByolLossConfig {
+        /// `eps` of the L2 normalisation (BYOL's code uses `F.normalize`: 1e-12).
+        eps: f64 = 1e-12,
     }
 }
 
 impl ByolLossConfig {
-    /// Sets [`ByolLossConfig::eps`].
-    pub fn with_eps(mut self, v: f64) -> Self {
-        self.eps = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_positive("ByolLossConfig::eps", self.eps)?;
+        Ok(())
     }
 }
 
@@ -48,7 +43,7 @@ pub struct ByolLoss {
 impl ByolLoss {
     /// Validates the configuration.
     pub fn new(cfg: ByolLossConfig) -> Result<Self> {
-        check_positive("ByolLossConfig::eps", cfg.eps)?;
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 

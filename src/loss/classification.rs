@@ -30,56 +30,54 @@
 //! **MSE**: `mean((x − y)²)` (torch's `F.mse_loss`).
 
 use super::{check_float, check_rank, check_same_shape, class_indices, Reduction};
+use crate::config::config;
 use crate::ops;
 use crate::{Error, Result};
 use candle_core::Tensor;
 
-/// Configuration of [`CrossEntropy`]; defaults are torch's.
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct CrossEntropyConfig {
-    /// Label smoothing ε in [0, 1] (torch default 0.0; Inception-v3 used 0.1).
-    pub label_smoothing: f64,
-    /// Per-class weights, one per class, finite and >= 0 (torch default: none).
-    pub weight: Option<Vec<f64>>,
-    /// Targets equal to this index contribute nothing (torch default -100).
-    /// Use i64 or u8/u32 targets; a negative index only matches i64 targets.
-    pub ignore_index: Option<i64>,
-    /// How the per-sample losses are reduced (torch default: mean).
-    pub reduction: Reduction,
+config! {
+    /// Configuration of [`CrossEntropyLoss`]; defaults are torch's.
+    pub struct CrossEntropyLossConfig {
+        /// Label smoothing ε in [0, 1] (torch default 0.0; Inception-v3 used 0.1).
+        label_smoothing: f64 = 0.0,
+        /// Per-class weights, one per class, finite and >= 0 (torch default: none).
+        weight: Option<Vec<f64>> = None,
+        /// Targets equal to this index contribute nothing (torch default -100).
+        /// Use i64 or u8/u32 targets; a negative index only matches i64 targets.
+        ignore_index: Option<i64> = Some(-100),
+        /// How the per-sample losses are reduced (torch default: mean).
+        reduction: Reduction = Reduction::Mean,
+    }
 }
 
-impl Default for CrossEntropyConfig {
-    fn default() -> Self {
-        Self {
-            label_smoothing: 0.0,
-            weight: None,
-            ignore_index: Some(-100),
-            reduction: Reduction::Mean,
+impl CrossEntropyLossConfig {
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        let e = self.label_smoothing;
+        if !(e.is_finite() && (0.0..=1.0).contains(&e)) {
+            return Err(Error::config(
+                "CrossEntropyLossConfig::label_smoothing",
+                e,
+                "must be in [0, 1]",
+            ));
         }
-    }
-}
-
-impl CrossEntropyConfig {
-    /// Sets [`CrossEntropyConfig::label_smoothing`].
-    pub fn with_label_smoothing(mut self, v: f64) -> Self {
-        self.label_smoothing = v;
-        self
-    }
-    /// Sets [`CrossEntropyConfig::weight`].
-    pub fn with_weight(mut self, v: Option<Vec<f64>>) -> Self {
-        self.weight = v;
-        self
-    }
-    /// Sets [`CrossEntropyConfig::ignore_index`].
-    pub fn with_ignore_index(mut self, v: Option<i64>) -> Self {
-        self.ignore_index = v;
-        self
-    }
-    /// Sets [`CrossEntropyConfig::reduction`].
-    pub fn with_reduction(mut self, v: Reduction) -> Self {
-        self.reduction = v;
-        self
+        if let Some(w) = &self.weight {
+            if w.is_empty() {
+                return Err(Error::config(
+                    "CrossEntropyLossConfig::weight",
+                    "[]",
+                    "needs one weight per class",
+                ));
+            }
+            if let Some(bad) = w.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
+                return Err(Error::config(
+                    "CrossEntropyLossConfig::weight",
+                    bad,
+                    "every class weight must be finite and >= 0",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -87,42 +85,19 @@ impl CrossEntropyConfig {
 /// label smoothing, class weights and an ignore index (see the module docs
 /// for the formula).
 #[derive(Debug, Clone)]
-pub struct CrossEntropy {
-    cfg: CrossEntropyConfig,
+pub struct CrossEntropyLoss {
+    cfg: CrossEntropyLossConfig,
 }
 
-impl CrossEntropy {
+impl CrossEntropyLoss {
     /// Validates the configuration.
-    pub fn new(cfg: CrossEntropyConfig) -> Result<Self> {
-        let e = cfg.label_smoothing;
-        if !(e.is_finite() && (0.0..=1.0).contains(&e)) {
-            return Err(Error::config(
-                "CrossEntropyConfig::label_smoothing",
-                e,
-                "must be in [0, 1]",
-            ));
-        }
-        if let Some(w) = &cfg.weight {
-            if w.is_empty() {
-                return Err(Error::config(
-                    "CrossEntropyConfig::weight",
-                    "[]",
-                    "needs one weight per class",
-                ));
-            }
-            if let Some(bad) = w.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
-                return Err(Error::config(
-                    "CrossEntropyConfig::weight",
-                    bad,
-                    "every class weight must be finite and >= 0",
-                ));
-            }
-        }
+    pub fn new(cfg: CrossEntropyLossConfig) -> Result<Self> {
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &CrossEntropyConfig {
+    pub fn config(&self) -> &CrossEntropyLossConfig {
         &self.cfg
     }
 
@@ -133,7 +108,7 @@ impl CrossEntropy {
     /// and flatten to `(N·H·W, C)` first. The class indices are read to the
     /// host (one small transfer per call on a GPU).
     pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        const OP: &str = "cross_entropy";
+        const OP: &str = "cross_entropy_loss";
         check_rank(OP, "logits (N, C)", logits, 2)?;
         check_float(OP, "logits", logits)?;
         let (n, c) = logits.dims2()?;
@@ -190,65 +165,60 @@ impl CrossEntropy {
 
 /// Mean cross-entropy of `logits` `(N, C)` against class indices `(N,)`
 /// (torch's `F.cross_entropy(logits, targets)` defaults; targets equal to
-/// -100 are ignored). See [`CrossEntropy`] for smoothing, weights, reductions.
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    CrossEntropy::new(CrossEntropyConfig::default())?.forward(logits, targets)
+/// -100 are ignored). See [`CrossEntropyLoss`] for smoothing, weights, reductions.
+pub fn cross_entropy_loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    CrossEntropyLoss::new(CrossEntropyLossConfig::default())?.forward(logits, targets)
 }
 
-/// Configuration of [`BceWithLogits`]; defaults are torch's.
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct BceWithLogitsConfig {
-    /// Weight of the positive term per class (last dimension), torch's
-    /// `pos_weight` (default: none, i.e. 1). Finite and >= 0.
-    pub pos_weight: Option<Vec<f64>>,
-    /// How the per-element losses are reduced (torch default: mean).
-    pub reduction: Reduction,
-}
-
-impl BceWithLogitsConfig {
-    /// Sets [`BceWithLogitsConfig::pos_weight`].
-    pub fn with_pos_weight(mut self, v: Option<Vec<f64>>) -> Self {
-        self.pos_weight = v;
-        self
-    }
-    /// Sets [`BceWithLogitsConfig::reduction`].
-    pub fn with_reduction(mut self, v: Reduction) -> Self {
-        self.reduction = v;
-        self
+config! {
+    /// Configuration of [`BceWithLogitsLoss`]; defaults are torch's.
+    pub struct BceWithLogitsLossConfig {
+        /// Weight of the positive term per class (last dimension), torch's
+        /// `pos_weight` (default: none, i.e. 1). Finite and >= 0.
+        pos_weight: Option<Vec<f64>> = None,
+        /// How the per-element losses are reduced (torch default: mean).
+        reduction: Reduction = Reduction::Mean,
     }
 }
 
-/// Numerically stable binary cross-entropy on logits (see the module docs).
-#[derive(Debug, Clone)]
-pub struct BceWithLogits {
-    cfg: BceWithLogitsConfig,
-}
-
-impl BceWithLogits {
-    /// Validates the configuration.
-    pub fn new(cfg: BceWithLogitsConfig) -> Result<Self> {
-        if let Some(pw) = &cfg.pos_weight {
+impl BceWithLogitsLossConfig {
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        if let Some(pw) = &self.pos_weight {
             if pw.is_empty() {
                 return Err(Error::config(
-                    "BceWithLogitsConfig::pos_weight",
+                    "BceWithLogitsLossConfig::pos_weight",
                     "[]",
                     "needs one weight per class (last dimension)",
                 ));
             }
             if let Some(bad) = pw.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
                 return Err(Error::config(
-                    "BceWithLogitsConfig::pos_weight",
+                    "BceWithLogitsLossConfig::pos_weight",
                     bad,
                     "every weight must be finite and >= 0",
                 ));
             }
         }
+        Ok(())
+    }
+}
+
+/// Numerically stable binary cross-entropy on logits (see the module docs).
+#[derive(Debug, Clone)]
+pub struct BceWithLogitsLoss {
+    cfg: BceWithLogitsLossConfig,
+}
+
+impl BceWithLogitsLoss {
+    /// Validates the configuration.
+    pub fn new(cfg: BceWithLogitsLossConfig) -> Result<Self> {
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &BceWithLogitsConfig {
+    pub fn config(&self) -> &BceWithLogitsLossConfig {
         &self.cfg
     }
 
@@ -256,7 +226,7 @@ impl BceWithLogits {
     /// (any rank >= 1). Scalar, or the element-wise losses for
     /// [`Reduction::None`].
     pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        const OP: &str = "binary_cross_entropy_with_logits";
+        const OP: &str = "bce_with_logits_loss";
         check_float(OP, "logits", logits)?;
         check_same_shape(OP, logits, targets)?;
         if logits.elem_count() == 0 {
@@ -300,36 +270,28 @@ impl BceWithLogits {
 /// Mean binary cross-entropy of `logits` against `targets` (same shape,
 /// values in [0, 1]); finite for any finite logit, unlike candle-nn's
 /// `binary_cross_entropy_with_logit`.
-pub fn binary_cross_entropy_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    BceWithLogits::new(BceWithLogitsConfig::default())?.forward(logits, targets)
+pub fn bce_with_logits_loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    BceWithLogitsLoss::new(BceWithLogitsLossConfig::default())?.forward(logits, targets)
 }
 
-/// Configuration of [`Mse`].
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct MseConfig {
-    /// How the squared errors are reduced (torch default: mean).
-    pub reduction: Reduction,
-}
-
-impl MseConfig {
-    /// Sets [`MseConfig::reduction`].
-    pub fn with_reduction(mut self, v: Reduction) -> Self {
-        self.reduction = v;
-        self
+config! {
+    /// Configuration of [`MseLoss`].
+    pub struct MseLossConfig {
+        /// How the squared errors are reduced (torch default: mean).
+        reduction: Reduction = Reduction::Mean,
     }
 }
 
 /// Mean squared error, torch's `F.mse_loss` (no broadcasting: the shapes
 /// must match).
 #[derive(Debug, Clone)]
-pub struct Mse {
-    cfg: MseConfig,
+pub struct MseLoss {
+    cfg: MseLossConfig,
 }
 
-impl Mse {
+impl MseLoss {
     /// Builds the loss (every configuration is valid).
-    pub fn new(cfg: MseConfig) -> Result<Self> {
+    pub fn new(cfg: MseLossConfig) -> Result<Self> {
         Ok(Self { cfg })
     }
 
@@ -357,5 +319,5 @@ impl Mse {
 
 /// Mean squared error `mean((input − target)²)`.
 pub fn mse_loss(input: &Tensor, target: &Tensor) -> Result<Tensor> {
-    Mse::new(MseConfig::default())?.forward(input, target)
+    MseLoss::new(MseLossConfig::default())?.forward(input, target)
 }

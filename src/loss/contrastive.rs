@@ -29,64 +29,51 @@
 //! (MoCo v1/v2); symmetrise by calling it twice with the views swapped.
 
 use super::{check_batch, check_float, check_positive, check_rank, check_same_shape};
+use crate::config::config;
 use crate::ops;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 
-/// Configuration of [`NtXent`].
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct NtXentConfig {
-    /// Temperature τ > 0 (SimCLR CIFAR-10 and lightly: 0.5).
-    pub temperature: f64,
-    /// `eps` of the L2 normalisation (torch's `F.normalize`: 1e-12).
-    pub eps: f64,
-}
-
-impl Default for NtXentConfig {
-    fn default() -> Self {
-        Self {
-            temperature: 0.5,
-            eps: 1e-12,
-        }
+config! {
+    /// Configuration of [`NtXentLoss`].
+    pub struct NtXentLossConfig {
+        /// Temperature τ > 0 (SimCLR CIFAR-10 and lightly: 0.5).
+        temperature: f64 = 0.5,
+        /// `eps` of the L2 normalisation (torch's `F.normalize`: 1e-12).
+        eps: f64 = 1e-12,
     }
 }
 
-impl NtXentConfig {
-    /// Sets [`NtXentConfig::temperature`].
-    pub fn with_temperature(mut self, v: f64) -> Self {
-        self.temperature = v;
-        self
-    }
-    /// Sets [`NtXentConfig::eps`].
-    pub fn with_eps(mut self, v: f64) -> Self {
-        self.eps = v;
-        self
+impl NtXentLossConfig {
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_positive("NtXentLossConfig::temperature", self.temperature)?;
+        check_positive("NtXentLossConfig::eps", self.eps)?;
+        Ok(())
     }
 }
 
 /// SimCLR's NT-Xent loss (see the module docs).
 #[derive(Debug, Clone)]
-pub struct NtXent {
-    cfg: NtXentConfig,
+pub struct NtXentLoss {
+    cfg: NtXentLossConfig,
 }
 
-impl NtXent {
+impl NtXentLoss {
     /// Validates the configuration.
-    pub fn new(cfg: NtXentConfig) -> Result<Self> {
-        check_positive("NtXentConfig::temperature", cfg.temperature)?;
-        check_positive("NtXentConfig::eps", cfg.eps)?;
+    pub fn new(cfg: NtXentLossConfig) -> Result<Self> {
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &NtXentConfig {
+    pub fn config(&self) -> &NtXentLossConfig {
         &self.cfg
     }
 
     /// The loss of two views' embeddings `z1`, `z2` of shape `(N, D)`, N >= 2.
     pub fn forward(&self, z1: &Tensor, z2: &Tensor) -> Result<Tensor> {
-        const OP: &str = "nt_xent";
+        const OP: &str = "nt_xent_loss";
         check_rank(OP, "embeddings (N, D)", z1, 2)?;
         check_float(OP, "embeddings", z1)?;
         check_same_shape(OP, z1, z2)?;
@@ -113,68 +100,48 @@ impl NtXent {
 
 /// NT-Xent of two views' embeddings `(N, D)` at `temperature` (see the
 /// module docs); N >= 2.
-pub fn nt_xent(z1: &Tensor, z2: &Tensor, temperature: f64) -> Result<Tensor> {
-    NtXent::new(NtXentConfig::default().with_temperature(temperature))?.forward(z1, z2)
+pub fn nt_xent_loss(z1: &Tensor, z2: &Tensor, temperature: f64) -> Result<Tensor> {
+    NtXentLoss::new(NtXentLossConfig::default().with_temperature(temperature))?.forward(z1, z2)
 }
 
-/// Configuration of [`InfoNce`].
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct InfoNceConfig {
-    /// Temperature τ > 0 (MoCo v2: 0.2; MoCo v1: 0.07).
-    pub temperature: f64,
-    /// Whether the keys are detached (MoCo: true, the key encoder is a
-    /// momentum copy that gets no gradient).
-    pub detach_keys: bool,
-    /// `eps` of the L2 normalisation (torch's `F.normalize`: 1e-12).
-    pub eps: f64,
-}
-
-impl Default for InfoNceConfig {
-    fn default() -> Self {
-        Self {
-            temperature: 0.2,
-            detach_keys: true,
-            eps: 1e-12,
-        }
+config! {
+    /// Configuration of [`InfoNceLoss`].
+    pub struct InfoNceLossConfig {
+        /// Temperature τ > 0 (MoCo v2: 0.2; MoCo v1: 0.07).
+        temperature: f64 = 0.2,
+        /// Whether the keys are detached (MoCo: true, the key encoder is a
+        /// momentum copy that gets no gradient).
+        detach_keys: bool = true,
+        /// `eps` of the L2 normalisation (torch's `F.normalize`: 1e-12).
+        eps: f64 = 1e-12,
     }
 }
 
-impl InfoNceConfig {
-    /// Sets [`InfoNceConfig::temperature`].
-    pub fn with_temperature(mut self, v: f64) -> Self {
-        self.temperature = v;
-        self
-    }
-    /// Sets [`InfoNceConfig::detach_keys`].
-    pub fn with_detach_keys(mut self, v: bool) -> Self {
-        self.detach_keys = v;
-        self
-    }
-    /// Sets [`InfoNceConfig::eps`].
-    pub fn with_eps(mut self, v: f64) -> Self {
-        self.eps = v;
-        self
+impl InfoNceLossConfig {
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_positive("InfoNceLossConfig::temperature", self.temperature)?;
+        check_positive("InfoNceLossConfig::eps", self.eps)?;
+        Ok(())
     }
 }
 
 /// InfoNCE with a queue of negatives (MoCo) or in-batch negatives (see the
 /// module docs).
 #[derive(Debug, Clone)]
-pub struct InfoNce {
-    cfg: InfoNceConfig,
+pub struct InfoNceLoss {
+    cfg: InfoNceLossConfig,
 }
 
-impl InfoNce {
+impl InfoNceLoss {
     /// Validates the configuration.
-    pub fn new(cfg: InfoNceConfig) -> Result<Self> {
-        check_positive("InfoNceConfig::temperature", cfg.temperature)?;
-        check_positive("InfoNceConfig::eps", cfg.eps)?;
+    pub fn new(cfg: InfoNceLossConfig) -> Result<Self> {
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &InfoNceConfig {
+    pub fn config(&self) -> &InfoNceLossConfig {
         &self.cfg
     }
 
@@ -182,7 +149,7 @@ impl InfoNce {
     /// `queue` `(K, D)` (K >= 1) the negatives are the queue (N >= 1);
     /// without, they are the other keys of the batch (N >= 2).
     pub fn forward(&self, q: &Tensor, k: &Tensor, queue: Option<&Tensor>) -> Result<Tensor> {
-        const OP: &str = "info_nce";
+        const OP: &str = "info_nce_loss";
         check_rank(OP, "queries (N, D)", q, 2)?;
         check_float(OP, "queries", q)?;
         check_same_shape(OP, q, k)?;
@@ -226,11 +193,12 @@ impl InfoNce {
 /// InfoNCE of queries `q` against positive keys `k` `(N, D)` and negatives
 /// from `queue` `(K, D)` (MoCo) or, when `queue` is `None`, the other keys of
 /// the batch. Keys and queue are detached.
-pub fn info_nce(
+pub fn info_nce_loss(
     q: &Tensor,
     k: &Tensor,
     queue: Option<&Tensor>,
     temperature: f64,
 ) -> Result<Tensor> {
-    InfoNce::new(InfoNceConfig::default().with_temperature(temperature))?.forward(q, k, queue)
+    InfoNceLoss::new(InfoNceLossConfig::default().with_temperature(temperature))?
+        .forward(q, k, queue)
 }

@@ -17,67 +17,48 @@
 
 use super::{check_batch, check_float, check_non_negative, check_positive, check_rank};
 use super::{check_same_shape, class_indices, one_hot};
+use crate::config::config;
 use crate::ops;
 use crate::Result;
 use candle_core::{Tensor, D};
 
-/// Configuration of [`Dkd`]; defaults from the paper (CIFAR-100).
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct DkdConfig {
-    /// Weight of the target-class term TCKD, >= 0 (paper: 1).
-    pub alpha: f64,
-    /// Weight of the non-target-class term NCKD, >= 0 (paper: 8).
-    pub beta: f64,
-    /// Softmax temperature > 0 (paper: 4).
-    pub temperature: f64,
-}
-
-impl Default for DkdConfig {
-    fn default() -> Self {
-        Self {
-            alpha: 1.0,
-            beta: 8.0,
-            temperature: 4.0,
-        }
+config! {
+    /// Configuration of [`DkdLoss`]; defaults from the paper (CIFAR-100).
+    pub struct DkdLossConfig {
+        /// Weight of the target-class term TCKD, >= 0 (paper: 1).
+        alpha: f64 = 1.0,
+        /// Weight of the non-target-class term NCKD, >= 0 (paper: 8).
+        beta: f64 = 8.0,
+        /// Softmax temperature > 0 (paper: 4).
+        temperature: f64 = 4.0,
     }
 }
 
-impl DkdConfig {
-    /// Sets [`DkdConfig::alpha`].
-    pub fn with_alpha(mut self, v: f64) -> Self {
-        self.alpha = v;
-        self
-    }
-    /// Sets [`DkdConfig::beta`].
-    pub fn with_beta(mut self, v: f64) -> Self {
-        self.beta = v;
-        self
-    }
-    /// Sets [`DkdConfig::temperature`].
-    pub fn with_temperature(mut self, v: f64) -> Self {
-        self.temperature = v;
-        self
+impl DkdLossConfig {
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_non_negative("DkdLossConfig::alpha", self.alpha)?;
+        check_non_negative("DkdLossConfig::beta", self.beta)?;
+        check_positive("DkdLossConfig::temperature", self.temperature)?;
+        Ok(())
     }
 }
 
 /// Decoupled KD loss (see the module docs).
 #[derive(Debug, Clone)]
-pub struct Dkd {
-    cfg: DkdConfig,
+pub struct DkdLoss {
+    cfg: DkdLossConfig,
 }
 
-impl Dkd {
+impl DkdLoss {
     /// Validates the configuration.
-    pub fn new(cfg: DkdConfig) -> Result<Self> {
-        check_non_negative("DkdConfig::alpha", cfg.alpha)?;
-        check_non_negative("DkdConfig::beta", cfg.beta)?;
-        check_positive("DkdConfig::temperature", cfg.temperature)?;
+    pub fn new(cfg: DkdLossConfig) -> Result<Self> {
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &DkdConfig {
+    pub fn config(&self) -> &DkdLossConfig {
         &self.cfg
     }
 
@@ -121,7 +102,7 @@ pub fn dkd_loss(
     beta: f64,
     temperature: f64,
 ) -> Result<Tensor> {
-    Dkd::new(DkdConfig {
+    DkdLoss::new(DkdLossConfig {
         alpha,
         beta,
         temperature,

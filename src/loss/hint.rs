@@ -18,13 +18,16 @@
 //! parameters (`weight`, `bias`) are created in the given `VarBuilder` and
 //! must be handed to the optimizer with the student's.
 
-use super::{check_float, check_non_negative, check_rank, check_same_shape, Mse, MseConfig};
+use super::{
+    check_float, check_non_negative, check_rank, check_same_shape, MseLoss, MseLossConfig,
+};
+use crate::config::config;
 use crate::ops;
 use crate::{Error, Result};
 use candle_core::Tensor;
 use candle_nn::{Init, VarBuilder};
 
-/// The kind of regressor [`Hint`] learns.
+/// The kind of regressor [`HintLoss`] learns.
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HintRegressor {
@@ -36,60 +39,46 @@ pub enum HintRegressor {
     Linear,
 }
 
-/// Configuration of [`Hint`].
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct HintConfig {
-    /// The regressor (default: 1×1 convolution).
-    pub regressor: HintRegressor,
-    /// Weight of the loss, >= 0 (RepDistiller's FitNet runs: 100).
-    pub beta: f64,
-}
-
-impl Default for HintConfig {
-    fn default() -> Self {
-        Self {
-            regressor: HintRegressor::Conv1x1,
-            beta: 100.0,
-        }
+config! {
+    /// Configuration of [`HintLoss`].
+    pub struct HintLossConfig {
+        /// The regressor (default: 1×1 convolution).
+        regressor: HintRegressor = HintRegressor::Conv1x1,
+        /// Weight of the loss, >= 0 (RepDistiller's FitNet runs: 100).
+        beta: f64 = 100.0,
     }
 }
 
-impl HintConfig {
-    /// Sets [`HintConfig::regressor`].
-    pub fn with_regressor(mut self, v: HintRegressor) -> Self {
-        self.regressor = v;
-        self
-    }
-    /// Sets [`HintConfig::beta`].
-    pub fn with_beta(mut self, v: f64) -> Self {
-        self.beta = v;
-        self
+impl HintLossConfig {
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_non_negative("HintLossConfig::beta", self.beta)?;
+        Ok(())
     }
 }
 
 /// FitNets hint loss with its regressor (see the module docs).
 #[derive(Debug, Clone)]
-pub struct Hint {
-    cfg: HintConfig,
+pub struct HintLoss {
+    cfg: HintLossConfig,
     weight: Tensor,
     bias: Tensor,
 }
 
-impl Hint {
+impl HintLoss {
     /// Builds the regressor from `student_dim` to `teacher_dim` channels (or
     /// features) in `vb` (tensors `weight` and `bias`, initialised like
     /// torch's `Conv2d` / `Linear`: uniform in ±1/√student_dim).
     pub fn new(
-        cfg: HintConfig,
         student_dim: usize,
         teacher_dim: usize,
+        cfg: HintLossConfig,
         vb: VarBuilder,
     ) -> Result<Self> {
-        check_non_negative("HintConfig::beta", cfg.beta)?;
+        cfg.validate()?;
         if student_dim == 0 || teacher_dim == 0 {
             return Err(Error::invalid(
-                "Hint::new",
+                "HintLoss::new",
                 format!("student_dim ({student_dim}) and teacher_dim ({teacher_dim}) must be > 0"),
             ));
         }
@@ -111,13 +100,13 @@ impl Hint {
     }
 
     /// The configuration.
-    pub fn config(&self) -> &HintConfig {
+    pub fn config(&self) -> &HintLossConfig {
         &self.cfg
     }
 
     /// The regressor applied to a student feature.
     pub fn regress(&self, student: &Tensor) -> Result<Tensor> {
-        const OP: &str = "Hint::regress";
+        const OP: &str = "HintLoss::regress";
         check_float(OP, "student feature", student)?;
         let s_dim = self.weight.dim(1)?;
         match self.cfg.regressor {
@@ -164,5 +153,5 @@ impl Hint {
 /// feature already mapped to the teacher's shape; the teacher is detached.
 pub fn hint_loss(regressed: &Tensor, teacher: &Tensor) -> Result<Tensor> {
     check_same_shape("hint_loss", regressed, teacher)?;
-    Mse::new(MseConfig::default())?.forward(regressed, &teacher.detach())
+    MseLoss::new(MseLossConfig::default())?.forward(regressed, &teacher.detach())
 }

@@ -17,71 +17,58 @@
 //! Defaults: `T = 4`, `alpha = 0.9` (RepDistiller's CIFAR-100 setting).
 
 use super::{check_batch, check_float, check_positive, check_rank, check_same_shape};
-use super::{CrossEntropy, CrossEntropyConfig};
+use super::{CrossEntropyLoss, CrossEntropyLossConfig};
+use crate::config::config;
 use crate::ops;
 use crate::{Error, Result};
 use candle_core::Tensor;
 
-/// Configuration of [`Kd`]; defaults from RepDistiller's KD runs.
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct KdConfig {
-    /// Softmax temperature `T` > 0 (RepDistiller: 4; Hinton's MNIST: 20).
-    pub temperature: f64,
-    /// Weight of the soft (KD) term in [0, 1]; the hard CE gets `1 − alpha`
-    /// (RepDistiller: 0.9).
-    pub alpha: f64,
+config! {
+    /// Configuration of [`KdLoss`]; defaults from RepDistiller's KD runs.
+    pub struct KdLossConfig {
+        /// Softmax temperature `T` > 0 (RepDistiller: 4; Hinton's MNIST: 20).
+        temperature: f64 = 4.0,
+        /// Weight of the soft (KD) term in [0, 1]; the hard CE gets `1 − alpha`
+        /// (RepDistiller: 0.9).
+        alpha: f64 = 0.9,
+    }
 }
 
-impl Default for KdConfig {
-    fn default() -> Self {
-        Self {
-            temperature: 4.0,
-            alpha: 0.9,
+impl KdLossConfig {
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_positive("KdLossConfig::temperature", self.temperature)?;
+        if !(self.alpha.is_finite() && (0.0..=1.0).contains(&self.alpha)) {
+            return Err(Error::config(
+                "KdLossConfig::alpha",
+                self.alpha,
+                "must be in [0, 1]",
+            ));
         }
-    }
-}
-
-impl KdConfig {
-    /// Sets [`KdConfig::temperature`].
-    pub fn with_temperature(mut self, v: f64) -> Self {
-        self.temperature = v;
-        self
-    }
-    /// Sets [`KdConfig::alpha`].
-    pub fn with_alpha(mut self, v: f64) -> Self {
-        self.alpha = v;
-        self
+        Ok(())
     }
 }
 
 /// Hinton distillation loss (see the module docs for the formula and the
 /// `alpha` convention).
 #[derive(Debug, Clone)]
-pub struct Kd {
-    cfg: KdConfig,
-    ce: CrossEntropy,
+pub struct KdLoss {
+    cfg: KdLossConfig,
+    ce: CrossEntropyLoss,
 }
 
-impl Kd {
+impl KdLoss {
     /// Validates the configuration.
-    pub fn new(cfg: KdConfig) -> Result<Self> {
-        check_positive("KdConfig::temperature", cfg.temperature)?;
-        if !(cfg.alpha.is_finite() && (0.0..=1.0).contains(&cfg.alpha)) {
-            return Err(Error::config(
-                "KdConfig::alpha",
-                cfg.alpha,
-                "must be in [0, 1]",
-            ));
-        }
+    pub fn new(cfg: KdLossConfig) -> Result<Self> {
+        cfg.validate()?;
         Ok(Self {
             cfg,
-            ce: CrossEntropy::new(CrossEntropyConfig::default())?,
+            ce: CrossEntropyLoss::new(CrossEntropyLossConfig::default())?,
         })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &KdConfig {
+    pub fn config(&self) -> &KdLossConfig {
         &self.cfg
     }
 
@@ -112,7 +99,7 @@ impl Kd {
 
 /// The soft distillation term `T² · KL(softmax(teacher/T) ‖ softmax(student/T))`
 /// (batch mean); the teacher is detached. Combine it with the hard-label
-/// cross-entropy yourself, or use [`Kd::forward`].
+/// cross-entropy yourself, or use [`KdLoss::forward`].
 pub fn kd_loss(student: &Tensor, teacher: &Tensor, temperature: f64) -> Result<Tensor> {
-    Kd::new(KdConfig::default().with_temperature(temperature))?.soft(student, teacher)
+    KdLoss::new(KdLossConfig::default().with_temperature(temperature))?.soft(student, teacher)
 }

@@ -13,49 +13,37 @@
 //! offered.
 
 use super::{check_float, check_same_shape, Reduction};
+use crate::config::config;
 use crate::{Error, Result};
 use candle_core::Tensor;
 
-/// Configuration of [`KlDiv`].
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct KlDivConfig {
-    /// Reduction; `Mean` is the batch mean (torch's `"batchmean"`).
-    pub reduction: Reduction,
-    /// Whether the target is given as log-probabilities (torch's
-    /// `log_target`, default false).
-    pub log_target: bool,
-}
-
-impl KlDivConfig {
-    /// Sets [`KlDivConfig::reduction`].
-    pub fn with_reduction(mut self, v: Reduction) -> Self {
-        self.reduction = v;
-        self
-    }
-    /// Sets [`KlDivConfig::log_target`].
-    pub fn with_log_target(mut self, v: bool) -> Self {
-        self.log_target = v;
-        self
+config! {
+    /// Configuration of [`KlDivLoss`].
+    pub struct KlDivLossConfig {
+        /// Reduction; `Mean` is the batch mean (torch's `"batchmean"`).
+        reduction: Reduction = Reduction::Mean,
+        /// Whether the target is given as log-probabilities (torch's
+        /// `log_target`, default false).
+        log_target: bool = false,
     }
 }
 
 /// KL divergence `KL(target ‖ exp(log_input))`, see the module docs.
 #[derive(Debug, Clone)]
-pub struct KlDiv {
-    cfg: KlDivConfig,
+pub struct KlDivLoss {
+    cfg: KlDivLossConfig,
 }
 
-impl KlDiv {
+impl KlDivLoss {
     /// Builds the loss (every configuration is valid).
-    pub fn new(cfg: KlDivConfig) -> Result<Self> {
+    pub fn new(cfg: KlDivLossConfig) -> Result<Self> {
         Ok(Self { cfg })
     }
 
     /// The divergence between `log_input` and `target` (same shape, rank >= 1,
     /// the batch along dimension 0).
     pub fn forward(&self, log_input: &Tensor, target: &Tensor) -> Result<Tensor> {
-        const OP: &str = "kl_div";
+        const OP: &str = "kl_div_loss";
         check_float(OP, "log_input", log_input)?;
         check_float(OP, "target", target)?;
         check_same_shape(OP, log_input, target)?;
@@ -81,6 +69,6 @@ impl KlDiv {
 
 /// `KL(target ‖ exp(log_input))` averaged over the batch (torch's
 /// `F.kl_div(log_input, target, reduction="batchmean")`).
-pub fn kl_div(log_input: &Tensor, target: &Tensor) -> Result<Tensor> {
-    KlDiv::new(KlDivConfig::default())?.forward(log_input, target)
+pub fn kl_div_loss(log_input: &Tensor, target: &Tensor) -> Result<Tensor> {
+    KlDivLoss::new(KlDivLossConfig::default())?.forward(log_input, target)
 }

@@ -1,11 +1,14 @@
 //! Losses: classification, distillation and self-supervised.
 //!
-//! Every loss comes in two forms that share one implementation:
+//! Every loss comes in two forms that share one implementation, named as
+//! torch's and lightly's classes are:
 //!
-//! - a **function** for the common case, with the paper's hyperparameters as
-//!   arguments (`nt_xent(&z1, &z2, 0.5)`, `kd_loss(&s, &t, 4.0)`);
-//! - a **configured** form, `Xxx::new(XxxConfig)` then `.forward(...)`, whose
-//!   `XxxConfig::default()` holds the paper's values and whose constructor
+//! - a **function** `xxx_loss` for the common case, with the paper's
+//!   hyperparameters as arguments (`nt_xent_loss(&z1, &z2, 0.5)`,
+//!   `kd_loss(&s, &t, 4.0)`); parts of one loss keep its prefix
+//!   (`rkd_distance_loss`, `rkd_angle_loss`);
+//! - a **configured** form, `XxxLoss::new(XxxLossConfig)` then `.forward(...)`,
+//!   whose `XxxLossConfig::default()` holds the paper's values and whose constructor
 //!   rejects bad values (temperature ≤ 0, smoothing outside [0, 1], ...) with
 //!   [`Error::Config`] naming the field.
 //!
@@ -18,9 +21,9 @@
 //!
 //! | family | losses |
 //! |---|---|
-//! | classification | [`cross_entropy`] (label smoothing, class weights, ignore index), [`binary_cross_entropy_with_logits`] (stable for any logit), [`mse_loss`], [`kl_div`] |
-//! | distillation | [`kd_loss`] / [`Kd`] (Hinton), [`dkd_loss`] (decoupled KD), [`Hint`] (FitNets), [`attention_transfer`], [`rkd_distance`] / [`rkd_angle`] / [`Rkd`] |
-//! | self-supervised | [`nt_xent`] (SimCLR), [`info_nce`] (MoCo, with a [`KeyQueue`] of negatives), [`byol_loss`], [`negative_cosine`] (SimSiam), [`barlow_twins`], [`vicreg`] |
+//! | classification | [`cross_entropy_loss`] (label smoothing, class weights, ignore index), [`bce_with_logits_loss`] (stable for any logit), [`mse_loss`], [`kl_div_loss`] |
+//! | distillation | [`kd_loss`] / [`KdLoss`] (Hinton), [`dkd_loss`] (decoupled KD), [`HintLoss`] (FitNets), [`attention_transfer_loss`], [`rkd_distance_loss`] / [`rkd_angle_loss`] / [`RkdLoss`] |
+//! | self-supervised | [`nt_xent_loss`] (SimCLR), [`info_nce_loss`] (MoCo, with a [`KeyQueue`] of negatives), [`byol_loss`], [`negative_cosine_loss`] (SimSiam), [`barlow_twins_loss`], [`vicreg_loss`] |
 //!
 //! Targets and teachers are never differentiated: teacher logits and
 //! features, BYOL/SimSiam targets and MoCo keys and queues are detached
@@ -32,20 +35,20 @@
 //!
 //! ```
 //! use aimass::candle::{Device, Tensor};
-//! use aimass::loss::{cross_entropy, nt_xent, CrossEntropy, CrossEntropyConfig};
+//! use aimass::loss::{cross_entropy_loss, nt_xent_loss, CrossEntropyLoss, CrossEntropyLossConfig};
 //!
 //! let dev = Device::Cpu;
 //! let logits = Tensor::new(&[[2.0f32, 0.5, -1.0], [0.1, 0.2, 3.0]], &dev)?;
 //! let labels = Tensor::new(&[0u32, 2], &dev)?;
-//! let plain = cross_entropy(&logits, &labels)?;
-//! let smoothed = CrossEntropy::new(CrossEntropyConfig::default().with_label_smoothing(0.1))?
+//! let plain = cross_entropy_loss(&logits, &labels)?;
+//! let smoothed = CrossEntropyLoss::new(CrossEntropyLossConfig::default().with_label_smoothing(0.1))?
 //!     .forward(&logits, &labels)?;
 //! assert!(smoothed.to_scalar::<f32>()? > plain.to_scalar::<f32>()?);
 //!
 //! // SimCLR's NT-Xent between two views' projections (batch of 2, dim 3).
 //! let z1 = Tensor::new(&[[1.0f32, 0.0, 0.2], [0.0, 1.0, 0.1]], &dev)?;
 //! let z2 = Tensor::new(&[[0.9f32, 0.1, 0.2], [0.1, 0.8, 0.0]], &dev)?;
-//! let loss = nt_xent(&z1, &z2, 0.5)?;
+//! let loss = nt_xent_loss(&z1, &z2, 0.5)?;
 //! assert!(loss.to_scalar::<f32>()?.is_finite());
 //! # Ok::<(), aimass::Error>(())
 //! ```
@@ -59,27 +62,29 @@ mod dkd;
 mod hint;
 mod kd;
 mod kl;
+mod negative_cosine;
 mod queue;
 mod rkd;
-mod simsiam;
 mod vicreg;
 
-pub use attention::{attention_transfer, AttentionTransfer, AttentionTransferConfig};
-pub use barlow::{barlow_twins, BarlowTwins, BarlowTwinsConfig};
+pub use attention::{attention_transfer_loss, AttentionTransferLoss, AttentionTransferLossConfig};
+pub use barlow::{barlow_twins_loss, BarlowTwinsLoss, BarlowTwinsLossConfig};
 pub use byol::{byol_loss, ByolLoss, ByolLossConfig};
 pub use classification::{
-    binary_cross_entropy_with_logits, cross_entropy, mse_loss, BceWithLogits, BceWithLogitsConfig,
-    CrossEntropy, CrossEntropyConfig, Mse, MseConfig,
+    bce_with_logits_loss, cross_entropy_loss, mse_loss, BceWithLogitsLoss, BceWithLogitsLossConfig,
+    CrossEntropyLoss, CrossEntropyLossConfig, MseLoss, MseLossConfig,
 };
-pub use contrastive::{info_nce, nt_xent, InfoNce, InfoNceConfig, NtXent, NtXentConfig};
-pub use dkd::{dkd_loss, Dkd, DkdConfig};
-pub use hint::{hint_loss, Hint, HintConfig, HintRegressor};
-pub use kd::{kd_loss, Kd, KdConfig};
-pub use kl::{kl_div, KlDiv, KlDivConfig};
+pub use contrastive::{
+    info_nce_loss, nt_xent_loss, InfoNceLoss, InfoNceLossConfig, NtXentLoss, NtXentLossConfig,
+};
+pub use dkd::{dkd_loss, DkdLoss, DkdLossConfig};
+pub use hint::{hint_loss, HintLoss, HintLossConfig, HintRegressor};
+pub use kd::{kd_loss, KdLoss, KdLossConfig};
+pub use kl::{kl_div_loss, KlDivLoss, KlDivLossConfig};
+pub use negative_cosine::{negative_cosine_loss, NegativeCosineLoss, NegativeCosineLossConfig};
 pub use queue::KeyQueue;
-pub use rkd::{rkd_angle, rkd_distance, Rkd, RkdConfig};
-pub use simsiam::{negative_cosine, SimSiamLoss, SimSiamLossConfig};
-pub use vicreg::{vicreg, VicReg, VicRegConfig, VicRegTerms};
+pub use rkd::{rkd_angle_loss, rkd_distance_loss, RkdLoss, RkdLossConfig};
+pub use vicreg::{vicreg_loss, VicRegLoss, VicRegLossConfig, VicRegTerms};
 
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -89,8 +94,8 @@ use candle_core::{DType, Tensor};
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Reduction {
-    /// The mean (torch's `"mean"`, the default). For [`cross_entropy`] with
-    /// class weights it is the weighted mean, as in torch; for [`kl_div`] it
+    /// The mean (torch's `"mean"`, the default). For [`cross_entropy_loss`] with
+    /// class weights it is the weighted mean, as in torch; for [`kl_div_loss`] it
     /// is the *batch* mean (torch's `"batchmean"`).
     #[default]
     Mean,

@@ -4,7 +4,7 @@
 //! replace the oldest ones, starting at a write pointer that wraps around
 //! (MoCo requires `K` to be a multiple of the batch size; here any batch
 //! size up to `K` works). Keys are stored detached and L2-normalised, as
-//! MoCo does. Pass [`KeyQueue::keys`] to [`info_nce`](super::info_nce) *before*
+//! MoCo does. Pass [`KeyQueue::keys`] to [`info_nce_loss`](super::info_nce_loss) *before*
 //! pushing the current batch's keys.
 
 use crate::device::SeededRng;

@@ -18,46 +18,34 @@
 //! detached. The angle term costs `O(N²·D + N³)` memory.
 
 use super::{check_batch, check_float, check_non_negative};
+use crate::config::config;
 use crate::ops;
 use crate::{Error, Result};
 use candle_core::Tensor;
 
-/// Configuration of [`Rkd`]; defaults from the paper and RepDistiller.
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct RkdConfig {
-    /// Weight `w_d` of the distance term, >= 0 (paper: 25).
-    pub distance_weight: f64,
-    /// Weight `w_a` of the angle term, >= 0 (paper: 50).
-    pub angle_weight: f64,
-}
-
-impl Default for RkdConfig {
-    fn default() -> Self {
-        Self {
-            distance_weight: 25.0,
-            angle_weight: 50.0,
-        }
+config! {
+    /// Configuration of [`RkdLoss`]; defaults from the paper and RepDistiller.
+    pub struct RkdLossConfig {
+        /// Weight `w_d` of the distance term, >= 0 (paper: 25).
+        distance_weight: f64 = 25.0,
+        /// Weight `w_a` of the angle term, >= 0 (paper: 50).
+        angle_weight: f64 = 50.0,
     }
 }
 
-impl RkdConfig {
-    /// Sets [`RkdConfig::distance_weight`].
-    pub fn with_distance_weight(mut self, v: f64) -> Self {
-        self.distance_weight = v;
-        self
-    }
-    /// Sets [`RkdConfig::angle_weight`].
-    pub fn with_angle_weight(mut self, v: f64) -> Self {
-        self.angle_weight = v;
-        self
+impl RkdLossConfig {
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_non_negative("RkdLossConfig::distance_weight", self.distance_weight)?;
+        check_non_negative("RkdLossConfig::angle_weight", self.angle_weight)?;
+        Ok(())
     }
 }
 
 /// RKD loss `w_d · distance + w_a · angle` (see the module docs).
 #[derive(Debug, Clone)]
-pub struct Rkd {
-    cfg: RkdConfig,
+pub struct RkdLoss {
+    cfg: RkdLossConfig,
 }
 
 /// Smooth-L1 (β = 1) of `x`, element-wise: `½x²` for |x| < 1, `|x| − ½` else.
@@ -112,29 +100,28 @@ fn angles(x: &Tensor) -> Result<Tensor> {
     Ok(e.matmul(&e.transpose(1, 2)?.contiguous()?)?)
 }
 
-impl Rkd {
+impl RkdLoss {
     /// Validates the configuration.
-    pub fn new(cfg: RkdConfig) -> Result<Self> {
-        check_non_negative("RkdConfig::distance_weight", cfg.distance_weight)?;
-        check_non_negative("RkdConfig::angle_weight", cfg.angle_weight)?;
+    pub fn new(cfg: RkdLossConfig) -> Result<Self> {
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &RkdConfig {
+    pub fn config(&self) -> &RkdLossConfig {
         &self.cfg
     }
 
     /// The unweighted distance term (batch of at least 2).
     pub fn distance(&self, student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
-        let (s, t, n) = flat_pair("rkd_distance", student, teacher)?;
+        let (s, t, n) = flat_pair("rkd_distance_loss", student, teacher)?;
         let diff = (normalized_distances(&s)? - normalized_distances(&t)?)?;
         Ok((smooth_l1(&diff)?.sum_all()? / (n * n) as f64)?)
     }
 
     /// The unweighted angle term (batch of at least 2).
     pub fn angle(&self, student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
-        let (s, t, _) = flat_pair("rkd_angle", student, teacher)?;
+        let (s, t, _) = flat_pair("rkd_angle_loss", student, teacher)?;
         let diff = (angles(&s)? - angles(&t)?)?;
         Ok(smooth_l1(&diff)?.mean_all()?)
     }
@@ -157,11 +144,11 @@ impl Rkd {
 }
 
 /// The unweighted RKD distance term (see the module docs).
-pub fn rkd_distance(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
-    Rkd::new(RkdConfig::default())?.distance(student, teacher)
+pub fn rkd_distance_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    RkdLoss::new(RkdLossConfig::default())?.distance(student, teacher)
 }
 
 /// The unweighted RKD angle term (see the module docs).
-pub fn rkd_angle(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
-    Rkd::new(RkdConfig::default())?.angle(student, teacher)
+pub fn rkd_angle_loss(student: &Tensor, teacher: &Tensor) -> Result<Tensor> {
+    RkdLoss::new(RkdLossConfig::default())?.angle(student, teacher)
 }

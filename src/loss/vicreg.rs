@@ -17,55 +17,33 @@
 
 use super::check_same_shape;
 use super::{check_batch, check_float, check_non_negative, check_positive, check_rank};
+use crate::config::config;
 use crate::ops;
 use crate::Result;
 use candle_core::Tensor;
 
-/// Configuration of [`VicReg`]; defaults from the paper.
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct VicRegConfig {
-    /// Weight λ >= 0 of the invariance (MSE) term (paper: 25).
-    pub sim_coeff: f64,
-    /// Weight μ >= 0 of the variance term (paper: 25).
-    pub std_coeff: f64,
-    /// Weight ν >= 0 of the covariance term (paper: 1).
-    pub cov_coeff: f64,
-    /// ε > 0 added to the variance before the square root (paper: 1e-4).
-    pub eps: f64,
-}
-
-impl Default for VicRegConfig {
-    fn default() -> Self {
-        Self {
-            sim_coeff: 25.0,
-            std_coeff: 25.0,
-            cov_coeff: 1.0,
-            eps: 1e-4,
-        }
+config! {
+    /// Configuration of [`VicRegLoss`]; defaults from the paper.
+    pub struct VicRegLossConfig {
+        /// Weight λ >= 0 of the invariance (MSE) term (paper: 25).
+        sim_coeff: f64 = 25.0,
+        /// Weight μ >= 0 of the variance term (paper: 25).
+        std_coeff: f64 = 25.0,
+        /// Weight ν >= 0 of the covariance term (paper: 1).
+        cov_coeff: f64 = 1.0,
+        /// ε > 0 added to the variance before the square root (paper: 1e-4).
+        eps: f64 = 1e-4,
     }
 }
 
-impl VicRegConfig {
-    /// Sets [`VicRegConfig::sim_coeff`].
-    pub fn with_sim_coeff(mut self, v: f64) -> Self {
-        self.sim_coeff = v;
-        self
-    }
-    /// Sets [`VicRegConfig::std_coeff`].
-    pub fn with_std_coeff(mut self, v: f64) -> Self {
-        self.std_coeff = v;
-        self
-    }
-    /// Sets [`VicRegConfig::cov_coeff`].
-    pub fn with_cov_coeff(mut self, v: f64) -> Self {
-        self.cov_coeff = v;
-        self
-    }
-    /// Sets [`VicRegConfig::eps`].
-    pub fn with_eps(mut self, v: f64) -> Self {
-        self.eps = v;
-        self
+impl VicRegLossConfig {
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_non_negative("VicRegLossConfig::sim_coeff", self.sim_coeff)?;
+        check_non_negative("VicRegLossConfig::std_coeff", self.std_coeff)?;
+        check_non_negative("VicRegLossConfig::cov_coeff", self.cov_coeff)?;
+        check_positive("VicRegLossConfig::eps", self.eps)?;
+        Ok(())
     }
 }
 
@@ -84,28 +62,25 @@ pub struct VicRegTerms {
 
 /// VICReg loss (see the module docs).
 #[derive(Debug, Clone)]
-pub struct VicReg {
-    cfg: VicRegConfig,
+pub struct VicRegLoss {
+    cfg: VicRegLossConfig,
 }
 
-impl VicReg {
+impl VicRegLoss {
     /// Validates the configuration.
-    pub fn new(cfg: VicRegConfig) -> Result<Self> {
-        check_non_negative("VicRegConfig::sim_coeff", cfg.sim_coeff)?;
-        check_non_negative("VicRegConfig::std_coeff", cfg.std_coeff)?;
-        check_non_negative("VicRegConfig::cov_coeff", cfg.cov_coeff)?;
-        check_positive("VicRegConfig::eps", cfg.eps)?;
+    pub fn new(cfg: VicRegLossConfig) -> Result<Self> {
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &VicRegConfig {
+    pub fn config(&self) -> &VicRegLossConfig {
         &self.cfg
     }
 
     /// The terms and the total for two views' embeddings `(N, D)`, N >= 2.
     pub fn terms(&self, x: &Tensor, y: &Tensor) -> Result<VicRegTerms> {
-        const OP: &str = "vicreg";
+        const OP: &str = "vicreg_loss";
         check_rank(OP, "embeddings (N, D)", x, 2)?;
         check_float(OP, "embeddings", x)?;
         check_same_shape(OP, x, y)?;
@@ -149,6 +124,6 @@ impl VicReg {
 
 /// VICReg with the paper's weights (25, 25, 1) for two views' embeddings
 /// `(N, D)`, N >= 2.
-pub fn vicreg(x: &Tensor, y: &Tensor) -> Result<Tensor> {
-    VicReg::new(VicRegConfig::default())?.forward(x, y)
+pub fn vicreg_loss(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    VicRegLoss::new(VicRegLossConfig::default())?.forward(x, y)
 }

@@ -3,56 +3,45 @@
 use candle_core::{DType, ModuleT, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
+use crate::config::config;
 use crate::{Error, Result};
 
-/// Configuration of a [`BatchNorm`] layer (torch's `nn.BatchNorm*d`
-/// arguments and defaults).
-#[derive(Debug, Clone, Copy, PartialEq)]
-#[non_exhaustive]
-pub struct BatchNormConfig {
-    /// Added to the variance before the square root (torch default 1e-5).
-    pub eps: f64,
-    /// Running statistics update `r ← (1 − momentum)·r + momentum·batch`
-    /// (torch default 0.1).
-    pub momentum: f64,
-    /// Learnable `weight` (init 1) and `bias` (init 0) (torch default true).
-    pub affine: bool,
-    /// Keep running statistics and use them in eval mode (torch default
-    /// true). When false, batch statistics are used in both modes.
-    pub track_running_stats: bool,
-}
-
-impl Default for BatchNormConfig {
-    fn default() -> Self {
-        Self {
-            eps: 1e-5,
-            momentum: 0.1,
-            affine: true,
-            track_running_stats: true,
-        }
+config! {
+    /// Configuration of a [`BatchNorm`] layer (torch's `nn.BatchNorm*d`
+    /// arguments and defaults).
+    #[derive(Copy)]
+    pub struct BatchNormConfig {
+        /// Added to the variance before the square root (torch default 1e-5).
+        eps: f64 = 1e-5,
+        /// Running statistics update `r ← (1 − momentum)·r + momentum·batch`
+        /// (torch default 0.1).
+        momentum: f64 = 0.1,
+        /// Learnable `weight` (init 1) and `bias` (init 0) (torch default true).
+        affine: bool = true,
+        /// Keep running statistics and use them in eval mode (torch default
+        /// true). When false, batch statistics are used in both modes.
+        track_running_stats: bool = true,
     }
 }
 
 impl BatchNormConfig {
-    /// Sets `eps`.
-    pub fn with_eps(mut self, v: f64) -> Self {
-        self.eps = v;
-        self
-    }
-    /// Sets `momentum`.
-    pub fn with_momentum(mut self, v: f64) -> Self {
-        self.momentum = v;
-        self
-    }
-    /// Sets `affine`.
-    pub fn with_affine(mut self, v: bool) -> Self {
-        self.affine = v;
-        self
-    }
-    /// Sets `track_running_stats`.
-    pub fn with_track_running_stats(mut self, v: bool) -> Self {
-        self.track_running_stats = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        if !(self.eps > 0.0 && self.eps.is_finite()) {
+            return Err(Error::config(
+                "BatchNormConfig::eps",
+                self.eps,
+                "must be positive and finite",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.momentum) {
+            return Err(Error::config(
+                "BatchNormConfig::momentum",
+                self.momentum,
+                "must be in [0, 1]",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -85,20 +74,7 @@ pub struct BatchNorm {
 impl BatchNorm {
     /// A BatchNorm over `num_features` channels with tensors under `vb`.
     pub fn new(num_features: usize, cfg: BatchNormConfig, vb: VarBuilder) -> Result<Self> {
-        if !(cfg.eps > 0.0 && cfg.eps.is_finite()) {
-            return Err(Error::config(
-                "BatchNormConfig::eps",
-                cfg.eps,
-                "must be positive and finite",
-            ));
-        }
-        if !(0.0..=1.0).contains(&cfg.momentum) {
-            return Err(Error::config(
-                "BatchNormConfig::momentum",
-                cfg.momentum,
-                "must be in [0, 1]",
-            ));
-        }
+        cfg.validate()?;
         if num_features == 0 {
             return Err(Error::config(
                 "BatchNorm num_features",

@@ -3,63 +3,41 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::config::config;
 use crate::nn::init::{torch_bias_init, torch_weight_init};
 use crate::ops;
 use crate::{Error, Result};
 
-/// Configuration of a [`Conv2d`] layer (torch's `nn.Conv2d` arguments).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Conv2dConfig {
-    /// Stride (torch default 1).
-    pub stride: usize,
-    /// Zero padding on each side (torch default 0).
-    pub padding: usize,
-    /// Dilation (torch default 1).
-    pub dilation: usize,
-    /// Groups (torch default 1).
-    pub groups: usize,
-    /// Whether the layer has a bias (torch default true).
-    pub bias: bool,
-}
-
-impl Default for Conv2dConfig {
-    fn default() -> Self {
-        Self {
-            stride: 1,
-            padding: 0,
-            dilation: 1,
-            groups: 1,
-            bias: true,
-        }
+config! {
+    /// Configuration of a [`Conv2d`] layer (torch's `nn.Conv2d` arguments).
+    #[derive(Copy, Eq)]
+    pub struct Conv2dConfig {
+        /// Stride (torch default 1).
+        stride: usize = 1,
+        /// Zero padding on each side (torch default 0).
+        padding: usize = 0,
+        /// Dilation (torch default 1).
+        dilation: usize = 1,
+        /// Groups (torch default 1).
+        groups: usize = 1,
+        /// Whether the layer has a bias (torch default true).
+        bias: bool = true,
     }
 }
 
 impl Conv2dConfig {
-    /// Sets the stride.
-    pub fn with_stride(mut self, v: usize) -> Self {
-        self.stride = v;
-        self
-    }
-    /// Sets the padding.
-    pub fn with_padding(mut self, v: usize) -> Self {
-        self.padding = v;
-        self
-    }
-    /// Sets the dilation.
-    pub fn with_dilation(mut self, v: usize) -> Self {
-        self.dilation = v;
-        self
-    }
-    /// Sets the number of groups.
-    pub fn with_groups(mut self, v: usize) -> Self {
-        self.groups = v;
-        self
-    }
-    /// Sets whether there is a bias.
-    pub fn with_bias(mut self, v: bool) -> Self {
-        self.bias = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        for (field, v) in [
+            ("Conv2dConfig::stride", self.stride),
+            ("Conv2dConfig::dilation", self.dilation),
+            ("Conv2dConfig::groups", self.groups),
+        ] {
+            if v == 0 {
+                return Err(Error::config(field, 0, "must be at least 1"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -83,21 +61,12 @@ impl Conv2d {
         cfg: Conv2dConfig,
         vb: VarBuilder,
     ) -> Result<Self> {
-        if cfg.groups == 0
-            || !in_channels.is_multiple_of(cfg.groups)
-            || !out_channels.is_multiple_of(cfg.groups)
-        {
+        cfg.validate()?;
+        if !in_channels.is_multiple_of(cfg.groups) || !out_channels.is_multiple_of(cfg.groups) {
             return Err(Error::config(
                 "Conv2dConfig::groups",
                 cfg.groups,
                 format!("must be ≥ 1 and divide in_channels ({in_channels}) and out_channels ({out_channels})"),
-            ));
-        }
-        if cfg.stride == 0 || cfg.dilation == 0 {
-            return Err(Error::config(
-                "Conv2dConfig::stride/dilation",
-                format!("{}/{}", cfg.stride, cfg.dilation),
-                "stride and dilation must be at least 1",
             ));
         }
         if kernel == 0 || in_channels == 0 || out_channels == 0 {

@@ -3,64 +3,51 @@
 use candle_core::{ModuleT, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::config::config;
 use crate::nn::{Conv2d, Conv2dConfig, FeatureExtractor, Features, Linear, MaxPool2d};
 use crate::{Error, Result};
 
-/// Configuration of a [`ConvNet`]. Defaults: the conv32–conv64–fc128
-/// classifier of `bench/torch_peer.py` and `bench/torch_quality.py` for
-/// 28×28 grey images and 10 classes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ConvNetConfig {
-    /// Input channels (default 1).
-    pub in_channels: usize,
-    /// Input height = width (default 28).
-    pub image_size: usize,
-    /// Channels of the two 3×3 convolutions (default 32, 64).
-    pub channels: (usize, usize),
-    /// Width of the hidden fully connected layer (default 128).
-    pub hidden: usize,
-    /// Number of classes (default 10).
-    pub num_classes: usize,
-}
-
-impl Default for ConvNetConfig {
-    fn default() -> Self {
-        Self {
-            in_channels: 1,
-            image_size: 28,
-            channels: (32, 64),
-            hidden: 128,
-            num_classes: 10,
-        }
+config! {
+    /// Configuration of a [`ConvNet`]. Defaults: the conv32–conv64–fc128
+    /// classifier of `bench/torch_peer.py` and `bench/torch_quality.py` for
+    /// 28×28 grey images and 10 classes.
+    #[derive(Eq)]
+    pub struct ConvNetConfig {
+        /// Input channels (default 1).
+        in_channels: usize = 1,
+        /// Input height = width (default 28).
+        image_size: usize = 28,
+        /// Channels of the two 3×3 convolutions (default 32, 64).
+        channels: (usize, usize) = (32, 64),
+        /// Width of the hidden fully connected layer (default 128).
+        hidden: usize = 128,
+        /// Number of classes (default 10).
+        num_classes: usize = 10,
     }
 }
 
 impl ConvNetConfig {
-    /// Sets the input channels.
-    pub fn with_in_channels(mut self, v: usize) -> Self {
-        self.in_channels = v;
-        self
-    }
-    /// Sets the input size.
-    pub fn with_image_size(mut self, v: usize) -> Self {
-        self.image_size = v;
-        self
-    }
-    /// Sets the convolution channels.
-    pub fn with_channels(mut self, v: (usize, usize)) -> Self {
-        self.channels = v;
-        self
-    }
-    /// Sets the hidden width.
-    pub fn with_hidden(mut self, v: usize) -> Self {
-        self.hidden = v;
-        self
-    }
-    /// Sets the number of classes.
-    pub fn with_num_classes(mut self, v: usize) -> Self {
-        self.num_classes = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        if self.image_size < 4 {
+            return Err(Error::config(
+                "ConvNetConfig::image_size",
+                self.image_size,
+                "must be at least 4 (two 2×2 max pools)",
+            ));
+        }
+        for (field, v) in [
+            ("ConvNetConfig::in_channels", self.in_channels),
+            ("ConvNetConfig::channels.0", self.channels.0),
+            ("ConvNetConfig::channels.1", self.channels.1),
+            ("ConvNetConfig::hidden", self.hidden),
+            ("ConvNetConfig::num_classes", self.num_classes),
+        ] {
+            if v == 0 {
+                return Err(Error::config(field, 0, "must be at least 1"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -87,14 +74,8 @@ pub struct ConvNet {
 impl ConvNet {
     /// Builds the network under `vb`.
     pub fn new(cfg: ConvNetConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
         let side = cfg.image_size / 4;
-        if side == 0 {
-            return Err(Error::config(
-                "ConvNetConfig::image_size",
-                cfg.image_size,
-                "must be at least 4 (two 2×2 max pools)",
-            ));
-        }
         let c = Conv2dConfig::default().with_padding(1);
         let conv1 = Conv2d::new(cfg.in_channels, cfg.channels.0, 3, c, vb.pp("conv1"))?;
         let conv2 = Conv2d::new(cfg.channels.0, cfg.channels.1, 3, c, vb.pp("conv2"))?;

@@ -3,53 +3,41 @@
 use candle_core::{ModuleT, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::config::config;
 use crate::nn::{Mlp, MlpConfig};
 use crate::{Error, Result};
 
-/// Configuration of a [`ProjectionHead`]: `num_layers` linear layers
-/// `input_dim → hidden_dim → ... → output_dim`, each hidden one followed by
-/// BatchNorm (optional) and ReLU.
-///
-/// The default is SimCLR's head for a ResNet-50 (Chen et al. 2020:
-/// 2048 → 2048 → 128, two layers; BatchNorm as in SimCLR v2 and lightly's
-/// `SimCLRProjectionHead`). Presets: [`HeadConfig::simclr`],
-/// [`HeadConfig::byol_projector`], [`HeadConfig::byol_predictor`],
-/// [`HeadConfig::simsiam_projector`], [`HeadConfig::simsiam_predictor`].
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct HeadConfig {
-    /// Input width (the backbone's feature width; SimCLR ResNet-50: 2048).
-    pub input_dim: usize,
-    /// Hidden width (SimCLR: 2048).
-    pub hidden_dim: usize,
-    /// Output width (SimCLR: 128).
-    pub output_dim: usize,
-    /// Number of linear layers, ≥ 1 (SimCLR: 2).
-    pub num_layers: usize,
-    /// BatchNorm after each hidden linear layer (SimCLR v2 / lightly: true).
-    pub batch_norm: bool,
-    /// Non-affine BatchNorm after the last layer (SimSiam's projector: true;
-    /// default false).
-    pub last_batch_norm: bool,
-}
-
-impl Default for HeadConfig {
-    fn default() -> Self {
-        Self::simclr()
+config! {
+    /// Configuration of a [`ProjectionHead`]: `num_layers` linear layers
+    /// `input_dim → hidden_dim → ... → output_dim`, each hidden one followed by
+    /// BatchNorm (optional) and ReLU.
+    ///
+    /// The default is SimCLR's head for a ResNet-50 (Chen et al. 2020:
+    /// 2048 → 2048 → 128, two layers; BatchNorm as in SimCLR v2 and lightly's
+    /// `SimCLRProjectionHead`). Presets: [`HeadConfig::simclr`],
+    /// [`HeadConfig::byol_projector`], [`HeadConfig::byol_predictor`],
+    /// [`HeadConfig::simsiam_projector`], [`HeadConfig::simsiam_predictor`].
+    pub struct HeadConfig {
+        /// Input width (the backbone's feature width; SimCLR ResNet-50: 2048).
+        input_dim: usize = 2048,
+        /// Hidden width (SimCLR: 2048).
+        hidden_dim: usize = 2048,
+        /// Output width (SimCLR: 128).
+        output_dim: usize = 128,
+        /// Number of linear layers, ≥ 1 (SimCLR: 2).
+        num_layers: usize = 2,
+        /// BatchNorm after each hidden linear layer (SimCLR v2 / lightly: true).
+        batch_norm: bool = true,
+        /// Non-affine BatchNorm after the last layer (SimSiam's projector: true;
+        /// default false).
+        last_batch_norm: bool = false,
     }
 }
 
 impl HeadConfig {
     /// SimCLR projection head: Linear(2048, 2048)–BN–ReLU–Linear(2048, 128).
     pub fn simclr() -> Self {
-        Self {
-            input_dim: 2048,
-            hidden_dim: 2048,
-            output_dim: 128,
-            num_layers: 2,
-            batch_norm: true,
-            last_batch_norm: false,
-        }
+        Self::default()
     }
 
     /// BYOL projector (Grill et al. 2020): Linear(2048, 4096)–BN–ReLU–Linear(4096, 256).
@@ -94,36 +82,25 @@ impl HeadConfig {
             ..Self::simclr()
         }
     }
-
-    /// Sets the input width.
-    pub fn with_input_dim(mut self, v: usize) -> Self {
-        self.input_dim = v;
-        self
-    }
-    /// Sets the hidden width.
-    pub fn with_hidden_dim(mut self, v: usize) -> Self {
-        self.hidden_dim = v;
-        self
-    }
-    /// Sets the output width.
-    pub fn with_output_dim(mut self, v: usize) -> Self {
-        self.output_dim = v;
-        self
-    }
-    /// Sets the number of linear layers.
-    pub fn with_num_layers(mut self, v: usize) -> Self {
-        self.num_layers = v;
-        self
-    }
-    /// Sets hidden BatchNorm.
-    pub fn with_batch_norm(mut self, v: bool) -> Self {
-        self.batch_norm = v;
-        self
-    }
-    /// Sets the final non-affine BatchNorm.
-    pub fn with_last_batch_norm(mut self, v: bool) -> Self {
-        self.last_batch_norm = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        if self.num_layers == 0 {
+            return Err(Error::config(
+                "HeadConfig::num_layers",
+                0,
+                "must be at least 1",
+            ));
+        }
+        for (field, v) in [
+            ("HeadConfig::input_dim", self.input_dim),
+            ("HeadConfig::hidden_dim", self.hidden_dim),
+            ("HeadConfig::output_dim", self.output_dim),
+        ] {
+            if v == 0 {
+                return Err(Error::config(field, 0, "must be at least 1"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -153,22 +130,7 @@ pub struct ProjectionHead {
 impl ProjectionHead {
     /// Builds the head under `vb`.
     pub fn new(cfg: HeadConfig, vb: VarBuilder) -> Result<Self> {
-        if cfg.num_layers == 0 {
-            return Err(Error::config(
-                "HeadConfig::num_layers",
-                0,
-                "must be at least 1",
-            ));
-        }
-        for (field, v) in [
-            ("HeadConfig::input_dim", cfg.input_dim),
-            ("HeadConfig::hidden_dim", cfg.hidden_dim),
-            ("HeadConfig::output_dim", cfg.output_dim),
-        ] {
-            if v == 0 {
-                return Err(Error::config(field, 0, "must be at least 1"));
-            }
-        }
+        cfg.validate()?;
         let mut sizes = vec![cfg.input_dim];
         sizes.extend(std::iter::repeat_n(cfg.hidden_dim, cfg.num_layers - 1));
         sizes.push(cfg.output_dim);

@@ -3,7 +3,35 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use crate::config::config;
 use crate::{ops, Error, Result};
+
+config! {
+    /// Configuration of a [`LayerNorm`] (torch's `nn.LayerNorm` arguments and
+    /// defaults).
+    #[derive(Copy)]
+    pub struct LayerNormConfig {
+        /// Added to the variance before the square root, > 0 (torch default 1e-5).
+        eps: f64 = 1e-5,
+        /// Learnable `weight` (init 1) and `bias` (init 0) (torch's
+        /// `elementwise_affine`, default true).
+        affine: bool = true,
+    }
+}
+
+impl LayerNormConfig {
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        if !(self.eps > 0.0 && self.eps.is_finite()) {
+            return Err(Error::config(
+                "LayerNormConfig::eps",
+                self.eps,
+                "must be positive and finite",
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// `torch.nn.LayerNorm(d)`: normalises over the last dimension (biased
 /// variance) then applies `weight` (init 1) and `bias` (init 0). Same in
@@ -17,25 +45,14 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    /// A LayerNorm over a last dimension of `dim` with torch's eps 1e-5;
-    /// `affine` adds `weight` and `bias` under `vb` (torch default true).
-    pub fn new(dim: usize, affine: bool, vb: VarBuilder) -> Result<Self> {
-        Self::with_eps(dim, affine, 1e-5, vb)
-    }
-
-    /// Like [`LayerNorm::new`] with a given `eps` (> 0).
-    pub fn with_eps(dim: usize, affine: bool, eps: f64, vb: VarBuilder) -> Result<Self> {
+    /// A LayerNorm over a last dimension of `dim`; with `cfg.affine`, its
+    /// `weight` and `bias` live under `vb`.
+    pub fn new(dim: usize, cfg: LayerNormConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
         if dim == 0 {
             return Err(Error::config("LayerNorm dim", 0, "must be at least 1"));
         }
-        if !(eps > 0.0 && eps.is_finite()) {
-            return Err(Error::config(
-                "LayerNorm eps",
-                eps,
-                "must be positive and finite",
-            ));
-        }
-        let (weight, bias) = if affine {
+        let (weight, bias) = if cfg.affine {
             (
                 Some(vb.get_with_hints(dim, "weight", Init::Const(1.0))?),
                 Some(vb.get_with_hints(dim, "bias", Init::Const(0.0))?),
@@ -43,7 +60,11 @@ impl LayerNorm {
         } else {
             (None, None)
         };
-        Ok(Self { weight, bias, eps })
+        Ok(Self {
+            weight,
+            bias,
+            eps: cfg.eps,
+        })
     }
 
     /// Normalises `x` over its last dimension.

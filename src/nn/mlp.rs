@@ -3,46 +3,33 @@
 use candle_core::{ModuleT, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::config::config;
 use crate::nn::{
     Activation, BatchNorm, BatchNormConfig, Dropout, FeatureExtractor, Features, Linear,
 };
 use crate::{Error, Result};
 
-/// Configuration of an [`Mlp`].
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct MlpConfig {
-    /// Layer widths, input first and output last: `[784, 128, 10]` is one
-    /// hidden layer of 128 (default: the MLP student of
-    /// `bench/torch_quality.py`, `Flatten–Linear(784,128)–ReLU–Linear(128,10)`).
-    pub sizes: Vec<usize>,
-    /// Activation after every hidden layer (default ReLU).
-    pub activation: Activation,
-    /// BatchNorm after every hidden linear layer, before the activation
-    /// (default false).
-    pub batch_norm: bool,
-    /// BatchNorm without affine parameters after the last linear layer
-    /// (SimSiam's projector; default false).
-    pub last_batch_norm: bool,
-    /// Dropout probability after every hidden activation (default 0: none).
-    pub dropout: f64,
-    /// Linear layers have biases (torch default true).
-    pub bias: bool,
-    /// Seed of the dropout masks (default 0).
-    pub dropout_seed: u64,
-}
-
-impl Default for MlpConfig {
-    fn default() -> Self {
-        Self {
-            sizes: vec![784, 128, 10],
-            activation: Activation::Relu,
-            batch_norm: false,
-            last_batch_norm: false,
-            dropout: 0.0,
-            bias: true,
-            dropout_seed: 0,
-        }
+config! {
+    /// Configuration of an [`Mlp`].
+    pub struct MlpConfig {
+        /// Layer widths, input first and output last: `[784, 128, 10]` is one
+        /// hidden layer of 128 (default: the MLP student of
+        /// `bench/torch_quality.py`, `Flatten–Linear(784,128)–ReLU–Linear(128,10)`).
+        sizes: Vec<usize> = vec![784, 128, 10],
+        /// Activation after every hidden layer (default ReLU).
+        activation: Activation = Activation::Relu,
+        /// BatchNorm after every hidden linear layer, before the activation
+        /// (default false).
+        batch_norm: bool = false,
+        /// BatchNorm without affine parameters after the last linear layer
+        /// (SimSiam's projector; default false).
+        last_batch_norm: bool = false,
+        /// Dropout probability after every hidden activation (default 0: none).
+        dropout: f64 = 0.0,
+        /// Linear layers have biases (torch default true).
+        bias: bool = true,
+        /// Seed of the dropout masks (default 0).
+        dropout_seed: u64 = 0,
     }
 }
 
@@ -55,40 +42,23 @@ impl MlpConfig {
             ..Self::default()
         }
     }
-    /// Sets the widths.
-    pub fn with_sizes(mut self, v: impl Into<Vec<usize>>) -> Self {
-        self.sizes = v.into();
-        self
-    }
-    /// Sets the activation.
-    pub fn with_activation(mut self, v: Activation) -> Self {
-        self.activation = v;
-        self
-    }
-    /// Sets hidden BatchNorm.
-    pub fn with_batch_norm(mut self, v: bool) -> Self {
-        self.batch_norm = v;
-        self
-    }
-    /// Sets the final non-affine BatchNorm.
-    pub fn with_last_batch_norm(mut self, v: bool) -> Self {
-        self.last_batch_norm = v;
-        self
-    }
-    /// Sets the dropout probability.
-    pub fn with_dropout(mut self, v: f64) -> Self {
-        self.dropout = v;
-        self
-    }
-    /// Sets whether linear layers have biases.
-    pub fn with_bias(mut self, v: bool) -> Self {
-        self.bias = v;
-        self
-    }
-    /// Sets the dropout seed.
-    pub fn with_dropout_seed(mut self, v: u64) -> Self {
-        self.dropout_seed = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        if self.sizes.len() < 2 || self.sizes.contains(&0) {
+            return Err(Error::config(
+                "MlpConfig::sizes",
+                format!("{:?}", self.sizes),
+                "need at least an input and an output width, all ≥ 1",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::config(
+                "MlpConfig::dropout",
+                self.dropout,
+                "must be in [0, 1)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -133,20 +103,7 @@ pub struct Mlp {
 impl Mlp {
     /// Builds the MLP under `vb`.
     pub fn new(cfg: MlpConfig, vb: VarBuilder) -> Result<Self> {
-        if cfg.sizes.len() < 2 || cfg.sizes.contains(&0) {
-            return Err(Error::config(
-                "MlpConfig::sizes",
-                format!("{:?}", cfg.sizes),
-                "need at least an input and an output width, all ≥ 1",
-            ));
-        }
-        if !(0.0..1.0).contains(&cfg.dropout) {
-            return Err(Error::config(
-                "MlpConfig::dropout",
-                cfg.dropout,
-                "must be in [0, 1)",
-            ));
-        }
+        cfg.validate()?;
         let mut layers = Vec::new();
         let mut idx = 0usize;
         let n_lin = cfg.sizes.len() - 1;

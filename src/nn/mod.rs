@@ -68,7 +68,7 @@ pub use conv::{Conv2d, Conv2dConfig};
 pub use convnet::{ConvNet, ConvNetConfig};
 pub use features::{FeatureExtractor, Features};
 pub use heads::{HeadConfig, ProjectionHead};
-pub use layer_norm::LayerNorm;
+pub use layer_norm::{LayerNorm, LayerNormConfig};
 pub use linear::{linear, Linear};
 pub use mlp::{Mlp, MlpConfig};
 pub use params::Frozen;

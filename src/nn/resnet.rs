@@ -3,6 +3,7 @@
 use candle_core::{ModuleT, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::config::config;
 use crate::nn::{
     global_avg_pool, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, FeatureExtractor, Features,
     Linear, MaxPool2d,
@@ -44,32 +45,27 @@ pub enum Stem {
     Small,
 }
 
-/// Configuration of a [`ResNet`]. The default is torchvision's
-/// `resnet18()` (ImageNet stem, 3 input channels, 1000 classes).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ResNetConfig {
-    /// Residual block type (resnet18: Basic).
-    pub block: BlockKind,
-    /// Blocks per stage (resnet18: 2, 2, 2, 2). One stage per entry; stage
-    /// `i` is named `layer{i+1}`.
-    pub layers: Vec<usize>,
-    /// Width (planes) of each stage (torchvision: 64, 128, 256, 512). The
-    /// stem outputs `widths[0]` channels; the first stage has stride 1 and
-    /// every later one stride 2.
-    pub widths: Vec<usize>,
-    /// Input channels (torchvision: 3).
-    pub in_channels: usize,
-    /// Stem type (torchvision: ImageNet).
-    pub stem: Stem,
-    /// Classes of the final `fc` layer, or `None` for a feature extractor
-    /// whose output is the pooled features (torchvision: 1000).
-    pub num_classes: Option<usize>,
-}
-
-impl Default for ResNetConfig {
-    fn default() -> Self {
-        Self::resnet18()
+config! {
+    /// Configuration of a [`ResNet`]. The default is torchvision's
+    /// `resnet18()` (ImageNet stem, 3 input channels, 1000 classes).
+    #[derive(Eq)]
+    pub struct ResNetConfig {
+        /// Residual block type (resnet18: Basic).
+        block: BlockKind = BlockKind::Basic,
+        /// Blocks per stage (resnet18: 2, 2, 2, 2). One stage per entry; stage
+        /// `i` is named `layer{i+1}`.
+        layers: Vec<usize> = vec![2, 2, 2, 2],
+        /// Width (planes) of each stage (torchvision: 64, 128, 256, 512). The
+        /// stem outputs `widths[0]` channels; the first stage has stride 1 and
+        /// every later one stride 2.
+        widths: Vec<usize> = vec![64, 128, 256, 512],
+        /// Input channels (torchvision: 3).
+        in_channels: usize = 3,
+        /// Stem type (torchvision: ImageNet).
+        stem: Stem = Stem::ImageNet,
+        /// Classes of the final `fc` layer, or `None` for a feature extractor
+        /// whose output is the pooled features (torchvision: 1000).
+        num_classes: Option<usize> = Some(1000),
     }
 }
 
@@ -77,14 +73,7 @@ impl ResNetConfig {
     /// torchvision `resnet18`: Basic, [2, 2, 2, 2], 1000 classes
     /// (11,689,512 parameters).
     pub fn resnet18() -> Self {
-        Self {
-            block: BlockKind::Basic,
-            layers: vec![2, 2, 2, 2],
-            widths: vec![64, 128, 256, 512],
-            in_channels: 3,
-            stem: Stem::ImageNet,
-            num_classes: Some(1000),
-        }
+        Self::default()
     }
 
     /// torchvision `resnet34`: Basic, [3, 4, 6, 3] (21,797,672 parameters).
@@ -127,40 +116,41 @@ impl ResNetConfig {
         }
     }
 
-    /// Sets the block type.
-    pub fn with_block(mut self, v: BlockKind) -> Self {
-        self.block = v;
-        self
-    }
-    /// Sets the blocks per stage.
-    pub fn with_layers(mut self, v: impl Into<Vec<usize>>) -> Self {
-        self.layers = v.into();
-        self
-    }
-    /// Sets the stage widths.
-    pub fn with_widths(mut self, v: impl Into<Vec<usize>>) -> Self {
-        self.widths = v.into();
-        self
-    }
-    /// Sets the input channels.
-    pub fn with_in_channels(mut self, v: usize) -> Self {
-        self.in_channels = v;
-        self
-    }
-    /// Sets the stem.
-    pub fn with_stem(mut self, v: Stem) -> Self {
-        self.stem = v;
-        self
-    }
-    /// Sets the classifier (`None`: features only).
-    pub fn with_num_classes(mut self, v: Option<usize>) -> Self {
-        self.num_classes = v;
-        self
-    }
-
     /// The width of the pooled features: `widths.last() × expansion`.
     pub fn feature_dim(&self) -> usize {
         self.widths.last().copied().unwrap_or(0) * self.block.expansion()
+    }
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        if self.layers.is_empty() || self.layers.len() != self.widths.len() {
+            return Err(Error::config(
+                "ResNetConfig::layers",
+                format!("{:?} (widths {:?})", self.layers, self.widths),
+                "need one entry per stage in both `layers` and `widths`, at least one stage",
+            ));
+        }
+        if self.layers.contains(&0) || self.widths.contains(&0) {
+            return Err(Error::config(
+                "ResNetConfig::layers/widths",
+                format!("{:?} / {:?}", self.layers, self.widths),
+                "every stage needs at least one block and a width ≥ 1",
+            ));
+        }
+        if self.in_channels == 0 {
+            return Err(Error::config(
+                "ResNetConfig::in_channels",
+                0,
+                "must be at least 1",
+            ));
+        }
+        if self.num_classes == Some(0) {
+            return Err(Error::config(
+                "ResNetConfig::num_classes",
+                "Some(0)",
+                "use None for no classifier",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -274,34 +264,7 @@ pub struct ResNet {
 impl ResNet {
     /// Builds the network under `vb`.
     pub fn new(cfg: ResNetConfig, vb: VarBuilder) -> Result<Self> {
-        if cfg.layers.is_empty() || cfg.layers.len() != cfg.widths.len() {
-            return Err(Error::config(
-                "ResNetConfig::layers",
-                format!("{:?} (widths {:?})", cfg.layers, cfg.widths),
-                "need one entry per stage in both `layers` and `widths`, at least one stage",
-            ));
-        }
-        if cfg.layers.contains(&0) || cfg.widths.contains(&0) {
-            return Err(Error::config(
-                "ResNetConfig::layers/widths",
-                format!("{:?} / {:?}", cfg.layers, cfg.widths),
-                "every stage needs at least one block and a width ≥ 1",
-            ));
-        }
-        if cfg.in_channels == 0 {
-            return Err(Error::config(
-                "ResNetConfig::in_channels",
-                0,
-                "must be at least 1",
-            ));
-        }
-        if cfg.num_classes == Some(0) {
-            return Err(Error::config(
-                "ResNetConfig::num_classes",
-                "Some(0)",
-                "use None for no classifier",
-            ));
-        }
+        cfg.validate()?;
         let w0 = cfg.widths[0];
         let (conv1, bn1) = match cfg.stem {
             Stem::ImageNet => conv_bn(cfg.in_channels, w0, 7, 2, &vb, "conv1", "bn1")?,

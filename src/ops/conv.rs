@@ -6,53 +6,21 @@
 
 use candle_core::Tensor;
 
+use crate::config::config;
 use crate::{Error, Result};
 
-/// Geometry of a 2-D convolution (square stride, padding and dilation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Conv2dParams {
-    /// Step between windows (default 1).
-    pub stride: usize,
-    /// Zero padding on each side (default 0).
-    pub padding: usize,
-    /// Spacing between kernel taps (default 1).
-    pub dilation: usize,
-    /// Number of channel groups (default 1; `groups = C_in` is depthwise).
-    pub groups: usize,
-}
-
-impl Default for Conv2dParams {
-    fn default() -> Self {
-        Conv2dParams {
-            stride: 1,
-            padding: 0,
-            dilation: 1,
-            groups: 1,
-        }
-    }
-}
-
-impl Conv2dParams {
-    /// Sets the stride.
-    pub fn with_stride(mut self, stride: usize) -> Self {
-        self.stride = stride;
-        self
-    }
-    /// Sets the padding.
-    pub fn with_padding(mut self, padding: usize) -> Self {
-        self.padding = padding;
-        self
-    }
-    /// Sets the dilation.
-    pub fn with_dilation(mut self, dilation: usize) -> Self {
-        self.dilation = dilation;
-        self
-    }
-    /// Sets the number of groups.
-    pub fn with_groups(mut self, groups: usize) -> Self {
-        self.groups = groups;
-        self
+config! {
+    /// Geometry of a 2-D convolution (square stride, padding and dilation).
+    #[derive(Copy, Eq)]
+    pub struct Conv2dParams {
+        /// Step between windows (default 1).
+        stride: usize = 1,
+        /// Zero padding on each side (default 0).
+        padding: usize = 0,
+        /// Spacing between kernel taps (default 1).
+        dilation: usize = 1,
+        /// Number of channel groups (default 1; `groups = C_in` is depthwise).
+        groups: usize = 1,
     }
 }
 

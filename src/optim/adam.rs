@@ -19,84 +19,35 @@ use super::fused::{self, AdamCoef};
 use super::groups::ParamGroup;
 use super::state::Core;
 use super::{check_lr, check_nonneg, check_unit, impl_optimizer, GradClip};
+use crate::config::config;
 use crate::{Error, Result};
 
 macro_rules! adam_config {
     ($name:ident, $owner:literal, $torch:literal, $wd:expr, $wd_doc:literal) => {
-        #[doc = concat!("Settings of [`", $owner, "`]; defaults are ", $torch, "'s.")]
-        #[derive(Clone, Debug, PartialEq)]
-        #[non_exhaustive]
-        pub struct $name {
-            /// Learning rate (torch default 1e-3).
-            pub lr: f64,
-            /// Decay rates of the first and second moment estimates, each in `[0, 1)` (torch default (0.9, 0.999)).
-            pub betas: (f64, f64),
-            /// Added to the denominator for numerical stability (torch default 1e-8).
-            pub eps: f64,
-            #[doc = $wd_doc]
-            pub weight_decay: f64,
-            /// Use the maximum of past second moments (AMSGrad; torch default false).
-            pub amsgrad: bool,
-            /// Gradient clipping applied before each step (default none).
-            pub grad_clip: Option<GradClip>,
-            /// Fused in-place CPU update: `None` (default) uses it for f32/f64
-            /// CPU parameters (so does `Some(true)`), `Some(false)` always uses
-            /// candle ops.
-            pub fused: Option<bool>,
-        }
-
-        impl Default for $name {
-            fn default() -> Self {
-                Self {
-                    lr: 1e-3,
-                    betas: (0.9, 0.999),
-                    eps: 1e-8,
-                    weight_decay: $wd,
-                    amsgrad: false,
-                    grad_clip: None,
-                    fused: None,
-                }
+        config! {
+            #[doc = concat!("Settings of [`", $owner, "`]; defaults are ", $torch, "'s.")]
+            pub struct $name {
+                /// Learning rate (torch default 1e-3).
+                lr: f64 = 1e-3,
+                /// Decay rates of the first and second moment estimates, each in `[0, 1)` (torch default (0.9, 0.999)).
+                betas: (f64, f64) = (0.9, 0.999),
+                /// Added to the denominator for numerical stability (torch default 1e-8).
+                eps: f64 = 1e-8,
+                #[doc = $wd_doc]
+                weight_decay: f64 = $wd,
+                /// Use the maximum of past second moments (AMSGrad; torch default false).
+                amsgrad: bool = false,
+                /// Gradient clipping applied before each step (default none).
+                grad_clip: Option<GradClip> = None,
+                /// Fused in-place CPU update: `None` (default) uses it for f32/f64
+                /// CPU parameters (so does `Some(true)`), `Some(false)` always uses
+                /// candle ops.
+                fused: Option<bool> = None,
             }
         }
 
         impl $name {
-            /// Sets `lr`.
-            pub fn with_lr(mut self, v: f64) -> Self {
-                self.lr = v;
-                self
-            }
-            /// Sets `betas`.
-            pub fn with_betas(mut self, beta1: f64, beta2: f64) -> Self {
-                self.betas = (beta1, beta2);
-                self
-            }
-            /// Sets `eps`.
-            pub fn with_eps(mut self, v: f64) -> Self {
-                self.eps = v;
-                self
-            }
-            /// Sets `weight_decay`.
-            pub fn with_weight_decay(mut self, v: f64) -> Self {
-                self.weight_decay = v;
-                self
-            }
-            /// Sets `amsgrad`.
-            pub fn with_amsgrad(mut self, v: bool) -> Self {
-                self.amsgrad = v;
-                self
-            }
-            /// Sets `grad_clip`.
-            pub fn with_grad_clip(mut self, v: GradClip) -> Self {
-                self.grad_clip = Some(v);
-                self
-            }
-            /// Sets `fused`.
-            pub fn with_fused(mut self, v: bool) -> Self {
-                self.fused = Some(v);
-                self
-            }
-
-            fn params(&self) -> Result<Params> {
+            fn validate(&self) -> Result<()> {
                 let f = |s: &str| format!("{}::{}", stringify!($name), s);
                 check_lr(&f("lr"), self.lr)?;
                 check_unit(&f("betas.0"), self.betas.0)?;
@@ -104,14 +55,17 @@ macro_rules! adam_config {
                 if !(self.eps.is_finite() && self.eps > 0.0) {
                     return Err(Error::config(f("eps"), self.eps, "must be finite and > 0"));
                 }
-                check_nonneg(&f("weight_decay"), self.weight_decay)?;
-                Ok(Params {
+                check_nonneg(&f("weight_decay"), self.weight_decay)
+            }
+
+            fn params(&self) -> Params {
+                Params {
                     beta1: self.betas.0,
                     beta2: self.betas.1,
                     eps: self.eps,
                     amsgrad: self.amsgrad,
                     fused: self.fused,
-                })
+                }
             }
         }
     };
@@ -235,8 +189,9 @@ pub struct Adam {
 
 impl Adam {
     /// Builds the optimizer over `groups`; validates the config.
-    pub fn new(config: AdamConfig, groups: Vec<ParamGroup>) -> Result<Self> {
-        let h = config.params()?;
+    pub fn new(groups: Vec<ParamGroup>, config: AdamConfig) -> Result<Self> {
+        config.validate()?;
+        let h = config.params();
         let core = Core::new(
             "AdamConfig",
             groups,
@@ -273,8 +228,9 @@ pub struct AdamW {
 
 impl AdamW {
     /// Builds the optimizer over `groups`; validates the config.
-    pub fn new(config: AdamWConfig, groups: Vec<ParamGroup>) -> Result<Self> {
-        let h = config.params()?;
+    pub fn new(groups: Vec<ParamGroup>, config: AdamWConfig) -> Result<Self> {
+        config.validate()?;
+        let h = config.params();
         let core = Core::new(
             "AdamWConfig",
             groups,

@@ -11,6 +11,7 @@ use candle_core::Var;
 use candle_nn::VarMap;
 
 use super::groups::is_buffer;
+use crate::config::config;
 use crate::{Error, Result};
 
 /// BYOL's decay at step `k` of `total`:
@@ -23,44 +24,30 @@ pub fn byol_tau(tau_base: f64, step: u64, total: u64) -> f64 {
     1.0 - (1.0 - tau_base) * ((std::f64::consts::PI * k).cos() + 1.0) / 2.0
 }
 
-/// Settings of [`Ema`]; defaults from BYOL (Grill et al. 2020).
-#[derive(Clone, Debug, PartialEq)]
-#[non_exhaustive]
-pub struct EmaConfig {
-    /// Decay at step 0, in `[0, 1]` (BYOL: 0.996).
-    pub tau_base: f64,
-    /// Steps of the cosine schedule to 1 (BYOL); `None` keeps `tau_base` constant (default).
-    pub total_steps: Option<u64>,
-    /// Also average BatchNorm running statistics (torch `AveragedModel`'s
-    /// `use_buffers`; default false: buffers are left alone).
-    pub include_buffers: bool,
-}
-
-impl Default for EmaConfig {
-    fn default() -> Self {
-        Self {
-            tau_base: 0.996,
-            total_steps: None,
-            include_buffers: false,
-        }
+config! {
+    /// Settings of [`Ema`]; defaults from BYOL (Grill et al. 2020).
+    pub struct EmaConfig {
+        /// Decay at step 0, in `[0, 1]` (BYOL: 0.996).
+        tau_base: f64 = 0.996,
+        /// Steps of the cosine schedule to 1 (BYOL); `None` keeps `tau_base` constant (default).
+        total_steps: Option<u64> = None,
+        /// Also average BatchNorm running statistics (torch `AveragedModel`'s
+        /// `use_buffers`; default false: buffers are left alone).
+        include_buffers: bool = false,
     }
 }
 
 impl EmaConfig {
-    /// Sets `tau_base`.
-    pub fn with_tau_base(mut self, v: f64) -> Self {
-        self.tau_base = v;
-        self
-    }
-    /// Uses BYOL's cosine schedule over `total` steps.
-    pub fn with_total_steps(mut self, total: u64) -> Self {
-        self.total_steps = Some(total);
-        self
-    }
-    /// Sets `include_buffers`.
-    pub fn with_include_buffers(mut self, v: bool) -> Self {
-        self.include_buffers = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.tau_base) {
+            return Err(Error::config(
+                "EmaConfig::tau_base",
+                self.tau_base,
+                "must be in [0, 1]",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -74,7 +61,7 @@ impl Ema {
     /// Pairs the variables of `online` and `target` by name (sorted). Both
     /// maps must hold the same names (buffers excepted unless
     /// `include_buffers`) with the same shapes.
-    pub fn new(cfg: EmaConfig, online: &VarMap, target: &VarMap) -> Result<Self> {
+    pub fn new(online: &VarMap, target: &VarMap, cfg: EmaConfig) -> Result<Self> {
         let lock = |m: &VarMap| -> Result<HashMap<String, Var>> {
             m.data()
                 .lock()
@@ -101,18 +88,12 @@ impl Ema {
                 format!("target variable `{n}` has no online counterpart"),
             ));
         }
-        Self::from_pairs(cfg, pairs)
+        Self::from_pairs(pairs, cfg)
     }
 
     /// From explicit `(name, online, target)` triples.
-    pub fn from_pairs(cfg: EmaConfig, pairs: Vec<(String, Var, Var)>) -> Result<Self> {
-        if !(0.0..=1.0).contains(&cfg.tau_base) {
-            return Err(Error::config(
-                "EmaConfig::tau_base",
-                cfg.tau_base,
-                "must be in [0, 1]",
-            ));
-        }
+    pub fn from_pairs(pairs: Vec<(String, Var, Var)>, cfg: EmaConfig) -> Result<Self> {
+        cfg.validate()?;
         for (n, o, t) in &pairs {
             if o.dims() != t.dims() {
                 return Err(Error::shape(

@@ -25,79 +25,30 @@ use candle_core::{DType, Tensor};
 use super::groups::ParamGroup;
 use super::state::Core;
 use super::{check_lr, check_nonneg, check_unit, impl_optimizer, GradClip};
+use crate::config::config;
 use crate::{Error, Result};
 
-/// Settings of [`Lars`]; defaults from SimCLR (Chen et al. 2020).
-#[derive(Clone, Debug, PartialEq)]
-#[non_exhaustive]
-pub struct LarsConfig {
-    /// Base learning rate (SimCLR: 0.3 × batch / 256; default 0.3).
-    pub lr: f64,
-    /// Momentum factor in `[0, 1)` (SimCLR, BYOL: 0.9).
-    pub momentum: f64,
-    /// Weight decay of adapted parameters (SimCLR: 1e-6; BYOL uses 1.5e-6).
-    pub weight_decay: f64,
-    /// Trust coefficient η (SimCLR, BYOL: 1e-3).
-    pub eta: f64,
-    /// Added to the trust-ratio denominator (lightly's LARS: 1e-8).
-    pub eps: f64,
-    /// Nesterov momentum (default false).
-    pub nesterov: bool,
-    /// Gradient clipping applied before each step (default none).
-    pub grad_clip: Option<GradClip>,
-}
-
-impl Default for LarsConfig {
-    fn default() -> Self {
-        Self {
-            lr: 0.3,
-            momentum: 0.9,
-            weight_decay: 1e-6,
-            eta: 1e-3,
-            eps: 1e-8,
-            nesterov: false,
-            grad_clip: None,
-        }
+config! {
+    /// Settings of [`Lars`]; defaults from SimCLR (Chen et al. 2020).
+    pub struct LarsConfig {
+        /// Base learning rate (SimCLR: 0.3 × batch / 256; default 0.3).
+        lr: f64 = 0.3,
+        /// Momentum factor in `[0, 1)` (SimCLR, BYOL: 0.9).
+        momentum: f64 = 0.9,
+        /// Weight decay of adapted parameters (SimCLR: 1e-6; BYOL uses 1.5e-6).
+        weight_decay: f64 = 1e-6,
+        /// Trust coefficient η (SimCLR, BYOL: 1e-3).
+        eta: f64 = 1e-3,
+        /// Added to the trust-ratio denominator (lightly's LARS: 1e-8).
+        eps: f64 = 1e-8,
+        /// Nesterov momentum (default false).
+        nesterov: bool = false,
+        /// Gradient clipping applied before each step (default none).
+        grad_clip: Option<GradClip> = None,
     }
 }
 
 impl LarsConfig {
-    /// Sets `lr`.
-    pub fn with_lr(mut self, v: f64) -> Self {
-        self.lr = v;
-        self
-    }
-    /// Sets `momentum`.
-    pub fn with_momentum(mut self, v: f64) -> Self {
-        self.momentum = v;
-        self
-    }
-    /// Sets `weight_decay`.
-    pub fn with_weight_decay(mut self, v: f64) -> Self {
-        self.weight_decay = v;
-        self
-    }
-    /// Sets `eta`.
-    pub fn with_eta(mut self, v: f64) -> Self {
-        self.eta = v;
-        self
-    }
-    /// Sets `eps`.
-    pub fn with_eps(mut self, v: f64) -> Self {
-        self.eps = v;
-        self
-    }
-    /// Sets `nesterov`.
-    pub fn with_nesterov(mut self, v: bool) -> Self {
-        self.nesterov = v;
-        self
-    }
-    /// Sets `grad_clip`.
-    pub fn with_grad_clip(mut self, v: GradClip) -> Self {
-        self.grad_clip = Some(v);
-        self
-    }
-
     fn validate(&self) -> Result<()> {
         check_lr("LarsConfig::lr", self.lr)?;
         check_unit("LarsConfig::momentum", self.momentum)?;
@@ -138,7 +89,7 @@ fn norm(t: &Tensor) -> Result<f64> {
 impl Lars {
     /// Builds the optimizer over `groups`; validates the config. Groups
     /// with `trust_ratio == false` are not adapted.
-    pub fn new(config: LarsConfig, groups: Vec<ParamGroup>) -> Result<Self> {
+    pub fn new(groups: Vec<ParamGroup>, config: LarsConfig) -> Result<Self> {
         config.validate()?;
         let bufs = if config.momentum != 0.0 {
             vec!["momentum_buffer"]

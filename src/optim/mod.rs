@@ -40,7 +40,7 @@
 //! let y = Tensor::new(&[[1f32], [0.]], &dev)?;
 //!
 //! let cfg = AdamWConfig::default().with_lr(1e-2).with_grad_clip(GradClip::norm(1.0));
-//! let mut opt = AdamW::from_varmap(cfg, &varmap)?;
+//! let mut opt = AdamW::from_varmap(&varmap, cfg)?;
 //! let sched = CosineAnnealingLr::new(1e-2, 100, 0.0)?;
 //! let mut first = None;
 //! let mut last = 0.0;
@@ -191,7 +191,7 @@ macro_rules! impl_optimizer {
         impl candle_nn::Optimizer for $ty {
             type Config = $cfg;
             fn new(vars: Vec<candle_core::Var>, config: $cfg) -> candle_core::Result<Self> {
-                $ty::new(config, $crate::optim::state::Core::unnamed_group(vars))
+                $ty::new($crate::optim::state::Core::unnamed_group(vars), config)
                     .map_err(candle_core::Error::wrap)
             }
             fn step(
@@ -213,8 +213,8 @@ macro_rules! impl_optimizer {
             /// with the default split of
             /// [`default_param_groups`](crate::optim::default_param_groups):
             /// no weight decay on 1-D parameters, buffers left out.
-            pub fn from_varmap(config: $cfg, varmap: &candle_nn::VarMap) -> $crate::Result<Self> {
-                $ty::new(config, $crate::optim::groups::varmap_param_groups(varmap)?)
+            pub fn from_varmap(varmap: &candle_nn::VarMap, config: $cfg) -> $crate::Result<Self> {
+                $ty::new($crate::optim::groups::varmap_param_groups(varmap)?, config)
             }
         }
     };

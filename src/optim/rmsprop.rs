@@ -14,79 +14,30 @@ use candle_core::Tensor;
 use super::groups::ParamGroup;
 use super::state::Core;
 use super::{check_lr, check_nonneg, check_unit, impl_optimizer, GradClip};
+use crate::config::config;
 use crate::{Error, Result};
 
-/// Settings of [`RmsProp`]; defaults are torch.optim.RMSprop's.
-#[derive(Clone, Debug, PartialEq)]
-#[non_exhaustive]
-pub struct RmsPropConfig {
-    /// Learning rate (torch default 1e-2).
-    pub lr: f64,
-    /// Smoothing constant of the squared-gradient average, in `[0, 1)` (torch default 0.99).
-    pub alpha: f64,
-    /// Added to the denominator for numerical stability (torch default 1e-8).
-    pub eps: f64,
-    /// L2 penalty added to the gradient (torch default 0).
-    pub weight_decay: f64,
-    /// Momentum factor in `[0, 1)` (torch default 0).
-    pub momentum: f64,
-    /// Normalise by the estimated variance instead of the second moment (torch default false).
-    pub centered: bool,
-    /// Gradient clipping applied before each step (default none).
-    pub grad_clip: Option<GradClip>,
-}
-
-impl Default for RmsPropConfig {
-    fn default() -> Self {
-        Self {
-            lr: 1e-2,
-            alpha: 0.99,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            momentum: 0.0,
-            centered: false,
-            grad_clip: None,
-        }
+config! {
+    /// Settings of [`RmsProp`]; defaults are torch.optim.RMSprop's.
+    pub struct RmsPropConfig {
+        /// Learning rate (torch default 1e-2).
+        lr: f64 = 1e-2,
+        /// Smoothing constant of the squared-gradient average, in `[0, 1)` (torch default 0.99).
+        alpha: f64 = 0.99,
+        /// Added to the denominator for numerical stability (torch default 1e-8).
+        eps: f64 = 1e-8,
+        /// L2 penalty added to the gradient (torch default 0).
+        weight_decay: f64 = 0.0,
+        /// Momentum factor in `[0, 1)` (torch default 0).
+        momentum: f64 = 0.0,
+        /// Normalise by the estimated variance instead of the second moment (torch default false).
+        centered: bool = false,
+        /// Gradient clipping applied before each step (default none).
+        grad_clip: Option<GradClip> = None,
     }
 }
 
 impl RmsPropConfig {
-    /// Sets `lr`.
-    pub fn with_lr(mut self, v: f64) -> Self {
-        self.lr = v;
-        self
-    }
-    /// Sets `alpha`.
-    pub fn with_alpha(mut self, v: f64) -> Self {
-        self.alpha = v;
-        self
-    }
-    /// Sets `eps`.
-    pub fn with_eps(mut self, v: f64) -> Self {
-        self.eps = v;
-        self
-    }
-    /// Sets `weight_decay`.
-    pub fn with_weight_decay(mut self, v: f64) -> Self {
-        self.weight_decay = v;
-        self
-    }
-    /// Sets `momentum`.
-    pub fn with_momentum(mut self, v: f64) -> Self {
-        self.momentum = v;
-        self
-    }
-    /// Sets `centered`.
-    pub fn with_centered(mut self, v: bool) -> Self {
-        self.centered = v;
-        self
-    }
-    /// Sets `grad_clip`.
-    pub fn with_grad_clip(mut self, v: GradClip) -> Self {
-        self.grad_clip = Some(v);
-        self
-    }
-
     fn validate(&self) -> Result<()> {
         check_lr("RmsPropConfig::lr", self.lr)?;
         check_unit("RmsPropConfig::alpha", self.alpha)?;
@@ -111,7 +62,7 @@ pub struct RmsProp {
 
 impl RmsProp {
     /// Builds the optimizer over `groups`; validates the config.
-    pub fn new(config: RmsPropConfig, groups: Vec<ParamGroup>) -> Result<Self> {
+    pub fn new(groups: Vec<ParamGroup>, config: RmsPropConfig) -> Result<Self> {
         config.validate()?;
         let mut bufs = vec!["square_avg"];
         if config.momentum > 0.0 {

@@ -21,6 +21,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::config::config;
 use crate::{Error, Result};
 
 /// A learning rate as a function of the step (number of scheduler steps so far).
@@ -50,7 +51,8 @@ fn check_gamma(field: &str, v: f64) -> Result<()> {
 }
 
 /// torch's `ConstantLR`: `base_lr * factor` for the first `total_iters`
-/// steps, then `base_lr`. [`ConstantLr::new`] gives a plain constant.
+/// steps, then `base_lr`. [`ConstantLr::new`] gives a plain constant,
+/// [`ConstantLr::scaled`] torch's schedule.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ConstantLr {
     base_lr: f64,
@@ -69,9 +71,10 @@ impl ConstantLr {
         })
     }
 
-    /// torch `ConstantLR(factor, total_iters)` (torch defaults 1/3 and 5);
-    /// `factor` in `[0, 1]`.
-    pub fn with_factor(base_lr: f64, factor: f64, total_iters: u64) -> Result<Self> {
+    /// torch `ConstantLR(factor, total_iters)` (torch defaults 1/3 and 5):
+    /// `base_lr * factor` for `total_iters` steps, then `base_lr`; `factor`
+    /// in `[0, 1]`.
+    pub fn scaled(base_lr: f64, factor: f64, total_iters: u64) -> Result<Self> {
         check_base("ConstantLr::base_lr", base_lr)?;
         if !(0.0..=1.0).contains(&factor) {
             return Err(Error::config(
@@ -266,43 +269,27 @@ impl<S: Schedule> Schedule for LinearWarmup<S> {
     }
 }
 
-/// Settings of [`OneCycleLr`]; defaults are torch `OneCycleLR`'s.
-#[derive(Clone, Debug, PartialEq)]
-#[non_exhaustive]
-pub struct OneCycleConfig {
-    /// Peak learning rate (required; default 0.1 is a placeholder).
-    pub max_lr: f64,
-    /// Number of steps in the cycle (required; default 100 is a placeholder).
-    pub total_steps: u64,
-    /// Fraction of the cycle spent increasing the rate (torch default 0.3).
-    pub pct_start: f64,
-    /// Cosine annealing if true, linear otherwise (torch default `anneal_strategy="cos"`).
-    pub cos_anneal: bool,
-    /// `initial_lr = max_lr / div_factor` (torch default 25).
-    pub div_factor: f64,
-    /// `min_lr = initial_lr / final_div_factor` (torch default 1e4).
-    pub final_div_factor: f64,
-    /// fast.ai's three-phase variant (torch default false).
-    pub three_phase: bool,
-    /// Momentum at the rate's peak (torch `base_momentum` default 0.85).
-    pub base_momentum: f64,
-    /// Momentum at the rate's low points (torch `max_momentum` default 0.95).
-    pub max_momentum: f64,
-}
-
-impl Default for OneCycleConfig {
-    fn default() -> Self {
-        Self {
-            max_lr: 0.1,
-            total_steps: 100,
-            pct_start: 0.3,
-            cos_anneal: true,
-            div_factor: 25.0,
-            final_div_factor: 1e4,
-            three_phase: false,
-            base_momentum: 0.85,
-            max_momentum: 0.95,
-        }
+config! {
+    /// Settings of [`OneCycleLr`]; defaults are torch `OneCycleLR`'s.
+    pub struct OneCycleConfig {
+        /// Peak learning rate (required; default 0.1 is a placeholder).
+        max_lr: f64 = 0.1,
+        /// Number of steps in the cycle (required; default 100 is a placeholder).
+        total_steps: u64 = 100,
+        /// Fraction of the cycle spent increasing the rate (torch default 0.3).
+        pct_start: f64 = 0.3,
+        /// Cosine annealing if true, linear otherwise (torch default `anneal_strategy="cos"`).
+        cos_anneal: bool = true,
+        /// `initial_lr = max_lr / div_factor` (torch default 25).
+        div_factor: f64 = 25.0,
+        /// `min_lr = initial_lr / final_div_factor` (torch default 1e4).
+        final_div_factor: f64 = 1e4,
+        /// fast.ai's three-phase variant (torch default false).
+        three_phase: bool = false,
+        /// Momentum at the rate's peak (torch `base_momentum` default 0.85).
+        base_momentum: f64 = 0.85,
+        /// Momentum at the rate's low points (torch `max_momentum` default 0.95).
+        max_momentum: f64 = 0.95,
     }
 }
 
@@ -315,36 +302,26 @@ impl OneCycleConfig {
             ..Self::default()
         }
     }
-    /// Sets `pct_start`.
-    pub fn with_pct_start(mut self, v: f64) -> Self {
-        self.pct_start = v;
-        self
-    }
-    /// Sets `cos_anneal`.
-    pub fn with_cos_anneal(mut self, v: bool) -> Self {
-        self.cos_anneal = v;
-        self
-    }
-    /// Sets `div_factor`.
-    pub fn with_div_factor(mut self, v: f64) -> Self {
-        self.div_factor = v;
-        self
-    }
-    /// Sets `final_div_factor`.
-    pub fn with_final_div_factor(mut self, v: f64) -> Self {
-        self.final_div_factor = v;
-        self
-    }
-    /// Sets `three_phase`.
-    pub fn with_three_phase(mut self, v: bool) -> Self {
-        self.three_phase = v;
-        self
-    }
-    /// Sets `base_momentum` and `max_momentum`.
-    pub fn with_momentum_range(mut self, base: f64, max: f64) -> Self {
-        self.base_momentum = base;
-        self.max_momentum = max;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_base("OneCycleConfig::max_lr", self.max_lr)?;
+        if self.total_steps == 0 {
+            return Err(Error::config(
+                "OneCycleConfig::total_steps",
+                self.total_steps,
+                "must be >= 1",
+            ));
+        }
+        if !(self.pct_start > 0.0 && self.pct_start < 1.0) {
+            return Err(Error::config(
+                "OneCycleConfig::pct_start",
+                self.pct_start,
+                "must be in (0, 1)",
+            ));
+        }
+        check_gamma("OneCycleConfig::div_factor", self.div_factor)?;
+        check_gamma("OneCycleConfig::final_div_factor", self.final_div_factor)?;
+        Ok(())
     }
 }
 
@@ -370,23 +347,7 @@ pub struct OneCycleLr {
 impl OneCycleLr {
     /// Validates the config.
     pub fn new(cfg: OneCycleConfig) -> Result<Self> {
-        check_base("OneCycleConfig::max_lr", cfg.max_lr)?;
-        if cfg.total_steps == 0 {
-            return Err(Error::config(
-                "OneCycleConfig::total_steps",
-                cfg.total_steps,
-                "must be >= 1",
-            ));
-        }
-        if !(cfg.pct_start > 0.0 && cfg.pct_start < 1.0) {
-            return Err(Error::config(
-                "OneCycleConfig::pct_start",
-                cfg.pct_start,
-                "must be in (0, 1)",
-            ));
-        }
-        check_gamma("OneCycleConfig::div_factor", cfg.div_factor)?;
-        check_gamma("OneCycleConfig::final_div_factor", cfg.final_div_factor)?;
+        cfg.validate()?;
         let initial = cfg.max_lr / cfg.div_factor;
         let min_lr = initial / cfg.final_div_factor;
         let total = cfg.total_steps as f64;
@@ -497,83 +458,42 @@ pub enum ThresholdMode {
     Abs,
 }
 
-/// Settings of [`ReduceLrOnPlateau`]; defaults are torch `ReduceLROnPlateau`'s.
-#[derive(Clone, Debug, PartialEq)]
-#[non_exhaustive]
-pub struct ReduceLrOnPlateauConfig {
-    /// Direction of improvement (torch default min).
-    pub mode: PlateauMode,
-    /// Multiplier applied on a plateau, in `(0, 1)` (torch default 0.1).
-    pub factor: f64,
-    /// Steps without improvement tolerated before reducing (torch default 10).
-    pub patience: u64,
-    /// Minimal significant improvement (torch default 1e-4).
-    pub threshold: f64,
-    /// Relative or absolute threshold (torch default rel).
-    pub threshold_mode: ThresholdMode,
-    /// Steps to wait after a reduction before counting again (torch default 0).
-    pub cooldown: u64,
-    /// Floor of the learning rate (torch default 0).
-    pub min_lr: f64,
-    /// Reductions smaller than this are skipped (torch default 1e-8).
-    pub eps: f64,
-}
-
-impl Default for ReduceLrOnPlateauConfig {
-    fn default() -> Self {
-        Self {
-            mode: PlateauMode::Min,
-            factor: 0.1,
-            patience: 10,
-            threshold: 1e-4,
-            threshold_mode: ThresholdMode::Rel,
-            cooldown: 0,
-            min_lr: 0.0,
-            eps: 1e-8,
-        }
+config! {
+    /// Settings of [`ReduceLrOnPlateau`]; defaults are torch `ReduceLROnPlateau`'s.
+    pub struct ReduceLrOnPlateauConfig {
+        /// Direction of improvement (torch default min).
+        mode: PlateauMode = PlateauMode::Min,
+        /// Multiplier applied on a plateau, in `(0, 1)` (torch default 0.1).
+        factor: f64 = 0.1,
+        /// Steps without improvement tolerated before reducing (torch default 10).
+        patience: u64 = 10,
+        /// Minimal significant improvement (torch default 1e-4).
+        threshold: f64 = 1e-4,
+        /// Relative or absolute threshold (torch default rel).
+        threshold_mode: ThresholdMode = ThresholdMode::Rel,
+        /// Steps to wait after a reduction before counting again (torch default 0).
+        cooldown: u64 = 0,
+        /// Floor of the learning rate (torch default 0).
+        min_lr: f64 = 0.0,
+        /// Reductions smaller than this are skipped (torch default 1e-8).
+        eps: f64 = 1e-8,
     }
 }
 
 impl ReduceLrOnPlateauConfig {
-    /// Sets `mode`.
-    pub fn with_mode(mut self, v: PlateauMode) -> Self {
-        self.mode = v;
-        self
-    }
-    /// Sets `factor`.
-    pub fn with_factor(mut self, v: f64) -> Self {
-        self.factor = v;
-        self
-    }
-    /// Sets `patience`.
-    pub fn with_patience(mut self, v: u64) -> Self {
-        self.patience = v;
-        self
-    }
-    /// Sets `threshold`.
-    pub fn with_threshold(mut self, v: f64) -> Self {
-        self.threshold = v;
-        self
-    }
-    /// Sets `threshold_mode`.
-    pub fn with_threshold_mode(mut self, v: ThresholdMode) -> Self {
-        self.threshold_mode = v;
-        self
-    }
-    /// Sets `cooldown`.
-    pub fn with_cooldown(mut self, v: u64) -> Self {
-        self.cooldown = v;
-        self
-    }
-    /// Sets `min_lr`.
-    pub fn with_min_lr(mut self, v: f64) -> Self {
-        self.min_lr = v;
-        self
-    }
-    /// Sets `eps`.
-    pub fn with_eps(mut self, v: f64) -> Self {
-        self.eps = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        if !(self.factor > 0.0 && self.factor < 1.0) {
+            return Err(Error::config(
+                "ReduceLrOnPlateauConfig::factor",
+                self.factor,
+                "must be in (0, 1)",
+            ));
+        }
+        check_base("ReduceLrOnPlateauConfig::threshold", self.threshold)?;
+        check_base("ReduceLrOnPlateauConfig::min_lr", self.min_lr)?;
+        check_base("ReduceLrOnPlateauConfig::eps", self.eps)?;
+        Ok(())
     }
 }
 
@@ -590,18 +510,9 @@ pub struct ReduceLrOnPlateau {
 
 impl ReduceLrOnPlateau {
     /// Starts at learning rate `lr`; validates the config.
-    pub fn new(cfg: ReduceLrOnPlateauConfig, lr: f64) -> Result<Self> {
+    pub fn new(lr: f64, cfg: ReduceLrOnPlateauConfig) -> Result<Self> {
         check_base("ReduceLrOnPlateau::lr", lr)?;
-        if !(cfg.factor > 0.0 && cfg.factor < 1.0) {
-            return Err(Error::config(
-                "ReduceLrOnPlateauConfig::factor",
-                cfg.factor,
-                "must be in (0, 1)",
-            ));
-        }
-        check_base("ReduceLrOnPlateauConfig::threshold", cfg.threshold)?;
-        check_base("ReduceLrOnPlateauConfig::min_lr", cfg.min_lr)?;
-        check_base("ReduceLrOnPlateauConfig::eps", cfg.eps)?;
+        cfg.validate()?;
         let best = match cfg.mode {
             PlateauMode::Min => f64::INFINITY,
             PlateauMode::Max => f64::NEG_INFINITY,

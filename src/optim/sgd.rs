@@ -18,80 +18,31 @@ use super::fused;
 use super::groups::ParamGroup;
 use super::state::Core;
 use super::{check_lr, check_nonneg, check_unit, impl_optimizer, GradClip};
+use crate::config::config;
 use crate::{Error, Result};
 
-/// Settings of [`Sgd`]; defaults are torch.optim.SGD's.
-#[derive(Clone, Debug, PartialEq)]
-#[non_exhaustive]
-pub struct SgdConfig {
-    /// Learning rate (torch default 1e-3).
-    pub lr: f64,
-    /// Momentum factor in `[0, 1)` (torch default 0).
-    pub momentum: f64,
-    /// Dampening of the momentum update in `[0, 1]` (torch default 0).
-    pub dampening: f64,
-    /// L2 penalty added to the gradient (torch default 0).
-    pub weight_decay: f64,
-    /// Nesterov momentum; needs `momentum > 0` and `dampening == 0` (torch default false).
-    pub nesterov: bool,
-    /// Gradient clipping applied before each step (default none).
-    pub grad_clip: Option<GradClip>,
-    /// Fused in-place CPU update: `None` (default) uses it for f32/f64 CPU
-    /// parameters (so does `Some(true)`), `Some(false)` always uses candle ops.
-    pub fused: Option<bool>,
-}
-
-impl Default for SgdConfig {
-    fn default() -> Self {
-        Self {
-            lr: 1e-3,
-            momentum: 0.0,
-            dampening: 0.0,
-            weight_decay: 0.0,
-            nesterov: false,
-            grad_clip: None,
-            fused: None,
-        }
+config! {
+    /// Settings of [`Sgd`]; defaults are torch.optim.SGD's.
+    pub struct SgdConfig {
+        /// Learning rate (torch default 1e-3).
+        lr: f64 = 1e-3,
+        /// Momentum factor in `[0, 1)` (torch default 0).
+        momentum: f64 = 0.0,
+        /// Dampening of the momentum update in `[0, 1]` (torch default 0).
+        dampening: f64 = 0.0,
+        /// L2 penalty added to the gradient (torch default 0).
+        weight_decay: f64 = 0.0,
+        /// Nesterov momentum; needs `momentum > 0` and `dampening == 0` (torch default false).
+        nesterov: bool = false,
+        /// Gradient clipping applied before each step (default none).
+        grad_clip: Option<GradClip> = None,
+        /// Fused in-place CPU update: `None` (default) uses it for f32/f64 CPU
+        /// parameters (so does `Some(true)`), `Some(false)` always uses candle ops.
+        fused: Option<bool> = None,
     }
 }
 
 impl SgdConfig {
-    /// Sets `lr`.
-    pub fn with_lr(mut self, v: f64) -> Self {
-        self.lr = v;
-        self
-    }
-    /// Sets `momentum`.
-    pub fn with_momentum(mut self, v: f64) -> Self {
-        self.momentum = v;
-        self
-    }
-    /// Sets `dampening`.
-    pub fn with_dampening(mut self, v: f64) -> Self {
-        self.dampening = v;
-        self
-    }
-    /// Sets `weight_decay`.
-    pub fn with_weight_decay(mut self, v: f64) -> Self {
-        self.weight_decay = v;
-        self
-    }
-    /// Sets `nesterov`.
-    pub fn with_nesterov(mut self, v: bool) -> Self {
-        self.nesterov = v;
-        self
-    }
-    /// Sets `grad_clip`.
-    pub fn with_grad_clip(mut self, v: GradClip) -> Self {
-        self.grad_clip = Some(v);
-        self
-    }
-    /// Sets `fused`.
-    pub fn with_fused(mut self, v: bool) -> Self {
-        self.fused = Some(v);
-        self
-    }
-
     fn validate(&self) -> Result<()> {
         check_lr("SgdConfig::lr", self.lr)?;
         check_unit("SgdConfig::momentum", self.momentum)?;
@@ -126,7 +77,7 @@ pub struct Sgd {
 impl Sgd {
     /// Builds the optimizer over `groups` (see [`ParamGroup`]); validates
     /// the config.
-    pub fn new(config: SgdConfig, groups: Vec<ParamGroup>) -> Result<Self> {
+    pub fn new(groups: Vec<ParamGroup>, config: SgdConfig) -> Result<Self> {
         config.validate()?;
         let bufs = if config.momentum != 0.0 {
             vec!["momentum_buffer"]

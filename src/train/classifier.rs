@@ -28,7 +28,7 @@
 //! let vb = aimass::nn::init::seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu);
 //! let mlp = Mlp::new(MlpConfig::new(vec![4, 16, 4]), vb)?;
 //! let model = aimass::nn::seq().add_fn(|x, _train| x.flatten_from(1)).add(mlp);
-//! let opt = Sgd::from_varmap(SgdConfig::default().with_lr(0.5).with_momentum(0.9), &varmap)?;
+//! let opt = Sgd::from_varmap(&varmap, SgdConfig::default().with_lr(0.5).with_momentum(0.9))?;
 //! let mut clf = Classifier::new(model, varmap, opt, ClassifierConfig::default())?;
 //!
 //! let summary = Fit::new(&mut clf, &mut loader, FitConfig::default().with_epochs(20))?.run()?;
@@ -42,40 +42,19 @@ use candle_nn::VarMap;
 use super::fit::{StepOutput, TrainStep};
 use super::guard::{GuardAction, NonFiniteGuard, NonFinitePolicy};
 use super::Checkpoint;
+use crate::config::config;
 use crate::data::Batch;
-use crate::loss::{CrossEntropy, CrossEntropyConfig};
+use crate::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use crate::optim::Optimizer;
 use crate::{Error, Result};
 
-/// Settings of [`Classifier`].
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct ClassifierConfig {
-    /// Label smoothing of the cross-entropy (default 0, torch's).
-    pub label_smoothing: f64,
-    /// What to do on a NaN/Inf loss or gradient (default: error).
-    pub non_finite: NonFinitePolicy,
-}
-
-impl Default for ClassifierConfig {
-    fn default() -> Self {
-        ClassifierConfig {
-            label_smoothing: 0.0,
-            non_finite: NonFinitePolicy::Error,
-        }
-    }
-}
-
-impl ClassifierConfig {
-    /// Sets the label smoothing.
-    pub fn with_label_smoothing(mut self, v: f64) -> Self {
-        self.label_smoothing = v;
-        self
-    }
-    /// Sets the non-finite policy.
-    pub fn with_non_finite(mut self, v: NonFinitePolicy) -> Self {
-        self.non_finite = v;
-        self
+config! {
+    /// Settings of [`Classifier`].
+    pub struct ClassifierConfig {
+        /// Label smoothing of the cross-entropy (default 0, torch's).
+        label_smoothing: f64 = 0.0,
+        /// What to do on a NaN/Inf loss or gradient (default: error).
+        non_finite: NonFinitePolicy = NonFinitePolicy::Error,
     }
 }
 
@@ -84,7 +63,7 @@ pub struct Classifier<M: ModuleT, O: Optimizer> {
     model: M,
     varmap: VarMap,
     optimizer: O,
-    loss: CrossEntropy,
+    loss: CrossEntropyLoss,
     guard: NonFiniteGuard,
     params: Vec<(String, Var)>,
     buffers: Vec<Var>,
@@ -94,8 +73,8 @@ impl<M: ModuleT, O: Optimizer> Classifier<M, O> {
     /// A trainer for `model`, whose parameters (and BatchNorm buffers) live
     /// in `varmap`, updated by `optimizer`.
     pub fn new(model: M, varmap: VarMap, optimizer: O, config: ClassifierConfig) -> Result<Self> {
-        let loss = CrossEntropy::new(
-            CrossEntropyConfig::default().with_label_smoothing(config.label_smoothing),
+        let loss = CrossEntropyLoss::new(
+            CrossEntropyLossConfig::default().with_label_smoothing(config.label_smoothing),
         )?;
         let params = crate::nn::params::named_vars(&varmap)?;
         let buffers = crate::nn::params::buffer_vars(&varmap)?

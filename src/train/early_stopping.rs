@@ -1,6 +1,7 @@
 //! Early stopping on a monitored metric.
 
 use super::callback::{Callback, Control, EpochInfo, TrainingState};
+use crate::config::config;
 use crate::{Error, Result};
 
 /// Whether the monitored metric should go down or up.
@@ -14,42 +15,61 @@ pub enum MonitorMode {
     Max,
 }
 
+config! {
+    /// Settings of [`EarlyStopping`]; defaults are PyTorch Lightning's
+    /// `EarlyStopping`'s.
+    pub struct EarlyStoppingConfig {
+        /// Whether the metric should go down or up (Lightning default: min).
+        mode: MonitorMode = MonitorMode::Min,
+        /// Epochs without improvement tolerated before stopping (Lightning
+        /// default 3; Keras 0).
+        patience: usize = 3,
+        /// Smallest change that counts as an improvement, >= 0 (Lightning and
+        /// Keras default 0).
+        min_delta: f64 = 0.0,
+    }
+}
+
+impl EarlyStoppingConfig {
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        if !(self.min_delta.is_finite() && self.min_delta >= 0.0) {
+            return Err(Error::config(
+                "EarlyStoppingConfig::min_delta",
+                self.min_delta,
+                "must be finite and >= 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Stops training when `metric` has not improved by more than `min_delta`
 /// for `patience` epochs (Keras/Lightning semantics).
 #[derive(Debug, Clone)]
 pub struct EarlyStopping {
     metric: String,
-    mode: MonitorMode,
-    patience: usize,
-    min_delta: f64,
+    cfg: EarlyStoppingConfig,
     best: Option<f64>,
     bad_epochs: usize,
 }
 
 impl EarlyStopping {
     /// Monitors `metric` (an epoch metric such as `test_acc`, or
-    /// `train_loss`).
-    pub fn new(
-        metric: impl Into<String>,
-        mode: MonitorMode,
-        patience: usize,
-        min_delta: f64,
-    ) -> Result<Self> {
-        if !(min_delta.is_finite() && min_delta >= 0.0) {
-            return Err(Error::config(
-                "EarlyStopping::min_delta",
-                min_delta,
-                "must be finite and >= 0",
-            ));
-        }
+    /// `train_loss`); validates the config.
+    pub fn new(metric: impl Into<String>, cfg: EarlyStoppingConfig) -> Result<Self> {
+        cfg.validate()?;
         Ok(EarlyStopping {
             metric: metric.into(),
-            mode,
-            patience,
-            min_delta,
+            cfg,
             best: None,
             bad_epochs: 0,
         })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EarlyStoppingConfig {
+        &self.cfg
     }
 
     /// The best value seen so far.
@@ -59,10 +79,10 @@ impl EarlyStopping {
 
     /// Feeds one epoch's value; returns whether to stop.
     pub fn observe(&mut self, value: f64) -> bool {
-        let improved = match (self.best, self.mode) {
+        let improved = match (self.best, self.cfg.mode) {
             (None, _) => value.is_finite(),
-            (Some(b), MonitorMode::Min) => value < b - self.min_delta,
-            (Some(b), MonitorMode::Max) => value > b + self.min_delta,
+            (Some(b), MonitorMode::Min) => value < b - self.cfg.min_delta,
+            (Some(b), MonitorMode::Max) => value > b + self.cfg.min_delta,
         };
         if improved {
             self.best = Some(value);
@@ -70,7 +90,7 @@ impl EarlyStopping {
         } else {
             self.bad_epochs += 1;
         }
-        self.bad_epochs > self.patience
+        self.bad_epochs > self.cfg.patience
     }
 }
 
@@ -107,16 +127,22 @@ mod tests {
 
     #[test]
     fn stops_after_patience() {
-        let mut e = EarlyStopping::new("test_acc", MonitorMode::Max, 2, 0.0).unwrap();
+        let cfg = EarlyStoppingConfig::default;
+        let max = cfg().with_mode(MonitorMode::Max).with_patience(2);
+        let mut e = EarlyStopping::new("test_acc", max).unwrap();
         assert!(!e.observe(0.5));
         assert!(!e.observe(0.6));
         assert!(!e.observe(0.6)); // 1 bad epoch
         assert!(!e.observe(0.55)); // 2
         assert!(e.observe(0.59)); // 3 > patience
         assert_eq!(e.best(), Some(0.6));
-        let mut m = EarlyStopping::new("train_loss", MonitorMode::Min, 0, 0.1).unwrap();
+        let min = cfg().with_patience(0).with_min_delta(0.1);
+        let mut m = EarlyStopping::new("train_loss", min).unwrap();
         assert!(!m.observe(1.0));
         assert!(m.observe(0.95)); // not better by more than min_delta
-        assert!(EarlyStopping::new("x", MonitorMode::Min, 1, -1.0).is_err());
+        match EarlyStopping::new("x", cfg().with_min_delta(-1.0)) {
+            Err(Error::Config { field, .. }) => assert_eq!(field, "EarlyStoppingConfig::min_delta"),
+            other => panic!("expected a config error, got {other:?}"),
+        }
     }
 }

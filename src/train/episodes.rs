@@ -13,7 +13,7 @@
 //!
 //! let ds = InMemoryDataset::new(vec![0; 40 * 4], (0..40).map(|i| i % 4).collect(), (1, 2, 2))?;
 //! let cfg = EpisodeConfig::default().with_n_way(2).with_k_shot(1).with_q_query(2);
-//! let sampler = EpisodeSampler::new(ds, &[0, 1, 2, 3], cfg, 0, &Device::Cpu)?;
+//! let sampler = EpisodeSampler::new(ds, &[0, 1, 2, 3], cfg, &Device::Cpu)?;
 //! let mut tasks = EpisodeEpochs::new(sampler, 5)?;
 //! assert_eq!(tasks.batches_per_epoch(), 5);
 //! tasks.set_position(2, 3)?; // episode 13

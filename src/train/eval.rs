@@ -16,8 +16,9 @@ use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::{Module, VarMap};
 
 use super::knn::accuracy_of;
+use crate::config::config;
 use crate::data::DataLoader;
-use crate::loss::cross_entropy;
+use crate::loss::cross_entropy_loss;
 use crate::optim::{AdamW, AdamWConfig, CosineAnnealingLr, Optimizer, Schedule};
 use crate::{Error, Result};
 
@@ -67,59 +68,40 @@ pub fn evaluate_accuracy<M: ModuleT>(model: &M, loader: &DataLoader) -> Result<f
     Ok(right as f64 / total as f64)
 }
 
-/// Settings of [`linear_probe`].
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct LinearProbeConfig {
-    /// Passes over the training features (default 100).
-    pub epochs: usize,
-    /// AdamW learning rate, cosine-annealed to 0 (default 0.05).
-    pub lr: f64,
-    /// AdamW weight decay (default 1e-4).
-    pub weight_decay: f64,
-    /// Mini-batch size (default 256).
-    pub batch_size: usize,
-    /// Seed of the initialisation and the shuffling (default 0).
-    pub seed: u64,
-}
-
-impl Default for LinearProbeConfig {
-    fn default() -> Self {
-        LinearProbeConfig {
-            epochs: 100,
-            lr: 0.05,
-            weight_decay: 1e-4,
-            batch_size: 256,
-            seed: 0,
-        }
+config! {
+    /// Settings of [`linear_probe`].
+    pub struct LinearProbeConfig {
+        /// Passes over the training features (default 100).
+        epochs: usize = 100,
+        /// AdamW learning rate, cosine-annealed to 0 (default 0.05).
+        lr: f64 = 0.05,
+        /// AdamW weight decay (default 1e-4).
+        weight_decay: f64 = 1e-4,
+        /// Mini-batch size (default 256).
+        batch_size: usize = 256,
+        /// Seed of the initialisation and the shuffling (default 0).
+        seed: u64 = 0,
     }
 }
 
 impl LinearProbeConfig {
-    /// Sets the number of epochs.
-    pub fn with_epochs(mut self, v: usize) -> Self {
-        self.epochs = v;
-        self
-    }
-    /// Sets the learning rate.
-    pub fn with_lr(mut self, v: f64) -> Self {
-        self.lr = v;
-        self
-    }
-    /// Sets the weight decay.
-    pub fn with_weight_decay(mut self, v: f64) -> Self {
-        self.weight_decay = v;
-        self
-    }
-    /// Sets the batch size.
-    pub fn with_batch_size(mut self, v: usize) -> Self {
-        self.batch_size = v;
-        self
-    }
-    /// Sets the seed.
-    pub fn with_seed(mut self, v: u64) -> Self {
-        self.seed = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        if self.epochs == 0 {
+            return Err(Error::config(
+                "LinearProbeConfig::epochs",
+                0,
+                "must be >= 1",
+            ));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::config(
+                "LinearProbeConfig::batch_size",
+                0,
+                "must be >= 1",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -142,20 +124,7 @@ pub fn linear_probe(
     test_y: &[u32],
     config: &LinearProbeConfig,
 ) -> Result<LinearProbeResult> {
-    if config.epochs == 0 {
-        return Err(Error::config(
-            "LinearProbeConfig::epochs",
-            0,
-            "must be >= 1",
-        ));
-    }
-    if config.batch_size == 0 {
-        return Err(Error::config(
-            "LinearProbeConfig::batch_size",
-            0,
-            "must be >= 1",
-        ));
-    }
+    config.validate()?;
     let dev = Device::Cpu;
     let tx = train_x
         .flatten_from(1)?
@@ -198,10 +167,10 @@ pub fn linear_probe(
     let vb = crate::nn::init::seeded_var_builder(&varmap, config.seed, DType::F32, &dev);
     let head = candle_nn::linear(d, classes, vb.pp("probe"))?;
     let mut opt = AdamW::from_varmap(
+        &varmap,
         AdamWConfig::default()
             .with_lr(config.lr)
             .with_weight_decay(config.weight_decay),
-        &varmap,
     )?;
     let per_epoch = n.div_ceil(config.batch_size);
     let total = (config.epochs * per_epoch) as u64;
@@ -215,7 +184,7 @@ pub fn linear_probe(
         for chunk in order.chunks(config.batch_size) {
             let idx = Tensor::new(chunk, &dev)?;
             let logits = head.forward(&tx.index_select(&idx, 0)?)?;
-            let loss = cross_entropy(&logits, &ty.index_select(&idx, 0)?)?;
+            let loss = cross_entropy_loss(&logits, &ty.index_select(&idx, 0)?)?;
             opt.set_lr(schedule.lr(step));
             opt.step(&loss.backward()?)?;
             step += 1;

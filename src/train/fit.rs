@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use super::callback::{Callback, Control, EpochInfo, StepInfo, TrainingState};
 use super::Checkpoint;
+use crate::config::config;
 use crate::data::{Batch, DataLoader, LoaderPosition};
 use crate::optim::Schedule;
 use crate::{Error, Result};
@@ -160,43 +161,28 @@ impl BatchSource for DataLoader {
 /// An epoch-end evaluation: returns named metrics (e.g. `test_acc`).
 pub type Evaluator<'a, T> = Box<dyn FnMut(&mut T, usize) -> Result<BTreeMap<String, f64>> + 'a>;
 
-/// Settings of a [`Fit`] run.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct FitConfig {
-    /// Epochs to train (default 1).
-    pub epochs: usize,
-    /// Stop after this many global steps, even mid-epoch (default: none).
-    pub max_steps: Option<u64>,
-    /// Run the evaluator every this many epochs, and after the last (default 1).
-    pub eval_every: usize,
-}
-
-impl Default for FitConfig {
-    fn default() -> Self {
-        FitConfig {
-            epochs: 1,
-            max_steps: None,
-            eval_every: 1,
-        }
+config! {
+    /// Settings of a [`Fit`] run.
+    pub struct FitConfig {
+        /// Epochs to train (default 1).
+        epochs: usize = 1,
+        /// Stop after this many global steps, even mid-epoch (default: none).
+        max_steps: Option<u64> = None,
+        /// Run the evaluator every this many epochs, and after the last (default 1).
+        eval_every: usize = 1,
     }
 }
 
 impl FitConfig {
-    /// Sets the number of epochs.
-    pub fn with_epochs(mut self, epochs: usize) -> Self {
-        self.epochs = epochs;
-        self
-    }
-    /// Sets a global step limit.
-    pub fn with_max_steps(mut self, max_steps: Option<u64>) -> Self {
-        self.max_steps = max_steps;
-        self
-    }
-    /// Sets the evaluation interval in epochs.
-    pub fn with_eval_every(mut self, eval_every: usize) -> Self {
-        self.eval_every = eval_every;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        if self.epochs == 0 {
+            return Err(Error::config("FitConfig::epochs", 0, "must be >= 1"));
+        }
+        if self.eval_every == 0 {
+            return Err(Error::config("FitConfig::eval_every", 0, "must be >= 1"));
+        }
+        Ok(())
     }
 }
 
@@ -254,12 +240,7 @@ impl<T: TrainStep, S: BatchSource> TrainingState for RunState<'_, T, S> {
 impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
     /// A loop over `source` driving `trainer`; the config is validated.
     pub fn new(trainer: &'a mut T, source: &'a mut S, config: FitConfig) -> Result<Self> {
-        if config.epochs == 0 {
-            return Err(Error::config("FitConfig::epochs", 0, "must be >= 1"));
-        }
-        if config.eval_every == 0 {
-            return Err(Error::config("FitConfig::eval_every", 0, "must be >= 1"));
-        }
+        config.validate()?;
         if source.batches_per_epoch() == 0 {
             return Err(Error::invalid("Fit::new", "the batch source has no batches (empty dataset, or drop_last with fewer samples than a batch)"));
         }

@@ -23,47 +23,22 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
+use crate::config::config;
 use crate::{ops, Error, Result};
 
-/// Settings of the kNN classifier (defaults: k = 20, temperature 0.1).
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct KnnConfig {
-    /// Number of neighbours that vote (default 20, as in the reference protocol).
-    pub k: usize,
-    /// Vote weight `exp(sim / temperature)` (default 0.1, InstDisc).
-    pub temperature: f64,
-    /// Queries per similarity batch (default 500).
-    pub batch_size: usize,
-}
-
-impl Default for KnnConfig {
-    fn default() -> Self {
-        KnnConfig {
-            k: 20,
-            temperature: 0.1,
-            batch_size: 500,
-        }
+config! {
+    /// Settings of the kNN classifier (defaults: k = 20, temperature 0.1).
+    pub struct KnnConfig {
+        /// Number of neighbours that vote (default 20, as in the reference protocol).
+        k: usize = 20,
+        /// Vote weight `exp(sim / temperature)` (default 0.1, InstDisc).
+        temperature: f64 = 0.1,
+        /// Queries per similarity batch (default 500).
+        batch_size: usize = 500,
     }
 }
 
 impl KnnConfig {
-    /// Sets `k`.
-    pub fn with_k(mut self, k: usize) -> Self {
-        self.k = k;
-        self
-    }
-    /// Sets the temperature.
-    pub fn with_temperature(mut self, t: f64) -> Self {
-        self.temperature = t;
-        self
-    }
-    /// Sets the query batch size.
-    pub fn with_batch_size(mut self, b: usize) -> Self {
-        self.batch_size = b;
-        self
-    }
-
     fn validate(&self) -> Result<()> {
         if self.k == 0 {
             return Err(Error::config("KnnConfig::k", self.k, "must be >= 1"));

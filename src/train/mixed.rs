@@ -20,15 +20,15 @@
 //!
 //! ```
 //! use aimass::prelude::*;
-//! use aimass::train::{MixedPrecision, Precision};
+//! use aimass::train::{MixedPrecision, MixedPrecisionConfig, Precision};
 //! use aimass::optim::{Optimizer, Sgd, SgdConfig};
 //!
 //! let dev = Device::Cpu;
 //! let varmap = VarMap::new();
 //! let vb = aimass::nn::init::seeded_var_builder(&varmap, 0, DType::F32, &dev);
 //! let _ = aimass::candle_nn::linear(4, 1, vb.pp("fc"))?; // creates the f32 master weights
-//! let mut mp = MixedPrecision::new(Precision::Bf16)?;
-//! let mut opt = Sgd::from_varmap(SgdConfig::default().with_lr(0.1), &varmap)?;
+//! let mut mp = MixedPrecision::new(MixedPrecisionConfig::default().with_precision(Precision::Bf16))?;
+//! let mut opt = Sgd::from_varmap(&varmap, SgdConfig::default().with_lr(0.1))?;
 //! let x = Tensor::ones((8, 4), DType::BF16, &dev)?;
 //! for _ in 0..3 {
 //!     let fc = aimass::candle_nn::linear(4, 1, mp.var_builder(&varmap, &dev)?.pp("fc"))?;
@@ -47,6 +47,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::scaler::{LossScaler, LossScalerConfig};
+use crate::config::config;
 use crate::{Error, Result};
 
 /// The arithmetic of the forward and backward passes.
@@ -73,6 +74,18 @@ impl Precision {
     }
 }
 
+config! {
+    /// Settings of [`MixedPrecision`]: torch.autocast's CPU dtype and
+    /// torch.cuda.amp.GradScaler's scaling.
+    pub struct MixedPrecisionConfig {
+        /// Arithmetic of the forward and backward passes (torch.autocast's
+        /// CPU default: bf16).
+        precision: Precision = Precision::Bf16,
+        /// Dynamic loss scaling, used for f16 only (GradScaler's defaults).
+        loss_scaler: LossScalerConfig = LossScalerConfig::default(),
+    }
+}
+
 /// Casts master weights for the forward pass and scales/unscales gradients.
 #[derive(Debug, Clone)]
 pub struct MixedPrecision {
@@ -81,18 +94,17 @@ pub struct MixedPrecision {
 }
 
 impl MixedPrecision {
-    /// Mixed precision with the default loss scaler for f16 (none for bf16/f32).
-    pub fn new(precision: Precision) -> Result<Self> {
-        Self::with_scaler(precision, LossScalerConfig::default())
-    }
-
-    /// Mixed precision with a configured loss scaler (used for f16 only).
-    pub fn with_scaler(precision: Precision, config: LossScalerConfig) -> Result<Self> {
-        let scaler = match precision {
-            Precision::F16 => Some(LossScaler::new(config)?),
+    /// Mixed precision at `cfg.precision`, with a loss scaler built from
+    /// `cfg.loss_scaler` for f16 (none for bf16 and f32).
+    pub fn new(cfg: MixedPrecisionConfig) -> Result<Self> {
+        let scaler = match cfg.precision {
+            Precision::F16 => Some(LossScaler::new(cfg.loss_scaler)?),
             _ => None,
         };
-        Ok(MixedPrecision { precision, scaler })
+        Ok(MixedPrecision {
+            precision: cfg.precision,
+            scaler,
+        })
     }
 
     /// The precision.
@@ -172,8 +184,11 @@ mod tests {
         steps: usize,
     ) -> (f32, MixedPrecision, VarMap) {
         let (varmap, x, y) = setup();
-        let mut mp = MixedPrecision::with_scaler(precision, scaler).unwrap();
-        let mut opt = Sgd::from_varmap(SgdConfig::default().with_lr(0.05), &varmap).unwrap();
+        let cfg = MixedPrecisionConfig::default()
+            .with_precision(precision)
+            .with_loss_scaler(scaler);
+        let mut mp = MixedPrecision::new(cfg).unwrap();
+        let mut opt = Sgd::from_varmap(&varmap, SgdConfig::default().with_lr(0.05)).unwrap();
         let dt = precision.dtype();
         let mut last = f32::NAN;
         for _ in 0..steps {

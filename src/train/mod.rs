@@ -40,7 +40,7 @@ pub use callback::{Callback, Control, EpochInfo, StepInfo, TrainingState};
 pub use checkpoint::{Checkpoint, FORMAT_VERSION};
 pub use checkpoint_dir::{CheckpointDir, PeriodicCheckpoint};
 pub use classifier::{Classifier, ClassifierConfig};
-pub use early_stopping::{EarlyStopping, MonitorMode};
+pub use early_stopping::{EarlyStopping, EarlyStoppingConfig, MonitorMode};
 pub use episodes::EpisodeEpochs;
 pub use eval::{
     evaluate_accuracy, extract, extract_features, linear_probe, LinearProbeConfig,
@@ -50,7 +50,7 @@ pub use fit::{BatchSource, Evaluator, Fit, FitConfig, FitSummary, StepOutput, Tr
 pub use guard::{GuardAction, NonFiniteGuard, NonFinitePolicy};
 pub use knn::{accuracy_of, knn_accuracy, knn_predict, KnnConfig};
 pub use metrics_log::MetricsLog;
-pub use mixed::{MixedPrecision, Precision};
+pub use mixed::{MixedPrecision, MixedPrecisionConfig, Precision};
 #[cfg(feature = "plot")]
 pub use plot::CurvePlot;
 pub use progress::{Progress, ProgressMode};

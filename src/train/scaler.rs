@@ -20,53 +20,55 @@
 //! # Ok::<(), aimass::Error>(())
 //! ```
 
+use crate::config::config;
 use crate::{Error, Result};
 
-/// Settings of [`LossScaler`] (torch.cuda.amp.GradScaler's defaults).
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct LossScalerConfig {
-    /// Starting scale (default 65536 = 2¹⁶).
-    pub init_scale: f64,
-    /// Factor applied after `growth_interval` good steps (default 2).
-    pub growth_factor: f64,
-    /// Factor applied on overflow (default 0.5).
-    pub backoff_factor: f64,
-    /// Good steps between growths (default 2000).
-    pub growth_interval: u64,
-}
-
-impl Default for LossScalerConfig {
-    fn default() -> Self {
-        LossScalerConfig {
-            init_scale: 65536.0,
-            growth_factor: 2.0,
-            backoff_factor: 0.5,
-            growth_interval: 2000,
-        }
+config! {
+    /// Settings of [`LossScaler`] (torch.cuda.amp.GradScaler's defaults).
+    pub struct LossScalerConfig {
+        /// Starting scale (default 65536 = 2¹⁶).
+        init_scale: f64 = 65536.0,
+        /// Factor applied after `growth_interval` good steps (default 2).
+        growth_factor: f64 = 2.0,
+        /// Factor applied on overflow (default 0.5).
+        backoff_factor: f64 = 0.5,
+        /// Good steps between growths (default 2000).
+        growth_interval: u64 = 2000,
     }
 }
 
 impl LossScalerConfig {
-    /// Sets the starting scale.
-    pub fn with_init_scale(mut self, v: f64) -> Self {
-        self.init_scale = v;
-        self
-    }
-    /// Sets the growth factor.
-    pub fn with_growth_factor(mut self, v: f64) -> Self {
-        self.growth_factor = v;
-        self
-    }
-    /// Sets the backoff factor.
-    pub fn with_backoff_factor(mut self, v: f64) -> Self {
-        self.backoff_factor = v;
-        self
-    }
-    /// Sets the growth interval.
-    pub fn with_growth_interval(mut self, v: u64) -> Self {
-        self.growth_interval = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        if !(self.init_scale.is_finite() && self.init_scale > 0.0) {
+            return Err(Error::config(
+                "LossScalerConfig::init_scale",
+                self.init_scale,
+                "must be finite and > 0",
+            ));
+        }
+        if !(self.growth_factor.is_finite() && self.growth_factor >= 1.0) {
+            return Err(Error::config(
+                "LossScalerConfig::growth_factor",
+                self.growth_factor,
+                "must be finite and >= 1",
+            ));
+        }
+        if !(self.backoff_factor > 0.0 && self.backoff_factor < 1.0) {
+            return Err(Error::config(
+                "LossScalerConfig::backoff_factor",
+                self.backoff_factor,
+                "must be in (0, 1)",
+            ));
+        }
+        if self.growth_interval == 0 {
+            return Err(Error::config(
+                "LossScalerConfig::growth_interval",
+                0,
+                "must be >= 1",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -82,34 +84,7 @@ pub struct LossScaler {
 impl LossScaler {
     /// A scaler at `config.init_scale`; the config is validated.
     pub fn new(config: LossScalerConfig) -> Result<Self> {
-        if !(config.init_scale.is_finite() && config.init_scale > 0.0) {
-            return Err(Error::config(
-                "LossScalerConfig::init_scale",
-                config.init_scale,
-                "must be finite and > 0",
-            ));
-        }
-        if !(config.growth_factor.is_finite() && config.growth_factor >= 1.0) {
-            return Err(Error::config(
-                "LossScalerConfig::growth_factor",
-                config.growth_factor,
-                "must be finite and >= 1",
-            ));
-        }
-        if !(config.backoff_factor > 0.0 && config.backoff_factor < 1.0) {
-            return Err(Error::config(
-                "LossScalerConfig::backoff_factor",
-                config.backoff_factor,
-                "must be in (0, 1)",
-            ));
-        }
-        if config.growth_interval == 0 {
-            return Err(Error::config(
-                "LossScalerConfig::growth_interval",
-                0,
-                "must be >= 1",
-            ));
-        }
+        config.validate()?;
         Ok(LossScaler {
             scale: config.init_scale,
             config,

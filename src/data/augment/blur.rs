@@ -1,48 +1,42 @@
 //! Random Gaussian blur.
 
 use super::image::{check_prob, check_range, coin, uniform, Image, Transform};
+use crate::config::config;
 use crate::device::SeededRng;
 use crate::{Error, Result};
 
-/// Options of [`GaussianBlur`].
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct GaussianBlurConfig {
-    /// Odd kernel side. Default 3: SimCLR's 10% of the image side (23 px at
-    /// 224), scaled to 28 px and rounded to odd.
-    pub kernel_size: usize,
-    /// Range of the standard deviation in pixels, drawn uniformly per image.
-    /// Default `(0.1, 2.0)` (torchvision, SimCLR, BYOL).
-    pub sigma: (f32, f32),
-    /// Probability of blurring. Default 0.5 (SimCLR).
-    pub p: f32,
-}
-
-impl Default for GaussianBlurConfig {
-    fn default() -> Self {
-        Self {
-            kernel_size: 3,
-            sigma: (0.1, 2.0),
-            p: 0.5,
-        }
+config! {
+    /// Options of [`GaussianBlur`].
+    pub struct GaussianBlurConfig {
+        /// Odd kernel side. Default 3: SimCLR's 10% of the image side (23 px at
+        /// 224), scaled to 28 px and rounded to odd.
+        kernel_size: usize = 3,
+        /// Range of the standard deviation in pixels, drawn uniformly per image.
+        /// Default `(0.1, 2.0)` (torchvision, SimCLR, BYOL).
+        sigma: (f32, f32) = (0.1, 2.0),
+        /// Probability of blurring. Default 0.5 (SimCLR).
+        p: f32 = 0.5,
     }
 }
 
 impl GaussianBlurConfig {
-    /// Sets [`GaussianBlurConfig::kernel_size`].
-    pub fn with_kernel_size(mut self, v: usize) -> Self {
-        self.kernel_size = v;
-        self
-    }
-    /// Sets [`GaussianBlurConfig::sigma`].
-    pub fn with_sigma(mut self, min: f32, max: f32) -> Self {
-        self.sigma = (min, max);
-        self
-    }
-    /// Sets [`GaussianBlurConfig::p`].
-    pub fn with_p(mut self, v: f32) -> Self {
-        self.p = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        if self.kernel_size.is_multiple_of(2) || self.kernel_size > 1023 {
+            return Err(Error::config(
+                "GaussianBlurConfig::kernel_size",
+                self.kernel_size,
+                "must be odd and at most 1023",
+            ));
+        }
+        check_range(
+            "GaussianBlurConfig::sigma",
+            self.sigma,
+            f32::MIN_POSITIVE,
+            1e6,
+        )?;
+        check_prob("GaussianBlurConfig::p", self.p)?;
+        Ok(())
     }
 }
 
@@ -56,20 +50,7 @@ pub struct GaussianBlur {
 impl GaussianBlur {
     /// Validates the configuration.
     pub fn new(cfg: GaussianBlurConfig) -> Result<Self> {
-        if cfg.kernel_size.is_multiple_of(2) || cfg.kernel_size > 1023 {
-            return Err(Error::config(
-                "GaussianBlurConfig::kernel_size",
-                cfg.kernel_size,
-                "must be odd and at most 1023",
-            ));
-        }
-        check_range(
-            "GaussianBlurConfig::sigma",
-            cfg.sigma,
-            f32::MIN_POSITIVE,
-            1e6,
-        )?;
-        check_prob("GaussianBlurConfig::p", cfg.p)?;
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 }

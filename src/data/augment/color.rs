@@ -4,42 +4,30 @@
 use rand::Rng;
 
 use super::image::{check_prob, coin, uniform, Image, Transform};
+use crate::config::config;
 use crate::device::SeededRng;
 use crate::{Error, Result};
 
 /// ITU-R 601 luma weights used by torchvision's `rgb_to_grayscale`.
 const LUMA: [f32; 3] = [0.2989, 0.587, 0.114];
 
-/// Options of [`ColorJitter`]; strengths as torchvision's `ColorJitter`.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct ColorJitterConfig {
-    /// Brightness factor drawn from `[max(0, 1 - b), 1 + b]`. Default 0.4.
-    pub brightness: f32,
-    /// Contrast factor drawn from `[max(0, 1 - c), 1 + c]`. Default 0.4.
-    pub contrast: f32,
-    /// Saturation factor drawn from `[max(0, 1 - s), 1 + s]` (3 channels only). Default 0.4.
-    pub saturation: f32,
-    /// Hue shift drawn from `[-h, h]`, `h <= 0.5` (3 channels only). Default 0.1.
-    /// (Defaults: SimCLR's CIFAR strength 0.5, i.e. `(0.4, 0.4, 0.4, 0.1)`.)
-    pub hue: f32,
-    /// Probability of jittering (SimCLR's `RandomApply`). Default 0.8.
-    pub p: f32,
-    /// Apply the four adjustments in a random order per image (torchvision);
-    /// `false` keeps brightness, contrast, saturation, hue. Default `true`.
-    pub random_order: bool,
-}
-
-impl Default for ColorJitterConfig {
-    fn default() -> Self {
-        Self {
-            brightness: 0.4,
-            contrast: 0.4,
-            saturation: 0.4,
-            hue: 0.1,
-            p: 0.8,
-            random_order: true,
-        }
+config! {
+    /// Options of [`ColorJitter`]; strengths as torchvision's `ColorJitter`.
+    pub struct ColorJitterConfig {
+        /// Brightness factor drawn from `[max(0, 1 - b), 1 + b]`. Default 0.4.
+        brightness: f32 = 0.4,
+        /// Contrast factor drawn from `[max(0, 1 - c), 1 + c]`. Default 0.4.
+        contrast: f32 = 0.4,
+        /// Saturation factor drawn from `[max(0, 1 - s), 1 + s]` (3 channels only). Default 0.4.
+        saturation: f32 = 0.4,
+        /// Hue shift drawn from `[-h, h]`, `h <= 0.5` (3 channels only). Default 0.1.
+        /// (Defaults: SimCLR's CIFAR strength 0.5, i.e. `(0.4, 0.4, 0.4, 0.1)`.)
+        hue: f32 = 0.1,
+        /// Probability of jittering (SimCLR's `RandomApply`). Default 0.8.
+        p: f32 = 0.8,
+        /// Apply the four adjustments in a random order per image (torchvision);
+        /// `false` keeps brightness, contrast, saturation, hue. Default `true`.
+        random_order: bool = true,
     }
 }
 
@@ -54,35 +42,26 @@ impl ColorJitterConfig {
             ..Self::default()
         }
     }
-    /// Sets [`ColorJitterConfig::brightness`].
-    pub fn with_brightness(mut self, v: f32) -> Self {
-        self.brightness = v;
-        self
-    }
-    /// Sets [`ColorJitterConfig::contrast`].
-    pub fn with_contrast(mut self, v: f32) -> Self {
-        self.contrast = v;
-        self
-    }
-    /// Sets [`ColorJitterConfig::saturation`].
-    pub fn with_saturation(mut self, v: f32) -> Self {
-        self.saturation = v;
-        self
-    }
-    /// Sets [`ColorJitterConfig::hue`].
-    pub fn with_hue(mut self, v: f32) -> Self {
-        self.hue = v;
-        self
-    }
-    /// Sets [`ColorJitterConfig::p`].
-    pub fn with_p(mut self, v: f32) -> Self {
-        self.p = v;
-        self
-    }
-    /// Sets [`ColorJitterConfig::random_order`].
-    pub fn with_random_order(mut self, v: bool) -> Self {
-        self.random_order = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        for (f, v) in [
+            ("ColorJitterConfig::brightness", self.brightness),
+            ("ColorJitterConfig::contrast", self.contrast),
+            ("ColorJitterConfig::saturation", self.saturation),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::config(f, v, "must be finite and >= 0"));
+            }
+        }
+        if !(0.0..=0.5).contains(&self.hue) {
+            return Err(Error::config(
+                "ColorJitterConfig::hue",
+                self.hue,
+                "must be in [0, 0.5]",
+            ));
+        }
+        check_prob("ColorJitterConfig::p", self.p)?;
+        Ok(())
     }
 }
 
@@ -97,23 +76,7 @@ pub struct ColorJitter {
 impl ColorJitter {
     /// Validates the configuration.
     pub fn new(cfg: ColorJitterConfig) -> Result<Self> {
-        for (f, v) in [
-            ("ColorJitterConfig::brightness", cfg.brightness),
-            ("ColorJitterConfig::contrast", cfg.contrast),
-            ("ColorJitterConfig::saturation", cfg.saturation),
-        ] {
-            if !(v.is_finite() && v >= 0.0) {
-                return Err(Error::config(f, v, "must be finite and >= 0"));
-            }
-        }
-        if !(0.0..=0.5).contains(&cfg.hue) {
-            return Err(Error::config(
-                "ColorJitterConfig::hue",
-                cfg.hue,
-                "must be in [0, 0.5]",
-            ));
-        }
-        check_prob("ColorJitterConfig::p", cfg.p)?;
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 }

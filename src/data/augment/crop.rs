@@ -4,6 +4,7 @@
 use rand::Rng;
 
 use super::image::{check_prob, check_range, coin, uniform, Image, Transform};
+use crate::config::config;
 use crate::device::SeededRng;
 use crate::{Error, Result};
 
@@ -38,59 +39,47 @@ pub struct CropBox {
     pub width: f32,
 }
 
-/// Options of [`RandomResizedCrop`].
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct RandomResizedCropConfig {
-    /// Output `(height, width)`. Default `(28, 28)` (Fashion-MNIST; torchvision requires it).
-    pub size: (usize, usize),
-    /// Range of the crop's area fraction. Default `(0.08, 1.0)` (torchvision, SimCLR).
-    pub scale: (f32, f32),
-    /// Range of the aspect ratio width/height, sampled log-uniformly. Default `(3/4, 4/3)` (torchvision).
-    pub ratio: (f32, f32),
-    /// How the box is drawn and sampled. Default [`CropMode::Torchvision`].
-    pub mode: CropMode,
-    /// Probability of cropping; otherwise the whole image is resized. Default 1.0.
-    pub p: f32,
-}
-
-impl Default for RandomResizedCropConfig {
-    fn default() -> Self {
-        Self {
-            size: (28, 28),
-            scale: (0.08, 1.0),
-            ratio: (3.0 / 4.0, 4.0 / 3.0),
-            mode: CropMode::Torchvision,
-            p: 1.0,
-        }
+config! {
+    /// Options of [`RandomResizedCrop`].
+    pub struct RandomResizedCropConfig {
+        /// Output `(height, width)`. Default `(28, 28)` (Fashion-MNIST; torchvision requires it).
+        size: (usize, usize) = (28, 28),
+        /// Range of the crop's area fraction. Default `(0.08, 1.0)` (torchvision, SimCLR).
+        scale: (f32, f32) = (0.08, 1.0),
+        /// Range of the aspect ratio width/height, sampled log-uniformly. Default `(3/4, 4/3)` (torchvision).
+        ratio: (f32, f32) = (3.0 / 4.0, 4.0 / 3.0),
+        /// How the box is drawn and sampled. Default [`CropMode::Torchvision`].
+        mode: CropMode = CropMode::Torchvision,
+        /// Probability of cropping; otherwise the whole image is resized. Default 1.0.
+        p: f32 = 1.0,
     }
 }
 
 impl RandomResizedCropConfig {
-    /// Sets [`RandomResizedCropConfig::size`].
-    pub fn with_size(mut self, height: usize, width: usize) -> Self {
-        self.size = (height, width);
-        self
-    }
-    /// Sets [`RandomResizedCropConfig::scale`].
-    pub fn with_scale(mut self, min: f32, max: f32) -> Self {
-        self.scale = (min, max);
-        self
-    }
-    /// Sets [`RandomResizedCropConfig::ratio`].
-    pub fn with_ratio(mut self, min: f32, max: f32) -> Self {
-        self.ratio = (min, max);
-        self
-    }
-    /// Sets [`RandomResizedCropConfig::mode`].
-    pub fn with_mode(mut self, v: CropMode) -> Self {
-        self.mode = v;
-        self
-    }
-    /// Sets [`RandomResizedCropConfig::p`].
-    pub fn with_p(mut self, v: f32) -> Self {
-        self.p = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        let (h, w) = self.size;
+        if h == 0 || w == 0 || h > 1 << 16 || w > 1 << 16 {
+            return Err(Error::config(
+                "RandomResizedCropConfig::size",
+                format!("{h}×{w}"),
+                "sides must be in 1..=65536",
+            ));
+        }
+        check_range(
+            "RandomResizedCropConfig::scale",
+            self.scale,
+            f32::MIN_POSITIVE,
+            1.0,
+        )?;
+        check_range(
+            "RandomResizedCropConfig::ratio",
+            self.ratio,
+            f32::MIN_POSITIVE,
+            f32::MAX,
+        )?;
+        check_prob("RandomResizedCropConfig::p", self.p)?;
+        Ok(())
     }
 }
 
@@ -103,27 +92,7 @@ pub struct RandomResizedCrop {
 impl RandomResizedCrop {
     /// Validates the configuration.
     pub fn new(cfg: RandomResizedCropConfig) -> Result<Self> {
-        let (h, w) = cfg.size;
-        if h == 0 || w == 0 || h > 1 << 16 || w > 1 << 16 {
-            return Err(Error::config(
-                "RandomResizedCropConfig::size",
-                format!("{h}×{w}"),
-                "sides must be in 1..=65536",
-            ));
-        }
-        check_range(
-            "RandomResizedCropConfig::scale",
-            cfg.scale,
-            f32::MIN_POSITIVE,
-            1.0,
-        )?;
-        check_range(
-            "RandomResizedCropConfig::ratio",
-            cfg.ratio,
-            f32::MIN_POSITIVE,
-            f32::MAX,
-        )?;
-        check_prob("RandomResizedCropConfig::p", cfg.p)?;
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 
@@ -333,44 +302,39 @@ impl Transform for RandomResizedCrop {
     }
 }
 
-/// Options of [`RandomCrop`].
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct RandomCropConfig {
-    /// Output `(height, width)`. Default `(28, 28)`.
-    pub size: (usize, usize),
-    /// Zero padding added on every side before cropping. Default 2
-    /// (`torch_quality.py`'s supervised recipe; torchvision's CIFAR recipe uses 4 on 32 px).
-    pub padding: usize,
-    /// Probability of cropping at a random offset; otherwise the centre. Default 1.0.
-    pub p: f32,
-}
-
-impl Default for RandomCropConfig {
-    fn default() -> Self {
-        Self {
-            size: (28, 28),
-            padding: 2,
-            p: 1.0,
-        }
+config! {
+    /// Options of [`RandomCrop`].
+    pub struct RandomCropConfig {
+        /// Output `(height, width)`. Default `(28, 28)`.
+        size: (usize, usize) = (28, 28),
+        /// Zero padding added on every side before cropping. Default 2
+        /// (`torch_quality.py`'s supervised recipe; torchvision's CIFAR recipe uses 4 on 32 px).
+        padding: usize = 2,
+        /// Probability of cropping at a random offset; otherwise the centre. Default 1.0.
+        p: f32 = 1.0,
     }
 }
 
 impl RandomCropConfig {
-    /// Sets [`RandomCropConfig::size`].
-    pub fn with_size(mut self, height: usize, width: usize) -> Self {
-        self.size = (height, width);
-        self
-    }
-    /// Sets [`RandomCropConfig::padding`].
-    pub fn with_padding(mut self, v: usize) -> Self {
-        self.padding = v;
-        self
-    }
-    /// Sets [`RandomCropConfig::p`].
-    pub fn with_p(mut self, v: f32) -> Self {
-        self.p = v;
-        self
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        let (h, w) = self.size;
+        if h == 0 || w == 0 || h > 1 << 16 || w > 1 << 16 {
+            return Err(Error::config(
+                "RandomCropConfig::size",
+                format!("{h}×{w}"),
+                "sides must be in 1..=65536",
+            ));
+        }
+        if self.padding > 1 << 16 {
+            return Err(Error::config(
+                "RandomCropConfig::padding",
+                self.padding,
+                "must be at most 65536",
+            ));
+        }
+        check_prob("RandomCropConfig::p", self.p)?;
+        Ok(())
     }
 }
 
@@ -384,22 +348,7 @@ pub struct RandomCrop {
 impl RandomCrop {
     /// Validates the configuration.
     pub fn new(cfg: RandomCropConfig) -> Result<Self> {
-        let (h, w) = cfg.size;
-        if h == 0 || w == 0 || h > 1 << 16 || w > 1 << 16 {
-            return Err(Error::config(
-                "RandomCropConfig::size",
-                format!("{h}×{w}"),
-                "sides must be in 1..=65536",
-            ));
-        }
-        if cfg.padding > 1 << 16 {
-            return Err(Error::config(
-                "RandomCropConfig::padding",
-                cfg.padding,
-                "must be at most 65536",
-            ));
-        }
-        check_prob("RandomCropConfig::p", cfg.p)?;
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 }

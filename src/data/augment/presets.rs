@@ -23,50 +23,29 @@ use super::{
     HorizontalFlip, MultiView, Normalize, RandomCrop, RandomCropConfig, RandomGrayscale,
     RandomResizedCrop, RandomResizedCropConfig, Solarize,
 };
+use crate::config::config;
 use crate::data::{FASHION_MNIST_MEAN, FASHION_MNIST_STD};
 use crate::{Error, Result};
 
-/// Size and normalisation shared by the presets.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct PresetConfig {
-    /// Output side in pixels. Default 28 (Fashion-MNIST).
-    pub size: usize,
-    /// Per-channel (or single) mean for the final `Normalize`. Default Fashion-MNIST's 0.2860.
-    pub mean: Vec<f32>,
-    /// Per-channel (or single) std for the final `Normalize`. Default Fashion-MNIST's 0.3530.
-    pub std: Vec<f32>,
-}
-
-impl Default for PresetConfig {
-    fn default() -> Self {
-        Self {
-            size: 28,
-            mean: vec![FASHION_MNIST_MEAN],
-            std: vec![FASHION_MNIST_STD],
-        }
+config! {
+    /// Size and normalisation shared by the presets.
+    pub struct PresetConfig {
+        /// Output side in pixels. Default 28 (Fashion-MNIST).
+        size: usize = 28,
+        /// Per-channel (or single) mean for the final `Normalize`. Default Fashion-MNIST's 0.2860.
+        mean: Vec<f32> = vec![FASHION_MNIST_MEAN],
+        /// Per-channel (or single) std for the final `Normalize`. Default Fashion-MNIST's 0.3530.
+        std: Vec<f32> = vec![FASHION_MNIST_STD],
     }
 }
 
 impl PresetConfig {
-    /// Sets [`PresetConfig::size`].
-    pub fn with_size(mut self, v: usize) -> Self {
-        self.size = v;
-        self
-    }
-    /// Sets [`PresetConfig::mean`] and [`PresetConfig::std`].
-    pub fn with_normalize(mut self, mean: &[f32], std: &[f32]) -> Self {
-        self.mean = mean.to_vec();
-        self.std = std.to_vec();
-        self
-    }
-
     fn blur_kernel(&self) -> usize {
         let k = (0.1 * self.size as f32).round() as usize;
         (k | 1).max(3)
     }
 
-    fn check(&self) -> Result<()> {
+    fn validate(&self) -> Result<()> {
         if self.size == 0 {
             return Err(Error::config("PresetConfig::size", 0, "must be > 0"));
         }
@@ -77,8 +56,8 @@ impl PresetConfig {
 fn rrc(cfg: &PresetConfig, scale: (f32, f32), mode: CropMode) -> Result<RandomResizedCrop> {
     RandomResizedCrop::new(
         RandomResizedCropConfig::default()
-            .with_size(cfg.size, cfg.size)
-            .with_scale(scale.0, scale.1)
+            .with_size((cfg.size, cfg.size))
+            .with_scale(scale)
             .with_mode(mode),
     )
 }
@@ -88,7 +67,7 @@ fn rrc(cfg: &PresetConfig, scale: (f32, f32), mode: CropMode) -> Result<RandomRe
 /// random order, grayscale p 0.2, Gaussian blur p 0.5 only from 64 px up
 /// (off for small images, as SimCLR's CIFAR-10 recipe), normalise.
 pub fn simclr(cfg: &PresetConfig) -> Result<Compose> {
-    cfg.check()?;
+    cfg.validate()?;
     let mut c = Compose::new()
         .then(rrc(cfg, (0.08, 1.0), CropMode::Torchvision)?)
         .then(HorizontalFlip::new(0.5)?)
@@ -110,7 +89,7 @@ pub fn simclr_views(cfg: &PresetConfig) -> Result<MultiView> {
 }
 
 fn byol_view(cfg: &PresetConfig, blur_p: f32, solarize_p: f32) -> Result<Compose> {
-    cfg.check()?;
+    cfg.validate()?;
     Ok(Compose::new()
         .then(rrc(cfg, (0.08, 1.0), CropMode::Torchvision)?)
         .then(HorizontalFlip::new(0.5)?)

@@ -12,53 +12,48 @@
 //! [−1, 1]; −1 is perfect agreement.
 
 use super::{check_batch, check_float, check_positive, check_rank, check_same_shape};
+use crate::config::config;
 use crate::ops;
 use crate::Result;
 use candle_core::Tensor;
 
-/// Configuration of [`SimSiamLoss`].
-#[non_exhaustive]
-#[derive(Debug, Clone, PartialEq)]
-pub struct SimSiamLossConfig {
-    /// `eps` of the cosine similarity (torch's `F.cosine_similarity`: 1e-8).
-    pub eps: f64,
-}
-
-impl Default for SimSiamLossConfig {
-    fn default() -> Self {
-        Self { eps: 1e-8 }
+config! {
+    /// Configuration of [`NegativeCosineLoss`].
+    pub struct NegativeCosineLossConfig {
+        /// `eps` of the cosine similarity (torch's `F.cosine_similarity`: 1e-8).
+        eps: f64 = 1e-8,
     }
 }
 
-impl SimSiamLossConfig {
-    /// Sets [`SimSiamLossConfig::eps`].
-    pub fn with_eps(mut self, v: f64) -> Self {
-        self.eps = v;
-        self
+impl NegativeCosineLossConfig {
+    /// Checks every field; called by the constructor.
+    fn validate(&self) -> Result<()> {
+        check_positive("NegativeCosineLossConfig::eps", self.eps)?;
+        Ok(())
     }
 }
 
 /// SimSiam's loss (see the module docs).
 #[derive(Debug, Clone)]
-pub struct SimSiamLoss {
-    cfg: SimSiamLossConfig,
+pub struct NegativeCosineLoss {
+    cfg: NegativeCosineLossConfig,
 }
 
-impl SimSiamLoss {
+impl NegativeCosineLoss {
     /// Validates the configuration.
-    pub fn new(cfg: SimSiamLossConfig) -> Result<Self> {
-        check_positive("SimSiamLossConfig::eps", cfg.eps)?;
+    pub fn new(cfg: NegativeCosineLossConfig) -> Result<Self> {
+        cfg.validate()?;
         Ok(Self { cfg })
     }
 
     /// The configuration.
-    pub fn config(&self) -> &SimSiamLossConfig {
+    pub fn config(&self) -> &NegativeCosineLossConfig {
         &self.cfg
     }
 
     /// `D(p, z) = −mean cos(p, stopgrad(z))` for `(N, D)` inputs.
     pub fn forward(&self, p: &Tensor, z: &Tensor) -> Result<Tensor> {
-        const OP: &str = "negative_cosine";
+        const OP: &str = "negative_cosine_loss";
         check_rank(OP, "predictions (N, D)", p, 2)?;
         check_float(OP, "predictions", p)?;
         check_same_shape(OP, p, z)?;
@@ -81,6 +76,6 @@ impl SimSiamLoss {
 }
 
 /// `−mean cos(p, stopgrad(z))`, SimSiam's `D(p, z)`.
-pub fn negative_cosine(p: &Tensor, z: &Tensor) -> Result<Tensor> {
-    SimSiamLoss::new(SimSiamLossConfig::default())?.forward(p, z)
+pub fn negative_cosine_loss(p: &Tensor, z: &Tensor) -> Result<Tensor> {
+    NegativeCosineLoss::new(NegativeCosineLossConfig::default())?.forward(p, z)
 }
