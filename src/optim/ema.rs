@@ -11,6 +11,7 @@ use candle_core::Var;
 use candle_nn::VarMap;
 
 use super::groups::is_buffer;
+use crate::nn::FrozenModel;
 use crate::{Error, Result};
 
 /// BYOL's decay at step `k` of `total`:
@@ -102,6 +103,18 @@ impl Ema {
             ));
         }
         Self::from_pairs(cfg, pairs)
+    }
+
+    /// An average of `online` into the weights of a frozen model (BYOL's
+    /// target network, MoCo's key encoder): the only way, besides loading a
+    /// file, that a [`FrozenModel`]'s weights change. Names and shapes are
+    /// paired as by [`Ema::new`].
+    pub fn from_frozen<M>(
+        cfg: EmaConfig,
+        online: &VarMap,
+        target: &FrozenModel<M>,
+    ) -> Result<Self> {
+        Self::new(cfg, online, target.varmap())
     }
 
     /// From explicit `(name, online, target)` triples.

@@ -91,9 +91,9 @@ pub(crate) fn supports_pool(x: &Tensor) -> bool {
 }
 
 /// Checks that the kernels take `ts` (CPU, f32/f64, one dtype). Every
-/// entry point validates its operands here before running a kernel, so this
-/// is also where the CPU allocator gets tuned, once per process
-/// ([`crate::device::tune_cpu_allocator`]).
+/// entry point validates its operands here before running a kernel. (It
+/// leaves the process's allocator alone: tuning it is the training
+/// program's choice, [`crate::device::tune_cpu_allocator`].)
 fn check_supported(op: &str, ts: &[&Tensor]) -> Result<()> {
     let first = ts.first().map(|t| t.dtype());
     for t in ts {
@@ -119,7 +119,6 @@ fn check_supported(op: &str, ts: &[&Tensor]) -> Result<()> {
             ));
         }
     }
-    crate::device::tune_cpu_allocator();
     Ok(())
 }
 
