@@ -2,6 +2,8 @@
 //! Tests of aimass::nn against hand-computed values, torchvision's parameter
 //! counts and PyTorch fixtures (tests/fixtures/gen_nn.py).
 
+mod common;
+
 use std::collections::HashMap;
 
 use aimass::candle::{DType, Device, Tensor, Var};
@@ -9,6 +11,7 @@ use aimass::candle_nn::{Optimizer, VarMap, SGD};
 use aimass::nn::init::{seeded_var_builder, SeededBackend};
 use aimass::nn::params::{self, Frozen, ParamKind};
 use aimass::nn::*;
+use common::read_fixture;
 
 const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/");
 
@@ -710,26 +713,6 @@ fn frozen_parameters_get_no_gradient_and_stay_bit_identical() {
 }
 
 // ------------------------------------------------------------------ PyTorch fixtures
-
-/// Reads a fixture and dequantises its weights (see gen_nn.py).
-fn read_fixture(name: &str) -> HashMap<String, Tensor> {
-    let raw = aimass::candle::safetensors::load(format!("{FIX}{name}"), &cpu()).unwrap();
-    let mut out = HashMap::new();
-    for (k, t) in &raw {
-        if k.ends_with(".__scale") {
-            continue;
-        }
-        let t = if t.dtype() == DType::U8 {
-            let s = raw[&format!("{k}.__scale")].to_vec1::<f32>().unwrap()[0];
-            let q: Vec<f32> = vec1(t).iter().map(|v| (v - 128.0) * s).collect();
-            Tensor::from_vec(q, t.shape(), &cpu()).unwrap()
-        } else {
-            t.clone()
-        };
-        out.insert(k.clone(), t);
-    }
-    out
-}
 
 fn check_resnet_fixture(file: &str, cfg: ResNetConfig) {
     let fx = read_fixture(file);

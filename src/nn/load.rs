@@ -151,11 +151,11 @@ pub fn load_tensors(
 /// says, and reports what matched (torch's `load_state_dict`).
 ///
 /// File names are renamed by `config.prefix_map` first. A tensor whose
-/// (renamed) name is a variable of another shape is always an
-/// [`Error::Shape`] naming the tensor and both shapes, also when not
-/// strict; two file tensors renamed to the same variable are an error too.
-/// With `strict`, a missing or unexpected tensor is an [`Error::Malformed`]
-/// listing them. On any error nothing has been changed.
+/// (renamed) name is a variable of another shape is always an error naming
+/// the tensor and both shapes: with `strict`, an [`Error::Malformed`] that
+/// lists the missing, unexpected and mis-shaped tensors together; without,
+/// an [`Error::Shape`]. Two file tensors renamed to the same variable are
+/// an error too. On any error nothing has been changed.
 ///
 /// ```
 /// use aimass::prelude::*;
@@ -266,27 +266,12 @@ fn assign(
             }
         }
     }
-    if !shape.is_empty() {
-        let (expected, got) = if shape.len() == 1 {
-            ("the model's shape".to_string(), shape.join(""))
-        } else {
-            (
-                "the model's shapes".to_string(),
-                format!("{} mis-shaped tensors: {}", shape.len(), list(&shape)),
-            )
-        };
-        return Err(Error::Shape {
-            op: format!("loading weights from `{}`", source.display()),
-            expected,
-            got,
-        });
-    }
     let missing: Vec<String> = vars
         .keys()
         .filter(|n| !matched.contains_key(*n))
         .cloned()
         .collect();
-    if config.strict && !(missing.is_empty() && unexpected.is_empty()) {
+    if config.strict && !(missing.is_empty() && unexpected.is_empty() && shape.is_empty()) {
         let mut found = Vec::new();
         if !missing.is_empty() {
             found.push(format!("missing: {}", list(&missing)));
@@ -294,12 +279,22 @@ fn assign(
         if !unexpected.is_empty() {
             found.push(format!("unexpected: {}", list(&unexpected)));
         }
+        if !shape.is_empty() {
+            found.push(format!("mis-shaped: {}", list(&shape)));
+        }
         return Err(Error::malformed(
             source,
             "model weights",
             "exactly the model's tensor names and shapes (build the same model configuration that saved them, or load with LoadConfig::non_strict() and a prefix map)",
             found.join("; "),
         ));
+    }
+    if !shape.is_empty() {
+        return Err(Error::Shape {
+            op: format!("loading weights from `{}`", source.display()),
+            expected: "the model's shape for every tensor that matches a variable".to_string(),
+            got: format!("mis-shaped: {}", list(&shape)),
+        });
     }
     // Convert everything first, so a failing conversion changes nothing.
     let mut converted = Vec::with_capacity(matched.len());

@@ -125,6 +125,13 @@ impl<M> Model<M> {
     }
 }
 
+impl<M: ModuleT> Model<M> {
+    /// The model's output in train (`true`) or eval (`false`) mode.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        Ok(self.module.forward_t(x, train)?)
+    }
+}
+
 impl<M: ModuleT> ModuleT for Model<M> {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         self.module.forward_t(x, train)

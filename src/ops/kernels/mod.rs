@@ -1,5 +1,11 @@
 //! Fast CPU kernels with backward: convolution, pooling, BatchNorm, ReLU.
 //!
+//! **An implementation detail, outside the stability promise.** Nothing in
+//! this module is needed to train models: the layers of [`crate::nn`] and
+//! the ops of [`crate::ops`] dispatch here on the CPU by themselves. The
+//! module is public for benchmarks and for readers who want to call a
+//! kernel directly; its names and signatures may change in any release.
+//!
 //! Candle's CPU convolution backward is several times slower than its
 //! forward, and its max-pool backward is wrong. This module holds our own
 //! CPU kernels, wrapped as candle custom ops **with backward**, so that
