@@ -365,3 +365,26 @@ fn model_save_and_load_round_trip_with_a_complete_report() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A PyTorch model with other module names, converted by
+/// `scripts/torch_weights.py` (`tests/fixtures/gen_torch_weights.py`):
+/// loads strictly into aimass's `Mlp` and gives PyTorch's output.
+#[test]
+fn weights_converted_by_the_script_load_and_match_pytorch() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/torch_renamed.safetensors"
+    );
+    let all = aimass::candle::safetensors::load(path, &dev()).unwrap();
+    let vm = VarMap::new();
+    let mlp = Mlp::new(
+        MlpConfig::new(vec![6, 8, 3]).with_batch_norm(true),
+        seeded_var_builder(&vm, 0, DType::F32, &dev()),
+    )
+    .unwrap();
+    let report = params::load_with(&vm, path, &LoadConfig::non_strict()).unwrap();
+    assert_eq!(report.unexpected_keys, vec!["input", "out_eval"]);
+    assert!(report.missing_keys.is_empty());
+    let y = mlp.forward_t(&all["input"], false).unwrap();
+    assert!(max_diff(&y, &all["out_eval"]) < 1e-5);
+}
