@@ -28,13 +28,23 @@
 //! is returned to the kernel, and every block above a (dynamic) threshold
 //! is a fresh `mmap`, so each step page-faults its whole working set again:
 //! a quarter of a CPU ResNet step went to the kernel zeroing pages.
-//! [`tune_cpu_allocator`] (called by the CPU kernels of [`crate::ops::kernels`]
-//! the first time they run, on Linux with glibc) serves blocks up to 32 MiB
-//! from the heap and keeps freed memory for reuse: the process keeps its
-//! peak memory instead of giving it back. Set `AIMASS_CPU_MALLOC=system` to
-//! leave glibc's defaults alone. Elsewhere it does nothing; a binary can
-//! also install an allocator of its own (jemalloc, mimalloc) with
-//! `#[global_allocator]`.
+//! [`tune_cpu_allocator`] serves blocks up to 32 MiB from the heap and keeps
+//! freed memory for reuse: the process keeps its peak memory instead of
+//! giving it back. That is the right trade for a training program and the
+//! wrong one for a server or a GUI that embeds aimass for a short job, so
+//! it is a process-wide setting that aimass never changes by itself: a
+//! kernel call, a model or an optimizer leaves the allocator alone. The
+//! training loop [`crate::train::Fit`] turns it on when its config says so,
+//! and the examples do; a program calls [`tune_cpu_allocator`] itself
+//! otherwise. `AIMASS_CPU_MALLOC=system` makes it a no-op. It does nothing
+//! outside Linux with glibc; a binary can also install an allocator of its
+//! own (jemalloc, mimalloc) with `#[global_allocator]`.
+//!
+//! aimass does not set environment variables or build rayon's global
+//! thread pool either (it uses the pool the program has, sized by
+//! `RAYON_NUM_THREADS` by default); second-order gradients, which need an
+//! environment variable, are turned on by the program
+//! ([`crate::autograd::enable_second_order`]).
 //!
 //! # Seeding
 //!
@@ -233,18 +243,26 @@ pub fn rng_stream(seed: u64, stream: u64) -> SeededRng {
     r
 }
 
+static TUNED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
 /// Tunes glibc's `malloc` for training (see the module docs): blocks up to
-/// 32 MiB come from the heap, and freed memory is never trimmed. Runs once
-/// per process; returns whether the settings are in effect (false on other
-/// platforms and C libraries, or when `AIMASS_CPU_MALLOC=system`).
+/// 32 MiB come from the heap, and freed memory is never trimmed. A
+/// process-wide setting that only a training program should ask for; runs
+/// once per process; returns whether the settings are in effect (false on
+/// other platforms and C libraries, or when `AIMASS_CPU_MALLOC=system`).
 pub fn tune_cpu_allocator() -> bool {
-    static TUNED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *TUNED.get_or_init(|| {
         if std::env::var("AIMASS_CPU_MALLOC").is_ok_and(|v| v == "system") {
             return false;
         }
         set_malloc_options()
     })
+}
+
+/// Whether [`tune_cpu_allocator`] has changed the allocator's settings in
+/// this process (it never runs unless called).
+pub fn cpu_allocator_tuned() -> bool {
+    TUNED.get().copied().unwrap_or(false)
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

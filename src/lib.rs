@@ -33,6 +33,7 @@
 //! |---|---|
 //! | [`error`] | [`Error`] and [`Result`] |
 //! | [`device`] | device selection (`AIMASS_DEVICE`) and the seeded RNG |
+//! | [`autograd`] | gradients as values (named, accumulated) and second-order differentiation |
 //! | [`ops`] | differentiable tensor ops candle lacks or gets wrong |
 //! | [`nn`] | layers and model families with train/eval modes |
 //! | [`optim`] | optimizers, clipping, learning-rate schedules, EMA |
@@ -48,6 +49,7 @@ pub use candle_core as candle;
 pub use candle_nn;
 
 mod atomic_file;
+pub mod autograd;
 mod config;
 pub mod data;
 pub mod device;

@@ -2,6 +2,8 @@
 //! Tests of aimass::nn against hand-computed values, torchvision's parameter
 //! counts and PyTorch fixtures (tests/fixtures/gen_nn.py).
 
+mod common;
+
 use std::collections::HashMap;
 
 use aimass::candle::{DType, Device, Tensor, Var};
@@ -9,6 +11,7 @@ use aimass::candle_nn::{Optimizer, VarMap, SGD};
 use aimass::nn::init::{seeded_var_builder, SeededBackend};
 use aimass::nn::params::{self, Frozen, ParamKind};
 use aimass::nn::*;
+use common::read_fixture;
 
 const FIX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/");
 
@@ -455,7 +458,8 @@ fn convnet_mlp_and_heads_shapes_and_names() {
 #[test]
 fn dropout_is_seeded_and_identity_in_eval() {
     let x = Tensor::ones((1000,), DType::F32, &cpu()).unwrap();
-    let d = Dropout::new(0.25, 3).unwrap();
+    let cfg = DropoutConfig::default().with_p(0.25).with_seed(3);
+    let d = Dropout::new(cfg.clone()).unwrap();
     assert_eq!(vec1(&d.forward_t(&x, false).unwrap()), vec1(&x));
     let y = vec1(&d.forward_t(&x, true).unwrap());
     let zeros = y.iter().filter(|v| **v == 0.0).count();
@@ -463,9 +467,59 @@ fn dropout_is_seeded_and_identity_in_eval() {
     assert!(y
         .iter()
         .all(|v| *v == 0.0 || (*v - 1.0 / 0.75).abs() < 1e-6));
-    let y2 = vec1(&Dropout::new(0.25, 3).unwrap().forward_t(&x, true).unwrap());
+    let y2 = vec1(&Dropout::new(cfg).unwrap().forward_t(&x, true).unwrap());
     assert_eq!(y, y2);
-    assert!(Dropout::new(1.0, 0).is_err());
+    assert!(matches!(
+        Dropout::new(DropoutConfig::default().with_p(1.0)),
+        Err(aimass::Error::Config { .. })
+    ));
+    assert!(Dropout::new(DropoutConfig::default().with_p(-0.1)).is_err());
+    assert!(Dropout::new(DropoutConfig::default().with_p(f64::NAN)).is_err());
+}
+
+/// Masks are a function of (seed, step, call within the step): a layer
+/// rebuilt every step (functional parameters) or after a resume draws the
+/// masks of an uninterrupted run, and consecutive steps differ. The old
+/// layer kept one generator per instance, so a rebuilt layer replayed its
+/// first mask every step.
+#[test]
+fn dropout_masks_follow_the_step_not_the_instance() {
+    let x = Tensor::ones((64,), DType::F64, &cpu()).unwrap();
+    let cfg = DropoutConfig::default().with_p(0.5).with_seed(11);
+    let mask = |d: &Dropout, step: u64| {
+        let _scope = StepScope::enter(step);
+        vec1(&d.forward_t(&x, true).unwrap())
+    };
+    // One layer over steps 0..4, two calls per step (two views).
+    let long = Dropout::new(cfg.clone()).unwrap();
+    let mut run = Vec::new();
+    for step in 0..4 {
+        let _scope = StepScope::enter(step);
+        let a = vec1(&long.forward_t(&x, true).unwrap());
+        let b = vec1(&long.forward_t(&x, true).unwrap());
+        assert_ne!(a, b, "two calls in one step must draw two masks");
+        run.push((a, b));
+    }
+    assert_ne!(run[0].0, run[1].0, "consecutive steps must differ");
+    // A fresh layer (a rebuild, or a resumed run) at step 2 draws step 2's masks.
+    let fresh = Dropout::new(cfg.clone()).unwrap();
+    assert_eq!(mask(&fresh, 2), run[2].0);
+    {
+        let _scope = StepScope::enter(2);
+        assert_eq!(vec1(&fresh.forward_t(&x, true).unwrap()), run[2].1);
+    }
+    // Another seed, other masks; scopes nest and restore.
+    assert_ne!(mask(&Dropout::new(cfg.with_seed(12)).unwrap(), 2), run[2].0);
+    assert_eq!(StepScope::current(), None);
+    {
+        let _outer = StepScope::enter(5);
+        {
+            let _inner = StepScope::enter(6);
+            assert_eq!(StepScope::current(), Some(6));
+        }
+        assert_eq!(StepScope::current(), Some(5));
+    }
+    assert_eq!(StepScope::current(), None);
 }
 
 // ------------------------------------------------------------------ init
@@ -705,26 +759,6 @@ fn frozen_parameters_get_no_gradient_and_stay_bit_identical() {
 }
 
 // ------------------------------------------------------------------ PyTorch fixtures
-
-/// Reads a fixture and dequantises its weights (see gen_nn.py).
-fn read_fixture(name: &str) -> HashMap<String, Tensor> {
-    let raw = aimass::candle::safetensors::load(format!("{FIX}{name}"), &cpu()).unwrap();
-    let mut out = HashMap::new();
-    for (k, t) in &raw {
-        if k.ends_with(".__scale") {
-            continue;
-        }
-        let t = if t.dtype() == DType::U8 {
-            let s = raw[&format!("{k}.__scale")].to_vec1::<f32>().unwrap()[0];
-            let q: Vec<f32> = vec1(t).iter().map(|v| (v - 128.0) * s).collect();
-            Tensor::from_vec(q, t.shape(), &cpu()).unwrap()
-        } else {
-            t.clone()
-        };
-        out.insert(k.clone(), t);
-    }
-    out
-}
 
 fn check_resnet_fixture(file: &str, cfg: ResNetConfig) {
     let fx = read_fixture(file);

@@ -5,7 +5,8 @@ use candle_nn::VarBuilder;
 
 use crate::config::config;
 use crate::nn::{
-    Activation, BatchNorm, BatchNormConfig, Dropout, FeatureExtractor, Features, Linear,
+    Activation, BatchNorm, BatchNormConfig, Dropout, DropoutConfig, FeatureExtractor, Features,
+    Linear,
 };
 use crate::{Error, Result};
 
@@ -140,8 +141,9 @@ impl Mlp {
             idx += 1;
             if cfg.dropout > 0.0 {
                 layers.push(Layer::Drop(Box::new(Dropout::new(
-                    cfg.dropout,
-                    cfg.dropout_seed.wrapping_add(i as u64),
+                    DropoutConfig::default()
+                        .with_p(cfg.dropout)
+                        .with_seed(cfg.dropout_seed.wrapping_add(i as u64)),
                 )?)));
                 idx += 1;
             }

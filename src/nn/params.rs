@@ -15,15 +15,19 @@
 //! [`crate::nn::init::SeededBackend`], so no gradient flows into them.
 //!
 //! Files are safetensors; [`load`] checks names and shapes both ways and says
-//! which tensors are missing, unexpected or mis-shaped.
+//! which tensors are missing, unexpected or mis-shaped; [`load_with`] loads
+//! what matches (non-strict, with renamed prefixes) and reports the
+//! missing and unexpected names, as torch's `load_state_dict`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 
 use crate::{Error, Result};
+
+pub use super::load::{load, load_tensors, load_tensors_with, load_with, LoadConfig, LoadReport};
 
 /// The last name segments that mark a BatchNorm buffer.
 pub const BUFFER_SUFFIXES: [&str; 3] = ["running_mean", "running_var", "num_batches_tracked"];
@@ -159,6 +163,15 @@ pub fn named_vars(varmap: &VarMap) -> Result<Vec<(String, Var)>> {
     Ok(v)
 }
 
+/// The dtype and device of the variables of `varmap` (of the first by
+/// name); an empty map is an error.
+pub fn dtype_device(varmap: &VarMap) -> Result<(candle_core::DType, candle_core::Device)> {
+    named_vars(varmap)?
+        .first()
+        .map(|(_, v)| (v.dtype(), v.device().clone()))
+        .ok_or_else(|| Error::invalid("nn::params::dtype_device", "the VarMap is empty"))
+}
+
 /// The trainable parameters, sorted by name: every variable that is not a
 /// buffer and not `frozen`.
 pub fn trainable_vars(varmap: &VarMap, frozen: &Frozen) -> Result<Vec<(String, Var)>> {
@@ -220,122 +233,23 @@ pub fn copy_into(src: &VarMap, dst: &VarMap) -> Result<()> {
         .into_iter()
         .map(|(n, v)| (n, v.as_tensor().clone()))
         .collect();
-    assign(dst, &tensors, Path::new("<VarMap>"), false)
+    super::load::assign_all(dst, &tensors)
 }
 
 /// Saves every variable of `varmap` (parameters and buffers) to a
 /// safetensors file. The file is written to a temporary name and renamed,
 /// so a crash never leaves a truncated file behind.
 pub fn save(varmap: &VarMap, path: impl AsRef<Path>) -> Result<()> {
-    let path = path.as_ref();
-    let vars = named_vars(varmap)?;
-    let tensors: Vec<(String, Tensor)> = vars
+    let tensors: Vec<(String, Tensor)> = named_vars(varmap)?
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
+    save_tensors(&tensors, path.as_ref())
+}
+
+/// Writes named tensors as a safetensors file, atomically.
+pub(crate) fn save_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
     let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None)
         .map_err(|e| Error::invalid("nn::params::save", format!("serializing: {e}")))?;
     crate::atomic_file::write(path, &bytes)
-}
-
-/// Loads a safetensors file into the existing variables of `varmap` (build
-/// the model first, then load).
-///
-/// Every variable must be in the file with the same shape, and every tensor
-/// of the file must be a variable, except torchvision's
-/// `num_batches_tracked` entries, which are ignored. Otherwise nothing is
-/// changed and an [`Error::Malformed`] lists the missing, unexpected and
-/// mis-shaped tensors. Values are cast to each variable's dtype.
-pub fn load(varmap: &VarMap, path: impl AsRef<Path>) -> Result<()> {
-    let path = path.as_ref();
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
-        Error::malformed(
-            path,
-            "safetensors file",
-            "a valid safetensors file",
-            e.to_string(),
-        )
-    })?;
-    let tensors: BTreeMap<String, Tensor> = tensors.into_iter().collect();
-    assign(varmap, &tensors, path, true)
-}
-
-/// Like [`load`], from tensors already in memory (e.g. loaded with
-/// `candle_core::safetensors::load`); `source` names them in errors.
-pub fn load_tensors(
-    varmap: &VarMap,
-    tensors: &HashMap<String, Tensor>,
-    source: impl AsRef<Path>,
-) -> Result<()> {
-    let tensors: BTreeMap<String, Tensor> = tensors
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    assign(varmap, &tensors, source.as_ref(), true)
-}
-
-fn assign(
-    varmap: &VarMap,
-    tensors: &BTreeMap<String, Tensor>,
-    source: &Path,
-    ignore_batches_tracked: bool,
-) -> Result<()> {
-    let data = lock(varmap)?;
-    let mut missing = Vec::new();
-    let mut shape = Vec::new();
-    for (name, var) in data.iter() {
-        match tensors.get(name) {
-            None => missing.push(name.clone()),
-            Some(t) if t.dims() != var.dims() => shape.push(format!(
-                "{name} (model {:?}, file {:?})",
-                var.dims(),
-                t.dims()
-            )),
-            Some(_) => {}
-        }
-    }
-    let unexpected: Vec<String> = tensors
-        .keys()
-        .filter(|k| !data.contains_key(*k))
-        .filter(|k| !(ignore_batches_tracked && k.ends_with("num_batches_tracked")))
-        .cloned()
-        .collect();
-    if !(missing.is_empty() && shape.is_empty() && unexpected.is_empty()) {
-        missing.sort();
-        shape.sort();
-        let mut found = Vec::new();
-        let list = |v: &[String]| -> String {
-            const MAX: usize = 8;
-            let mut s = v.iter().take(MAX).cloned().collect::<Vec<_>>().join(", ");
-            if v.len() > MAX {
-                s.push_str(&format!(", ... ({} in all)", v.len()));
-            }
-            s
-        };
-        if !missing.is_empty() {
-            found.push(format!("missing: {}", list(&missing)));
-        }
-        if !unexpected.is_empty() {
-            found.push(format!("unexpected: {}", list(&unexpected)));
-        }
-        if !shape.is_empty() {
-            found.push(format!("mis-shaped: {}", list(&shape)));
-        }
-        return Err(Error::malformed(
-            source,
-            "model weights",
-            "exactly the model's tensor names and shapes (build the same model configuration that saved them)",
-            found.join("; "),
-        ));
-    }
-    for (name, var) in data.iter() {
-        if let Some(t) = tensors.get(name) {
-            let t = t.to_dtype(var.dtype())?.to_device(var.device())?;
-            var.set(&t).map_err(|e| {
-                Error::invalid("nn::params::load", format!("setting `{name}`: {e}"))
-            })?;
-        }
-    }
-    Ok(())
 }

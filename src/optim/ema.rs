@@ -12,6 +12,7 @@ use candle_nn::VarMap;
 
 use super::groups::is_buffer;
 use crate::config::config;
+use crate::nn::FrozenModel;
 use crate::{Error, Result};
 
 /// BYOL's decay at step `k` of `total`:
@@ -89,6 +90,18 @@ impl Ema {
             ));
         }
         Self::from_pairs(pairs, cfg)
+    }
+
+    /// An average of `online` into the weights of a frozen model (BYOL's
+    /// target network, MoCo's key encoder): the only way, besides loading a
+    /// file, that a [`FrozenModel`]'s weights change. Names and shapes are
+    /// paired as by [`Ema::new`].
+    pub fn from_frozen<M>(
+        online: &VarMap,
+        target: &FrozenModel<M>,
+        cfg: EmaConfig,
+    ) -> Result<Self> {
+        Self::new(online, target.varmap(), cfg)
     }
 
     /// From explicit `(name, online, target)` triples.

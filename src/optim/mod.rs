@@ -72,6 +72,7 @@ use std::collections::HashMap;
 
 use candle_core::{backprop::GradStore, Tensor};
 
+use crate::autograd::Gradients;
 use crate::Result;
 
 pub use adam::{Adam, AdamConfig, AdamW, AdamWConfig};
@@ -94,6 +95,15 @@ pub trait Optimizer {
     /// On error (non-finite clipped norm, wrong gradient shape) nothing is
     /// modified.
     fn step(&mut self, grads: &GradStore) -> Result<()>;
+
+    /// Applies one update with gradients the caller assembled, by
+    /// parameter name: the mean of a meta-batch's task gradients, micro-batches
+    /// from a [`GradAccumulator`](crate::autograd::GradAccumulator),
+    /// gradients with respect to functional parameters. Same clipping,
+    /// checks and result as [`Optimizer::step`] with the same gradients;
+    /// parameters without a gradient are untouched, and a name that is not
+    /// a parameter of this optimizer is an error (nothing is modified).
+    fn step_gradients(&mut self, grads: &Gradients) -> Result<()>;
 
     /// The base learning rate (each group multiplies it by its `lr_scale`).
     fn lr(&self) -> f64;
@@ -128,6 +138,9 @@ impl<O: Optimizer + ?Sized> Optimizer for Box<O> {
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         (**self).step(grads)
     }
+    fn step_gradients(&mut self, grads: &Gradients) -> Result<()> {
+        (**self).step_gradients(grads)
+    }
     fn lr(&self) -> f64 {
         (**self).lr()
     }
@@ -155,13 +168,14 @@ macro_rules! impl_optimizer {
         impl $crate::optim::Optimizer for $ty {
             fn step(&mut self, grads: &candle_core::backprop::GradStore) -> $crate::Result<()> {
                 let gs = self.core.grads(grads)?;
-                for (i, g) in gs.into_iter().enumerate() {
-                    if let Some(g) = g {
-                        self.update(i, &g)?;
-                    }
-                }
-                self.core.step += 1;
-                Ok(())
+                self.apply(gs)
+            }
+            fn step_gradients(
+                &mut self,
+                grads: &$crate::autograd::Gradients,
+            ) -> $crate::Result<()> {
+                let gs = self.core.named_grads(grads)?;
+                self.apply(gs)
             }
             fn lr(&self) -> f64 {
                 self.core.lr
@@ -209,6 +223,16 @@ macro_rules! impl_optimizer {
         }
 
         impl $ty {
+            fn apply(&mut self, gs: Vec<Option<candle_core::Tensor>>) -> $crate::Result<()> {
+                for (i, g) in gs.into_iter().enumerate() {
+                    if let Some(g) = g {
+                        self.update(i, &g)?;
+                    }
+                }
+                self.core.step += 1;
+                Ok(())
+            }
+
             /// Builds the optimizer over the trainable variables of `varmap`
             /// with the default split of
             /// [`default_param_groups`](crate::optim::default_param_groups):

@@ -8,6 +8,7 @@ use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
 
 use super::clip::{clip_coef, global_norm, GradClip};
 use super::groups::ParamGroup;
+use crate::autograd::Gradients;
 use crate::{Error, Result};
 
 /// Name of the global step counter in exported state.
@@ -137,9 +138,36 @@ impl Core {
     /// The gradients of all slots (None where absent), shape-checked and
     /// clipped as configured. Fails before anything is modified.
     pub fn grads(&self, store: &GradStore) -> Result<Vec<Option<Tensor>>> {
+        self.collect_grads(|s| store.get(&s.var))
+    }
+
+    /// Like [`Core::grads`], from gradients by parameter name; a name that
+    /// is not a parameter of this optimizer is an error.
+    pub fn named_grads(&self, grads: &Gradients) -> Result<Vec<Option<Tensor>>> {
+        if let Some(unknown) = grads
+            .names()
+            .into_iter()
+            .find(|n| !self.slots.iter().any(|s| s.name == *n))
+        {
+            return Err(Error::invalid(
+                "Optimizer::step_gradients",
+                format!(
+                    "a gradient is given for `{unknown}`, which is not a parameter of this optimizer ({} parameters, e.g. {:?})",
+                    self.slots.len(),
+                    self.slots.first().map(|s| s.name.as_str()).unwrap_or("none")
+                ),
+            ));
+        }
+        self.collect_grads(|s| grads.get(&s.name))
+    }
+
+    fn collect_grads<'g>(
+        &self,
+        lookup: impl Fn(&Slot) -> Option<&'g Tensor>,
+    ) -> Result<Vec<Option<Tensor>>> {
         let mut out = Vec::with_capacity(self.slots.len());
         for s in &self.slots {
-            match store.get(&s.var) {
+            match lookup(s) {
                 None => out.push(None),
                 Some(g) => {
                     if g.dims() != s.var.dims() {

@@ -164,6 +164,8 @@ impl<M: ModuleT, O: Optimizer> TrainStep for Classifier<M, O> {
     type Batch = Batch;
 
     fn train_step(&mut self, batch: &Batch, step: u64) -> Result<StepOutput> {
+        // Dropout masks are a function of the step (exact resume).
+        let _scope = crate::nn::StepScope::enter(step);
         // The train-mode forward updates BatchNorm running statistics; keep
         // their values so a step the guard rejects leaves no trace.
         let saved = BufferSnapshot::take(&self.buffers)?;

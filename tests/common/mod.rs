@@ -92,3 +92,35 @@ where
         );
     }
 }
+
+/// Reads a PyTorch fixture of `tests/fixtures/` and dequantises its weights
+/// (see gen_nn.py: a `u8` tensor `name` with an f32 `name.__scale` stands
+/// for `(q - 128) · scale`).
+pub fn read_fixture(name: &str) -> std::collections::HashMap<String, Tensor> {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    let raw = aimass::candle::safetensors::load(path, &Device::Cpu).unwrap();
+    let mut out = std::collections::HashMap::new();
+    for (k, t) in &raw {
+        if k.ends_with(".__scale") {
+            continue;
+        }
+        let t = if t.dtype() == DType::U8 {
+            let s = raw[&format!("{k}.__scale")].to_vec1::<f32>().unwrap()[0];
+            let q: Vec<f32> = t
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| (v - 128.0) * s)
+                .collect();
+            Tensor::from_vec(q, t.shape(), &Device::Cpu).unwrap()
+        } else {
+            t.clone()
+        };
+        out.insert(k.clone(), t);
+    }
+    out
+}

@@ -1,5 +1,11 @@
 //! Fast CPU kernels with backward: convolution, pooling, BatchNorm, ReLU.
 //!
+//! **An implementation detail, outside the stability promise.** Nothing in
+//! this module is needed to train models: the layers of [`crate::nn`] and
+//! the ops of [`crate::ops`] dispatch here on the CPU by themselves. The
+//! module is public for benchmarks and for readers who want to call a
+//! kernel directly; its names and signatures may change in any release.
+//!
 //! Candle's CPU convolution backward is several times slower than its
 //! forward, and its max-pool backward is wrong. This module holds our own
 //! CPU kernels, wrapped as candle custom ops **with backward**, so that
@@ -91,9 +97,9 @@ pub(crate) fn supports_pool(x: &Tensor) -> bool {
 }
 
 /// Checks that the kernels take `ts` (CPU, f32/f64, one dtype). Every
-/// entry point validates its operands here before running a kernel, so this
-/// is also where the CPU allocator gets tuned, once per process
-/// ([`crate::device::tune_cpu_allocator`]).
+/// entry point validates its operands here before running a kernel. (It
+/// leaves the process's allocator alone: tuning it is the training
+/// program's choice, [`crate::device::tune_cpu_allocator`].)
 fn check_supported(op: &str, ts: &[&Tensor]) -> Result<()> {
     let first = ts.first().map(|t| t.dtype());
     for t in ts {
@@ -119,7 +125,6 @@ fn check_supported(op: &str, ts: &[&Tensor]) -> Result<()> {
             ));
         }
     }
-    crate::device::tune_cpu_allocator();
     Ok(())
 }
 

@@ -904,7 +904,7 @@ mod tests {
     #[ignore]
     fn winograd_speed() {
         use super::super::conv::{self, ConvParams, Geom};
-        // As every kernel entry point does (large buffers stay mapped).
+        // As a training program does (large buffers stay mapped).
         crate::device::tune_cpu_allocator();
         let shapes = [(32, 64, 14), (32, 32, 28), (64, 64, 14), (128, 128, 7)];
         let only: Option<usize> = std::env::var("WINOGRAD_SHAPE")
