@@ -6,8 +6,9 @@
 //! writes by hand: optimizers with momentum and clipping, learning-rate
 //! schedules, model families with train/eval modes, classification,
 //! distillation and self-supervised losses, data pipelines with batched
-//! augmentation, and (in later releases) whole trainers for self-supervised
-//! pretraining, teacher-student distillation and meta-learning.
+//! augmentation, meta-learning trainers, and (in later releases) whole
+//! trainers for self-supervised pretraining and teacher-student
+//! distillation.
 //!
 //! aimass is candle interop, not a new framework: parameters live in a
 //! [`candle_nn::VarMap`], models are built from a [`candle_nn::VarBuilder`],
@@ -40,6 +41,7 @@
 //! | [`loss`] | classification, distillation and self-supervised losses |
 //! | [`data`] | datasets, readers, loader, augmentations, episodes |
 //! | [`train`] | the fit loop, callbacks, checkpoints, evaluation, the supervised trainer |
+//! | [`meta`] | meta-learning: MAML (second and first order), ANIL, Meta-SGD, Reptile, ProtoNets; task families |
 //!
 //! Cargo features `cuda`, `cudnn`, `metal`, `mkl`, `accelerate` and `nccl`
 //! forward to candle's. The CPU is the default and needs no system library.
@@ -55,6 +57,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod loss;
+pub mod meta;
 pub mod nn;
 pub mod ops;
 pub mod optim;

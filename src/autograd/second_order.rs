@@ -17,9 +17,24 @@ pub const SECOND_ORDER_ENV_VAR: &str = "CANDLE_GRAD_DO_NOT_DETACH";
 /// thread ran its first backward pass before the variable was set. When
 /// the variable is not set the answer is `false` without a probe, so asking
 /// never fixes candle's per-thread setting before
-/// [`enable_second_order`] had its chance.
+/// [`enable_second_order`] had its chance. A thread found on is
+/// remembered (candle's setting cannot change afterwards), so later calls
+/// cost nothing.
 pub fn second_order_enabled() -> bool {
-    env_set() && probe().unwrap_or(false)
+    // candle fixes the setting per thread at the thread's first backward
+    // pass, so a thread found on stays on: remember it (the probe is a few
+    // tensor operations, and MAML asks once per inner step).
+    thread_local! {
+        static ON: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if ON.with(std::cell::Cell::get) {
+        return true;
+    }
+    let on = env_set() && probe().unwrap_or(false);
+    if on {
+        ON.with(|c| c.set(true));
+    }
+    on
 }
 
 fn env_set() -> bool {

@@ -111,6 +111,13 @@ impl Conv2d {
 
     /// Applies the convolution to an NCHW input.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.weight.rank() != 4 {
+            return Err(Error::shape(
+                "Conv2d",
+                "a 4-D kernel (out, in / groups, k, k) (per-task kernels from ParamMap::expand_tasks are not supported: run the tasks one at a time)",
+                self.weight.dims(),
+            ));
+        }
         let cin = self.weight.dim(1)? * self.params.groups;
         if x.rank() != 4 || x.dim(1)? != cin {
             return Err(Error::shape(

@@ -11,6 +11,11 @@ use crate::{Error, Result};
 ///
 /// Inputs of rank > 2 are treated as batches of rows over their last
 /// dimension, as in PyTorch.
+///
+/// **Per-task weights.** Built from task-batched parameters
+/// ([`crate::nn::ParamMap::expand_tasks`]), `weight` is `(T, out, in)` and
+/// `bias` `(T, out)`: the input is then `(T, ..., in)` and task `t`'s rows
+/// go through task `t`'s weights, one batched matrix product for all tasks.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
@@ -52,8 +57,17 @@ impl Linear {
         self.bias.as_ref()
     }
 
+    /// Whether the weights have a leading task dimension (`(T, out, in)`,
+    /// see the type's docs).
+    pub fn is_task_batched(&self) -> bool {
+        self.weight.rank() == 3
+    }
+
     /// Applies the layer, checking the input's last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.is_task_batched() {
+            return self.forward_tasks(x);
+        }
         let (out_dim, in_dim) = self.weight.dims2()?;
         let got = x.dims().last().copied().unwrap_or(0);
         if got != in_dim {
@@ -73,6 +87,61 @@ impl Linear {
         let mut out = lead;
         out.push(out_dim);
         Ok(y.reshape(out)?)
+    }
+
+    /// `(T, ..., in)` through per-task weights `(T, out, in)`.
+    fn forward_tasks(&self, x: &Tensor) -> Result<Tensor> {
+        let (tasks, out_dim, in_dim) = self.weight.dims3()?;
+        let dims = x.dims();
+        if dims.len() < 2 || dims[0] != tasks || dims[dims.len() - 1] != in_dim {
+            return Err(Error::shape(
+                "Linear (per-task weights)",
+                format!("input (T = {tasks}, ..., {in_dim}) with the tasks first"),
+                dims,
+            ));
+        }
+        let x3 = x.reshape((tasks, (), in_dim))?;
+        let y = x3.matmul(&self.weight.transpose(1, 2)?)?;
+        let y = match &self.bias {
+            // ones(T, n, 1) · b(T, 1, out) rather than a broadcast add: the
+            // backward sums over the rows with a batched matrix product
+            // instead of candle's strided reduction (much slower).
+            Some(b) => {
+                let ones = Tensor::ones((tasks, x3.dim(1)?, 1), y.dtype(), y.device())?;
+                (y + ones.matmul(&b.unsqueeze(1)?)?)?
+            }
+            None => y,
+        };
+        let mut out = dims[..dims.len() - 1].to_vec();
+        out.push(out_dim);
+        Ok(y.reshape(out)?)
+    }
+
+    /// Per-task weights on inputs stored as columns: `(T, in, n)` to
+    /// `(T, out, n)`, `W · h + b`. A stack of layers run this way needs no
+    /// transposed weight anywhere (candle's transposed products and the
+    /// strided additions of their gradients are slow), see
+    /// [`crate::nn::Mlp`].
+    pub(crate) fn forward_task_columns(&self, h: &Tensor) -> Result<Tensor> {
+        let (tasks, out_dim, in_dim) = self.weight.dims3()?;
+        let (t, d, n) = h.dims3().map_err(|_| {
+            Error::shape("Linear (per-task weights, columns)", "(T, in, n)", h.dims())
+        })?;
+        if t != tasks || d != in_dim {
+            return Err(Error::shape(
+                "Linear (per-task weights, columns)",
+                format!("input (T = {tasks}, {in_dim}, n)"),
+                h.dims(),
+            ));
+        }
+        let y = self.weight.matmul(h)?;
+        match &self.bias {
+            Some(b) => {
+                let ones = Tensor::ones((tasks, 1, n), y.dtype(), y.device())?;
+                Ok((y + b.reshape((tasks, out_dim, 1))?.matmul(&ones)?)?)
+            }
+            None => Ok(y),
+        }
     }
 }
 

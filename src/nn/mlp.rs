@@ -74,7 +74,9 @@ enum Layer {
 /// A multi-layer perceptron: `[Linear, (BatchNorm), activation,
 /// (Dropout)] × hidden, Linear, (BatchNorm)`.
 ///
-/// Inputs of rank > 2 are flattened after the batch dimension first. Tensor
+/// Inputs of rank > 2 are flattened after the batch dimension first (after
+/// the task and batch dimensions when built from per-task parameters, see
+/// [`crate::nn::ParamMap::expand_tasks`]). Tensor
 /// names follow the indices of the equivalent `torch.nn.Sequential`, where
 /// every module (activations and dropout included) takes an index: with
 /// BatchNorm, `Linear–BN–ReLU–Linear` is `0.weight, 0.bias, 1.weight, 1.bias,
@@ -161,7 +163,59 @@ impl Mlp {
         self.out_dim
     }
 
+    /// Whether the MLP was built from per-task parameters
+    /// ([`crate::nn::ParamMap::expand_tasks`]): inputs are then
+    /// `(T, N, ...)`, flattened after the second dimension.
+    pub fn is_task_batched(&self) -> bool {
+        matches!(self.layers.first(), Some(Layer::Linear(l)) if l.is_task_batched())
+    }
+
+    /// Per-task weights: `(T, n, ...)` inputs, run as columns `(T, d, n)`
+    /// (see [`Linear::forward_task_columns`]).
+    fn run_tasks(&self, x: &Tensor, train: bool, mut rec: Option<&mut Features>) -> Result<Tensor> {
+        let x = if x.rank() > 3 {
+            x.flatten_from(2)?
+        } else {
+            x.clone()
+        };
+        if x.rank() != 3 {
+            return Err(Error::shape(
+                "Mlp (per-task weights)",
+                "input (T, n, features) with the tasks first",
+                x.dims(),
+            ));
+        }
+        let mut h = x.transpose(1, 2)?;
+        let mut hidden = 0usize;
+        for (k, l) in self.layers.iter().enumerate() {
+            h =
+                match l {
+                    Layer::Linear(m) => m.forward_task_columns(&h)?,
+                    Layer::Act(a) => a.apply(&h)?,
+                    Layer::Drop(d) => d.forward_t(&h, train)?,
+                    Layer::Bn(_) => return Err(Error::invalid(
+                        "Mlp (per-task weights)",
+                        "BatchNorm would mix the tasks' statistics: run the tasks one at a time",
+                    )),
+                };
+            if matches!(self.layers.get(k + 1), Some(Layer::Linear(_))) {
+                hidden += 1;
+                if let Some(r) = rec.as_deref_mut() {
+                    r.push(format!("hidden{hidden}"), h.transpose(1, 2)?);
+                }
+            }
+        }
+        let out = h.transpose(1, 2)?;
+        if let Some(r) = rec {
+            r.push("output", out.clone());
+        }
+        Ok(out)
+    }
+
     fn run(&self, x: &Tensor, train: bool, mut rec: Option<&mut Features>) -> Result<Tensor> {
+        if self.is_task_batched() {
+            return self.run_tasks(x, train, rec);
+        }
         let mut x = if x.rank() > 2 {
             x.flatten_from(1)?
         } else {
