@@ -52,6 +52,19 @@ struct Args {
     /// Skip the pretrained baseline.
     #[arg(long)]
     skip_pretrained: bool,
+    /// Save the trained weights here (`maml.safetensors`,
+    /// `fomaml.safetensors`, `pretrained.safetensors`).
+    #[arg(long)]
+    save_dir: Option<std::path::PathBuf>,
+}
+
+/// Saves `model` as `name.safetensors` under `--save-dir`, if given.
+fn save(args: &Args, model: &Model<Mlp>, name: &str) -> Result<()> {
+    if let Some(dir) = &args.save_dir {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        model.save(dir.join(format!("{name}.safetensors")))?;
+    }
+    Ok(())
 }
 
 const META_BATCH: usize = 25;
@@ -211,6 +224,7 @@ fn run(args: Args) -> Result<()> {
     let iters = args.iterations.max(1) as f64;
 
     let (maml, secs) = train_maml(&args, false, &dev)?;
+    save(&args, maml.model(), "maml")?;
     eprintln!(
         "MAML (second order): {secs:.1} s, {:.3} ms/iteration",
         secs / iters * 1e3
@@ -220,6 +234,7 @@ fn run(args: Args) -> Result<()> {
 
     if !args.skip_first_order {
         let (fomaml, secs) = train_maml(&args, true, &dev)?;
+        save(&args, fomaml.model(), "fomaml")?;
         eprintln!(
             "first-order MAML: {secs:.1} s, {:.3} ms/iteration",
             secs / iters * 1e3
@@ -234,6 +249,7 @@ fn run(args: Args) -> Result<()> {
     }
     if !args.skip_pretrained {
         let (model, secs) = train_pretrained(&args, &dev)?;
+        save(&args, &model, "pretrained")?;
         eprintln!("pretrained: {secs:.1} s, {:.3} ms/step", secs / iters * 1e3);
         // Evaluated exactly as MAML: plain SGD steps from its weights.
         let opt = Adam::from_varmap(model.varmap(), AdamConfig::default())?;

@@ -15,6 +15,7 @@ use aimass::nn::Model;
 use aimass::optim::{Sgd, SgdConfig};
 use aimass::train::TrainStep;
 
+mod common;
 mod meta_common;
 use meta_common::*;
 
@@ -271,4 +272,53 @@ fn hand_written_loops_and_task_batching_give_the_trainers_gradient() {
     let g = trainer_gradient(&mut batched_maml, &vm2, &tasks);
     let e = rel_error(&g, &reference);
     assert!(e < 1e-12, "batch_tasks trainer: rel {e:e}");
+}
+
+/// First-order MAML's meta-gradient is the query gradient at the adapted
+/// weights, averaged over the tasks (computed here on detached copies).
+#[test]
+fn first_order_maml_uses_the_query_gradient_at_the_adapted_weights() {
+    enable_second_order().unwrap();
+    let tasks = [mlp_task(120), mlp_task(130)];
+    for batch_tasks in [false, true] {
+        let cfg = MamlConfig::default()
+            .with_loss(TaskLoss::Mse)
+            .with_inner_lr(0.3)
+            .with_inner_steps(2)
+            .with_first_order(true)
+            .with_batch_tasks(batch_tasks);
+        let (mut maml, vm) = maml_on(model(tanh_mlp, 8), tanh_mlp, cfg);
+        let mut want: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+        for task in &tasks {
+            let mut fast = aimass::nn::ParamMap::detached_copy(&vm).unwrap();
+            for _ in 0..2 {
+                let net = fast.build(tanh_mlp).unwrap();
+                let l = TaskLoss::Mse
+                    .loss(
+                        &net.forward_t(&task.support, true).unwrap(),
+                        &task.support_targets,
+                    )
+                    .unwrap();
+                fast = fast.adapt(&l, 0.3, false).unwrap();
+            }
+            let net = fast.build(tanh_mlp).unwrap();
+            let q = TaskLoss::Mse
+                .loss(
+                    &net.forward_t(&task.query, true).unwrap(),
+                    &task.query_targets,
+                )
+                .unwrap();
+            for (n, g) in fast.grad(&q, false).unwrap().iter() {
+                let e = want
+                    .entry(n.to_string())
+                    .or_insert_with(|| vec![0.0; g.elem_count()]);
+                for (w, v) in e.iter_mut().zip(flat(g)) {
+                    *w += v / tasks.len() as f64;
+                }
+            }
+        }
+        let got = trainer_gradient(&mut maml, &vm, &tasks);
+        let e = rel_error(&got, &want);
+        assert!(e < 1e-12, "batch_tasks {batch_tasks}: rel {e:e}");
+    }
 }

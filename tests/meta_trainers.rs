@@ -13,6 +13,7 @@ use aimass::optim::{Adam, AdamConfig, CosineAnnealingLr, Sgd, SgdConfig};
 use aimass::train::{BatchSource, Checkpoint, Fit, FitConfig, NonFinitePolicy, TrainStep};
 use aimass::Error;
 
+mod common;
 mod meta_common;
 use meta_common::*;
 

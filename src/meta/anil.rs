@@ -5,7 +5,6 @@ use candle_nn::VarBuilder;
 
 use crate::config::config;
 use crate::meta::gradient::{gradient_meta_api, GradientMeta, Settings};
-use crate::meta::learner::AdaptRule;
 use crate::meta::maml::check_inner;
 use crate::meta::TaskLoss;
 use crate::nn::Model;
@@ -109,18 +108,15 @@ where
                 ),
             ));
         }
-        let settings = Settings {
-            rule: AdaptRule {
-                lr: cfg.inner_lr,
-                first_order: cfg.first_order,
-                only: Some(cfg.head.clone()),
-            },
-            inner_steps: cfg.inner_steps,
-            batch_tasks: cfg.batch_tasks,
-            loss: cfg.loss,
-            learned_rates: false,
-            non_finite: cfg.non_finite,
-        };
+        let mut settings = Settings::new(
+            cfg.inner_lr,
+            cfg.inner_steps,
+            cfg.first_order,
+            cfg.batch_tasks,
+            cfg.loss,
+            cfg.non_finite,
+        );
+        settings.rule.only = Some(cfg.head.clone());
         Ok(Anil {
             core: GradientMeta::new(model, build, optimizer, settings, "Anil")?,
         })

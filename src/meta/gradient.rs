@@ -32,6 +32,31 @@ pub(crate) struct Settings {
     pub non_finite: NonFinitePolicy,
 }
 
+impl Settings {
+    /// Plain MAML settings: every parameter adapted with one learning rate.
+    pub(crate) fn new(
+        inner_lr: f64,
+        inner_steps: usize,
+        first_order: bool,
+        batch_tasks: bool,
+        loss: TaskLoss,
+        non_finite: NonFinitePolicy,
+    ) -> Self {
+        Settings {
+            rule: AdaptRule {
+                lr: inner_lr,
+                first_order,
+                only: None,
+            },
+            inner_steps,
+            batch_tasks,
+            loss,
+            learned_rates: false,
+            non_finite,
+        }
+    }
+}
+
 /// A model meta-learned by gradient descent through an inner loop.
 pub(crate) struct GradientMeta<M, B, O> {
     model: Model<M>,

@@ -5,7 +5,6 @@ use candle_nn::VarBuilder;
 
 use crate::config::config;
 use crate::meta::gradient::{gradient_meta_api, GradientMeta, Settings};
-use crate::meta::learner::AdaptRule;
 use crate::meta::TaskLoss;
 use crate::nn::Model;
 use crate::optim::Optimizer;
@@ -81,8 +80,9 @@ pub(crate) fn check_inner(cfg: &str, lr: f64, steps: usize) -> Result<()> {
 /// Cost of second order: the backward pass of every inner step is kept
 /// as a graph (memory about that of one more forward-and-backward per
 /// inner step and task) and differentiated again (time about twice the
-/// inner step's backward). Measured on the sinusoid MLP: 2.9 ms against
-/// 2.2 ms per meta-iteration of 25 tasks (see `docs/meta-learning.md`).
+/// inner step's backward); on the sinusoid MLP a meta-iteration takes
+/// about 1.5 times as long as first order's (`docs/meta-learning.md` has
+/// the measurements).
 ///
 /// The model is any [`ModuleT`] that `build` can rebuild from a
 /// `VarBuilder` (the same function that built it): fast weights are a
@@ -150,18 +150,14 @@ where
     /// without parameters.
     pub fn new(model: Model<M>, build: B, optimizer: O, cfg: MamlConfig) -> Result<Self> {
         check_inner("MamlConfig", cfg.inner_lr, cfg.inner_steps)?;
-        let settings = Settings {
-            rule: AdaptRule {
-                lr: cfg.inner_lr,
-                first_order: cfg.first_order,
-                only: None,
-            },
-            inner_steps: cfg.inner_steps,
-            batch_tasks: cfg.batch_tasks,
-            loss: cfg.loss,
-            learned_rates: false,
-            non_finite: cfg.non_finite,
-        };
+        let settings = Settings::new(
+            cfg.inner_lr,
+            cfg.inner_steps,
+            cfg.first_order,
+            cfg.batch_tasks,
+            cfg.loss,
+            cfg.non_finite,
+        );
         Ok(Maml {
             core: GradientMeta::new(model, build, optimizer, settings, "Maml")?,
         })

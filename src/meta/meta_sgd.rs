@@ -5,7 +5,6 @@ use candle_nn::{Init, VarBuilder, VarMap};
 
 use crate::config::config;
 use crate::meta::gradient::{gradient_meta_api, GradientMeta, Settings, RATE_PREFIX};
-use crate::meta::learner::AdaptRule;
 use crate::meta::maml::check_inner;
 use crate::meta::TaskLoss;
 use crate::nn::params::{dtype_device, is_buffer, named_vars};
@@ -147,18 +146,15 @@ where
                 ));
             }
         }
-        let settings = Settings {
-            rule: AdaptRule {
-                lr: cfg.init_lr,
-                first_order: cfg.first_order,
-                only: None,
-            },
-            inner_steps: cfg.inner_steps,
-            batch_tasks: cfg.batch_tasks,
-            loss: cfg.loss,
-            learned_rates: true,
-            non_finite: cfg.non_finite,
-        };
+        let mut settings = Settings::new(
+            cfg.init_lr,
+            cfg.inner_steps,
+            cfg.first_order,
+            cfg.batch_tasks,
+            cfg.loss,
+            cfg.non_finite,
+        );
+        settings.learned_rates = true;
         Ok(MetaSgd {
             core: GradientMeta::new(model, build, optimizer, settings, "MetaSgd")?,
         })

@@ -1,5 +1,5 @@
 //! Models, tasks and an independent post-adaptation loss shared by the
-//! meta-learning test binaries.
+//! meta-learning test binaries (which also declare `mod common`).
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -13,13 +13,7 @@ use aimass::nn::*;
 use aimass::Result;
 use rand::Rng;
 
-/// A deterministic pseudo-random f64 tensor in [-1, 1).
-pub fn randt(shape: &[usize], seed: u64) -> Tensor {
-    let mut r = aimass::device::rng(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n).map(|_| r.random_range(-1.0..1.0)).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
+pub use crate::common::randt;
 
 /// Labels `0..classes` repeated, `(n,)` u32.
 pub fn labels(n: usize, classes: u32) -> Tensor {
