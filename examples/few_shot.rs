@@ -175,6 +175,15 @@ fn report(keys: &mut Vec<String>, name: &str, shots: usize, accs: Option<&[f64]>
     keys.push(format!("{name}_5w{shots}s_ci95={}", fmt(ci)));
 }
 
+/// Milliseconds per step, `nan` without steps.
+fn per_step_ms(secs: f64, steps: u64) -> String {
+    if steps == 0 {
+        "nan".to_string()
+    } else {
+        format!("{:.1}", secs * 1e3 / steps as f64)
+    }
+}
+
 /// Reports nearest-prototype accuracy in the space of `embed` on the test episodes.
 fn report_embedding(
     keys: &mut Vec<String>,
@@ -307,8 +316,8 @@ fn run(args: Args) -> Result<()> {
     let secs = t.elapsed().as_secs_f64();
     keys.push(format!("protonet_train_secs={secs:.1}"));
     keys.push(format!(
-        "protonet_episode_ms={:.1}",
-        secs * 1e3 / args.protonet_episodes.max(1) as f64
+        "protonet_episode_ms={}",
+        per_step_ms(secs, args.protonet_episodes)
     ));
     report_protonet(&mut keys, "protonet", &test, &protonet)?;
 
@@ -342,8 +351,8 @@ fn run(args: Args) -> Result<()> {
     let secs = t.elapsed().as_secs_f64();
     keys.push(format!("maml_train_secs={secs:.1}"));
     keys.push(format!(
-        "maml_iteration_ms={:.1}",
-        secs * 1e3 / args.maml_iterations.max(1) as f64
+        "maml_iteration_ms={}",
+        per_step_ms(secs, args.maml_iterations)
     ));
     for (shots, tasks) in &test {
         let eval = maml.evaluate(tasks, &[3])?;

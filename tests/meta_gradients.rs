@@ -40,14 +40,13 @@ fn trainer_gradient<T: TrainStep<Batch = TaskBatch>>(
     g
 }
 
+type Build<M> = fn(aimass::candle_nn::VarBuilder) -> aimass::Result<M>;
+
 fn maml_on<M: aimass::candle::ModuleT>(
     model: Model<M>,
-    build: fn(aimass::candle_nn::VarBuilder) -> aimass::Result<M>,
+    build: Build<M>,
     cfg: MamlConfig,
-) -> (
-    Maml<M, fn(aimass::candle_nn::VarBuilder) -> aimass::Result<M>, Sgd>,
-    VarMap,
-) {
+) -> (Maml<M, Build<M>, Sgd>, VarMap) {
     let vm = model.varmap().clone();
     let opt = sgd1(&vm);
     (Maml::new(model, build, opt, cfg).unwrap(), vm)
