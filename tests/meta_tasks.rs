@@ -86,6 +86,8 @@ fn task_batches_number_tasks_and_resume_by_position() {
     );
     assert_eq!(b.position(), (1, 2));
     assert!(b.set_position(0, 5).is_err());
+    assert!(b.set_position(u64::MAX, 0).is_err());
+    assert!(b.batch(u64::MAX).is_err());
     // The fingerprint names the sampler's seed.
     let other = TaskBatches::new(
         Sinusoid::new(SinusoidConfig::default().with_seed(9), &Device::Cpu).unwrap(),
@@ -154,6 +156,36 @@ fn bad_tasks_and_batches_are_errors() {
         Err(Error::Shape { .. })
     ));
     assert!(TaskLoss::Mse.loss(&x, &y).is_err());
+    // Prototypes need (n, D) embeddings and one label per row.
+    let labels3 = Tensor::new(&[0u32, 1, 0], &Device::Cpu).unwrap();
+    assert!(matches!(
+        prototypes(&randt(&[3, 2, 2], 1), &labels3, 2),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        prototypes(&randt(&[4, 2], 1), &labels3, 2),
+        Err(Error::Shape { .. })
+    ));
+}
+
+#[test]
+fn regression_evaluations_have_no_accuracy() {
+    let vm = model(tanh_mlp, 1).varmap().clone();
+    let opt = aimass::optim::Sgd::from_varmap(&vm, Default::default()).unwrap();
+    let m = aimass::nn::Model::new(
+        tanh_mlp(VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu)).unwrap(),
+        vm,
+    );
+    let cfg = MamlConfig::default()
+        .with_first_order(true)
+        .with_loss(TaskLoss::Mse);
+    let maml = Maml::new(m, tanh_mlp, opt, cfg).unwrap();
+    let e = maml.evaluate(&[mlp_task(1), mlp_task(2)], &[0, 1]).unwrap();
+    assert_eq!(e.num_tasks(), 2);
+    assert_eq!(e.steps(), &[0, 1]);
+    assert!(e.accuracies(1).is_err());
+    assert!(e.mean_accuracy(0).is_err());
+    assert!(e.mean_loss(1).unwrap().0.is_finite());
 }
 
 #[test]
@@ -212,6 +244,11 @@ fn per_task_parameters_give_each_task_its_own_gradient() {
     );
     assert!(matches!(
         lin.forward(&randt(&[2, 5, 3], 1)),
+        Err(Error::Shape { .. })
+    ));
+    // A per-task MLP needs the tasks first.
+    assert!(matches!(
+        net.forward_t(&randt(&[3, 3], 1), true),
         Err(Error::Shape { .. })
     ));
     // Errors: no tasks, twice, BatchNorm buffers, convolutions.
