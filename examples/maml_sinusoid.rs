@@ -22,8 +22,8 @@
 use std::time::Instant;
 
 use aimass::meta::{
-    Evaluation, Maml, MamlConfig, Sinusoid, SinusoidConfig, Task, TaskBatches, TaskBatchesConfig,
-    TaskLoss, TaskSampler,
+    mean_ci95, Evaluation, Maml, MamlConfig, Sinusoid, SinusoidConfig, Task, TaskBatches,
+    TaskBatchesConfig, TaskLoss, TaskSampler,
 };
 use aimass::nn::{init::seeded_var_builder, Mlp, MlpConfig, Model};
 use aimass::optim::{Adam, AdamConfig};
@@ -194,6 +194,24 @@ fn report(
             keys.push(format!("{prefix}mse_k{k}_step{s}={m:.4}"));
             keys.push(format!("{prefix}mse_k{k}_step{s}_ci95={ci:.4}"));
             row.push_str(&format!(" k{k}/step{s} {m:.3}±{ci:.3}"));
+            // Plain SGD at α = 0.01 can diverge on a task whose loss is
+            // too sharp at the initialisation: say so instead of leaving
+            // an unexplained `inf`.
+            let finite: Vec<f64> = e
+                .losses(s)?
+                .iter()
+                .copied()
+                .filter(|v| v.is_finite())
+                .collect();
+            let diverged = e.num_tasks() - finite.len();
+            if diverged > 0 {
+                let (fm, fci) = mean_ci95(&finite);
+                eprintln!(
+                    "{name}: k{k}/step{s}: {diverged} of {} tasks diverged (non-finite loss); the others {fm:.3}±{fci:.3}",
+                    e.num_tasks()
+                );
+                keys.push(format!("{prefix}mse_k{k}_step{s}_diverged={diverged}"));
+            }
         }
     }
     eprintln!("{name}:{row}");

@@ -321,3 +321,43 @@ fn first_order_maml_uses_the_query_gradient_at_the_adapted_weights() {
         assert!(e < 1e-12, "batch_tasks {batch_tasks}: rel {e:e}");
     }
 }
+
+/// MAML's own model: ReLU (through the crate's CPU kernel) and task
+/// batching, on sinusoid tasks in f64.
+fn relu_mlp(vb: aimass::candle_nn::VarBuilder) -> aimass::Result<aimass::nn::Mlp> {
+    aimass::nn::Mlp::new(aimass::nn::MlpConfig::new([1, 8, 8, 1]), vb)
+}
+
+#[test]
+fn maml_meta_gradient_of_a_relu_mlp_matches_finite_differences() {
+    enable_second_order().unwrap();
+    let sines = Sinusoid::new(
+        SinusoidConfig::default()
+            .with_dtype(aimass::candle::DType::F64)
+            .with_seed(3),
+        &aimass::candle::Device::Cpu,
+    )
+    .unwrap();
+    let tasks: Vec<Task> = (0..3).map(|i| sines.task(i).unwrap()).collect();
+    for batch_tasks in [false, true] {
+        let cfg = MamlConfig::default()
+            .with_loss(TaskLoss::Mse)
+            .with_inner_lr(0.01)
+            .with_inner_steps(2)
+            .with_batch_tasks(batch_tasks);
+        let (mut maml, vm) = maml_on(model(relu_mlp, 9), relu_mlp, cfg);
+        let got = trainer_gradient(&mut maml, &vm, &tasks);
+        let inner = Inner {
+            steps: 2,
+            lr: 0.01,
+            only: None,
+            learned_rates: false,
+            loss: TaskLoss::Mse,
+        };
+        let fd = finite_differences(&vm, |_| true, 1e-6, || {
+            post_adaptation_loss(&vm, &relu_mlp, &tasks, inner)
+        });
+        let e = rel_error(&got, &fd);
+        assert!(e <= 1e-6, "batch_tasks {batch_tasks}: rel {e:e}");
+    }
+}
