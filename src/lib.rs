@@ -6,8 +6,8 @@
 //! writes by hand: optimizers with momentum and clipping, learning-rate
 //! schedules, model families with train/eval modes, classification,
 //! distillation and self-supervised losses, data pipelines with batched
-//! augmentation, and (in later releases) whole trainers for self-supervised
-//! pretraining, teacher-student distillation and meta-learning.
+//! augmentation, teacher-student distillation, and (in later releases) whole
+//! trainers for self-supervised pretraining and meta-learning.
 //!
 //! aimass is candle interop, not a new framework: parameters live in a
 //! [`candle_nn::VarMap`], models are built from a [`candle_nn::VarBuilder`],
@@ -40,6 +40,7 @@
 //! | [`loss`] | classification, distillation and self-supervised losses |
 //! | [`data`] | datasets, readers, loader, augmentations, episodes |
 //! | [`train`] | the fit loop, callbacks, checkpoints, evaluation, the supervised trainer |
+//! | [`distill`] | teacher-student distillation: the `Distiller`, loss recipes with feature terms, cached teachers, transfer sets |
 //!
 //! Cargo features `cuda`, `cudnn`, `metal`, `mkl`, `accelerate` and `nccl`
 //! forward to candle's. The CPU is the default and needs no system library.
@@ -53,6 +54,7 @@ pub mod autograd;
 mod config;
 pub mod data;
 pub mod device;
+pub mod distill;
 pub mod error;
 pub mod loss;
 pub mod nn;
