@@ -921,3 +921,110 @@ fn the_schedule_sets_the_learning_rate_of_every_step() {
     }
     assert_eq!(d.optimizer().step_count(), 3);
 }
+
+#[test]
+fn a_teacher_cache_is_shared_between_runs_of_the_same_teacher() {
+    let (mut a, _) = distiller(TeacherMode::Cached, full_recipe());
+    assert_eq!(a.precompute_teacher(&loader(false)).unwrap(), 48);
+    let cache = a.teacher_cache().unwrap().clone();
+    assert_eq!(cache.filled(), 48);
+    assert_eq!(cache.stages(), ["layer2", "pool", "logits"]);
+    assert!(cache.has(47) && !cache.has(48));
+
+    // A KD-only run reads a subset of those stages: it takes the cache and
+    // trains exactly as with the teacher online.
+    let (mut shared, vm_shared) = distiller(TeacherMode::Cached, DistillLossConfig::default());
+    shared.set_teacher_cache(cache.clone()).unwrap();
+    let (mut online, vm_online) = distiller(TeacherMode::Online, DistillLossConfig::default());
+    let (_, l_shared) = fit(&mut shared, &mut loader(true), 18, None);
+    let (_, l_online) = fit(&mut online, &mut loader(true), 18, None);
+    assert_eq!(l_shared, l_online);
+    assert_eq!(varmap_bits(&vm_shared), varmap_bits(&vm_online));
+
+    // Refused: online mode, another teacher, a missing stage.
+    let e = online.set_teacher_cache(cache.clone()).unwrap_err();
+    assert!(e.to_string().contains("TeacherMode::Cached"), "{e}");
+    let tvm = VarMap::new();
+    let net = ResNet::new(
+        teacher_cfg(4),
+        seeded_var_builder(&tvm, 9, DType::F32, &dev()),
+    )
+    .unwrap();
+    let other_teacher = Model::new(net, tvm).freeze(ForwardMode::Eval);
+    let svm = VarMap::new();
+    let vb = seeded_var_builder(&svm, 2, DType::F32, &dev());
+    let s = Model::new(student_net(vb.clone(), 4), svm.clone());
+    let x = loader(false).batch_at(0, 0).unwrap().views[0].clone();
+    let loss = DistillLoss::new(&other_teacher, &s, &x, DistillLossConfig::default(), vb).unwrap();
+    let opt = Adam::from_varmap(&svm, AdamConfig::default()).unwrap();
+    let cfg = DistillerConfig::default().with_teacher_mode(TeacherMode::Cached);
+    let mut d = Distiller::new(
+        other_teacher,
+        s,
+        loss,
+        opt,
+        ConstantLr::new(1e-3).unwrap(),
+        cfg,
+    )
+    .unwrap();
+    let e = d.set_teacher_cache(cache.clone()).unwrap_err();
+    assert!(e.to_string().contains("another teacher"), "{e}");
+    let at_layer1 =
+        DistillLossConfig::default().with_features(vec![FeatureTerm::attention("conv1", "layer1")]);
+    let (mut needs_layer1, _) = distiller(TeacherMode::Cached, at_layer1);
+    let e = needs_layer1.set_teacher_cache(cache).unwrap_err();
+    assert!(e.to_string().contains("no teacher stage `layer1`"), "{e}");
+}
+
+#[test]
+fn bad_batches_and_checkpoints_are_errors() {
+    let (mut d, vm) = distiller(TeacherMode::Cached, full_recipe());
+    let good = loader(false).batch_at(0, 0).unwrap();
+    let before = varmap_bits(&vm);
+    // Cached mode keys the teacher by Batch::indices: one per sample.
+    let mut short = good.clone();
+    short.indices.pop();
+    let e = d.step(&short).unwrap_err();
+    assert!(
+        e.to_string().contains("one dataset index per sample"),
+        "{e}"
+    );
+    // Labels: one per sample, in range.
+    let mut wrong = good.clone();
+    wrong.labels = Tensor::new(vec![0u32; 7], &dev()).unwrap();
+    assert!(matches!(d.step(&wrong).unwrap_err(), Error::Shape { .. }));
+    let mut out_of_range = good.clone();
+    out_of_range.labels = Tensor::new(vec![9u32; 8], &dev()).unwrap();
+    let e = d.step(&out_of_range).unwrap_err();
+    assert!(e.to_string().contains("outside 0..4"), "{e}");
+    assert_eq!(
+        varmap_bits(&vm),
+        before,
+        "a failed step changed the student"
+    );
+    assert_eq!(d.steps(), 0);
+    // An empty sample batch for DistillLoss::new.
+    let (t, _) = teacher(4);
+    let svm = VarMap::new();
+    let vb = seeded_var_builder(&svm, 2, DType::F32, &dev());
+    let s = Model::new(student_net(vb.clone(), 4), svm);
+    let empty = Tensor::zeros((0, 1, 8, 8), DType::F32, &dev()).unwrap();
+    let e = DistillLoss::new(&t, &s, &empty, DistillLossConfig::default(), vb).unwrap_err();
+    assert!(matches!(e, Error::Shape { .. }), "{e}");
+
+    // A checkpoint whose teacher cache does not add up.
+    d.step(&good).unwrap();
+    let mut ckpt = Checkpoint::new("distiller");
+    d.save_state(&mut ckpt).unwrap();
+    assert_eq!(ckpt.meta("teacher_cache.filled"), Some("8"));
+    let (mut fresh, vm2) = distiller(TeacherMode::Cached, full_recipe());
+    let before = varmap_bits(&vm2);
+    ckpt.set_meta("teacher_cache.filled", 9);
+    let e = fresh.load_state(&ckpt).unwrap_err();
+    assert!(e.to_string().contains("teacher cache"), "{e}");
+    assert_eq!(varmap_bits(&vm2), before);
+    assert_eq!(fresh.cached_samples(), 0);
+    ckpt.set_meta("teacher_cache.filled", 8);
+    fresh.load_state(&ckpt).unwrap();
+    assert_eq!(fresh.cached_samples(), 8);
+}

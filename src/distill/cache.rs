@@ -8,32 +8,53 @@ use crate::nn::Features;
 use crate::train::Checkpoint;
 use crate::{Error, Result};
 
-/// Teacher outputs by dataset index: one row `(1, ...)` per stage.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct TeacherCache {
+/// A teacher's outputs by dataset index: for each cached sample, one row
+/// `(1, ...)` per stage (the logits and the feature stages a recipe reads).
+///
+/// A [`Distiller`](super::Distiller) in [`TeacherMode::Cached`](super::TeacherMode::Cached)
+/// fills one ([`Distiller::precompute_teacher`](super::Distiller::precompute_teacher),
+/// or batch by batch); [`Distiller::teacher_cache`](super::Distiller::teacher_cache)
+/// and [`Distiller::set_teacher_cache`](super::Distiller::set_teacher_cache)
+/// share it between runs over the same dataset with the same teacher
+/// (seeds, students, hyperparameters), so the teacher runs once in all.
+/// Cloning is cheap: the rows are shared.
+#[derive(Debug, Clone)]
+pub struct TeacherCache {
     stages: Vec<String>,
     rows: Vec<Option<Vec<Tensor>>>,
     filled: usize,
+    teacher_crc: u32,
 }
 
 impl TeacherCache {
-    /// An empty cache of these stages.
-    pub(crate) fn new(stages: Vec<String>) -> Self {
+    /// An empty cache of these stages of the teacher with this CRC.
+    pub(crate) fn new(stages: Vec<String>, teacher_crc: u32) -> Self {
         TeacherCache {
             stages,
             rows: Vec::new(),
             filled: 0,
+            teacher_crc,
         }
     }
 
+    /// The cached stages, in order.
+    pub fn stages(&self) -> &[String] {
+        &self.stages
+    }
+
     /// How many samples are cached.
-    pub(crate) fn filled(&self) -> usize {
+    pub fn filled(&self) -> usize {
         self.filled
     }
 
     /// Whether sample `i` is cached.
-    pub(crate) fn has(&self, i: usize) -> bool {
+    pub fn has(&self, i: usize) -> bool {
         matches!(self.rows.get(i), Some(Some(_)))
+    }
+
+    /// The CRC-32 of the weights of the teacher that computed the outputs.
+    pub(crate) fn teacher_crc(&self) -> u32 {
+        self.teacher_crc
     }
 
     /// Caches row `j` of every stage of `feats` as sample `indices[j]`,
@@ -117,9 +138,14 @@ impl TeacherCache {
     }
 
     /// A cache of `stages` read back from what [`TeacherCache::save`] wrote.
-    pub(crate) fn load(ckpt: &Checkpoint, prefix: &str, stages: &[String]) -> Result<Self> {
+    pub(crate) fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        stages: &[String],
+        teacher_crc: u32,
+    ) -> Result<Self> {
         let filled: usize = ckpt.meta_parse(&format!("{prefix}.filled"))?;
-        let mut cache = TeacherCache::new(stages.to_vec());
+        let mut cache = TeacherCache::new(stages.to_vec(), teacher_crc);
         if filled == 0 {
             return Ok(cache);
         }

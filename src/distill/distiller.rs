@@ -181,11 +181,14 @@ impl<T: FeatureExtractor, S: FeatureExtractor, O: Optimizer> Distiller<T, S, O> 
             .into_iter()
             .map(|(_, v)| v)
             .collect();
+        let teacher_crc = model_crc(&teacher)?;
         let cache = match cfg.teacher_mode {
-            TeacherMode::Cached => Some(TeacherCache::new(loss.teacher_stages().to_vec())),
+            TeacherMode::Cached => Some(TeacherCache::new(
+                loss.teacher_stages().to_vec(),
+                teacher_crc,
+            )),
             _ => None,
         };
-        let teacher_crc = model_crc(&teacher)?;
         let mut optimizer = optimizer;
         optimizer.set_lr(schedule.lr(0));
         Ok(Distiller {
@@ -282,6 +285,48 @@ impl<T: FeatureExtractor, S: FeatureExtractor, O: Optimizer> Distiller<T, S, O> 
             }
         }
         Ok(self.cached_samples())
+    }
+
+    /// The teacher cache ([`TeacherMode::Cached`]; `None` online).
+    pub fn teacher_cache(&self) -> Option<&TeacherCache> {
+        self.cache.as_ref()
+    }
+
+    /// Replaces the teacher cache with `cache`, for instance one filled by
+    /// another distiller with the same teacher over the same dataset (the
+    /// cache is keyed by dataset index). Errors in online mode, when the
+    /// cache was computed by another teacher (other weights), or when it
+    /// lacks a stage the loss reads.
+    pub fn set_teacher_cache(&mut self, cache: TeacherCache) -> Result<()> {
+        const OP: &str = "Distiller::set_teacher_cache";
+        if self.cache.is_none() {
+            return Err(Error::invalid(
+                OP,
+                "the distiller runs its teacher online; set DistillerConfig::teacher_mode to TeacherMode::Cached",
+            ));
+        }
+        if cache.teacher_crc() != self.teacher_crc {
+            return Err(Error::invalid(
+                OP,
+                "the cache holds the outputs of another teacher (its weights differ from this distiller's)",
+            ));
+        }
+        if let Some(missing) = self
+            .loss
+            .teacher_stages()
+            .iter()
+            .find(|s| !cache.stages().contains(s))
+        {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "the cache has no teacher stage `{missing}` (it holds {}), which the loss reads",
+                    cache.stages().join(", ")
+                ),
+            ));
+        }
+        self.cache = Some(cache);
+        Ok(())
     }
 
     /// The teacher's outputs on `images`: the stages the loss reads.
@@ -455,6 +500,7 @@ impl<T: FeatureExtractor, S: FeatureExtractor, O: Optimizer> TrainStep for Disti
                 ckpt,
                 "teacher_cache",
                 self.loss.teacher_stages(),
+                self.teacher_crc,
             )?),
             None => None,
         };

@@ -85,6 +85,7 @@ mod recipe;
 mod transfer;
 
 pub use adapter::AdapterKind;
+pub use cache::TeacherCache;
 pub use distiller::{DistillOutput, Distiller, DistillerConfig, TeacherMode};
 pub use feature::{FeatureLoss, FeatureTerm};
 pub use recipe::{DistillLoss, DistillLossConfig, DistillTerms, LogitTerm};
