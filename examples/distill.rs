@@ -442,7 +442,8 @@ fn real_main() -> Result<()> {
         ),
     };
 
-    let mut rows: Vec<(String, String, Vec<(Method, Vec<f64>)>)> = Vec::new();
+    // (student, labels per class, the accuracies of each method over the seeds)
+    let mut rows: Vec<(String, String, Vec<Vec<f64>>)> = Vec::new();
     let mut keys: Vec<(String, String)> = vec![("teacher_acc".into(), format!("{teacher_acc:.4}"))];
     for student in &students {
         for budget in &budgets {
@@ -463,7 +464,7 @@ fn real_main() -> Result<()> {
                 let key = format!("{}_n{label}_{}", student.name(), method.name());
                 keys.push((key.clone(), format!("{m:.4}")));
                 keys.push((format!("{key}_std"), format!("{sd:.4}")));
-                per_method.push((method, accs));
+                per_method.push(accs);
             }
             rows.push((student.name(), label, per_method));
         }
@@ -493,26 +494,26 @@ fn real_main() -> Result<()> {
 
     println!();
     println!("teacher resnet_tiny: {teacher_acc:.2} % (held-out accuracy, percent; mean ± std over seeds {:?})", args.seeds);
-    let header: Vec<&str> = methods.iter().map(|m| m.name()).collect();
-    println!(
-        "{:<8} {:>7}  {}",
-        "student",
-        "labels",
-        header
-            .iter()
-            .map(|h| format!("{h:>15}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    let mut header: Vec<String> = methods
+        .iter()
+        .map(|m| format!("{:>15}", m.name()))
+        .collect();
+    header.push(format!("{:>15}", "kd − scratch"));
+    println!("{:<8} {:>7}  {}", "student", "labels", header.join(" "));
     for (student, label, per_method) in &rows {
         let cells: Vec<String> = per_method
             .iter()
-            .map(|(_, accs)| {
+            .map(|accs| {
                 let (m, sd) = mean_std(accs);
                 format!("{:>15}", format!("{m:.2} ± {sd:.2}"))
             })
             .collect();
-        println!("{student:<8} {label:>7}  {}", cells.join(" "));
+        // KD's gain over scratch, in points.
+        let gain = match (per_method.first(), per_method.get(1)) {
+            (Some(a), Some(b)) => format!("{:>+15.2}", mean_std(b).0 - mean_std(a).0),
+            _ => String::new(),
+        };
+        println!("{student:<8} {label:>7}  {} {gain}", cells.join(" "));
     }
     println!(
         "inference (images/s, batch 256): {}",
