@@ -80,10 +80,14 @@ fn teacher_cfg(classes: usize) -> ResNetConfig {
 /// passes), frozen; also returns its `VarMap` so tests can look behind the
 /// handle.
 fn teacher(classes: usize) -> (FrozenModel<ResNet>, VarMap) {
+    teacher_seeded(classes, 1)
+}
+
+fn teacher_seeded(classes: usize, seed: u64) -> (FrozenModel<ResNet>, VarMap) {
     let vm = VarMap::new();
     let net = ResNet::new(
         teacher_cfg(classes),
-        seeded_var_builder(&vm, 1, DType::F32, &dev()),
+        seeded_var_builder(&vm, seed, DType::F32, &dev()),
     )
     .unwrap();
     let x = loader(false).batch_at(0, 0).unwrap().views[0].clone();
@@ -115,7 +119,15 @@ fn full_recipe() -> DistillLossConfig {
 type D = Distiller<ResNet, ConvNet, Adam>;
 
 fn distiller(mode: TeacherMode, recipe: DistillLossConfig) -> (D, VarMap) {
-    let (t, _) = teacher(4);
+    distiller_with(teacher(4).0, mode, recipe)
+}
+
+/// A distiller of `t` into a seeded ConvNet (Adam, cosine over 18 steps).
+fn distiller_with(
+    t: FrozenModel<ResNet>,
+    mode: TeacherMode,
+    recipe: DistillLossConfig,
+) -> (D, VarMap) {
     let vm = VarMap::new();
     let vb = seeded_var_builder(&vm, 2, DType::F32, &dev());
     let student = Model::new(student_net(vb.clone(), 4), vm.clone());
@@ -132,6 +144,22 @@ fn distiller(mode: TeacherMode, recipe: DistillLossConfig) -> (D, VarMap) {
     )
     .unwrap();
     (d, vm)
+}
+
+/// The largest absolute difference between two tensors of one shape.
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 fn bits_of(entries: Vec<(String, Tensor)>) -> BTreeMap<String, Vec<u32>> {
@@ -329,10 +357,6 @@ fn cross_entropy_ignores_unlabelled_samples_as_pytorch_does() {
         f
     };
     let scalar = |x: &Tensor| x.to_scalar::<f64>().unwrap();
-    let close = |a: &Tensor, b: &Tensor| {
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        scalar(&d)
-    };
     let unlabelled = {
         // UNLABELLED rows in u32 labels, as a TransferSet gives them.
         let y = f["labels_mixed"].to_vec1::<i64>().unwrap();
@@ -359,7 +383,7 @@ fn cross_entropy_ignores_unlabelled_samples_as_pytorch_does() {
         let g = terms.total.backward().unwrap();
         let gs = g.get(sv.as_tensor()).unwrap();
         assert!(
-            close(gs, &f[&format!("grad_{key}")]) < 1e-12,
+            max_diff(gs, &f[&format!("grad_{key}")]) < 1e-12,
             "{key}: gradient"
         );
     }
@@ -434,13 +458,7 @@ fn dkd_targets_the_label_or_the_teachers_guess() {
         .collect();
     let want = dkd_loss(s, t, &Tensor::new(target, &dev()).unwrap(), 1.0, 8.0, 4.0).unwrap();
     let got = terms.get("dkd").unwrap();
-    let diff = (got - &want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    assert!(diff < 1e-12);
+    assert!(max_diff(got, &want) < 1e-12);
 }
 
 #[test]
@@ -760,28 +778,7 @@ fn resuming_with_another_teacher_or_recipe_is_refused() {
     let (mut cached, _) = distiller(TeacherMode::Cached, full_recipe());
     assert!(cached.load_state(&ckpt).is_err());
     // Another teacher (other weights, same architecture).
-    let tvm = VarMap::new();
-    let net = ResNet::new(
-        teacher_cfg(4),
-        seeded_var_builder(&tvm, 9, DType::F32, &dev()),
-    )
-    .unwrap();
-    let t = Model::new(net, tvm).freeze(ForwardMode::Eval);
-    let svm = VarMap::new();
-    let vb = seeded_var_builder(&svm, 2, DType::F32, &dev());
-    let s = Model::new(student_net(vb.clone(), 4), svm.clone());
-    let x = loader(false).batch_at(0, 0).unwrap().views[0].clone();
-    let loss = DistillLoss::new(&t, &s, &x, full_recipe(), vb.pp("adapters")).unwrap();
-    let opt = Adam::from_varmap(&svm, AdamConfig::default()).unwrap();
-    let mut third = Distiller::new(
-        t,
-        s,
-        loss,
-        opt,
-        ConstantLr::new(1e-3).unwrap(),
-        DistillerConfig::default(),
-    )
-    .unwrap();
+    let (mut third, _) = distiller_with(teacher_seeded(4, 9).0, TeacherMode::Online, full_recipe());
     let e = third.load_state(&ckpt).unwrap_err();
     assert!(e.to_string().contains("teacher_crc32"), "{e}");
     // The right one loads.
@@ -839,14 +836,7 @@ fn a_teacher_trained_in_pytorch_loads_by_torchvision_names() {
     assert!(report.is_complete(), "{report:?}");
     let f = teacher.forward_features(&io["input"], true).unwrap(); // `true` is ignored: eval mode
     for (stage, key) in [("logits", "logits"), ("layer2", "layer2"), ("pool", "pool")] {
-        let d = (f.require(stage).unwrap() - &io[key])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_diff(f.require(stage).unwrap(), &io[key]);
         assert!(d < 1e-5, "{stage}: max difference {d} from PyTorch");
     }
     // It teaches: an MLP student distils from it and the teacher stays as loaded.
@@ -944,29 +934,11 @@ fn a_teacher_cache_is_shared_between_runs_of_the_same_teacher() {
     // Refused: online mode, another teacher, a missing stage.
     let e = online.set_teacher_cache(cache.clone()).unwrap_err();
     assert!(e.to_string().contains("TeacherMode::Cached"), "{e}");
-    let tvm = VarMap::new();
-    let net = ResNet::new(
-        teacher_cfg(4),
-        seeded_var_builder(&tvm, 9, DType::F32, &dev()),
-    )
-    .unwrap();
-    let other_teacher = Model::new(net, tvm).freeze(ForwardMode::Eval);
-    let svm = VarMap::new();
-    let vb = seeded_var_builder(&svm, 2, DType::F32, &dev());
-    let s = Model::new(student_net(vb.clone(), 4), svm.clone());
-    let x = loader(false).batch_at(0, 0).unwrap().views[0].clone();
-    let loss = DistillLoss::new(&other_teacher, &s, &x, DistillLossConfig::default(), vb).unwrap();
-    let opt = Adam::from_varmap(&svm, AdamConfig::default()).unwrap();
-    let cfg = DistillerConfig::default().with_teacher_mode(TeacherMode::Cached);
-    let mut d = Distiller::new(
-        other_teacher,
-        s,
-        loss,
-        opt,
-        ConstantLr::new(1e-3).unwrap(),
-        cfg,
-    )
-    .unwrap();
+    let (mut d, _) = distiller_with(
+        teacher_seeded(4, 9).0,
+        TeacherMode::Cached,
+        DistillLossConfig::default(),
+    );
     let e = d.set_teacher_cache(cache.clone()).unwrap_err();
     assert!(e.to_string().contains("another teacher"), "{e}");
     let at_layer1 =
