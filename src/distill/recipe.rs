@@ -98,6 +98,7 @@ impl DistillLossConfig {
 
 /// The weighted terms of one batch's loss and their sum.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct DistillTerms {
     /// The sum of the terms: the loss to differentiate.
     pub total: Tensor,
