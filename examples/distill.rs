@@ -65,7 +65,7 @@ use clap::{Parser, ValueEnum};
 
 /// Distil a resnet_tiny teacher into small students with few labels.
 #[derive(Parser, Debug)]
-#[command(about)]
+#[command(name = "distill")]
 struct Args {
     /// Load the teacher (resnet_tiny + 10-class `fc`, torchvision names,
     /// safetensors) instead of training it.
@@ -90,6 +90,9 @@ struct Args {
     /// Labelled images per class (`all`: every training image).
     #[arg(long, value_delimiter = ',', default_value = "10,50,all")]
     labels: Vec<String>,
+    /// Methods to run (default: scratch,kd for the MLPs; scratch,kd,kd_at,kd_hint for the ConvNet).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    methods: Vec<Method>,
     /// Run the teacher on every batch instead of caching its outputs (same
     /// result without augmentation, slower).
     #[arg(long)]
@@ -126,11 +129,13 @@ impl Student {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Method {
     Scratch,
     Kd,
+    #[value(name = "kd_at")]
     KdAt,
+    #[value(name = "kd_hint")]
     KdHint,
 }
 
@@ -431,7 +436,7 @@ fn real_main() -> Result<()> {
         },
         caches: RefCell::new(HashMap::new()),
     };
-    let (students, methods) = match args.students {
+    let (students, mut methods) = match args.students {
         Students::Mlp => (
             vec![Student::Mlp(128), Student::Mlp(32)],
             vec![Method::Scratch, Method::Kd],
@@ -441,6 +446,9 @@ fn real_main() -> Result<()> {
             vec![Method::Scratch, Method::Kd, Method::KdAt, Method::KdHint],
         ),
     };
+    if !args.methods.is_empty() {
+        methods = args.methods.clone();
+    }
 
     // (student, labels per class, the accuracies of each method over the seeds)
     let mut rows: Vec<(String, String, Vec<Vec<f64>>)> = Vec::new();
@@ -498,7 +506,9 @@ fn real_main() -> Result<()> {
         .iter()
         .map(|m| format!("{:>15}", m.name()))
         .collect();
-    header.push(format!("{:>15}", "kd − scratch"));
+    if methods.contains(&Method::Scratch) && methods.contains(&Method::Kd) {
+        header.push(format!("{:>15}", "kd − scratch"));
+    }
     println!("{:<8} {:>7}  {}", "student", "labels", header.join(" "));
     for (student, label, per_method) in &rows {
         let cells: Vec<String> = per_method
@@ -509,8 +519,14 @@ fn real_main() -> Result<()> {
             })
             .collect();
         // KD's gain over scratch, in points.
-        let gain = match (per_method.first(), per_method.get(1)) {
-            (Some(a), Some(b)) => format!("{:>+15.2}", mean_std(b).0 - mean_std(a).0),
+        let of = |m: Method| {
+            methods
+                .iter()
+                .position(|&x| x == m)
+                .map(|i| mean_std(&per_method[i]).0)
+        };
+        let gain = match (of(Method::Scratch), of(Method::Kd)) {
+            (Some(a), Some(b)) => format!("{:>+15.2}", b - a),
             _ => String::new(),
         };
         println!("{student:<8} {label:>7}  {} {gain}", cells.join(" "));
