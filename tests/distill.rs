@@ -981,3 +981,18 @@ fn bad_batches_and_checkpoints_are_errors() {
     fresh.load_state(&ckpt).unwrap();
     assert_eq!(fresh.cached_samples(), 8);
 }
+
+#[test]
+fn a_distiller_can_move_to_another_thread() {
+    fn is_send<T: Send>(_: &T) {}
+    let (d, _) = distiller(TeacherMode::Cached, full_recipe());
+    is_send(&d);
+    let steps = std::thread::spawn(move || {
+        let mut d = d;
+        d.step(&loader(true).batch_at(0, 0).unwrap()).unwrap();
+        d.steps()
+    })
+    .join()
+    .unwrap();
+    assert_eq!(steps, 1);
+}

@@ -92,7 +92,7 @@ pub struct Distiller<T, S, O> {
     student: Model<S>,
     loss: DistillLoss,
     optimizer: O,
-    schedule: Box<dyn Schedule>,
+    schedule: Box<dyn Schedule + Send>,
     cfg: DistillerConfig,
     cache: Option<TeacherCache>,
     guard: NonFiniteGuard,
@@ -135,7 +135,7 @@ impl<T: FeatureExtractor, S: FeatureExtractor, O: Optimizer> Distiller<T, S, O> 
         student: Model<S>,
         loss: DistillLoss,
         optimizer: O,
-        schedule: impl Schedule + 'static,
+        schedule: impl Schedule + Send + 'static,
         cfg: DistillerConfig,
     ) -> Result<Self> {
         const OP: &str = "Distiller::new";
