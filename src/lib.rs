@@ -58,6 +58,7 @@ pub mod loss;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod ssl;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -12,7 +12,8 @@
 //! The [`NonFiniteGuard`] stops (or skips) a step whose loss or gradient is
 //! not finite before it reaches the weights. [`LossScaler`] is the dynamic
 //! loss scale of f16 training. Evaluation: [`evaluate_accuracy`],
-//! [`extract_features`], [`knn_accuracy`] and [`linear_probe`], the
+//! [`extract_features`], [`knn_accuracy`], [`linear_probe`] (mini-batch
+//! AdamW) and [`logistic_regression`] (L-BFGS to convergence), the
 //! yardsticks of self-supervised learning.
 //!
 //! [`Classifier`] is the supervised trainer (see its docs for a complete
@@ -29,6 +30,7 @@ mod eval;
 mod fit;
 mod guard;
 mod knn;
+mod logistic;
 mod metrics_log;
 mod mixed;
 #[cfg(feature = "plot")]
@@ -40,6 +42,7 @@ pub use callback::{Callback, Control, EpochInfo, StepInfo, TrainingState};
 pub use checkpoint::{Checkpoint, FORMAT_VERSION};
 pub use checkpoint_dir::{CheckpointDir, PeriodicCheckpoint};
 pub use classifier::{Classifier, ClassifierConfig};
+pub(crate) use classifier::BufferSnapshot;
 pub use early_stopping::{EarlyStopping, EarlyStoppingConfig, MonitorMode};
 pub use episodes::EpisodeEpochs;
 pub use eval::{
@@ -49,6 +52,7 @@ pub use eval::{
 pub use fit::{BatchSource, Evaluator, Fit, FitConfig, FitSummary, StepOutput, TrainStep};
 pub use guard::{GuardAction, NonFiniteGuard, NonFinitePolicy};
 pub use knn::{accuracy_of, knn_accuracy, knn_predict, KnnConfig};
+pub use logistic::{logistic_regression, LogisticRegressionConfig, LogisticRegressionResult};
 pub use metrics_log::MetricsLog;
 pub use mixed::{MixedPrecision, MixedPrecisionConfig, Precision};
 #[cfg(feature = "plot")]
