@@ -40,6 +40,7 @@
 //! | [`loss`] | classification, distillation and self-supervised losses |
 //! | [`data`] | datasets, readers, loader, augmentations, episodes |
 //! | [`train`] | the fit loop, callbacks, checkpoints, evaluation, the supervised trainer |
+//! | [`ssl`] | self-supervised pretraining (SimCLR, BYOL, SimSiam, MoCo v2, Barlow Twins, VICReg) and few-label probes |
 //!
 //! Cargo features `cuda`, `cudnn`, `metal`, `mkl`, `accelerate` and `nccl`
 //! forward to candle's. The CPU is the default and needs no system library.

@@ -8,12 +8,15 @@ use aimass::data::augment::presets::{simclr_views, PresetConfig};
 use aimass::data::augment::{Compose, HorizontalFlip, MultiView, Normalize};
 use aimass::data::{Batch, DataLoader, DataLoaderConfig, InMemoryDataset};
 use aimass::nn::params::LoadConfig;
-use aimass::nn::{init::seeded_var_builder, seq, HeadConfig, Mlp, MlpConfig, ResNet, ResNetConfig, SequentialT};
+use aimass::nn::{
+    init::seeded_var_builder, seq, HeadConfig, Mlp, MlpConfig, ResNet, ResNetConfig, SequentialT,
+};
 use aimass::optim::byol_tau;
 use aimass::prelude::*;
 use aimass::ssl::{
-    Backbone, BarlowTwins, BarlowTwinsConfig, Byol, ByolConfig, MoCo, MoCoConfig, SimClr, SimClrConfig,
-    SimSiam, SimSiamConfig, SslOptimConfig, SslOptimizer, SslTrainer, VicReg, VicRegConfig,
+    Backbone, BarlowTwins, BarlowTwinsConfig, Byol, ByolConfig, MoCo, MoCoConfig, SimClr,
+    SimClrConfig, SimSiam, SimSiamConfig, SslOptimConfig, SslOptimizer, SslTrainer, VicReg,
+    VicRegConfig,
 };
 use aimass::train::Checkpoint;
 
@@ -23,7 +26,9 @@ const SIDE: usize = 8;
 fn dataset() -> InMemoryDataset {
     use rand::Rng;
     let mut r = aimass::device::rng(11);
-    let px: Vec<u8> = (0..32 * SIDE * SIDE).map(|_| r.random_range(0..=255u8)).collect();
+    let px: Vec<u8> = (0..32 * SIDE * SIDE)
+        .map(|_| r.random_range(0..=255u8))
+        .collect();
     InMemoryDataset::new(px, (0..32).map(|i| i % 4).collect(), (1, SIDE, SIDE)).unwrap()
 }
 
@@ -31,14 +36,22 @@ fn dataset() -> InMemoryDataset {
 /// one noise image can be matched, and the losses can fall), or SimCLR's
 /// views (crops, jitter) for `strong`.
 fn loader_with(strong: bool) -> DataLoader {
-    let cfg = DataLoaderConfig::default().with_batch_size(8).with_drop_last(true).with_seed(3).with_prefetch(0);
+    let cfg = DataLoaderConfig::default()
+        .with_batch_size(8)
+        .with_drop_last(true)
+        .with_seed(3)
+        .with_prefetch(0);
     let views = if strong {
         simclr_views(&PresetConfig::default().with_size(SIDE)).unwrap()
     } else {
-        let flip = Compose::new().then(HorizontalFlip::new(0.5).unwrap()).then(Normalize::new(&[0.5], &[0.25]).unwrap());
+        let flip = Compose::new()
+            .then(HorizontalFlip::new(0.5).unwrap())
+            .then(Normalize::new(&[0.5], &[0.25]).unwrap());
         MultiView::repeat(flip, 2).unwrap()
     };
-    DataLoader::new(dataset(), cfg, &Device::Cpu).unwrap().with_views(views)
+    DataLoader::new(dataset(), cfg, &Device::Cpu)
+        .unwrap()
+        .with_views(views)
 }
 
 fn loader() -> DataLoader {
@@ -48,13 +61,18 @@ fn loader() -> DataLoader {
 /// A small MLP with BatchNorm: 64 pixels → 32 → 16 features.
 fn mlp() -> Backbone<SequentialT> {
     Backbone::new(16, |vb| {
-        let mlp = Mlp::new(MlpConfig::new(vec![SIDE * SIDE, 32, 16]).with_batch_norm(true), vb)?;
+        let mlp = Mlp::new(
+            MlpConfig::new(vec![SIDE * SIDE, 32, 16]).with_batch_norm(true),
+            vb,
+        )?;
         Ok(seq().add_fn(|x, _| x.flatten_from(1)).add(mlp))
     })
 }
 
 fn head(out: usize) -> HeadConfig {
-    HeadConfig::simclr().with_hidden_dim(16).with_output_dim(out)
+    HeadConfig::simclr()
+        .with_hidden_dim(16)
+        .with_output_dim(out)
 }
 
 fn sgd() -> SslOptimConfig {
@@ -66,7 +84,14 @@ fn sgd() -> SslOptimConfig {
 }
 
 fn simclr() -> SimClr<SequentialT> {
-    SimClr::new(mlp(), SimClrConfig::default().with_projector(head(8)).with_optim(sgd()), &Device::Cpu).unwrap()
+    SimClr::new(
+        mlp(),
+        SimClrConfig::default()
+            .with_projector(head(8))
+            .with_optim(sgd()),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn byol() -> Byol<SequentialT> {
@@ -97,12 +122,16 @@ fn moco() -> MoCo<SequentialT> {
 }
 
 fn barlow() -> BarlowTwins<SequentialT> {
-    let cfg = BarlowTwinsConfig::default().with_projector(head(8).with_num_layers(3)).with_optim(sgd().with_lr(0.05));
+    let cfg = BarlowTwinsConfig::default()
+        .with_projector(head(8).with_num_layers(3))
+        .with_optim(sgd().with_lr(0.05));
     BarlowTwins::new(mlp(), cfg, &Device::Cpu).unwrap()
 }
 
 fn vicreg() -> VicReg<SequentialT> {
-    let cfg = VicRegConfig::default().with_projector(head(8).with_num_layers(3)).with_optim(sgd().with_lr(0.05));
+    let cfg = VicRegConfig::default()
+        .with_projector(head(8).with_num_layers(3))
+        .with_optim(sgd().with_lr(0.05));
     VicReg::new(mlp(), cfg, &Device::Cpu).unwrap()
 }
 
@@ -154,20 +183,37 @@ fn moco_lowers_the_loss_of_a_batch_against_the_same_negatives() {
     let batches: Vec<Batch> = (0..4).map(|b| l.batch_at(0, b).unwrap()).collect();
     let mut losses = Vec::new();
     for step in 0..32u64 {
-        losses.push(m.train_step(&batches[step as usize % 4], step).unwrap().loss);
+        losses.push(
+            m.train_step(&batches[step as usize % 4], step)
+                .unwrap()
+                .loss,
+        );
     }
-    assert!(losses[28] < losses[4], "moco: loss of batch 0 {} -> {}", losses[4], losses[28]);
+    assert!(
+        losses[28] < losses[4],
+        "moco: loss of batch 0 {} -> {}",
+        losses[4],
+        losses[28]
+    );
 }
 
 /// `tau·t + (1 − tau)·o` in f32, as the EMA computes it.
 fn ema(t: &Tensor, o: &Tensor, tau: f64) -> Vec<f32> {
     let t = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let o = o.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    t.iter().zip(&o).map(|(t, o)| t * tau as f32 + o * (1.0 - tau) as f32).collect()
+    t.iter()
+        .zip(&o)
+        .map(|(t, o)| t * tau as f32 + o * (1.0 - tau) as f32)
+        .collect()
 }
 
 /// Checks that `after` = EMA(`before`, `online`) exactly for every parameter.
-fn check_ema(before: &[(String, Tensor)], after: &[(String, Tensor)], online: &[(String, Var)], tau: f64) {
+fn check_ema(
+    before: &[(String, Tensor)],
+    after: &[(String, Tensor)],
+    online: &[(String, Var)],
+    tau: f64,
+) {
     assert_eq!(before.len(), online.len());
     let mut changed = false;
     for (((n0, t0), (n1, t1)), (no, o)) in before.iter().zip(after).zip(online) {
@@ -191,12 +237,20 @@ fn byol_target_changes_only_by_the_ema_and_gets_no_gradient() {
         // BYOL's schedule: τ after step k is 1 − (1 − τ_base)(cos(π(k+1)/K) + 1)/2.
         let k = (step + 1) as f64 / 8.0;
         let tau = 1.0 - 0.1 * ((std::f64::consts::PI * k).cos() + 1.0) / 2.0;
-        assert!((b.tau(step) - tau).abs() < 1e-15 && (byol_tau(0.9, step + 1, 8) - tau).abs() < 1e-15);
+        assert!(
+            (b.tau(step) - tau).abs() < 1e-15 && (byol_tau(0.9, step + 1, 8) - tau).abs() < 1e-15
+        );
         let online = b.encoder().named_parameters().unwrap();
-        check_ema(&before, &b.target().named_parameters().unwrap(), &online, tau);
+        check_ema(
+            &before,
+            &b.target().named_parameters().unwrap(),
+            &online,
+            tau,
+        );
     }
     // The optimizer holds the online encoder and the predictor, nothing else.
-    let trained = b.encoder().named_parameters().unwrap().len() + b.predictor().named_parameters().unwrap().len();
+    let trained = b.encoder().named_parameters().unwrap().len()
+        + b.predictor().named_parameters().unwrap().len();
     assert_eq!(b.optimizer().param_names().len(), trained);
     // Whatever is computed from the target carries no gradient.
     let z = b.target().forward(&batch.views[0]).unwrap();
@@ -212,9 +266,17 @@ fn moco_key_encoder_changes_only_by_the_ema_and_gets_no_gradient() {
         let before = m.key_encoder().named_parameters().unwrap();
         m.train_step(&batch, step).unwrap();
         let online = m.encoder().named_parameters().unwrap();
-        check_ema(&before, &m.key_encoder().named_parameters().unwrap(), &online, 0.9);
+        check_ema(
+            &before,
+            &m.key_encoder().named_parameters().unwrap(),
+            &online,
+            0.9,
+        );
     }
-    assert_eq!(m.optimizer().param_names().len(), m.encoder().named_parameters().unwrap().len());
+    assert_eq!(
+        m.optimizer().param_names().len(),
+        m.encoder().named_parameters().unwrap().len()
+    );
     let k = m.key_encoder().forward(&batch.views[0]).unwrap();
     assert!(!k.track_op() && !k.is_variable());
 }
@@ -235,7 +297,12 @@ fn moco_queue_rotates_the_first_views_keys_in() {
         // The key encoder runs in train mode, so its keys depend only on
         // its weights and the batch: compute them before the step.
         let x = Tensor::cat(&batch.views, 0).unwrap();
-        let k1 = m.key_encoder().forward(&x).unwrap().narrow(0, 0, 8).unwrap();
+        let k1 = m
+            .key_encoder()
+            .forward(&x)
+            .unwrap()
+            .narrow(0, 0, 8)
+            .unwrap();
         let k1 = aimass::ops::l2_normalize(&k1, 1, 1e-12).unwrap();
         let before = rows(m.queue().keys());
         m.train_step(&batch, step).unwrap();
@@ -253,7 +320,10 @@ fn moco_queue_rotates_the_first_views_keys_in() {
         assert_eq!(m.queue().pointer(), expect_ptr);
     }
     // A batch larger than the queue is an error naming the setting.
-    let small = MoCoConfig::default().with_queue_size(4).with_projector(head(8)).with_optim(sgd());
+    let small = MoCoConfig::default()
+        .with_queue_size(4)
+        .with_projector(head(8))
+        .with_optim(sgd());
     let mut m = MoCo::new(mlp(), small, &Device::Cpu).unwrap();
     let e = m.train_step(&fixed_batch(), 0).unwrap_err();
     assert!(e.to_string().contains("MoCoConfig::queue_size"), "{e}");
@@ -261,16 +331,38 @@ fn moco_queue_rotates_the_first_views_keys_in() {
 
 /// Every tensor and metadata entry of two checkpoints, bit for bit.
 fn assert_same(a: &Checkpoint, b: &Checkpoint, what: &str) {
-    assert_eq!(a.tensors().keys().collect::<Vec<_>>(), b.tensors().keys().collect::<Vec<_>>());
+    assert_eq!(
+        a.tensors().keys().collect::<Vec<_>>(),
+        b.tensors().keys().collect::<Vec<_>>()
+    );
     for (name, t) in a.tensors() {
         let u = b.tensor(name).unwrap();
         let (x, y) = (
-            t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap(),
-            u.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap(),
+            t.flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap(),
+            u.flatten_all()
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap(),
         );
-        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{what}: `{name}` differs");
+        assert!(
+            x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{what}: `{name}` differs"
+        );
     }
-    for key in ["step", "data.epoch", "data.batch", "queue.pointer", "guard.skipped"] {
+    for key in [
+        "step",
+        "data.epoch",
+        "data.batch",
+        "queue.pointer",
+        "guard.skipped",
+    ] {
         assert_eq!(a.meta(key), b.meta(key), "{what}: {key}");
     }
 }
@@ -279,17 +371,23 @@ fn assert_same(a: &Checkpoint, b: &Checkpoint, what: &str) {
 /// trainer and loader, and 3 more steps.
 fn resumes_exactly<T: SslTrainer>(make: impl Fn() -> T, what: &str) {
     let cfg = FitConfig::default().with_epochs(2).with_max_steps(6);
-    let run = |t: &mut T, l: &mut DataLoader, cfg: FitConfig, from: Option<&Checkpoint>| -> Checkpoint {
-        let schedule = t.optim_config().schedule(8, 4, 2).unwrap();
-        let mut fit = Fit::new(t, l, cfg).unwrap().with_schedule(schedule);
-        if let Some(c) = from {
-            fit.resume(c).unwrap();
-        }
-        fit.run().unwrap();
-        fit.checkpoint().unwrap()
-    };
+    let run =
+        |t: &mut T, l: &mut DataLoader, cfg: FitConfig, from: Option<&Checkpoint>| -> Checkpoint {
+            let schedule = t.optim_config().schedule(8, 4, 2).unwrap();
+            let mut fit = Fit::new(t, l, cfg).unwrap().with_schedule(schedule);
+            if let Some(c) = from {
+                fit.resume(c).unwrap();
+            }
+            fit.run().unwrap();
+            fit.checkpoint().unwrap()
+        };
     let straight = run(&mut make(), &mut loader_with(true), cfg.clone(), None);
-    let half = run(&mut make(), &mut loader_with(true), cfg.clone().with_max_steps(3), None);
+    let half = run(
+        &mut make(),
+        &mut loader_with(true),
+        cfg.clone().with_max_steps(3),
+        None,
+    );
     let bytes = half.to_bytes().unwrap();
     let back = Checkpoint::from_bytes(&bytes, std::path::Path::new("mem"), &Device::Cpu).unwrap();
     let resumed = run(&mut make(), &mut loader_with(true), cfg, Some(&back));
@@ -315,11 +413,26 @@ fn a_checkpoint_of_another_trainer_or_shape_is_refused_without_change() {
     let mut ckpt = Checkpoint::new("byol");
     half.save_state(&mut ckpt).unwrap();
     // Another head width: refused, and the trainer is untouched.
-    let cfg = ByolConfig::default().with_total_steps(8).with_projector(head(4)).with_predictor(head(4));
+    let cfg = ByolConfig::default()
+        .with_total_steps(8)
+        .with_projector(head(4))
+        .with_predictor(head(4));
     let mut other = Byol::new(mlp(), cfg, &Device::Cpu).unwrap();
-    let before = other.encoder().named_parameters().unwrap()[0].1.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let before = other.encoder().named_parameters().unwrap()[0]
+        .1
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(other.load_state(&ckpt).is_err());
-    let after = other.encoder().named_parameters().unwrap()[0].1.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let after = other.encoder().named_parameters().unwrap()[0]
+        .1
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(before, after);
     // A MoCo checkpoint without its queue.
     let mut m = moco();
@@ -330,8 +443,15 @@ fn a_checkpoint_of_another_trainer_or_shape_is_refused_without_change() {
 
 #[test]
 fn the_exported_backbone_reloads_with_identical_features() {
-    let cfg = SimClrConfig::default().with_projector(head(8)).with_optim(sgd());
-    let mut s = SimClr::new(Backbone::resnet(ResNetConfig::resnet_tiny()), cfg, &Device::Cpu).unwrap();
+    let cfg = SimClrConfig::default()
+        .with_projector(head(8))
+        .with_optim(sgd());
+    let mut s = SimClr::new(
+        Backbone::resnet(ResNetConfig::resnet_tiny()),
+        cfg,
+        &Device::Cpu,
+    )
+    .unwrap();
     s.set_learning_rate(0.1);
     s.train_step(&fixed_batch(), 0).unwrap(); // BatchNorm statistics move too
     let dir = std::env::temp_dir().join(format!("aimass-ssl-export-{}", std::process::id()));
@@ -343,30 +463,79 @@ fn the_exported_backbone_reloads_with_identical_features() {
     let vb = seeded_var_builder(&varmap, 5, DType::F32, &Device::Cpu);
     let clf = ResNet::new(ResNetConfig::resnet_tiny().with_num_classes(Some(10)), vb).unwrap();
     let report = aimass::nn::params::load_with(&varmap, &path, &LoadConfig::non_strict()).unwrap();
-    assert_eq!(report.missing_keys, vec!["fc.bias".to_string(), "fc.weight".to_string()]);
-    assert!(report.unexpected_keys.is_empty(), "{:?}", report.unexpected_keys);
+    assert_eq!(
+        report.missing_keys,
+        vec!["fc.bias".to_string(), "fc.weight".to_string()]
+    );
+    assert!(
+        report.unexpected_keys.is_empty(),
+        "{:?}",
+        report.unexpected_keys
+    );
     let x = fixed_batch().views[0].clone();
-    let want = s.features(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let got = clf.features(&x, false).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let want = s
+        .features(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let got = clf
+        .features(&x, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(got, want);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn bad_settings_and_batches_are_errors_that_say_what() {
-    let e = Byol::new(mlp(), ByolConfig::default(), &Device::Cpu).err().unwrap();
-    assert!(e.to_string().contains("ByolConfig::total_steps"), "{e}");
-    let e = Byol::new(mlp(), ByolConfig::default().with_total_steps(4).with_tau_base(1.5), &Device::Cpu).err().unwrap();
-    assert!(e.to_string().contains("ByolConfig::tau_base"), "{e}");
-    let e = MoCo::new(mlp(), MoCoConfig::default().with_queue_size(0), &Device::Cpu).err().unwrap();
-    assert!(e.to_string().contains("MoCoConfig::queue_size"), "{e}");
-    let e = MoCo::new(mlp(), MoCoConfig::default().with_momentum(-0.1), &Device::Cpu).err().unwrap();
-    assert!(e.to_string().contains("MoCoConfig::momentum"), "{e}");
-    let e = SimClr::new(mlp(), SimClrConfig::default().with_temperature(0.0), &Device::Cpu).err().unwrap();
-    assert!(e.to_string().contains("temperature"), "{e}");
-    let e = SimClr::new(mlp(), SimClrConfig::default().with_optim(SslOptimConfig::default().with_lr(0.0)), &Device::Cpu)
+    let e = Byol::new(mlp(), ByolConfig::default(), &Device::Cpu)
         .err()
         .unwrap();
+    assert!(e.to_string().contains("ByolConfig::total_steps"), "{e}");
+    let e = Byol::new(
+        mlp(),
+        ByolConfig::default().with_total_steps(4).with_tau_base(1.5),
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("ByolConfig::tau_base"), "{e}");
+    let e = MoCo::new(
+        mlp(),
+        MoCoConfig::default().with_queue_size(0),
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("MoCoConfig::queue_size"), "{e}");
+    let e = MoCo::new(
+        mlp(),
+        MoCoConfig::default().with_momentum(-0.1),
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("MoCoConfig::momentum"), "{e}");
+    let e = SimClr::new(
+        mlp(),
+        SimClrConfig::default().with_temperature(0.0),
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("temperature"), "{e}");
+    let e = SimClr::new(
+        mlp(),
+        SimClrConfig::default().with_optim(SslOptimConfig::default().with_lr(0.0)),
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("SslOptimConfig::lr"), "{e}");
     let e = SimClr::new(
         mlp(),
@@ -376,8 +545,12 @@ fn bad_settings_and_batches_are_errors_that_say_what() {
     .err()
     .unwrap();
     assert!(e.to_string().contains("SslOptimConfig::momentum"), "{e}");
-    let zero = Backbone::new(0, |vb| Ok(seq().add(Mlp::new(MlpConfig::new(vec![64, 4]), vb)?)));
-    let e = SimClr::new(zero, SimClrConfig::default(), &Device::Cpu).err().unwrap();
+    let zero = Backbone::new(0, |vb| {
+        Ok(seq().add(Mlp::new(MlpConfig::new(vec![64, 4]), vb)?))
+    });
+    let e = SimClr::new(zero, SimClrConfig::default(), &Device::Cpu)
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("Backbone::feature_dim"), "{e}");
     // One view instead of two.
     let mut s = simclr();
@@ -386,8 +559,15 @@ fn bad_settings_and_batches_are_errors_that_say_what() {
     let e = s.train_step(&one, 0).unwrap_err();
     assert!(e.to_string().contains("two augmented views"), "{e}");
     // A backbone whose output is not (N, features).
-    let conv = Backbone::new(8, |vb| Ok(seq().add(aimass::nn::Conv2d::new(1, 8, 3, Default::default(), vb)?)));
-    let mut s = SimClr::new(conv, SimClrConfig::default().with_projector(head(8)), &Device::Cpu).unwrap();
+    let conv = Backbone::new(8, |vb| {
+        Ok(seq().add(aimass::nn::Conv2d::new(1, 8, 3, Default::default(), vb)?))
+    });
+    let mut s = SimClr::new(
+        conv,
+        SimClrConfig::default().with_projector(head(8)),
+        &Device::Cpu,
+    )
+    .unwrap();
     let e = s.train_step(&fixed_batch(), 0).unwrap_err();
     assert!(e.to_string().contains("feature_dim"), "{e}");
     // The schedule needs a non-empty run.
@@ -408,5 +588,8 @@ fn the_schedule_warms_up_linearly_then_follows_the_cosine_to_zero() {
     // No warmup: the plain cosine of the reference runs.
     let s = cfg.with_warmup_epochs(0).schedule(256, 31, 19).unwrap();
     assert!((s.lr(0) - 0.3).abs() < 1e-12);
-    assert!((s.lr(100) - 0.3 * (1.0 + (std::f64::consts::PI * 100.0 / 589.0).cos()) / 2.0).abs() < 1e-12);
+    assert!(
+        (s.lr(100) - 0.3 * (1.0 + (std::f64::consts::PI * 100.0 / 589.0).cos()) / 2.0).abs()
+            < 1e-12
+    );
 }

@@ -129,9 +129,6 @@ struct Setup {
     recipe: Recipe,
     epochs: usize,
     batch_size: usize,
-    lr: f64,
-    temperature: f64,
-    seed: u64,
     steps_per_epoch: usize,
     train_eval: DataLoader,
     test_eval: DataLoader,
@@ -147,7 +144,11 @@ fn run(args: Args, fixed: Option<Method>) -> Result<()> {
             return Err(Error::config(
                 "--method",
                 m.name(),
-                format!("this example is {}; run `--example ssl -- --method {}`", f.name(), m.name()),
+                format!(
+                    "this example is {}; run `--example ssl -- --method {}`",
+                    f.name(),
+                    m.name()
+                ),
             ))
         }
         (Some(f), _) => f,
@@ -158,7 +159,12 @@ fn run(args: Args, fixed: Option<Method>) -> Result<()> {
         Some(dir) => fashion_mnist(Some(dir))?,
         None => embedded_fashion_mnist()?,
     };
-    eprintln!("data: {} ({} train, {} test)", data.source, data.train.len(), data.test.len());
+    eprintln!(
+        "data: {} ({} train, {} test)",
+        data.source,
+        data.train.len(),
+        data.test.len()
+    );
     let (def_epochs, def_batch, def_lr, def_t) = defaults(method, args.recipe);
     let epochs = args.epochs.unwrap_or(def_epochs);
     let batch_size = args.batch_size.unwrap_or(def_batch);
@@ -182,7 +188,9 @@ fn run(args: Args, fixed: Option<Method>) -> Result<()> {
     let eval_loader = |ds: &InMemoryDataset| -> Result<DataLoader> {
         Ok(DataLoader::new(
             ds.clone(),
-            DataLoaderConfig::default().with_batch_size(500).with_shuffle(false),
+            DataLoaderConfig::default()
+                .with_batch_size(500)
+                .with_shuffle(false),
             &device,
         )?
         .with_transform(Normalize::new(&[FASHION_MNIST_MEAN], &[FASHION_MNIST_STD])?))
@@ -192,9 +200,6 @@ fn run(args: Args, fixed: Option<Method>) -> Result<()> {
         recipe: args.recipe,
         epochs,
         batch_size,
-        lr,
-        temperature,
-        seed: args.seed,
         steps_per_epoch: train.len(),
         train_eval: eval_loader(&data.train)?,
         test_eval: eval_loader(&data.test)?,
@@ -210,21 +215,30 @@ fn run(args: Args, fixed: Option<Method>) -> Result<()> {
     );
     let backbone = Backbone::resnet(ResNetConfig::resnet_tiny());
     let total = (epochs * setup.steps_per_epoch) as u64;
-    let optim = optim_config(method, args.recipe, lr);
-    let small = |hidden, out| HeadConfig::simclr().with_hidden_dim(hidden).with_output_dim(out);
+    let optim = optim_config(args.recipe, lr);
+    let small = |hidden, out| {
+        HeadConfig::simclr()
+            .with_hidden_dim(hidden)
+            .with_output_dim(out)
+    };
     let seed = args.seed;
     let out = match method {
         Method::Simclr => {
             let projector = match args.recipe {
                 Recipe::Reference => small(64, 32),
-                Recipe::Tuned => small(256, 64),
+                Recipe::Tuned => small(256, 128),
             };
             let cfg = SimClrConfig::default()
                 .with_temperature(temperature)
                 .with_projector(projector)
                 .with_optim(optim)
                 .with_seed(seed);
-            pretrain(SimClr::new(backbone, cfg, &device)?, &mut train, &setup, &args)?
+            pretrain(
+                SimClr::new(backbone, cfg, &device)?,
+                &mut train,
+                &setup,
+                &args,
+            )?
         }
         Method::Byol => {
             let cfg = ByolConfig::default()
@@ -234,15 +248,29 @@ fn run(args: Args, fixed: Option<Method>) -> Result<()> {
                 .with_predictor(small(128, 32))
                 .with_optim(optim)
                 .with_seed(seed);
-            pretrain(Byol::new(backbone, cfg, &device)?, &mut train, &setup, &args)?
+            pretrain(
+                Byol::new(backbone, cfg, &device)?,
+                &mut train,
+                &setup,
+                &args,
+            )?
         }
         Method::Simsiam => {
             let cfg = SimSiamConfig::default()
-                .with_projector(small(256, 256).with_num_layers(2).with_last_batch_norm(true))
+                .with_projector(
+                    small(256, 256)
+                        .with_num_layers(2)
+                        .with_last_batch_norm(true),
+                )
                 .with_predictor(small(64, 256))
                 .with_optim(optim)
                 .with_seed(seed);
-            pretrain(SimSiam::new(backbone, cfg, &device)?, &mut train, &setup, &args)?
+            pretrain(
+                SimSiam::new(backbone, cfg, &device)?,
+                &mut train,
+                &setup,
+                &args,
+            )?
         }
         Method::Moco => {
             let cfg = MoCoConfig::default()
@@ -252,35 +280,53 @@ fn run(args: Args, fixed: Option<Method>) -> Result<()> {
                 .with_projector(small(256, 64).with_batch_norm(false))
                 .with_optim(optim)
                 .with_seed(seed);
-            pretrain(MoCo::new(backbone, cfg, &device)?, &mut train, &setup, &args)?
+            pretrain(
+                MoCo::new(backbone, cfg, &device)?,
+                &mut train,
+                &setup,
+                &args,
+            )?
         }
         Method::Barlow => {
             let cfg = BarlowTwinsConfig::default()
                 .with_projector(small(512, 512).with_num_layers(3))
                 .with_optim(optim)
                 .with_seed(seed);
-            pretrain(BarlowTwins::new(backbone, cfg, &device)?, &mut train, &setup, &args)?
+            pretrain(
+                BarlowTwins::new(backbone, cfg, &device)?,
+                &mut train,
+                &setup,
+                &args,
+            )?
         }
         Method::Vicreg => {
             let cfg = VicRegConfig::default()
                 .with_projector(small(512, 512).with_num_layers(3))
                 .with_optim(optim)
                 .with_seed(seed);
-            pretrain(VicReg::new(backbone, cfg, &device)?, &mut train, &setup, &args)?
+            pretrain(
+                VicReg::new(backbone, cfg, &device)?,
+                &mut train,
+                &setup,
+                &args,
+            )?
         }
     };
     let train_secs = out.secs;
     // The same questions for raw pixels and for the untrained network.
     let probes = !args.no_probe;
     let t_probe = Instant::now();
-    let raw_x = |l: &DataLoader| -> Result<Tensor> { Ok(extract(l, |x| Ok(x.flatten_from(1)?))?.0) };
+    let raw_x =
+        |l: &DataLoader| -> Result<Tensor> { Ok(extract(l, |x| Ok(x.flatten_from(1)?))?.0) };
     let (raw_tr, raw_te) = (raw_x(&setup.train_eval)?, raw_x(&setup.test_eval)?);
     let random = {
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, seed, DType::F32, &device);
         ResNet::new(ResNetConfig::resnet_tiny(), vb)?
     };
-    let feats = |l: &DataLoader| -> Result<Tensor> { Ok(extract(l, |x| Ok(random.forward_t(x, false)?))?.0) };
+    let feats = |l: &DataLoader| -> Result<Tensor> {
+        Ok(extract(l, |x| random.forward_t(x, false))?.0)
+    };
     let (rnd_tr, rnd_te) = (feats(&setup.train_eval)?, feats(&setup.test_eval)?);
     let rows = [
         ("raw pixels", raw_tr, raw_te),
@@ -291,7 +337,13 @@ fn run(args: Args, fixed: Option<Method>) -> Result<()> {
     for (name, tr, te) in &rows {
         let r = if probes {
             eprintln!("probing {name} features ({} dims) ...", tr.dim(1)?);
-            probe_features(tr, &setup.train_labels, te, &setup.test_labels, &ProbeConfig::default())?
+            probe_features(
+                tr,
+                &setup.train_labels,
+                te,
+                &setup.test_labels,
+                &ProbeConfig::default(),
+            )?
         } else {
             knn_only(tr, te, &setup)?
         };
@@ -339,7 +391,7 @@ fn defaults(method: Method, recipe: Recipe) -> (usize, usize, f64, f64) {
     match (recipe, method) {
         (Recipe::Reference, Method::Byol) => (14, 256, 0.3, 0.5),
         (Recipe::Reference, _) => (19, 256, 0.06, 0.5),
-        (Recipe::Tuned, Method::Simclr) => (30, 256, 0.06, 0.2),
+        (Recipe::Tuned, Method::Simclr) => (30, 256, 0.3, 0.2),
         (Recipe::Tuned, Method::Moco) => (30, 256, 0.06, 0.2),
         (Recipe::Tuned, Method::Byol) => (30, 256, 0.3, 0.5),
         (Recipe::Tuned, _) => (30, 256, 0.1, 0.5),
@@ -347,15 +399,16 @@ fn defaults(method: Method, recipe: Recipe) -> (usize, usize, f64, f64) {
 }
 
 /// SGD with momentum 0.9 and weight decay 5e-4 on every parameter, cosine
-/// to 0 without warmup: the reference runs' optimizer, and ours.
-fn optim_config(_method: Method, _recipe: Recipe, lr: f64) -> SslOptimConfig {
+/// to 0: the reference runs' optimizer (no warmup), and ours (with 2 epochs
+/// of warmup, for the higher learning rate).
+fn optim_config(recipe: Recipe, lr: f64) -> SslOptimConfig {
     SslOptimConfig::default()
         .with_optimizer(SslOptimizer::Sgd)
         .with_lr(lr)
         .with_momentum(0.9)
         .with_weight_decay(5e-4)
         .with_exclude_bias_and_norm(false)
-        .with_warmup_epochs(0)
+        .with_warmup_epochs(if recipe == Recipe::Tuned { 2 } else { 0 })
 }
 
 /// What pretraining produced.
@@ -368,7 +421,13 @@ struct Pretrained {
 }
 
 fn knn(tr: &Tensor, te: &Tensor, s: &Setup) -> Result<f64> {
-    knn_accuracy(tr, &s.train_labels, te, &s.test_labels, &KnnConfig::default())
+    knn_accuracy(
+        tr,
+        &s.train_labels,
+        te,
+        &s.test_labels,
+        &KnnConfig::default(),
+    )
 }
 
 fn knn_only(tr: &Tensor, te: &Tensor, s: &Setup) -> Result<ProbeReport> {
@@ -379,14 +438,27 @@ fn knn_only(tr: &Tensor, te: &Tensor, s: &Setup) -> Result<ProbeReport> {
 
 /// Runs `trainer` under `Fit` with progress, checkpoints, a kNN curve and
 /// the schedule, exports the backbone and returns its frozen features.
-fn pretrain<T: SslTrainer>(mut trainer: T, train: &mut DataLoader, s: &Setup, args: &Args) -> Result<Pretrained> {
-    let schedule = trainer.optim_config().schedule(s.batch_size, s.steps_per_epoch, s.epochs)?;
-    let dir = args.out.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+fn pretrain<T: SslTrainer>(
+    mut trainer: T,
+    train: &mut DataLoader,
+    s: &Setup,
+    args: &Args,
+) -> Result<Pretrained> {
+    let schedule = trainer
+        .optim_config()
+        .schedule(s.batch_size, s.steps_per_epoch, s.epochs)?;
+    let dir = args
+        .out
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let ckpt_dir = CheckpointDir::new(dir.join(format!("checkpoints-{}", s.method.name())), 2)?;
     let resume = if args.resume {
         let latest = ckpt_dir.latest()?.ok_or_else(|| {
-            Error::invalid("--resume", format!("no checkpoint in {}", ckpt_dir.dir().display()))
+            Error::invalid(
+                "--resume",
+                format!("no checkpoint in {}", ckpt_dir.dir().display()),
+            )
         })?;
         eprintln!("resuming from {}", latest.display());
         Some(Checkpoint::load(&latest, &s.device)?)
@@ -394,16 +466,32 @@ fn pretrain<T: SslTrainer>(mut trainer: T, train: &mut DataLoader, s: &Setup, ar
         None
     };
     let eval_every = args.eval_every.unwrap_or(s.epochs.div_ceil(5)).max(1);
-    let features = |t: &T, l: &DataLoader| -> Result<Tensor> { Ok(extract(l, |x| t.features(x))?.0) };
+    let features =
+        |t: &T, l: &DataLoader| -> Result<Tensor> { Ok(extract(l, |x| t.features(x))?.0) };
     let t0 = Instant::now();
-    let knn0 = knn(&features(&trainer, &s.train_eval)?, &features(&trainer, &s.test_eval)?, s)?;
+    let knn0 = knn(
+        &features(&trainer, &s.train_eval)?,
+        &features(&trainer, &s.test_eval)?,
+        s,
+    )?;
     eprintln!("epoch 0: knn_acc {:.2}%", 100.0 * knn0);
-    let config = FitConfig::default().with_epochs(s.epochs).with_eval_every(if args.eval_every == Some(0) { s.epochs } else { eval_every });
+    let config =
+        FitConfig::default()
+            .with_epochs(s.epochs)
+            .with_eval_every(if args.eval_every == Some(0) {
+                s.epochs
+            } else {
+                eval_every
+            });
     let mut fit = Fit::new(&mut trainer, train, config)?
         .with_schedule(schedule)
         .with_evaluator(|t: &mut T, epoch| {
             let acc = knn(&features(t, &s.train_eval)?, &features(t, &s.test_eval)?, s)?;
-            eprintln!("epoch {epoch}: knn_acc {:.2}% ({:.0} s)", 100.0 * acc, t0.elapsed().as_secs_f64());
+            eprintln!(
+                "epoch {epoch}: knn_acc {:.2}% ({:.0} s)",
+                100.0 * acc,
+                t0.elapsed().as_secs_f64()
+            );
             Ok(BTreeMap::from([("knn_acc".to_string(), acc)]))
         })
         .with_callback(Progress::new(ProgressMode::Auto, 10))
@@ -442,14 +530,24 @@ fn print_table(reports: &[(&str, ProbeReport)], probes: bool) {
     eprintln!("held-out accuracy (%) of frozen features; ± is the spread over 5 label subsets");
     eprintln!(
         "{:<12} | {:>7} | {:>7} | {:>13} | {:>13} | {:>13} | {:>13}",
-        "features", "kNN all", "lin all", "lin 100/class", "lin 10/class", "kNN 100/class", "kNN 10/class"
+        "features",
+        "kNN all",
+        "lin all",
+        "lin 100/class",
+        "lin 10/class",
+        "kNN 100/class",
+        "kNN 10/class"
     );
     for (name, r) in reports {
         eprintln!(
             "{:<12} | {:>7.2} | {:>7} | {} | {} | {} | {}",
             name,
             100.0 * r.knn_all,
-            if probes { format!("{:.2}", 100.0 * r.linear_all) } else { "–".into() },
+            if probes {
+                format!("{:.2}", 100.0 * r.linear_all)
+            } else {
+                "–".into()
+            },
             pm(r.at(100), false),
             pm(r.at(10), false),
             pm(r.at(100), true),

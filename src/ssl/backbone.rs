@@ -107,7 +107,11 @@ impl<B: ModuleT> Encoder<B> {
     /// Builds the backbone under `vb.pp("backbone")` and a head of layout
     /// `projector` (its `input_dim` set to the backbone's feature width)
     /// under `vb.pp("projector")`.
-    pub fn new(backbone: &Backbone<B>, projector: &HeadConfig, vb: VarBuilder<'static>) -> Result<Self> {
+    pub fn new(
+        backbone: &Backbone<B>,
+        projector: &HeadConfig,
+        vb: VarBuilder<'static>,
+    ) -> Result<Self> {
         let head = projector.clone().with_input_dim(backbone.feature_dim());
         Ok(Encoder {
             backbone: backbone.build(vb.pp("backbone"))?,

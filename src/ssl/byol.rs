@@ -24,7 +24,9 @@ use crate::config::config;
 use crate::data::augment::derive_seed;
 use crate::data::Batch;
 use crate::loss::{ByolLoss, ByolLossConfig};
-use crate::nn::{init::seeded_var_builder, ForwardMode, FrozenModel, HeadConfig, Model, ProjectionHead};
+use crate::nn::{
+    init::seeded_var_builder, ForwardMode, FrozenModel, HeadConfig, Model, ProjectionHead,
+};
 use crate::optim::{Ema, EmaConfig};
 use crate::train::StepOutput;
 use crate::{Error, Result};
@@ -56,7 +58,11 @@ config! {
 impl ByolConfig {
     fn validate(&self) -> Result<()> {
         if !(0.0..=1.0).contains(&self.tau_base) {
-            return Err(Error::config("ByolConfig::tau_base", self.tau_base, "must be in [0, 1]"));
+            return Err(Error::config(
+                "ByolConfig::tau_base",
+                self.tau_base,
+                "must be in [0, 1]",
+            ));
         }
         match self.total_steps {
             Some(k) if k >= 1 => Ok(()),
@@ -91,8 +97,16 @@ impl<B: ModuleT> Byol<B> {
         let vb = seeded_var_builder(&varmap, cfg.seed, DType::F32, device);
         let online = Model::new(Encoder::new(&backbone, &cfg.projector, vb)?, varmap);
         let pred_map = VarMap::new();
-        let vb = seeded_var_builder(&pred_map, derive_seed(cfg.seed, &[PREDICTOR_TAG]), DType::F32, device);
-        let head = cfg.predictor.clone().with_input_dim(cfg.projector.output_dim);
+        let vb = seeded_var_builder(
+            &pred_map,
+            derive_seed(cfg.seed, &[PREDICTOR_TAG]),
+            DType::F32,
+            device,
+        );
+        let head = cfg
+            .predictor
+            .clone()
+            .with_input_dim(cfg.projector.output_dim);
         let predictor = Model::new(ProjectionHead::new(head, vb.pp("predictor"))?, pred_map);
         let projector = cfg.projector.clone();
         let target = online.frozen_copy(ForwardMode::Train, move |vb| {
@@ -106,7 +120,10 @@ impl<B: ModuleT> Byol<B> {
                 .with_total_steps(cfg.total_steps),
         )?;
         let core = Core::new(
-            vec![("online", online.varmap().clone()), ("predictor", predictor.varmap().clone())],
+            vec![
+                ("online", online.varmap().clone()),
+                ("predictor", predictor.varmap().clone()),
+            ],
             vec![("target", target.varmap().clone())],
             &cfg.optim,
         )?;
@@ -138,7 +155,8 @@ impl<B: ModuleT> Byol<B> {
 
     fn step_impl(&mut self, batch: &Batch, step: u64) -> Result<StepOutput> {
         let (x, n) = stack_views(batch, "Byol::train_step")?;
-        let (online, predictor, target, loss) = (&self.online, &self.predictor, &self.target, &self.loss);
+        let (online, predictor, target, loss) =
+            (&self.online, &self.predictor, &self.target, &self.loss);
         let stepped = self.core.step(step, n, || {
             let p = predictor.forward_t(&online.forward_t(&x, true)?, true)?;
             let z = target.forward(&x)?;

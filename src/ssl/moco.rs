@@ -60,7 +60,11 @@ impl MoCoConfig {
             return Err(Error::config("MoCoConfig::queue_size", 0, "must be >= 1"));
         }
         if !(0.0..=1.0).contains(&self.momentum) {
-            return Err(Error::config("MoCoConfig::momentum", self.momentum, "must be in [0, 1]"));
+            return Err(Error::config(
+                "MoCoConfig::momentum",
+                self.momentum,
+                "must be in [0, 1]",
+            ));
         }
         Ok(())
     }
@@ -83,7 +87,8 @@ impl<B: ModuleT> MoCo<B> {
     /// (over the query encoder only); validates the config.
     pub fn new(backbone: Backbone<B>, cfg: MoCoConfig, device: &Device) -> Result<Self> {
         cfg.validate()?;
-        let loss = InfoNceLoss::new(InfoNceLossConfig::default().with_temperature(cfg.temperature))?;
+        let loss =
+            InfoNceLoss::new(InfoNceLossConfig::default().with_temperature(cfg.temperature))?;
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, cfg.seed, DType::F32, device);
         let online = Model::new(Encoder::new(&backbone, &cfg.projector, vb)?, varmap);
@@ -97,7 +102,13 @@ impl<B: ModuleT> MoCo<B> {
             EmaConfig::default().with_tau_base(cfg.momentum),
         )?;
         let mut rng = crate::device::rng(derive_seed(cfg.seed, &[QUEUE_TAG]));
-        let queue = KeyQueue::random(cfg.queue_size, cfg.projector.output_dim, &mut rng, DType::F32, device)?;
+        let queue = KeyQueue::random(
+            cfg.queue_size,
+            cfg.projector.output_dim,
+            &mut rng,
+            DType::F32,
+            device,
+        )?;
         let core = Core::new(
             vec![("online", online.varmap().clone())],
             vec![("key_encoder", key_encoder.varmap().clone())],
@@ -133,12 +144,15 @@ impl<B: ModuleT> MoCo<B> {
                 format!("must be at least the batch size ({n})"),
             ));
         }
-        let (online, key_encoder, queue, loss) = (&self.online, &self.key_encoder, &self.queue, &self.loss);
+        let (online, key_encoder, queue, loss) =
+            (&self.online, &self.key_encoder, &self.queue, &self.loss);
         let stepped = self.core.step(step, n, || {
             let (q1, q2) = halves(&online.forward_t(&x, true)?, n)?;
             let (k1, k2) = halves(&key_encoder.forward(&x)?, n)?;
             let negatives = queue.keys();
-            let l = ((loss.forward(&q1, &k2, Some(negatives))? + loss.forward(&q2, &k1, Some(negatives))?)? * 0.5)?;
+            let l = ((loss.forward(&q1, &k2, Some(negatives))?
+                + loss.forward(&q2, &k1, Some(negatives))?)?
+                * 0.5)?;
             Ok((l, k1))
         })?;
         if let Some(k1) = stepped.extra {
@@ -172,11 +186,16 @@ impl<B> MoCo<B> {
         if keys.dims() != self.queue.keys().dims() {
             return Err(Error::shape(
                 "restoring the MoCo queue",
-                format!("{:?} (MoCoConfig::queue_size × projector output)", self.queue.keys().dims()),
+                format!(
+                    "{:?} (MoCoConfig::queue_size × projector output)",
+                    self.queue.keys().dims()
+                ),
                 keys.dims(),
             ));
         }
-        let keys = keys.to_dtype(self.queue.keys().dtype())?.to_device(self.queue.keys().device())?;
+        let keys = keys
+            .to_dtype(self.queue.keys().dtype())?
+            .to_device(self.queue.keys().device())?;
         KeyQueue::from_state(&keys, ckpt.meta_parse("queue.pointer")?)
     }
 }

@@ -9,8 +9,8 @@ use candle_nn::VarMap;
 
 use crate::config::config;
 use crate::optim::{
-    default_param_groups, CosineAnnealingLr, Lars, LarsConfig, LinearWarmup, Optimizer,
-    ParamGroup, Sgd, SgdConfig,
+    default_param_groups, CosineAnnealingLr, Lars, LarsConfig, LinearWarmup, Optimizer, ParamGroup,
+    Sgd, SgdConfig,
 };
 use crate::train::NonFinitePolicy;
 use crate::{Error, Result};
@@ -122,7 +122,11 @@ impl SslOptimConfig {
         }
         let warmup = (self.warmup_epochs as u64 * steps_per_epoch as u64).min(total - 1);
         let cosine = CosineAnnealingLr::new(self.scaled_lr(batch_size), total - warmup, 0.0)?;
-        let start = if warmup == 0 { 1.0 } else { 1.0 / warmup as f64 };
+        let start = if warmup == 0 {
+            1.0
+        } else {
+            1.0 / warmup as f64
+        };
         LinearWarmup::new(start, warmup, cosine)
     }
 

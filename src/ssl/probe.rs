@@ -128,7 +128,9 @@ pub struct ProbeReport {
 impl ProbeReport {
     /// The probes at budget `labels_per_class`, if it was run.
     pub fn at(&self, labels_per_class: usize) -> Option<&FewLabelResult> {
-        self.few.iter().find(|f| f.labels_per_class == labels_per_class)
+        self.few
+            .iter()
+            .find(|f| f.labels_per_class == labels_per_class)
     }
 }
 
@@ -173,7 +175,8 @@ pub fn probe_features(
     let train_x = train_x.flatten_from(1)?;
     let test_x = test_x.flatten_from(1)?;
     let knn_all = knn_accuracy(&train_x, train_y, &test_x, test_y, &config.knn)?;
-    let linear_all = logistic_regression(&train_x, train_y, &test_x, test_y, &config.logistic)?.test_acc;
+    let linear_all =
+        logistic_regression(&train_x, train_y, &test_x, test_y, &config.logistic)?.test_acc;
     let mut few = Vec::with_capacity(config.labels_per_class.len());
     for &n in &config.labels_per_class {
         let (mut lin, mut knn) = (Vec::new(), Vec::new());

@@ -57,11 +57,22 @@ impl<B: ModuleT> SimSiam<B> {
         let vb = seeded_var_builder(&varmap, cfg.seed, DType::F32, device);
         let online = Model::new(Encoder::new(&backbone, &cfg.projector, vb)?, varmap);
         let pred_map = VarMap::new();
-        let vb = seeded_var_builder(&pred_map, derive_seed(cfg.seed, &[PREDICTOR_TAG]), DType::F32, device);
-        let head = cfg.predictor.clone().with_input_dim(cfg.projector.output_dim);
+        let vb = seeded_var_builder(
+            &pred_map,
+            derive_seed(cfg.seed, &[PREDICTOR_TAG]),
+            DType::F32,
+            device,
+        );
+        let head = cfg
+            .predictor
+            .clone()
+            .with_input_dim(cfg.projector.output_dim);
         let predictor = Model::new(ProjectionHead::new(head, vb.pp("predictor"))?, pred_map);
         let core = Core::new(
-            vec![("online", online.varmap().clone()), ("predictor", predictor.varmap().clone())],
+            vec![
+                ("online", online.varmap().clone()),
+                ("predictor", predictor.varmap().clone()),
+            ],
             vec![],
             &cfg.optim,
         )?;

@@ -89,7 +89,10 @@ macro_rules! impl_ssl_trainer {
         }
 
         impl<B: candle_core::ModuleT> $crate::ssl::SslTrainer for $ty<B> {
-            fn features(&self, images: &candle_core::Tensor) -> $crate::Result<candle_core::Tensor> {
+            fn features(
+                &self,
+                images: &candle_core::Tensor,
+            ) -> $crate::Result<candle_core::Tensor> {
                 Ok(self.online.module().features(images, false)?.detach())
             }
 

@@ -64,7 +64,11 @@ impl<B: ModuleT> VicReg<B> {
         let varmap = VarMap::new();
         let vb = seeded_var_builder(&varmap, cfg.seed, DType::F32, device);
         let online = Model::new(Encoder::new(&backbone, &cfg.projector, vb)?, varmap);
-        let core = Core::new(vec![("online", online.varmap().clone())], vec![], &cfg.optim)?;
+        let core = Core::new(
+            vec![("online", online.varmap().clone())],
+            vec![],
+            &cfg.optim,
+        )?;
         Ok(VicReg {
             online,
             core,

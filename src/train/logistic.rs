@@ -66,7 +66,11 @@ impl LogisticRegressionConfig {
             ));
         }
         if self.max_iter == 0 {
-            return Err(Error::config("LogisticRegressionConfig::max_iter", 0, "must be >= 1"));
+            return Err(Error::config(
+                "LogisticRegressionConfig::max_iter",
+                0,
+                "must be >= 1",
+            ));
         }
         if self.history_size == 0 {
             return Err(Error::config(
@@ -76,8 +80,14 @@ impl LogisticRegressionConfig {
             ));
         }
         for (f, v) in [
-            ("LogisticRegressionConfig::tolerance_grad", self.tolerance_grad),
-            ("LogisticRegressionConfig::tolerance_change", self.tolerance_change),
+            (
+                "LogisticRegressionConfig::tolerance_grad",
+                self.tolerance_grad,
+            ),
+            (
+                "LogisticRegressionConfig::tolerance_change",
+                self.tolerance_change,
+            ),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(Error::config(f, v, "must be finite and >= 0"));
@@ -151,7 +161,11 @@ impl Problem {
         loss /= n as f64;
         let wsq: f64 = p[..c * d].iter().map(|v| v * v).sum();
         loss += 0.5 * self.wd * wsq;
-        let gt = Tensor::from_vec(g.iter().map(|&v| v as f32).collect::<Vec<f32>>(), (n, c), dev)?;
+        let gt = Tensor::from_vec(
+            g.iter().map(|&v| v as f32).collect::<Vec<f32>>(),
+            (n, c),
+            dev,
+        )?;
         let gw = gt.t()?.matmul(&self.x)?.to_dtype(DType::F64)?;
         let gw = gw.flatten_all()?.to_vec1::<f64>()?;
         let mut grad = Vec::with_capacity(c * d + c);
@@ -230,7 +244,10 @@ fn strong_wolfe(
     let (f, gtd) = (start.f, start.gtd);
     let mut new = eval_at(t0)?;
     let mut evals = 1;
-    let mut prev = Point { t: 0.0, ..start.clone() };
+    let mut prev = Point {
+        t: 0.0,
+        ..start.clone()
+    };
     let mut ls_iter = 0;
     let mut done = false;
     let mut bracket: Vec<Point> = Vec::new();
@@ -265,7 +282,13 @@ fn strong_wolfe(
         ls_iter += 1;
     }
     if ls_iter == MAX_LS {
-        bracket = vec![Point { t: 0.0, ..start.clone() }, new.clone()];
+        bracket = vec![
+            Point {
+                t: 0.0,
+                ..start.clone()
+            },
+            new.clone(),
+        ];
     }
     // Zoom: shrink the bracket until the strong Wolfe conditions hold.
     let mut insuf_progress = false;
@@ -301,7 +324,11 @@ fn strong_wolfe(
         ls_iter += 1;
         if p.f > f + C1 * t * gtd || p.f >= bracket[low].f {
             bracket[high] = p;
-            (low, high) = if bracket[0].f <= bracket[1].f { (0, 1) } else { (1, 0) };
+            (low, high) = if bracket[0].f <= bracket[1].f {
+                (0, 1)
+            } else {
+                (1, 0)
+            };
         } else {
             if p.gtd.abs() <= -C2 * gtd {
                 done = true;
@@ -433,7 +460,10 @@ pub fn logistic_regression(
     const OP: &str = "logistic_regression";
     config.validate()?;
     let tx = train_x.flatten_from(1)?.to_dtype(DType::F32)?;
-    let vx = test_x.flatten_from(1)?.to_dtype(DType::F32)?.to_device(tx.device())?;
+    let vx = test_x
+        .flatten_from(1)?
+        .to_dtype(DType::F32)?
+        .to_device(tx.device())?;
     let (n, d) = tx.dims2()?;
     if n == 0 || n != train_y.len() {
         return Err(Error::shape(

@@ -41,8 +41,8 @@ mod scaler;
 pub use callback::{Callback, Control, EpochInfo, StepInfo, TrainingState};
 pub use checkpoint::{Checkpoint, FORMAT_VERSION};
 pub use checkpoint_dir::{CheckpointDir, PeriodicCheckpoint};
-pub use classifier::{Classifier, ClassifierConfig};
 pub(crate) use classifier::BufferSnapshot;
+pub use classifier::{Classifier, ClassifierConfig};
 pub use early_stopping::{EarlyStopping, EarlyStoppingConfig, MonitorMode};
 pub use episodes::EpisodeEpochs;
 pub use eval::{
