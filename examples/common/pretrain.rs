@@ -324,9 +324,8 @@ fn run(args: Args, fixed: Option<Method>) -> Result<()> {
         let vb = seeded_var_builder(&varmap, seed, DType::F32, &device);
         ResNet::new(ResNetConfig::resnet_tiny(), vb)?
     };
-    let feats = |l: &DataLoader| -> Result<Tensor> {
-        Ok(extract(l, |x| random.forward_t(x, false))?.0)
-    };
+    let feats =
+        |l: &DataLoader| -> Result<Tensor> { Ok(extract(l, |x| random.forward_t(x, false))?.0) };
     let (rnd_tr, rnd_te) = (feats(&setup.train_eval)?, feats(&setup.test_eval)?);
     let rows = [
         ("raw pixels", raw_tr, raw_te),

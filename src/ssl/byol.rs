@@ -13,26 +13,19 @@
 //! never used in training). Both views go through each network as one
 //! batch of 2N.
 
-use candle_core::{DType, Device, ModuleT};
-use candle_nn::VarMap;
+use candle_core::{Device, ModuleT};
 
 use super::backbone::{Backbone, Encoder};
-use super::core::{halves, stack_views, Core};
+use super::core::{halves, online_encoder, predictor, stack_views, Core};
 use super::optim::SslOptimConfig;
 use super::trainer::{impl_ssl_trainer, ExtraState};
 use crate::config::config;
-use crate::data::augment::derive_seed;
 use crate::data::Batch;
 use crate::loss::{ByolLoss, ByolLossConfig};
-use crate::nn::{
-    init::seeded_var_builder, ForwardMode, FrozenModel, HeadConfig, Model, ProjectionHead,
-};
+use crate::nn::{ForwardMode, FrozenModel, HeadConfig, Model, ProjectionHead};
 use crate::optim::{Ema, EmaConfig};
 use crate::train::StepOutput;
 use crate::{Error, Result};
-
-/// Seed tag of the predictor's initialisation.
-pub(crate) const PREDICTOR_TAG: u64 = 0x5052_4544; // "PRED"
 
 config! {
     /// Settings of [`Byol`]; defaults from BYOL (Grill et al. 2020).
@@ -93,21 +86,8 @@ impl<B: ModuleT> Byol<B> {
     pub fn new(backbone: Backbone<B>, cfg: ByolConfig, device: &Device) -> Result<Self> {
         cfg.validate()?;
         let loss = ByolLoss::new(ByolLossConfig::default())?;
-        let varmap = VarMap::new();
-        let vb = seeded_var_builder(&varmap, cfg.seed, DType::F32, device);
-        let online = Model::new(Encoder::new(&backbone, &cfg.projector, vb)?, varmap);
-        let pred_map = VarMap::new();
-        let vb = seeded_var_builder(
-            &pred_map,
-            derive_seed(cfg.seed, &[PREDICTOR_TAG]),
-            DType::F32,
-            device,
-        );
-        let head = cfg
-            .predictor
-            .clone()
-            .with_input_dim(cfg.projector.output_dim);
-        let predictor = Model::new(ProjectionHead::new(head, vb.pp("predictor"))?, pred_map);
+        let online = online_encoder(&backbone, &cfg.projector, cfg.seed, device)?;
+        let predictor = predictor(&cfg.predictor, cfg.projector.output_dim, cfg.seed, device)?;
         let projector = cfg.projector.clone();
         let target = online.frozen_copy(ForwardMode::Train, move |vb| {
             Encoder::new(&backbone, &projector, vb)

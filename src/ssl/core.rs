@@ -209,3 +209,57 @@ pub(crate) fn export_backbone(varmap: &VarMap, path: &Path) -> Result<()> {
     }
     params::save_tensors(&tensors, path)
 }
+
+/// The online encoder (backbone + projector), seeded with `seed`.
+pub(crate) fn online_encoder<B: candle_core::ModuleT>(
+    backbone: &super::Backbone<B>,
+    projector: &crate::nn::HeadConfig,
+    seed: u64,
+    device: &candle_core::Device,
+) -> Result<crate::nn::Model<super::Encoder<B>>> {
+    let varmap = VarMap::new();
+    let vb = crate::nn::init::seeded_var_builder(&varmap, seed, DType::F32, device);
+    Ok(crate::nn::Model::new(
+        super::Encoder::new(backbone, projector, vb)?,
+        varmap,
+    ))
+}
+
+/// Seed tag of a predictor's initialisation.
+const PREDICTOR_TAG: u64 = 0x5052_4544; // "PRED"
+
+/// A predictor head of layout `cfg` on projections of width `input_dim`,
+/// its variables named `predictor.*`, seeded from `seed`.
+pub(crate) fn predictor(
+    cfg: &crate::nn::HeadConfig,
+    input_dim: usize,
+    seed: u64,
+    device: &candle_core::Device,
+) -> Result<crate::nn::Model<crate::nn::ProjectionHead>> {
+    let varmap = VarMap::new();
+    let seed = crate::data::augment::derive_seed(seed, &[PREDICTOR_TAG]);
+    let vb = crate::nn::init::seeded_var_builder(&varmap, seed, DType::F32, device);
+    let head = cfg.clone().with_input_dim(input_dim);
+    Ok(crate::nn::Model::new(
+        crate::nn::ProjectionHead::new(head, vb.pp("predictor"))?,
+        varmap,
+    ))
+}
+
+/// The step of the methods with one network and a loss of the two views'
+/// projections (SimCLR, Barlow Twins, VICReg).
+pub(crate) fn projection_step<B: candle_core::ModuleT>(
+    core: &mut Core,
+    online: &crate::nn::Model<super::Encoder<B>>,
+    batch: &Batch,
+    step: u64,
+    who: &str,
+    loss: impl FnOnce(&Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<StepOutput> {
+    let (x, n) = stack_views(batch, who)?;
+    let stepped = core.step(step, n, || {
+        let (z1, z2) = halves(&online.forward_t(&x, true)?, n)?;
+        Ok((loss(&z1, &z2)?, ()))
+    })?;
+    Ok(stepped.out)
+}

@@ -15,17 +15,16 @@
 //! of the checkpoint, with its write pointer.
 
 use candle_core::{DType, Device, ModuleT, Tensor};
-use candle_nn::VarMap;
 
 use super::backbone::{Backbone, Encoder};
-use super::core::{halves, stack_views, Core};
+use super::core::{halves, online_encoder, stack_views, Core};
 use super::optim::SslOptimConfig;
 use super::trainer::{impl_ssl_trainer, ExtraState};
 use crate::config::config;
 use crate::data::augment::derive_seed;
 use crate::data::Batch;
 use crate::loss::{InfoNceLoss, InfoNceLossConfig, KeyQueue};
-use crate::nn::{init::seeded_var_builder, ForwardMode, FrozenModel, HeadConfig, Model};
+use crate::nn::{ForwardMode, FrozenModel, HeadConfig, Model};
 use crate::optim::{Ema, EmaConfig};
 use crate::train::{Checkpoint, StepOutput};
 use crate::{Error, Result};
@@ -89,9 +88,7 @@ impl<B: ModuleT> MoCo<B> {
         cfg.validate()?;
         let loss =
             InfoNceLoss::new(InfoNceLossConfig::default().with_temperature(cfg.temperature))?;
-        let varmap = VarMap::new();
-        let vb = seeded_var_builder(&varmap, cfg.seed, DType::F32, device);
-        let online = Model::new(Encoder::new(&backbone, &cfg.projector, vb)?, varmap);
+        let online = online_encoder(&backbone, &cfg.projector, cfg.seed, device)?;
         let projector = cfg.projector.clone();
         let key_encoder = online.frozen_copy(ForwardMode::Train, move |vb| {
             Encoder::new(&backbone, &projector, vb)

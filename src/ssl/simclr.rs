@@ -6,17 +6,16 @@
 //! over the 2N projections: each projection's positive is its other view,
 //! the 2N − 2 others are negatives ([`crate::loss::NtXentLoss`]).
 
-use candle_core::{DType, Device, ModuleT};
-use candle_nn::VarMap;
+use candle_core::{Device, ModuleT};
 
 use super::backbone::{Backbone, Encoder};
-use super::core::{halves, stack_views, Core};
+use super::core::{online_encoder, projection_step, Core};
 use super::optim::SslOptimConfig;
 use super::trainer::{impl_ssl_trainer, ExtraState};
 use crate::config::config;
 use crate::data::Batch;
 use crate::loss::{NtXentLoss, NtXentLossConfig};
-use crate::nn::{init::seeded_var_builder, HeadConfig, Model};
+use crate::nn::{HeadConfig, Model};
 use crate::train::StepOutput;
 use crate::Result;
 
@@ -49,9 +48,7 @@ impl<B: ModuleT> SimClr<B> {
     /// `device`, and the optimizer; validates the config.
     pub fn new(backbone: Backbone<B>, cfg: SimClrConfig, device: &Device) -> Result<Self> {
         let loss = NtXentLoss::new(NtXentLossConfig::default().with_temperature(cfg.temperature))?;
-        let varmap = VarMap::new();
-        let vb = seeded_var_builder(&varmap, cfg.seed, DType::F32, device);
-        let online = Model::new(Encoder::new(&backbone, &cfg.projector, vb)?, varmap);
+        let online = online_encoder(&backbone, &cfg.projector, cfg.seed, device)?;
         let core = Core::new(
             vec![("online", online.varmap().clone())],
             vec![],
@@ -66,14 +63,15 @@ impl<B: ModuleT> SimClr<B> {
     }
 
     fn step_impl(&mut self, batch: &Batch, step: u64) -> Result<StepOutput> {
-        let (x, n) = stack_views(batch, "SimClr::train_step")?;
-        let (online, loss) = (&self.online, &self.loss);
-        let stepped = self.core.step(step, n, || {
-            let z = online.forward_t(&x, true)?;
-            let (z1, z2) = halves(&z, n)?;
-            Ok((loss.forward(&z1, &z2)?, ()))
-        })?;
-        Ok(stepped.out)
+        let loss = &self.loss;
+        projection_step(
+            &mut self.core,
+            &self.online,
+            batch,
+            step,
+            "SimClr::train_step",
+            |z1, z2| loss.forward(z1, z2),
+        )
     }
 }
 

@@ -7,19 +7,16 @@
 //! `loss = ½·(D(p1, sg(z2)) + D(p2, sg(z1)))` with `D = −cos`
 //! ([`crate::loss::NegativeCosineLoss`]). No target network, no negatives.
 
-use candle_core::{DType, Device, ModuleT};
-use candle_nn::VarMap;
+use candle_core::{Device, ModuleT};
 
 use super::backbone::{Backbone, Encoder};
-use super::byol::PREDICTOR_TAG;
-use super::core::{halves, stack_views, Core};
+use super::core::{halves, online_encoder, predictor, stack_views, Core};
 use super::optim::SslOptimConfig;
 use super::trainer::{impl_ssl_trainer, ExtraState};
 use crate::config::config;
-use crate::data::augment::derive_seed;
 use crate::data::Batch;
 use crate::loss::{NegativeCosineLoss, NegativeCosineLossConfig};
-use crate::nn::{init::seeded_var_builder, HeadConfig, Model, ProjectionHead};
+use crate::nn::{HeadConfig, Model, ProjectionHead};
 use crate::train::StepOutput;
 use crate::Result;
 
@@ -53,21 +50,8 @@ impl<B: ModuleT> SimSiam<B> {
     /// `device`, and the optimizer; validates the config.
     pub fn new(backbone: Backbone<B>, cfg: SimSiamConfig, device: &Device) -> Result<Self> {
         let loss = NegativeCosineLoss::new(NegativeCosineLossConfig::default())?;
-        let varmap = VarMap::new();
-        let vb = seeded_var_builder(&varmap, cfg.seed, DType::F32, device);
-        let online = Model::new(Encoder::new(&backbone, &cfg.projector, vb)?, varmap);
-        let pred_map = VarMap::new();
-        let vb = seeded_var_builder(
-            &pred_map,
-            derive_seed(cfg.seed, &[PREDICTOR_TAG]),
-            DType::F32,
-            device,
-        );
-        let head = cfg
-            .predictor
-            .clone()
-            .with_input_dim(cfg.projector.output_dim);
-        let predictor = Model::new(ProjectionHead::new(head, vb.pp("predictor"))?, pred_map);
+        let online = online_encoder(&backbone, &cfg.projector, cfg.seed, device)?;
+        let predictor = predictor(&cfg.predictor, cfg.projector.output_dim, cfg.seed, device)?;
         let core = Core::new(
             vec![
                 ("online", online.varmap().clone()),

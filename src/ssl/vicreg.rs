@@ -7,17 +7,16 @@
 //! 25) and the dimensions decorrelated (covariance, 1)
 //! ([`crate::loss::VicRegLoss`]).
 
-use candle_core::{DType, Device, ModuleT};
-use candle_nn::VarMap;
+use candle_core::{Device, ModuleT};
 
 use super::backbone::{Backbone, Encoder};
-use super::core::{halves, stack_views, Core};
+use super::core::{online_encoder, projection_step, Core};
 use super::optim::SslOptimConfig;
 use super::trainer::{impl_ssl_trainer, ExtraState};
 use crate::config::config;
 use crate::data::Batch;
 use crate::loss::{VicRegLoss, VicRegLossConfig};
-use crate::nn::{init::seeded_var_builder, HeadConfig, Model};
+use crate::nn::{HeadConfig, Model};
 use crate::train::StepOutput;
 use crate::Result;
 
@@ -61,9 +60,7 @@ impl<B: ModuleT> VicReg<B> {
                 .with_std_coeff(cfg.std_coeff)
                 .with_cov_coeff(cfg.cov_coeff),
         )?;
-        let varmap = VarMap::new();
-        let vb = seeded_var_builder(&varmap, cfg.seed, DType::F32, device);
-        let online = Model::new(Encoder::new(&backbone, &cfg.projector, vb)?, varmap);
+        let online = online_encoder(&backbone, &cfg.projector, cfg.seed, device)?;
         let core = Core::new(
             vec![("online", online.varmap().clone())],
             vec![],
@@ -78,13 +75,15 @@ impl<B: ModuleT> VicReg<B> {
     }
 
     fn step_impl(&mut self, batch: &Batch, step: u64) -> Result<StepOutput> {
-        let (x, n) = stack_views(batch, "VicReg::train_step")?;
-        let (online, loss) = (&self.online, &self.loss);
-        let stepped = self.core.step(step, n, || {
-            let (z1, z2) = halves(&online.forward_t(&x, true)?, n)?;
-            Ok((loss.forward(&z1, &z2)?, ()))
-        })?;
-        Ok(stepped.out)
+        let loss = &self.loss;
+        projection_step(
+            &mut self.core,
+            &self.online,
+            batch,
+            step,
+            "VicReg::train_step",
+            |z1, z2| loss.forward(z1, z2),
+        )
     }
 }
 
