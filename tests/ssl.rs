@@ -593,3 +593,61 @@ fn the_schedule_warms_up_linearly_then_follows_the_cosine_to_zero() {
             < 1e-12
     );
 }
+
+mod guide {
+    use aimass::data::augment::presets::{simclr_views, PresetConfig};
+    use aimass::data::{ImageFolder, ImageFolderConfig};
+    use aimass::nn::{HeadConfig, ResNetConfig, Stem};
+    use aimass::prelude::*;
+    use aimass::ssl::{Backbone, SimClr, SimClrConfig, SslTrainer};
+    use aimass::train::{CheckpointDir, PeriodicCheckpoint, Progress, ProgressMode};
+
+    /// The program of docs/ssl.md ("Your own images"), compiled here so the
+    /// guide stays correct; not run (it needs an image folder).
+    #[allow(dead_code)]
+    fn guide_your_own_images() -> aimass::Result<()> {
+        aimass::device::tune_cpu_allocator(); // a training program opts in
+        let device = best_device()?;
+        // RGB images resized to 64×64.
+        let folder = ImageFolder::load(
+            "my_images/",
+            ImageFolderConfig::default().with_size(Some((64, 64))),
+        )?;
+        // SimCLR's augmentations at 64 px, normalised with your data's mean and std.
+        let preset = PresetConfig::default()
+            .with_size(64)
+            .with_mean(vec![0.5, 0.5, 0.5])
+            .with_std(vec![0.25, 0.25, 0.25]);
+        let batch = 256;
+        let loader_cfg = DataLoaderConfig::default()
+            .with_batch_size(batch)
+            .with_drop_last(true);
+        let mut loader = DataLoader::new(folder.dataset, loader_cfg, &device)?
+            .with_views(simclr_views(&preset)?);
+
+        // A ResNet-18 for small images (3×3 stem), 512 features.
+        let resnet = ResNetConfig::resnet18().with_stem(Stem::Small);
+        let cfg = SimClrConfig::default().with_projector(
+            HeadConfig::simclr()
+                .with_hidden_dim(512)
+                .with_output_dim(128),
+        );
+        let mut simclr = SimClr::new(Backbone::resnet(resnet), cfg, &device)?;
+
+        let epochs = 100;
+        let schedule = simclr
+            .optim_config()
+            .schedule(batch, loader.len(), epochs)?;
+        let checkpoints = CheckpointDir::new("runs/mine/checkpoints", 2)?;
+        Fit::new(
+            &mut simclr,
+            &mut loader,
+            FitConfig::default().with_epochs(epochs),
+        )?
+        .with_schedule(schedule)
+        .with_callback(Progress::new(ProgressMode::Auto, 10))
+        .with_callback(PeriodicCheckpoint::new(checkpoints, 1)?)
+        .run()?;
+        simclr.export_backbone(std::path::Path::new("runs/mine/backbone.safetensors"))
+    }
+}
