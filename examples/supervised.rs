@@ -294,10 +294,13 @@ fn main() -> Result<()> {
         None
     };
 
+    // About 15 evaluations and checkpoints per run (every epoch at the
+    // defaults; every 62 one-step epochs with 10 labels per class).
+    let every = epochs.div_ceil(15);
     let config = FitConfig::default()
         .with_epochs(epochs)
         .with_max_steps(args.max_steps)
-        .with_eval_every(epochs.div_ceil(15));
+        .with_eval_every(every);
     let mut fit = Fit::new(&mut clf, &mut train, config)?
         .with_evaluator(|c: &mut Classifier<SequentialT, Box<dyn Optimizer>>, _| {
             Ok(BTreeMap::from([(
@@ -307,7 +310,7 @@ fn main() -> Result<()> {
         })
         .with_callback(Progress::new(ProgressMode::Auto, 20))
         .with_callback(MetricsLog::new(args.out.join("metrics.jsonl"), 10)?)
-        .with_callback(PeriodicCheckpoint::new(ckpt_dir, 1)?)
+        .with_callback(PeriodicCheckpoint::new(ckpt_dir, every)?)
         .with_callback(CurvePlot::new(args.out.join("curves.svg")));
     fit = if is_convnet {
         fit.with_schedule(ConstantLr::new(lr)?)
