@@ -219,7 +219,7 @@ fn adamw_with_cosine_schedule_matches_torch() {
         DType::F64,
         F64_TOL,
         adamw(c),
-        |t, opt, _| opt.set_lr(s.lr(t as u64)),
+        |t, opt, _| opt.set_lr(s.lr(t as u64)).unwrap(),
     );
 }
 
@@ -1053,4 +1053,72 @@ fn optimizer_state_does_not_hold_the_graph() {
             assert!(!t.track_op(), "{name}: state `{k}` references the graph");
         }
     }
+}
+
+/// `set_lr` refuses a bad rate and keeps the old one; candle_nn's setter,
+/// which cannot fail, makes the next step fail instead, changing nothing.
+fn refuses_bad_rates<O: optim::Optimizer + aimass::candle_nn::Optimizer>(
+    name: &str,
+    mut opt: O,
+    pb: &Problem,
+) {
+    let before = pb.flat();
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -0.1] {
+        let e = optim::Optimizer::set_lr(&mut opt, bad).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument { .. }), "{name}: {e}");
+        assert!(e.to_string().contains(&format!("{name}::set_lr")), "{e}");
+        assert!(e.to_string().contains("it stays 0.05"), "{e}");
+        assert_eq!(optim::Optimizer::lr(&opt), 0.05, "{name}");
+    }
+    aimass::candle_nn::Optimizer::set_learning_rate(&mut opt, f64::NAN);
+    let e = optim::Optimizer::step(&mut opt, &pb.grads()).unwrap_err();
+    assert!(
+        e.to_string().contains(&format!("{name}::step")) && e.to_string().contains("NaN"),
+        "{e}"
+    );
+    assert!(aimass::candle_nn::Optimizer::step(&mut opt, &pb.grads()).is_err());
+    aimass::candle_nn::Optimizer::set_learning_rate(&mut opt, -1.0);
+    assert!(optim::Optimizer::step(&mut opt, &pb.grads()).is_err());
+    assert_eq!(
+        pb.flat(),
+        before,
+        "{name}: a refused step changed the weights"
+    );
+    assert_eq!(optim::Optimizer::step_count(&opt), 0, "{name}");
+    // A valid rate (0 included) lets it step again.
+    optim::Optimizer::set_lr(&mut opt, 0.0).unwrap();
+    optim::Optimizer::step(&mut opt, &pb.grads()).unwrap();
+    assert_eq!(optim::Optimizer::step_count(&opt), 1, "{name}");
+}
+
+#[test]
+fn bad_learning_rates_are_refused() {
+    let f = fixtures();
+    let pb = Problem::new(&f, DType::F64);
+    let g = || pb.one_group();
+    refuses_bad_rates(
+        "Sgd",
+        Sgd::new(SgdConfig::default().with_lr(0.05).with_momentum(0.9), g()).unwrap(),
+        &pb,
+    );
+    refuses_bad_rates(
+        "Adam",
+        Adam::new(AdamConfig::default().with_lr(0.05), g()).unwrap(),
+        &pb,
+    );
+    refuses_bad_rates(
+        "AdamW",
+        AdamW::new(AdamWConfig::default().with_lr(0.05), g()).unwrap(),
+        &pb,
+    );
+    refuses_bad_rates(
+        "RmsProp",
+        RmsProp::new(RmsPropConfig::default().with_lr(0.05), g()).unwrap(),
+        &pb,
+    );
+    refuses_bad_rates(
+        "Lars",
+        Lars::new(LarsConfig::default().with_lr(0.05), lars_groups(&pb)).unwrap(),
+        &pb,
+    );
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use aimass::candle::{DType, Device};
 use aimass::data::{DataLoader, DataLoaderConfig, InMemoryDataset};
 use aimass::nn::{init::seeded_var_builder, seq, Mlp, MlpConfig, SequentialT};
-use aimass::optim::{CosineAnnealingLr, Sgd, SgdConfig};
+use aimass::optim::{CosineAnnealingLr, Schedule, Sgd, SgdConfig};
 use aimass::train::{
     Callback, Checkpoint, Classifier, ClassifierConfig, Control, EarlyStopping, EpochInfo, Fit,
     FitConfig, MonitorMode, NonFinitePolicy, TrainingState,
@@ -363,7 +363,9 @@ impl aimass::train::TrainStep for EpisodeLog {
         self.0.push(ep.classes.clone());
         Ok(aimass::train::StepOutput::new(0.0, ep.query_labels.dim(0)?))
     }
-    fn set_learning_rate(&mut self, _lr: f64) {}
+    fn set_learning_rate(&mut self, _lr: f64) -> aimass::Result<()> {
+        Ok(())
+    }
     fn learning_rate(&self) -> f64 {
         1.0
     }
@@ -420,4 +422,47 @@ fn fit_runs_over_episodes_and_resumes() {
     drop(fit);
     first.0.extend(rest.0);
     assert_eq!(first.0, all.0);
+}
+
+/// 0.1, then `bad` from step `at` on.
+struct BadFrom {
+    at: u64,
+    bad: f64,
+}
+
+impl Schedule for BadFrom {
+    fn lr(&self, step: u64) -> f64 {
+        if step < self.at {
+            0.1
+        } else {
+            self.bad
+        }
+    }
+}
+
+#[test]
+fn fit_refuses_bad_schedule_values() {
+    use aimass::train::TrainStep;
+    for bad in [f64::NAN, f64::INFINITY, -0.5] {
+        let mut c = classifier(16, NonFinitePolicy::Error);
+        let mut l = loader(3);
+        let mut fit = Fit::new(&mut c, &mut l, FitConfig::default().with_epochs(2))
+            .unwrap()
+            .with_schedule(BadFrom { at: 3, bad });
+        let e = fit.run().unwrap_err();
+        assert!(matches!(e, Error::Config { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("at step 3") && msg.contains(&format!("{bad}")),
+            "{msg}"
+        );
+        assert_eq!(fit.step(), 3);
+        drop(fit);
+        // The bad value never reached the optimizer.
+        assert_eq!(c.learning_rate(), 0.1);
+        assert_eq!(aimass::optim::Optimizer::step_count(c.optimizer()), 3);
+        // The trainer refuses it too.
+        assert!(c.set_learning_rate(bad).is_err());
+        assert_eq!(c.learning_rate(), 0.1);
+    }
 }

@@ -209,8 +209,8 @@ impl<M: ModuleT, O: Optimizer> TrainStep for Classifier<M, O> {
         Ok(StepOutput::new(loss_value, n).with_metric("batch_acc", acc))
     }
 
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.optimizer.set_lr(lr);
+    fn set_learning_rate(&mut self, lr: f64) -> Result<()> {
+        self.optimizer.set_lr(lr)
     }
 
     fn learning_rate(&self) -> f64 {

@@ -74,8 +74,12 @@ pub trait TrainStep {
     /// taken before this one.
     fn train_step(&mut self, batch: &Self::Batch, step: u64) -> Result<StepOutput>;
 
-    /// The learning rate of the next steps (set by the schedule).
-    fn set_learning_rate(&mut self, lr: f64);
+    /// Sets the learning rate of the next steps (called by [`Fit`] with the
+    /// schedule's value before every step). A rate that is not finite or is
+    /// negative must be refused with an error, leaving the rate unchanged
+    /// (an aimass [`Optimizer::set_lr`](crate::optim::Optimizer::set_lr)
+    /// does this).
+    fn set_learning_rate(&mut self, lr: f64) -> Result<()>;
 
     /// The current learning rate.
     fn learning_rate(&self) -> f64;
@@ -359,7 +363,7 @@ impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
             let mut lr = trainer.learning_rate();
             let mut run_batch = |b: T::Batch| -> Result<Control> {
                 if let Some(s) = schedule.as_ref() {
-                    trainer.set_learning_rate(s.lr(*step));
+                    trainer.set_learning_rate(checked_schedule_lr(s.as_ref(), *step)?)?;
                 }
                 lr = trainer.learning_rate();
                 let out = trainer.train_step(&b, *step)?;
@@ -452,6 +456,20 @@ impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
         summary.stopped_early |= stop && summary.epochs < config.epochs && *step < total_steps;
         Ok(summary)
     }
+}
+
+/// The schedule's rate at `step`, or an error naming the step and the value
+/// when it is not finite or negative (nothing is applied then).
+fn checked_schedule_lr(schedule: &dyn Schedule, step: u64) -> Result<f64> {
+    let lr = schedule.lr(step);
+    if !(lr.is_finite() && lr >= 0.0) {
+        return Err(Error::config(
+            "Fit::with_schedule",
+            lr,
+            format!("the schedule's learning rate at step {step} is not finite and >= 0; the step was not taken (check the schedule's settings)"),
+        ));
+    }
+    Ok(lr)
 }
 
 /// (epoch, batch-within-epoch from 1) of the step just taken, for display.
