@@ -1122,3 +1122,93 @@ fn bad_learning_rates_are_refused() {
         &pb,
     );
 }
+
+/// tests/fixtures/schedule.json (gen_schedule.py).
+fn schedule_fixtures() -> serde_json::Value {
+    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/schedule.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn f64s(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn assert_lrs(what: &str, s: &dyn Schedule, want: &[f64]) {
+    for (t, w) in want.iter().enumerate() {
+        let got = s.lr(t as u64);
+        assert!(
+            (got - w).abs() <= 1e-12 * w.abs().max(1e-3),
+            "{what} at step {t}: got {got}, torch {w}"
+        );
+    }
+}
+
+#[test]
+fn warm_restarts_match_torch() {
+    let f = schedule_fixtures();
+    let cases = f["sgdr"].as_array().unwrap();
+    assert_eq!(cases.len(), 5);
+    for c in cases {
+        let (t_0, t_mult) = (c["t_0"].as_u64().unwrap(), c["t_mult"].as_u64().unwrap());
+        let s = CosineAnnealingWarmRestarts::new(
+            c["base_lr"].as_f64().unwrap(),
+            t_0,
+            t_mult,
+            c["eta_min"].as_f64().unwrap(),
+        )
+        .unwrap();
+        let want = f64s(&c["lrs"]);
+        assert!(want.len() > 60);
+        assert_lrs(&format!("SGDR t_0={t_0} t_mult={t_mult}"), &s, &want);
+    }
+    // Far-away steps: cycles of 1, 3, 9, ... restart at (3^n - 1) / 2.
+    let s = CosineAnnealingWarmRestarts::new(0.1, 1, 3, 0.0).unwrap();
+    assert_eq!(s.lr((3u64.pow(30) - 1) / 2), 0.1);
+    assert!(s.lr(u64::MAX).is_finite());
+    let e = CosineAnnealingWarmRestarts::new(0.1, 0, 1, 0.0).unwrap_err();
+    assert_eq!(config_field(e), "CosineAnnealingWarmRestarts::t_0");
+    let e = CosineAnnealingWarmRestarts::new(0.1, 5, 0, 0.0).unwrap_err();
+    assert_eq!(config_field(e), "CosineAnnealingWarmRestarts::t_mult");
+    let e = CosineAnnealingWarmRestarts::new(0.1, 5, 1, f64::NAN).unwrap_err();
+    assert_eq!(config_field(e), "CosineAnnealingWarmRestarts::eta_min");
+}
+
+/// OneCycleLr refuses exactly the configs where torch raises (a phase of
+/// zero length), and matches torch's rates at every step of the others.
+#[test]
+fn one_cycle_phase_boundaries_match_torch() {
+    let f = schedule_fixtures();
+    let grid = f["onecycle_grid"].as_array().unwrap();
+    let mut refused = 0;
+    for c in grid {
+        let total = c["total_steps"].as_u64().unwrap();
+        let pct = c["pct_start"].as_f64().unwrap();
+        let three = c["three_phase"].as_bool().unwrap();
+        let what = format!("OneCycle total_steps={total} pct_start={pct} three_phase={three}");
+        let r = OneCycleLr::new(
+            OneCycleConfig::new(0.1, total)
+                .with_pct_start(pct)
+                .with_three_phase(three)
+                .with_cos_anneal(c["cos"].as_bool().unwrap()),
+        );
+        if c["raises"].as_bool().unwrap() {
+            let e = r
+                .err()
+                .unwrap_or_else(|| panic!("{what}: accepted, torch raises"));
+            assert!(e.to_string().contains("zero steps"), "{e}");
+            assert_eq!(config_field(e), "OneCycleConfig::pct_start");
+            refused += 1;
+        } else {
+            let s = r.unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_lrs(&what, &s, &f64s(&c["lrs"]));
+        }
+    }
+    assert_eq!((refused, grid.len()), (22, 480));
+    // The case of the report: pct_start × total_steps = 1.
+    let e = OneCycleLr::new(OneCycleConfig::new(0.1, 10).with_pct_start(0.1)).unwrap_err();
+    assert!(e.to_string().contains("must not be 1"), "{e}");
+}

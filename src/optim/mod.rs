@@ -81,9 +81,9 @@ pub use groups::{default_param_groups, ParamGroup};
 pub use lars::{Lars, LarsConfig};
 pub use rmsprop::{RmsProp, RmsPropConfig};
 pub use schedule::{
-    ConstantLr, CosineAnnealingLr, ExponentialLr, LinearWarmup, MultiStepLr, OneCycleConfig,
-    OneCycleLr, PlateauMode, ReduceLrOnPlateau, ReduceLrOnPlateauConfig, Schedule, StepLr,
-    ThresholdMode,
+    ConstantLr, CosineAnnealingLr, CosineAnnealingWarmRestarts, ExponentialLr, LinearWarmup,
+    MultiStepLr, OneCycleConfig, OneCycleLr, PlateauMode, ReduceLrOnPlateau,
+    ReduceLrOnPlateauConfig, Schedule, StepLr, ThresholdMode,
 };
 pub use sgd::{Sgd, SgdConfig};
 
