@@ -228,6 +228,25 @@ impl<M: ModuleT, O: Optimizer> TrainStep for Classifier<M, O> {
         Ok(())
     }
 
+    /// The optimizer's step count plus the steps the guard skipped.
+    fn steps_in_checkpoint(&self, ckpt: &Checkpoint) -> Result<Option<u64>> {
+        let t = ckpt.tensor("optim/step")?;
+        let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let optim = match v.as_slice() {
+            [n] if *n >= 0.0 && n.fract() == 0.0 && *n < 9.0e15 => *n as u64,
+            _ => {
+                return Err(Error::malformed(
+                    "<checkpoint>",
+                    "`optim/step`",
+                    "one step count",
+                    format!("{v:?}"),
+                ))
+            }
+        };
+        let skipped: u64 = ckpt.meta_parse("guard.skipped")?;
+        Ok(Some(optim.saturating_add(skipped)))
+    }
+
     fn load_state(&mut self, ckpt: &Checkpoint) -> Result<()> {
         ckpt.check_varmap("model", &self.varmap)?;
         let skipped: u64 = ckpt.meta_parse("guard.skipped")?;

@@ -22,11 +22,13 @@
 mod callback;
 mod checkpoint;
 mod checkpoint_dir;
+mod checkpoint_format;
 mod classifier;
 mod early_stopping;
 mod episodes;
 mod eval;
 mod fit;
+mod fit_state;
 mod guard;
 mod knn;
 mod metrics_log;
@@ -37,8 +39,9 @@ mod progress;
 mod scaler;
 
 pub use callback::{Callback, Control, EpochInfo, StepInfo, TrainingState};
-pub use checkpoint::{Checkpoint, FORMAT_VERSION};
-pub use checkpoint_dir::{CheckpointDir, PeriodicCheckpoint};
+pub use checkpoint::Checkpoint;
+pub use checkpoint_dir::{CheckpointDir, LatestValid, PeriodicCheckpoint, SkippedCheckpoint};
+pub use checkpoint_format::FORMAT_VERSION;
 pub use classifier::{Classifier, ClassifierConfig};
 pub use early_stopping::{EarlyStopping, MonitorMode};
 pub use episodes::EpisodeEpochs;
