@@ -1,5 +1,5 @@
-//! Supervised training on Fashion-MNIST: the reference recipe of
-//! `bench/torch_quality.py supervised`, with progress, metrics log,
+//! Supervised training on Fashion-MNIST: the reference recipe (the
+//! supervised protocol of docs/benchmarks.md), with progress, metrics log,
 //! checkpoints, a curve plot and exact resume.
 //!
 //! ```text

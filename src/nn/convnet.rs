@@ -7,8 +7,8 @@ use crate::nn::{Conv2d, Conv2dConfig, FeatureExtractor, Features, Linear, MaxPoo
 use crate::{Error, Result};
 
 /// Configuration of a [`ConvNet`]. Defaults: the conv32–conv64–fc128
-/// classifier of `bench/torch_peer.py` and `bench/torch_quality.py` for
-/// 28×28 grey images and 10 classes.
+/// classifier of the reference protocols and speed peers (docs/benchmarks.md,
+/// "Protocols") for 28×28 grey images and 10 classes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ConvNetConfig {

@@ -13,8 +13,8 @@ use crate::{Error, Result};
 #[non_exhaustive]
 pub struct MlpConfig {
     /// Layer widths, input first and output last: `[784, 128, 10]` is one
-    /// hidden layer of 128 (default: the MLP student of
-    /// `bench/torch_quality.py`, `Flatten–Linear(784,128)–ReLU–Linear(128,10)`).
+    /// hidden layer of 128 (default: the MLP student of the distillation
+    /// protocol in docs/benchmarks.md, `Flatten–Linear(784,128)–ReLU–Linear(128,10)`).
     pub sizes: Vec<usize>,
     /// Activation after every hidden layer (default ReLU).
     pub activation: Activation,
