@@ -7,8 +7,12 @@
 //! [`MetricsLog`] of JSON lines, [`EarlyStopping`], [`PeriodicCheckpoint`]s
 //! and, with the `plot` feature, a [`CurvePlot`] of the curves.
 //!
-//! [`Checkpoint`]s are safetensors files written atomically and verified on
-//! load; [`Fit::checkpoint`] and [`Fit::resume`] continue a run exactly.
+//! [`Checkpoint`]s are safetensors files written atomically, never with
+//! non-finite weights, and verified on load (a checksum over every
+//! metadata entry and tensor); [`Fit::checkpoint`] and [`Fit::resume`]
+//! continue a run exactly, callback state included, and
+//! [`CheckpointDir::load_latest_valid`] finds the newest checkpoint that
+//! verifies.
 //! The [`NonFiniteGuard`] stops (or skips) a step whose loss or gradient is
 //! not finite before it reaches the weights. [`LossScaler`] is the dynamic
 //! loss scale of f16 training. Evaluation: [`evaluate_accuracy`],
