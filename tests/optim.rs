@@ -1130,11 +1130,7 @@ fn schedule_fixtures() -> serde_json::Value {
 }
 
 fn f64s(v: &serde_json::Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
+    serde_json::from_value(v.clone()).unwrap()
 }
 
 fn assert_lrs(what: &str, s: &dyn Schedule, want: &[f64]) {
