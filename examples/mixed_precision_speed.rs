@@ -64,7 +64,19 @@ fn step_ms(model: &str, precision: Precision, dev: &Device) -> Result<f64> {
     )
 }
 
-fn main() -> Result<()> {
+/// Runs the example; an error is printed with its message (not its `Debug`
+/// form) and the process exits with status 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let dev = best_device()?;
     let mut result = String::from("RESULT example=mixed_precision_speed");
     for model in ["mlp", "resnet_tiny"] {

@@ -9,7 +9,19 @@ use std::time::Instant;
 use aimass::prelude::*;
 use aimass::{device, ops};
 
-fn main() -> Result<()> {
+/// Runs the example; an error is printed with its message (not its `Debug`
+/// form) and the process exits with status 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let start = Instant::now();
     let dev = best_device()?;
     println!("device: {}", device::device_name(&dev));

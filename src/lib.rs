@@ -73,3 +73,8 @@ pub mod prelude {
     pub use candle_core::{DType, Device, Module, ModuleT, Tensor, Var, D};
     pub use candle_nn::{VarBuilder, VarMap};
 }
+
+/// The Rust programs of `docs/training.md` compile (run by `cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../docs/training.md")]
+struct TrainingGuide;

@@ -190,8 +190,8 @@ impl<M: ModuleT, O: Optimizer> TrainStep for Classifier<M, O> {
         Ok(StepOutput::new(loss_value, n).with_metric("batch_acc", acc))
     }
 
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.optimizer.set_lr(lr);
+    fn set_learning_rate(&mut self, lr: f64) -> Result<()> {
+        self.optimizer.set_lr(lr)
     }
 
     fn learning_rate(&self) -> f64 {
@@ -207,6 +207,25 @@ impl<M: ModuleT, O: Optimizer> TrainStep for Classifier<M, O> {
         ckpt.insert_tensors("optim", self.optimizer.state_dict()?.iter());
         ckpt.set_meta("guard.skipped", self.guard.skipped());
         Ok(())
+    }
+
+    /// The optimizer's step count plus the steps the guard skipped.
+    fn steps_in_checkpoint(&self, ckpt: &Checkpoint) -> Result<Option<u64>> {
+        let t = ckpt.tensor("optim/step")?;
+        let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let optim = match v.as_slice() {
+            [n] if *n >= 0.0 && n.fract() == 0.0 && *n < 9.0e15 => *n as u64,
+            _ => {
+                return Err(Error::malformed(
+                    "<checkpoint>",
+                    "`optim/step`",
+                    "one step count",
+                    format!("{v:?}"),
+                ))
+            }
+        };
+        let skipped: u64 = ckpt.meta_parse("guard.skipped")?;
+        Ok(Some(optim.saturating_add(skipped)))
     }
 
     fn load_state(&mut self, ckpt: &Checkpoint) -> Result<()> {

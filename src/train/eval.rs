@@ -185,7 +185,7 @@ pub fn linear_probe(
             let idx = Tensor::new(chunk, &dev)?;
             let logits = head.forward(&tx.index_select(&idx, 0)?)?;
             let loss = cross_entropy_loss(&logits, &ty.index_select(&idx, 0)?)?;
-            opt.set_lr(schedule.lr(step));
+            opt.set_lr(schedule.lr(step))?;
             opt.step(&loss.backward()?)?;
             step += 1;
         }
