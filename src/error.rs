@@ -49,7 +49,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 ///
 /// The enum is `#[non_exhaustive]`: match the variants you handle and keep a
 /// wildcard arm, so new variants can be added without breaking your code.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A candle tensor operation failed.
@@ -254,6 +254,15 @@ impl From<std::num::ParseFloatError> for Error {
     }
 }
 
+/// `Debug` prints the same message as `Display`, so that a program whose
+/// `main` returns [`Result`] reports a failure in words (`Error: malformed
+/// checkpoint data in ...`) rather than as a struct dump.
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
 impl From<candle_core::Error> for Error {
     fn from(source: candle_core::Error) -> Self {
         Error::Candle {
@@ -323,5 +332,14 @@ mod tests {
         let e: Error = "1.5x".parse::<f64>().unwrap_err().into();
         assert!(e.to_string().contains("parsing a number"), "{e}");
         assert_eq!(parse("3").unwrap(), (3, 3.0));
+    }
+
+    /// What `fn main() -> aimass::Result<()>` prints on failure is the
+    /// `Debug` form: it must be the message, not a struct dump.
+    #[test]
+    fn debug_is_the_message() {
+        let e = Error::config("SgdConfig::lr", -1.0, "must be >= 0");
+        assert_eq!(format!("{e:?}"), e.to_string());
+        assert!(!format!("{e:?}").contains("Config {"));
     }
 }

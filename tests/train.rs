@@ -65,7 +65,16 @@ fn loader(seed: u64) -> DataLoader {
 fn classifier(width: usize, policy: NonFinitePolicy) -> Clf {
     let varmap = aimass::candle_nn::VarMap::new();
     let vb = seeded_var_builder(&varmap, 7, DType::F32, &Device::Cpu);
-    let mlp = Mlp::new(MlpConfig::new(vec![64, width, 3]).with_batch_norm(true), vb).unwrap();
+    // Dropout too: its masks follow the step (`nn::StepScope`, entered by
+    // the classifier), so resumed runs draw the masks of uninterrupted ones.
+    let mlp = Mlp::new(
+        MlpConfig::new(vec![64, width, 3])
+            .with_batch_norm(true)
+            .with_dropout(0.2)
+            .with_dropout_seed(5),
+        vb,
+    )
+    .unwrap();
     let model = seq().add_fn(|x, _| x.flatten_from(1)).add(mlp);
     let opt = Sgd::from_varmap(
         &varmap,

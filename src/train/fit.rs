@@ -205,6 +205,14 @@ config! {
         max_steps: Option<u64> = None,
         /// Run the evaluator every this many epochs, and after the last (default 1).
         eval_every: usize = 1,
+        /// Tune the CPU allocator for training when the run starts
+        /// ([`crate::device::tune_cpu_allocator`]: glibc keeps freed memory
+        /// for the next step instead of returning and re-faulting it; the
+        /// process keeps its peak memory). A process-wide setting, which
+        /// `Fit` changes because a program that runs it is a training
+        /// program (default true); set false in a host that must keep
+        /// glibc's defaults. `AIMASS_CPU_MALLOC=system` also opts out.
+        tune_cpu_allocator: bool = true,
     }
 }
 
@@ -438,6 +446,9 @@ impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
     /// a resume), `max_steps` is reached, or a callback stops the run.
     pub fn run(&mut self) -> Result<FitSummary> {
         let start = Instant::now();
+        if self.config.tune_cpu_allocator {
+            crate::device::tune_cpu_allocator();
+        }
         let Fit {
             trainer,
             source,
