@@ -78,12 +78,24 @@ pub struct Lars {
     cfg: LarsConfig,
 }
 
-fn norm(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?
-        .sqr()?
-        .sum_all()?
-        .sqrt()?
-        .to_scalar::<f64>()?)
+/// The 2-norm of `t` as a 0-d tensor on its device (f32, or f64 for f64).
+fn norm(t: &Tensor) -> Result<Tensor> {
+    let acc = if t.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    Ok(t.to_dtype(acc)?.sqr()?.sum_all()?.sqrt()?)
+}
+
+/// The trust ratio `eta·‖p‖ / (‖g‖ + wd·‖p‖ + eps)`, or 1 unless both
+/// norms are > 0, computed on the device (no host read per parameter).
+fn trust_ratio(p: &Tensor, g: &Tensor, eta: f64, wd: f64, eps: f64) -> Result<Tensor> {
+    let (pn, gn) = (norm(p)?, norm(g)?);
+    let ratio = ((&pn * eta)? / ((&gn + (&pn * wd)?)? + eps)?)?;
+    let one = ratio.ones_like()?;
+    let ratio = gn.gt(0.0)?.where_cond(&ratio, &one)?;
+    Ok(pn.gt(0.0)?.where_cond(&ratio, &one)?)
 }
 
 impl Lars {
@@ -128,10 +140,8 @@ impl Lars {
             g.clone()
         };
         if grp.trust_ratio {
-            let (pn, gn) = (norm(p)?, norm(g)?);
-            if pn > 0.0 && gn > 0.0 {
-                d = (d * (c.eta * pn / (gn + wd * pn + c.eps)))?;
-            }
+            let r = trust_ratio(p, g, c.eta, wd, c.eps)?;
+            d = d.broadcast_mul(&r.to_dtype(d.dtype())?)?;
         }
         if c.momentum != 0.0 {
             let buf = match slot.bufs.first().and_then(|b| b.as_ref()) {
