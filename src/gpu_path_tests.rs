@@ -334,3 +334,54 @@ fn mixed_precision_guard_and_clipping_share_one_read() {
         assert_eq!(crate::host::read_count() - before, 1, "step {step}");
     }
 }
+
+#[test]
+fn cross_entropy_is_the_same_off_the_cpu_and_reads_nothing() {
+    use crate::loss::{CrossEntropy, CrossEntropyConfig, Reduction};
+    let logits = randn(&[5, 4], 700);
+    let y = Tensor::new(&[3i64, -100, 0, 2, 1], &Device::Cpu).unwrap();
+    for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+        let ce = CrossEntropy::new(
+            CrossEntropyConfig::default()
+                .with_label_smoothing(0.2)
+                .with_weight(Some(vec![0.5, 1.0, 2.0, 1.5]))
+                .with_reduction(reduction),
+        )
+        .unwrap();
+        let start = crate::host::read_count();
+        same_on_both_paths("cross_entropy", &[logits.clone()], |t| ce.forward(&t[0], &y));
+        assert_eq!(crate::host::read_count(), start);
+    }
+}
+
+#[test]
+fn bad_targets_off_the_cpu_poison_the_loss_and_the_classifier_names_them() {
+    use crate::loss::{dkd_loss, CrossEntropy, CrossEntropyConfig, Reduction};
+    let logits = randn(&[3, 4], 710);
+    let bad = Tensor::new(&[1u32, 4, 0], &Device::Cpu).unwrap();
+    // On the CPU: an error naming the target.
+    let ce = CrossEntropy::new(CrossEntropyConfig::default().with_reduction(Reduction::None)).unwrap();
+    let e = ce.forward(&logits, &bad).unwrap_err().to_string();
+    assert!(e.contains("target 4 at row 1"), "{e}");
+    let _e = Emulate::start();
+    // Off the CPU: that row is NaN, the others are untouched.
+    let rows = flat(&ce.forward(&logits, &bad).unwrap());
+    assert!(rows[0].is_finite() && rows[1].is_nan() && rows[2].is_finite(), "{rows:?}");
+    let neg = Tensor::new(&[1i64, -3, 0], &Device::Cpu).unwrap();
+    assert!(flat(&ce.forward(&logits, &neg).unwrap())[1].is_nan());
+    let dkd = dkd_loss(&logits, &logits, &bad, 1.0, 8.0, 4.0).unwrap();
+    assert!(flat(&dkd)[0].is_nan());
+    // The classifier's one read sees a NaN loss; it then reads the targets
+    // and says which one is wrong, whatever the non-finite policy.
+    use crate::optim::{Sgd, SgdConfig};
+    use crate::train::{Classifier, ClassifierConfig, NonFinitePolicy, TrainStep};
+    let vm = candle_nn::VarMap::new();
+    let net = small_net(&vm);
+    let opt = Sgd::from_varmap(SgdConfig::default(), &vm).unwrap();
+    let cfg = ClassifierConfig::default().with_non_finite(NonFinitePolicy::Skip { max_skips: 5 });
+    let mut clf = Classifier::new(net, vm, opt, cfg).unwrap();
+    let mut b = batch(720);
+    b.labels = Tensor::new(&[0u32, 1, 2, 7, 1, 0], &Device::Cpu).unwrap();
+    let e = clf.train_step(&b, 1).unwrap_err().to_string();
+    assert!(e.contains("target 7 at row 3"), "{e}");
+}

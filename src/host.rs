@@ -70,7 +70,7 @@ impl Reduce {
 }
 
 /// The dtype reductions of `t` accumulate in: f32, or f64 for f64 input.
-fn accumulator(t: &Tensor) -> DType {
+pub(crate) fn accumulator(t: &Tensor) -> DType {
     if t.dtype() == DType::F64 {
         DType::F64
     } else {

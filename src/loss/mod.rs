@@ -335,6 +335,7 @@ pub(crate) fn class_targets(
 /// One-hot rows `(n, c)` in `dtype` built on the device from prepared
 /// targets (bad rows are all zero; losses poison them).
 pub(crate) fn one_hot(targets: &ClassTargets, c: usize, dtype: DType) -> Result<Tensor> {
+    // host-ok: the class ids 0..c (u32), a small upload.
     let classes = Tensor::arange(0u32, c as u32, targets.index.device())?.unsqueeze(0)?;
     Ok(targets
         .index

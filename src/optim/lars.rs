@@ -20,7 +20,7 @@
 //! buffer's output (torch SGD style), not its input as in SimCLR's
 //! TensorFlow code; the two agree at a constant learning rate.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use super::groups::ParamGroup;
 use super::state::Core;
@@ -80,12 +80,7 @@ pub struct Lars {
 
 /// The 2-norm of `t` as a 0-d tensor on its device (f32, or f64 for f64).
 fn norm(t: &Tensor) -> Result<Tensor> {
-    let acc = if t.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    Ok(t.to_dtype(acc)?.sqr()?.sum_all()?.sqrt()?)
+    Ok(t.to_dtype(crate::host::accumulator(t))?.sqr()?.sum_all()?.sqrt()?)
 }
 
 /// The trust ratio `eta·‖p‖ / (‖g‖ + wd·‖p‖ + eps)`, or 1 unless both
