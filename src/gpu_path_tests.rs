@@ -120,9 +120,11 @@ fn pools_and_relu_match_the_cpu_kernels() {
         .enumerate()
     {
         let x = randn(&[2, 3, 9, 8], 300 + i as u64);
-        same_on_both_paths(&format!("max_pool2d {k}/{s}/{p}"), &[x.clone()], |t| {
-            ops::max_pool2d(&t[0], (k, k), (s, s), (p, p))
-        });
+        same_on_both_paths(
+            &format!("max_pool2d {k}/{s}/{p}"),
+            std::slice::from_ref(&x),
+            |t| ops::max_pool2d(&t[0], (k, k), (s, s), (p, p)),
+        );
         same_on_both_paths(&format!("avg_pool2d {k}/{s}/{p}"), &[x], |t| {
             ops::avg_pool2d(&t[0], (k, k), (s, s), (p, p))
         });
@@ -349,7 +351,9 @@ fn cross_entropy_is_the_same_off_the_cpu_and_reads_nothing() {
         )
         .unwrap();
         let start = crate::host::read_count();
-        same_on_both_paths("cross_entropy", &[logits.clone()], |t| ce.forward(&t[0], &y));
+        same_on_both_paths("cross_entropy", std::slice::from_ref(&logits), |t| {
+            ce.forward(&t[0], &y)
+        });
         assert_eq!(crate::host::read_count(), start);
     }
 }
@@ -360,13 +364,17 @@ fn bad_targets_off_the_cpu_poison_the_loss_and_the_classifier_names_them() {
     let logits = randn(&[3, 4], 710);
     let bad = Tensor::new(&[1u32, 4, 0], &Device::Cpu).unwrap();
     // On the CPU: an error naming the target.
-    let ce = CrossEntropy::new(CrossEntropyConfig::default().with_reduction(Reduction::None)).unwrap();
+    let ce =
+        CrossEntropy::new(CrossEntropyConfig::default().with_reduction(Reduction::None)).unwrap();
     let e = ce.forward(&logits, &bad).unwrap_err().to_string();
     assert!(e.contains("target 4 at row 1"), "{e}");
     let _e = Emulate::start();
     // Off the CPU: that row is NaN, the others are untouched.
     let rows = flat(&ce.forward(&logits, &bad).unwrap());
-    assert!(rows[0].is_finite() && rows[1].is_nan() && rows[2].is_finite(), "{rows:?}");
+    assert!(
+        rows[0].is_finite() && rows[1].is_nan() && rows[2].is_finite(),
+        "{rows:?}"
+    );
     let neg = Tensor::new(&[1i64, -3, 0], &Device::Cpu).unwrap();
     assert!(flat(&ce.forward(&logits, &neg).unwrap())[1].is_nan());
     let dkd = dkd_loss(&logits, &logits, &bad, 1.0, 8.0, 4.0).unwrap();

@@ -314,14 +314,8 @@ fn cross_entropy_by_gather_equals_the_one_hot_formula() {
             y[1] = ig;
             y[5] = ig;
         }
-        let want = cross_entropy_one_hot_reference(
-            &logits,
-            &y,
-            eps,
-            weight.as_deref(),
-            ignore,
-            reduction,
-        );
+        let want =
+            cross_entropy_one_hot_reference(&logits, &y, eps, weight.as_deref(), ignore, reduction);
         let ce = CrossEntropy::new(
             CrossEntropyConfig::default()
                 .with_label_smoothing(eps)
@@ -367,7 +361,8 @@ fn cross_entropy_ignore_index_the_target_dtype_cannot_hold() {
     let y32 = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
     let y64 = Tensor::new(&[2i64, 0], &Device::Cpu).unwrap();
     assert_eq!(plain(&y32), plain(&y64));
-    let ce300 = CrossEntropy::new(CrossEntropyConfig::default().with_ignore_index(Some(300))).unwrap();
+    let ce300 =
+        CrossEntropy::new(CrossEntropyConfig::default().with_ignore_index(Some(300))).unwrap();
     let y8 = Tensor::new(&[2u8, 0], &Device::Cpu).unwrap();
     assert_eq!(scalar(&ce300.forward(&x, &y8).unwrap()), plain(&y64));
 }

@@ -80,7 +80,10 @@ pub struct Lars {
 
 /// The 2-norm of `t` as a 0-d tensor on its device (f32, or f64 for f64).
 fn norm(t: &Tensor) -> Result<Tensor> {
-    Ok(t.to_dtype(crate::host::accumulator(t))?.sqr()?.sum_all()?.sqrt()?)
+    Ok(t.to_dtype(crate::host::accumulator(t))?
+        .sqr()?
+        .sum_all()?
+        .sqrt()?)
 }
 
 /// The trust ratio `eta·‖p‖ / (‖g‖ + wd·‖p‖ + eps)`, or 1 unless both
