@@ -252,12 +252,12 @@ fn classifier_run() -> (Vec<f64>, Vec<Vec<f32>>, Vec<u64>) {
     let vm = candle_nn::VarMap::new();
     let net = small_net(&vm);
     let opt = Sgd::from_varmap(
+        &vm,
         SgdConfig::default()
             .with_lr(0.1)
             .with_momentum(0.9)
             .with_weight_decay(1e-3)
             .with_grad_clip(GradClip::norm(0.05)),
-        &vm,
     )
     .unwrap();
     let cfg = ClassifierConfig::default()
@@ -298,19 +298,26 @@ fn classifier_step_off_the_cpu_reads_once_and_trains_like_the_cpu() {
 #[test]
 fn mixed_precision_guard_and_clipping_share_one_read() {
     use crate::optim::{GradClip, Optimizer, Sgd, SgdConfig};
-    use crate::train::{GuardAction, LossScalerConfig, MixedPrecision, NonFiniteGuard, Precision};
+    use crate::train::{
+        GuardAction, LossScalerConfig, MixedPrecision, MixedPrecisionConfig, NonFiniteGuard,
+        Precision,
+    };
     let vm = candle_nn::VarMap::new();
     let vb = crate::nn::init::seeded_var_builder(&vm, 3, DType::F32, &Device::Cpu);
     crate::nn::linear(5, 2, vb.pp("fc")).unwrap();
     let params = crate::nn::params::named_vars(&vm).unwrap();
-    let scaler = LossScalerConfig::default().with_init_scale(256.0);
-    let mut mp = MixedPrecision::with_scaler(Precision::F16, scaler).unwrap();
+    let mut mp = MixedPrecision::new(
+        MixedPrecisionConfig::default()
+            .with_precision(Precision::F16)
+            .with_loss_scaler(LossScalerConfig::default().with_init_scale(256.0)),
+    )
+    .unwrap();
     let mut guard = NonFiniteGuard::default();
     let mut opt = Sgd::from_varmap(
+        &vm,
         SgdConfig::default()
             .with_lr(0.1)
             .with_grad_clip(GradClip::norm(0.01)),
-        &vm,
     )
     .unwrap();
     let x = randn(&[4, 5], 600).to_dtype(DType::F16).unwrap();
@@ -339,12 +346,12 @@ fn mixed_precision_guard_and_clipping_share_one_read() {
 
 #[test]
 fn cross_entropy_is_the_same_off_the_cpu_and_reads_nothing() {
-    use crate::loss::{CrossEntropy, CrossEntropyConfig, Reduction};
+    use crate::loss::{CrossEntropyLoss, CrossEntropyLossConfig, Reduction};
     let logits = randn(&[5, 4], 700);
     let y = Tensor::new(&[3i64, -100, 0, 2, 1], &Device::Cpu).unwrap();
     for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
-        let ce = CrossEntropy::new(
-            CrossEntropyConfig::default()
+        let ce = CrossEntropyLoss::new(
+            CrossEntropyLossConfig::default()
                 .with_label_smoothing(0.2)
                 .with_weight(Some(vec![0.5, 1.0, 2.0, 1.5]))
                 .with_reduction(reduction),
@@ -360,12 +367,13 @@ fn cross_entropy_is_the_same_off_the_cpu_and_reads_nothing() {
 
 #[test]
 fn bad_targets_off_the_cpu_poison_the_loss_and_the_classifier_names_them() {
-    use crate::loss::{dkd_loss, CrossEntropy, CrossEntropyConfig, Reduction};
+    use crate::loss::{dkd_loss, CrossEntropyLoss, CrossEntropyLossConfig, Reduction};
     let logits = randn(&[3, 4], 710);
     let bad = Tensor::new(&[1u32, 4, 0], &Device::Cpu).unwrap();
     // On the CPU: an error naming the target.
     let ce =
-        CrossEntropy::new(CrossEntropyConfig::default().with_reduction(Reduction::None)).unwrap();
+        CrossEntropyLoss::new(CrossEntropyLossConfig::default().with_reduction(Reduction::None))
+            .unwrap();
     let e = ce.forward(&logits, &bad).unwrap_err().to_string();
     assert!(e.contains("target 4 at row 1"), "{e}");
     let _e = Emulate::start();
@@ -385,7 +393,7 @@ fn bad_targets_off_the_cpu_poison_the_loss_and_the_classifier_names_them() {
     use crate::train::{Classifier, ClassifierConfig, NonFinitePolicy, TrainStep};
     let vm = candle_nn::VarMap::new();
     let net = small_net(&vm);
-    let opt = Sgd::from_varmap(SgdConfig::default(), &vm).unwrap();
+    let opt = Sgd::from_varmap(&vm, SgdConfig::default()).unwrap();
     let cfg = ClassifierConfig::default().with_non_finite(NonFinitePolicy::Skip { max_skips: 5 });
     let mut clf = Classifier::new(net, vm, opt, cfg).unwrap();
     let mut b = batch(720);

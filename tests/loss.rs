@@ -316,8 +316,8 @@ fn cross_entropy_by_gather_equals_the_one_hot_formula() {
         }
         let want =
             cross_entropy_one_hot_reference(&logits, &y, eps, weight.as_deref(), ignore, reduction);
-        let ce = CrossEntropy::new(
-            CrossEntropyConfig::default()
+        let ce = CrossEntropyLoss::new(
+            CrossEntropyLossConfig::default()
                 .with_label_smoothing(eps)
                 .with_weight(weight.clone())
                 .with_ignore_index(ignore)
@@ -357,12 +357,13 @@ fn cross_entropy_ignore_index_the_target_dtype_cannot_hold() {
     // -100 as u32 targets, or 300 as u8 targets, matches no row (it is not
     // wrapped around to a valid class).
     let x = Tensor::new(&[[1.0f32, 2.0, 0.5], [0.5, -1.0, 0.0]], &Device::Cpu).unwrap();
-    let plain = |y: &Tensor| scalar(&cross_entropy(&x, y).unwrap());
+    let plain = |y: &Tensor| scalar(&cross_entropy_loss(&x, y).unwrap());
     let y32 = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
     let y64 = Tensor::new(&[2i64, 0], &Device::Cpu).unwrap();
     assert_eq!(plain(&y32), plain(&y64));
     let ce300 =
-        CrossEntropy::new(CrossEntropyConfig::default().with_ignore_index(Some(300))).unwrap();
+        CrossEntropyLoss::new(CrossEntropyLossConfig::default().with_ignore_index(Some(300)))
+            .unwrap();
     let y8 = Tensor::new(&[2u8, 0], &Device::Cpu).unwrap();
     assert_eq!(scalar(&ce300.forward(&x, &y8).unwrap()), plain(&y64));
 }

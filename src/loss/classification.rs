@@ -32,8 +32,8 @@
 use super::{
     check_class_range, check_float, check_rank, check_same_shape, class_targets, Reduction,
 };
-use crate::host;
 use crate::config::config;
+use crate::host;
 use crate::ops;
 use crate::{Error, Result};
 use candle_core::Tensor;
