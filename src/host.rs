@@ -14,7 +14,11 @@
 //!    into one small tensor and copied back in one transfer
 //!    ([`reduce_and_read`]). A value read once is remembered by tensor id,
 //!    so the non-finite guard, the loss scaler and gradient clipping share
-//!    one read instead of each making their own.
+//!    one read instead of each making their own. That is sound because a
+//!    candle tensor's values never change, except a variable's (never
+//!    remembered) and explicit in-place writes (`slice_set`, `zero_set`),
+//!    which nothing does to a loss or a gradient between the check and the
+//!    update.
 //!
 //! Tests can force the "not the CPU" mode (`Emulate`): the CPU kernels and
 //! the fused CPU optimizer updates then step aside, so the candle-op path
@@ -194,13 +198,12 @@ pub(crate) fn full(
         DType::F64 => Tensor::full(value, shape, device)?,
         DType::F16 => Tensor::full(f16::from_f64(value), shape, device)?,
         DType::BF16 => Tensor::full(bf16::from_f64(value), shape, device)?,
-        other => {
-            return Err(Error::invalid(
-                "host::full",
-                format!("a float dtype, got {other:?}"),
-            ))
-        }
+        other => return Err(not_float("host::full", other)),
     })
+}
+
+fn not_float(op: &str, dtype: DType) -> Error {
+    Error::invalid(op, format!("a float dtype, got {dtype:?}"))
 }
 
 /// `values` (configuration numbers such as class weights) uploaded to
@@ -226,12 +229,7 @@ pub(crate) fn upload(
             let v: Vec<bf16> = values.iter().map(|&x| bf16::from_f64(x)).collect();
             Tensor::from_vec(v, shape, device)?
         }
-        other => {
-            return Err(Error::invalid(
-                "host::upload",
-                format!("a float dtype, got {other:?}"),
-            ))
-        }
+        other => return Err(not_float("host::upload", other)),
     })
 }
 
