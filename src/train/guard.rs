@@ -223,4 +223,36 @@ mod tests {
             GuardAction::Proceed
         );
     }
+
+    #[test]
+    fn check_step_returns_the_loss_and_shares_its_read_with_clipping() {
+        let w = Var::new(&[3.0f32, 4.0], &Device::Cpu).unwrap();
+        let b = Var::new(&[0.5f32], &Device::Cpu).unwrap();
+        let vars = vec![("w".to_string(), w.clone()), ("b".to_string(), b.clone())];
+        // loss = 0.5·(w·w) + 2·b: gradients w = (3, 4) and b = 2, norm √29.
+        let loss = ((w.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap()
+            + (b.as_tensor() * 2.0).unwrap().sum_all().unwrap())
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        let mut g = NonFiniteGuard::default();
+        let start = crate::host::read_count();
+        let (action, value) = g.check_step(&loss, &grads, &vars, 1).unwrap();
+        assert_eq!((action, value), (GuardAction::Proceed, 13.5));
+        let norm = crate::optim::grad_norm(&grads, &[w.clone(), b.clone()], 2.0).unwrap();
+        assert!((norm - 29f64.sqrt()).abs() < 1e-6, "{norm}");
+        assert_eq!(crate::host::read_count() - start, 1);
+        // A NaN loss is skipped (policy Skip) and its value returned.
+        let mut g = NonFiniteGuard::new(NonFinitePolicy::Skip { max_skips: 1 });
+        let nan = (&loss * f64::NAN).unwrap();
+        let grads = nan.backward().unwrap();
+        let (action, value) = g.check_step(&nan, &grads, &vars, 2).unwrap();
+        assert_eq!(action, GuardAction::Skip);
+        assert!(value.is_nan());
+        // Then an error naming the loss and the limit.
+        let e = g
+            .check_step(&nan, &grads, &vars, 3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("loss") && e.contains("limit"), "{e}");
+    }
 }
