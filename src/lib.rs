@@ -54,6 +54,9 @@ mod config;
 pub mod data;
 pub mod device;
 pub mod error;
+#[cfg(test)]
+mod gpu_path_tests;
+mod host;
 pub mod loss;
 pub mod nn;
 pub mod ops;

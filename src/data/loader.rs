@@ -381,6 +381,7 @@ fn to_device(host: HostBatch, epoch: u64, device: &Device) -> Result<Batch> {
         .map(|v| v.to_tensor(device))
         .collect::<Result<Vec<_>>>()?;
     let n = host.labels.len();
+    // host-ok: a batch's labels go to the device once (u32).
     let labels =
         Tensor::from_vec(host.labels, n, device).context("DataLoader: labels to device")?;
     Ok(Batch {

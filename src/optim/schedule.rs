@@ -734,7 +734,9 @@ impl ReduceLrOnPlateau {
                     t.dims(),
                 ));
             }
+            // host-ok: checkpoint data, read once on load, on the CPU.
             Ok(t.flatten_all()?
+                .to_device(&Device::Cpu)?
                 .to_dtype(DType::F64)?
                 .sum_all()?
                 .to_scalar::<f64>()?)

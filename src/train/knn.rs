@@ -110,6 +110,8 @@ pub fn knn_predict(
     while start < m {
         let len = config.batch_size.min(m - start);
         let sim = queries.narrow(0, start, len)?.matmul(&bank_t)?;
+        // host-ok: the votes are counted on the host, one read per chunk
+        // of queries (evaluation, not a training step).
         let rows = sim.to_vec2::<f32>()?;
         let batch: Vec<u32> = rows
             .par_iter()
