@@ -219,7 +219,12 @@ impl<M: ModuleT, O: Optimizer> TrainStep for Classifier<M, O> {
     /// The optimizer's step count plus the steps the guard skipped.
     fn steps_in_checkpoint(&self, ckpt: &Checkpoint) -> Result<Option<u64>> {
         let t = ckpt.tensor("optim/step")?;
-        let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        // host-ok: one checkpoint scalar, read once at resume, on the CPU.
+        let v = t
+            .to_device(&candle_core::Device::Cpu)?
+            .flatten_all()?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
         let optim = match v.as_slice() {
             [n] if *n >= 0.0 && n.fract() == 0.0 && *n < 9.0e15 => *n as u64,
             _ => {

@@ -70,7 +70,11 @@ pub(crate) fn save(
     if let Some(LrSource::Plateau { metric, plateau }) = lr_source {
         c.set_meta("fit.plateau.metric", metric);
         for (k, t) in plateau.state_dict()? {
-            let v = t.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            // host-ok: the plateau state's scalars, on the CPU, at checkpoint time.
+            let v = t
+                .to_device(&candle_core::Device::Cpu)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
             c.set_meta(format!("fit.plateau.{k}"), format!("{v:?}"));
         }
     }
