@@ -81,3 +81,9 @@ pub mod prelude {
 #[cfg(doctest)]
 #[doc = include_str!("../docs/training.md")]
 struct TrainingGuide;
+
+/// The three trainers written by hand in `docs/own-trainer.md` (SimCLR,
+/// knowledge distillation, first-order MAML) run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/own-trainer.md")]
+struct OwnTrainerGuide;
