@@ -64,19 +64,9 @@ fn step_ms(model: &str, precision: Precision, dev: &Device) -> Result<f64> {
     )
 }
 
-/// Runs the example; an error is printed with its message (not its `Debug`
-/// form) and the process exits with status 1.
-fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-fn run() -> Result<()> {
+/// An error ends the example with status 1 and its message (`aimass::Error`'s
+/// `Debug` is its message).
+fn main() -> Result<()> {
     let dev = best_device()?;
     // A training program: keep freed memory for the next step (see the docs).
     aimass::device::tune_cpu_allocator();

@@ -9,19 +9,9 @@ use std::time::Instant;
 use aimass::prelude::*;
 use aimass::{device, ops};
 
-/// Runs the example; an error is printed with its message (not its `Debug`
-/// form) and the process exits with status 1.
-fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-fn run() -> Result<()> {
+/// An error ends the example with status 1 and its message (`aimass::Error`'s
+/// `Debug` is its message).
+fn main() -> Result<()> {
     let start = Instant::now();
     let dev = best_device()?;
     println!("device: {}", device::device_name(&dev));

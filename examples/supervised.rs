@@ -107,19 +107,9 @@ fn parse_args() -> Result<Args> {
     Ok(a)
 }
 
-/// Runs the example; an error is printed with its message (not its `Debug`
-/// form) and the process exits with status 1.
-fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-fn run() -> Result<()> {
+/// An error ends the example with status 1 and its message (`aimass::Error`'s
+/// `Debug` is its message).
+fn main() -> Result<()> {
     let args = parse_args()?;
     let device = best_device()?;
     // A training program: keep freed memory for the next step (see the docs).
