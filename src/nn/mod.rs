@@ -65,6 +65,7 @@ pub mod params;
 mod pool;
 mod resnet;
 mod sequential;
+mod sync_batch_norm;
 
 pub use activation::Activation;
 pub use batch_norm::{batch_norm, BatchNorm, BatchNormConfig};
@@ -78,6 +79,7 @@ pub use layer_norm::{LayerNorm, LayerNormConfig};
 pub use linear::{linear, Linear};
 pub use mlp::{Mlp, MlpConfig};
 pub use model::{ForwardMode, FrozenModel, Model};
+pub use sync_batch_norm::SyncBatchNormScope;
 pub use params::Frozen;
 pub use pool::{global_avg_pool, Flatten, GlobalAvgPool, MaxPool2d};
 pub use resnet::{
