@@ -338,8 +338,14 @@ impl<O: Optimizer> DistributedOptimizer<O> {
 
     /// Replaces the optimizer state by its mean over the ranks.
     fn average_state(&mut self) -> Result<()> {
-        let state = self.inner.state_dict()?;
-        let mut names: Vec<&String> = state.keys().collect();
+        let mut state = self.inner.state_dict()?;
+        // Step counts (integers) are the same on every rank: only the
+        // float buffers (momentum, moments) are averaged.
+        let mut names: Vec<&String> = state
+            .iter()
+            .filter(|(_, t)| t.dtype().is_float())
+            .map(|(n, _)| n)
+            .collect();
         names.sort();
         let refs: Vec<&Tensor> = names.iter().map(|n| &state[*n]).collect();
         let cap = self.cap();
@@ -349,8 +355,9 @@ impl<O: Optimizer> DistributedOptimizer<O> {
             s.moved = moved;
             r
         })?;
-        let averaged: HashMap<String, Tensor> = names.into_iter().cloned().zip(means).collect();
-        self.inner.load_state_dict(&averaged)
+        let averaged: Vec<(String, Tensor)> = names.into_iter().cloned().zip(means).collect();
+        state.extend(averaged);
+        self.inner.load_state_dict(&state)
     }
 
     /// After an update: buffers from rank 0, or local SGD's averaging.
