@@ -84,3 +84,8 @@ pub mod prelude {
 #[cfg(doctest)]
 #[doc = include_str!("../docs/training.md")]
 struct TrainingGuide;
+
+/// The Rust programs of `docs/distributed.md` compile (run by `cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../docs/distributed.md")]
+struct DistributedGuide;
