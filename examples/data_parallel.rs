@@ -26,14 +26,16 @@ use std::time::Instant;
 
 use aimass::data::augment::{presets, Normalize};
 use aimass::data::{
-    embedded_fashion_mnist, fashion_mnist, DataLoader, DataLoaderConfig, Shard,
-    FASHION_MNIST_MEAN, FASHION_MNIST_STD,
+    embedded_fashion_mnist, fashion_mnist, DataLoader, DataLoaderConfig, Shard, FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
 };
 use aimass::distributed::{
     abort_on_failure, broadcast_checkpoint, from_env, CommConfig, Communicator, DataParallel,
     DataParallelConfig, DistributedOptimizer, DistributedOptimizerConfig, RankZero, SyncMode,
 };
-use aimass::nn::{init::seeded_var_builder, seq, ConvNet, ConvNetConfig, ResNet, ResNetConfig, SequentialT};
+use aimass::nn::{
+    init::seeded_var_builder, seq, ConvNet, ConvNetConfig, ResNet, ResNetConfig, SequentialT,
+};
 use aimass::optim::groups::varmap_single_group;
 use aimass::optim::{Adam, AdamConfig, ConstantLr, CosineAnnealingLr, Optimizer, Sgd, SgdConfig};
 use aimass::prelude::*;
@@ -158,7 +160,9 @@ fn run(args: &Args, comm: Arc<dyn Communicator>) -> Result<()> {
     };
     let test = DataLoader::new(
         data.test.clone(),
-        DataLoaderConfig::default().with_batch_size(500).with_shuffle(false),
+        DataLoaderConfig::default()
+            .with_batch_size(500)
+            .with_shuffle(false),
         &device,
     )?
     .with_transform(normalize);
@@ -184,7 +188,13 @@ fn run(args: &Args, comm: Arc<dyn Communicator>) -> Result<()> {
     let steps = (args.epochs * train.len()) as u64;
     let (inner, lr): (Box<dyn Optimizer>, f64) = if is_convnet {
         let lr = args.lr.unwrap_or(1e-3);
-        (Box::new(Adam::from_varmap(&varmap, AdamConfig::default().with_lr(lr))?), lr)
+        (
+            Box::new(Adam::from_varmap(
+                &varmap,
+                AdamConfig::default().with_lr(lr),
+            )?),
+            lr,
+        )
     } else {
         let lr = args.lr.unwrap_or(0.1);
         let cfg = SgdConfig::default()
@@ -221,12 +231,19 @@ fn run(args: &Args, comm: Arc<dyn Communicator>) -> Result<()> {
     let ckpt_dir = CheckpointDir::new(args.out.join("checkpoints"), 2)?;
     let found = if args.resume && rank == 0 {
         let found = ckpt_dir.load_latest_valid(&device)?.ok_or_else(|| {
-            Error::invalid("--resume", format!("no checkpoint in {}", ckpt_dir.dir().display()))
+            Error::invalid(
+                "--resume",
+                format!("no checkpoint in {}", ckpt_dir.dir().display()),
+            )
         })?;
         for s in &found.skipped {
             eprintln!("skipping {}: {}", s.path.display(), s.error);
         }
-        eprintln!("resuming from {} (step {})", found.path.display(), found.step);
+        eprintln!(
+            "resuming from {} (step {})",
+            found.path.display(),
+            found.step
+        );
         Some(found.checkpoint)
     } else {
         None
@@ -245,12 +262,21 @@ fn run(args: &Args, comm: Arc<dyn Communicator>) -> Result<()> {
             // Rank 0 evaluates; the others wait at the next step.
             let mut m = BTreeMap::new();
             if rank == 0 && evaluate {
-                m.insert("test_acc".to_string(), evaluate_accuracy(t.trainer().model(), &test)?);
+                m.insert(
+                    "test_acc".to_string(),
+                    evaluate_accuracy(t.trainer().model(), &test)?,
+                );
             }
             Ok(m)
         })
-        .with_callback(RankZero::new(Progress::new(ProgressMode::Auto, 20), comm.as_ref())?)
-        .with_callback(RankZero::new(PeriodicCheckpoint::new(ckpt_dir, 1)?, comm.as_ref())?);
+        .with_callback(RankZero::new(
+            Progress::new(ProgressMode::Auto, 20),
+            comm.as_ref(),
+        )?)
+        .with_callback(RankZero::new(
+            PeriodicCheckpoint::new(ckpt_dir, 1)?,
+            comm.as_ref(),
+        )?);
     if rank == 0 {
         std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
         fit = fit.with_callback(MetricsLog::new(args.out.join("metrics.jsonl"), 10)?);

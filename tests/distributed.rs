@@ -72,9 +72,16 @@ fn check_equivalent(s: &Scenario, world: usize, tol: f64) {
     assert!(max_abs_change(&reference, &initial) > 1e-2);
     let got = ranks(s, world);
     for (r, w) in got.iter().enumerate() {
-        assert_eq!(max_rel_diff(w, &got[0]), 0.0, "rank {r} differs from rank 0");
+        assert_eq!(
+            max_rel_diff(w, &got[0]),
+            0.0,
+            "rank {r} differs from rank 0"
+        );
         let d = max_rel_diff(w, &reference);
-        assert!(d < tol, "{s:?}, {world} ranks: rel diff {d:e} to one process");
+        assert!(
+            d < tol,
+            "{s:?}, {world} ranks: rel diff {d:e} to one process"
+        );
     }
 }
 
@@ -148,7 +155,13 @@ fn tiny_dataset(n: usize) -> InMemoryDataset {
     InMemoryDataset::new(vec![0; n], (0..n as u32).collect(), (1, 1, 1)).unwrap()
 }
 
-fn epoch_indices(n: usize, batch: usize, shard: Shard, drop_last: bool, epoch: u64) -> Vec<Vec<usize>> {
+fn epoch_indices(
+    n: usize,
+    batch: usize,
+    shard: Shard,
+    drop_last: bool,
+    epoch: u64,
+) -> Vec<Vec<usize>> {
     let cfg = DataLoaderConfig::default()
         .with_batch_size(batch)
         .with_seed(11)
@@ -162,17 +175,30 @@ fn epoch_indices(n: usize, batch: usize, shard: Shard, drop_last: bool, epoch: u
 
 #[test]
 fn sharded_loader_covers_every_sample_once_per_epoch() {
-    for (n, b, w) in [(100, 8, 2), (100, 8, 3), (64, 16, 4), (37, 5, 3), (10, 1, 2)] {
+    for (n, b, w) in [
+        (100, 8, 2),
+        (100, 8, 3),
+        (64, 16, 4),
+        (37, 5, 3),
+        (10, 1, 2),
+    ] {
         for epoch in 0..3 {
             let whole = epoch_indices(n, b * w, Shard::whole(), false, epoch);
             let parts: Vec<Vec<Vec<usize>>> = (0..w)
                 .map(|r| epoch_indices(n, b, Shard::new(r, w).unwrap(), false, epoch))
                 .collect();
             // Every rank has the same number of batches.
-            assert!(parts.iter().all(|p| p.len() == whole.len()), "n={n} b={b} w={w}");
+            assert!(
+                parts.iter().all(|p| p.len() == whole.len()),
+                "n={n} b={b} w={w}"
+            );
             let mut all: Vec<usize> = parts.iter().flatten().flatten().copied().collect();
             all.sort();
-            assert_eq!(all, (0..n).collect::<Vec<_>>(), "n={n} b={b} w={w} epoch {epoch}");
+            assert_eq!(
+                all,
+                (0..n).collect::<Vec<_>>(),
+                "n={n} b={b} w={w} epoch {epoch}"
+            );
             // The ranks' batches, in rank order, are the one-process batches.
             for (k, batch) in whole.iter().enumerate() {
                 let joined: Vec<usize> = parts.iter().flat_map(|p| p[k].clone()).collect();
@@ -192,7 +218,9 @@ fn sharded_loader_with_drop_last_drops_the_partial_global_batch() {
     let parts: Vec<Vec<Vec<usize>>> = (0..3)
         .map(|r| epoch_indices(40, 4, Shard::new(r, 3).unwrap(), true, 0))
         .collect();
-    assert!(parts.iter().all(|p| p.len() == 3 && p.iter().all(|b| b.len() == 4)));
+    assert!(parts
+        .iter()
+        .all(|p| p.len() == 3 && p.iter().all(|b| b.len() == 4)));
     let all: BTreeSet<usize> = parts.iter().flatten().flatten().copied().collect();
     assert_eq!(all.len(), 36);
 }
@@ -219,8 +247,12 @@ fn collectives_give_every_rank_the_same_result() {
         let r = c.rank() as f32;
         let t = Tensor::new(&[r, 2.0 * r + 1.0], &Device::Cpu)?;
         let sum = c.all_reduce_sum(&t)?.to_vec1::<f32>()?;
-        let mean = c.all_reduce_mean(&t.to_dtype(DType::F64)?)?.to_vec1::<f64>()?;
-        let root = c.broadcast(&Tensor::new(&[r; 3], &Device::Cpu)?, 2)?.to_vec1::<f32>()?;
+        let mean = c
+            .all_reduce_mean(&t.to_dtype(DType::F64)?)?
+            .to_vec1::<f64>()?;
+        let root = c
+            .broadcast(&Tensor::new(&[r; 3], &Device::Cpu)?, 2)?
+            .to_vec1::<f32>()?;
         // Unequal row counts: rank r sends r + 1 rows.
         let rows = Tensor::full(r as u32, (c.rank() + 1, 2), &Device::Cpu)?;
         let gathered = c.all_gather(&rows)?.to_vec2::<u32>()?;
@@ -235,7 +267,14 @@ fn collectives_give_every_rank_the_same_result() {
         assert_eq!(root, vec![2.0; 3]);
         assert_eq!(
             gathered,
-            vec![vec![0, 0], vec![1, 1], vec![1, 1], vec![2, 2], vec![2, 2], vec![2, 2]]
+            vec![
+                vec![0, 0],
+                vec![1, 1],
+                vec![1, 1],
+                vec![2, 2],
+                vec![2, 2],
+                vec![2, 2]
+            ]
         );
         assert_eq!(bytes, b"from 1".to_vec());
     }
@@ -282,7 +321,10 @@ fn a_rank_that_fails_makes_the_others_stop_with_an_error() {
         s.global_batch = 12;
         train(&s, c)
     });
-    assert!(start.elapsed() < Duration::from_secs(20), "waited for the timeout");
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "waited for the timeout"
+    );
     for (r, res) in out.into_iter().enumerate() {
         let e = res.unwrap_err();
         if r == 1 {

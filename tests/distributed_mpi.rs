@@ -24,7 +24,9 @@ const WORKER_ENV: &str = "AIMASS_MPI_WORKER";
 /// why) when there is no `mpirun`.
 fn mpirun(scenario: &str) -> Option<(bool, String, Duration)> {
     if Command::new("mpirun").arg("--version").output().is_err() {
-        println!("SKIPPED: no `mpirun` on the PATH (Debian: apt-get install openmpi-bin libopenmpi-dev)");
+        println!(
+            "SKIPPED: no `mpirun` on the PATH (Debian: apt-get install openmpi-bin libopenmpi-dev)"
+        );
         return None;
     }
     let exe = std::env::current_exe().unwrap();
@@ -127,7 +129,9 @@ fn equivalence(comm: Arc<dyn Communicator>) {
     let rows = Tensor::full(rank as u32, (rank + 1, 2), &Device::Cpu).unwrap();
     let g = comm.all_gather(&rows).unwrap().to_vec2::<u32>().unwrap();
     assert_eq!(g, vec![vec![0, 0], vec![1, 1], vec![1, 1]]);
-    let b = comm.broadcast_bytes(format!("rank {rank}").as_bytes(), 1).unwrap();
+    let b = comm
+        .broadcast_bytes(format!("rank {rank}").as_bytes(), 1)
+        .unwrap();
     assert_eq!(b, b"rank 1".to_vec());
     comm.barrier().unwrap();
 
@@ -141,7 +145,10 @@ fn equivalence(comm: Arc<dyn Communicator>) {
         let mine = train(s, comm.clone()).unwrap();
         let one = train(s, Arc::new(SingleProcess::new())).unwrap();
         let d = max_rel_diff(&mine, &one);
-        assert!(d < *tol, "rank {rank}, {s:?}: rel diff {d:e} to one process");
+        assert!(
+            d < *tol,
+            "rank {rank}, {s:?}: rel diff {d:e} to one process"
+        );
         eprintln!("rank {rank}: {:?} {:?}: rel diff {d:e}", s.net, s.dtype);
     }
     let mut s = Scenario::new(Net::Mlp, DType::F64);
@@ -149,6 +156,9 @@ fn equivalence(comm: Arc<dyn Communicator>) {
     s.sync = SyncMode::local_sgd(1);
     let local = train(&s, comm.clone()).unwrap();
     let d = max_rel_diff(&local, &sync);
-    assert!(d < 1e-10, "rank {rank}: local SGD H=1 vs synchronous: {d:e}");
+    assert!(
+        d < 1e-10,
+        "rank {rank}: local SGD H=1 vs synchronous: {d:e}"
+    );
     println!("EQUIVALENT rank {rank}");
 }

@@ -127,12 +127,21 @@ mod tests {
     #[test]
     fn flatten_then_unflatten_is_the_identity() {
         let d = Device::Cpu;
-        let a = Tensor::arange(0f32, 6., &d).unwrap().reshape((2, 3)).unwrap();
+        let a = Tensor::arange(0f32, 6., &d)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
         let b = Tensor::arange(6f32, 8., &d).unwrap();
         let flat = flatten(&[&a, &b]).unwrap();
-        assert_eq!(flat.to_vec1::<f32>().unwrap(), (0..8).map(|x| x as f32).collect::<Vec<_>>());
+        assert_eq!(
+            flat.to_vec1::<f32>().unwrap(),
+            (0..8).map(|x| x as f32).collect::<Vec<_>>()
+        );
         let back = unflatten(&flat, &[&a, &b]).unwrap();
-        assert_eq!(back[0].to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
+        assert_eq!(
+            back[0].to_vec2::<f32>().unwrap(),
+            a.to_vec2::<f32>().unwrap()
+        );
         assert_eq!(back[1].to_vec1::<f32>().unwrap(), vec![6.0, 7.0]);
     }
 }

@@ -128,7 +128,9 @@ impl HostValues {
                 return Err(Error::communication(
                     op,
                     rank,
-                    format!("cannot reduce a {other:?} tensor: reductions need f32, f64, f16 or bf16"),
+                    format!(
+                        "cannot reduce a {other:?} tensor: reductions need f32, f64, f16 or bf16"
+                    ),
                 ))
             }
         })

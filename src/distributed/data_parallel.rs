@@ -59,7 +59,11 @@ pub struct DataParallel<T: TrainStep> {
 
 impl<T: TrainStep> DataParallel<T> {
     /// Wraps `trainer` as this rank of `comm`'s group.
-    pub fn new(trainer: T, comm: Arc<dyn Communicator>, config: DataParallelConfig) -> Result<Self> {
+    pub fn new(
+        trainer: T,
+        comm: Arc<dyn Communicator>,
+        config: DataParallelConfig,
+    ) -> Result<Self> {
         let replicas = super::replicas(&comm);
         Ok(DataParallel {
             inner: trainer,

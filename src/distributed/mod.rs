@@ -93,12 +93,19 @@ use crate::Result;
 
 /// Environment variables an MPI launcher sets in every rank (Open MPI,
 /// MPICH / Intel MPI / PMI, PMIx, Slurm's `srun --mpi`).
-const MPI_LAUNCH_VARS: &[&str] = &["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"];
+const MPI_LAUNCH_VARS: &[&str] = &[
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+    "PMIX_RANK",
+    "MPI_LOCALNRANKS",
+];
 
 /// Whether this process was started by an MPI launcher (`mpirun`,
 /// `mpiexec`, `srun`).
 pub fn launched_by_mpi() -> bool {
-    MPI_LAUNCH_VARS.iter().any(|v| std::env::var_os(v).is_some())
+    MPI_LAUNCH_VARS
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
 }
 
 /// The communicator of this process: the MPI world when it was started by

@@ -16,8 +16,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
-use mpi::ffi;
 use mpi::environment::Universe;
+use mpi::ffi;
 use mpi::traits::{AsRaw, Communicator as _};
 
 use super::communicator::{CommConfig, Communicator, HostValues};
@@ -141,7 +141,9 @@ impl MpiCommunicator {
         if let Some(why) = &st.poisoned {
             return Err(self.err(
                 op,
-                format!("an earlier collective failed ({why}); this communicator cannot be used again"),
+                format!(
+                    "an earlier collective failed ({why}); this communicator cannot be used again"
+                ),
             ));
         }
         let mut keep = keep;
@@ -189,7 +191,10 @@ impl MpiCommunicator {
         c_int::try_from(n).map_err(|_| {
             self.err(
                 op,
-                format!("{n} elements in one MPI call (at most {}): use smaller buckets", c_int::MAX),
+                format!(
+                    "{n} elements in one MPI call (at most {}): use smaller buckets",
+                    c_int::MAX
+                ),
             )
         })
     }
@@ -260,34 +265,53 @@ impl HostCollectives for MpiCommunicator {
         let root_c = root as c_int;
         let len = self.run(op, [bytes.len() as u64], |b, comm, req| unsafe {
             // SAFETY: one u64 in `keep`.
-            ffi::MPI_Ibcast(b.as_mut_ptr() as *mut c_void, 1, ffi::RSMPI_UINT64_T, root_c, comm, req)
+            ffi::MPI_Ibcast(
+                b.as_mut_ptr() as *mut c_void,
+                1,
+                ffi::RSMPI_UINT64_T,
+                root_c,
+                comm,
+                req,
+            )
         })?[0] as usize;
         let n = self.count(op, len)?;
         let mut buf = std::mem::take(bytes);
         buf.resize(len, 0);
         *bytes = self.run(op, buf, |b, comm, req| unsafe {
             // SAFETY: `len` bytes in `keep`.
-            ffi::MPI_Ibcast(b.as_mut_ptr() as *mut c_void, n, ffi::RSMPI_UINT8_T, root_c, comm, req)
+            ffi::MPI_Ibcast(
+                b.as_mut_ptr() as *mut c_void,
+                n,
+                ffi::RSMPI_UINT8_T,
+                root_c,
+                comm,
+                req,
+            )
         })?;
         Ok(())
     }
 
     fn gather_bytes(&self, op: &str, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
         let w = self.world_size;
-        let lens = self.run(op, ([bytes.len() as u64], vec![0u64; w]), |b, comm, req| unsafe {
-            // SAFETY: one u64 sent, `w` received, in `keep`.
-            ffi::MPI_Iallgather(
-                b.0.as_ptr() as *const c_void,
-                1,
-                ffi::RSMPI_UINT64_T,
-                b.1.as_mut_ptr() as *mut c_void,
-                1,
-                ffi::RSMPI_UINT64_T,
-                comm,
-                req,
-            )
-        })?
-        .1;
+        let lens = self
+            .run(
+                op,
+                ([bytes.len() as u64], vec![0u64; w]),
+                |b, comm, req| unsafe {
+                    // SAFETY: one u64 sent, `w` received, in `keep`.
+                    ffi::MPI_Iallgather(
+                        b.0.as_ptr() as *const c_void,
+                        1,
+                        ffi::RSMPI_UINT64_T,
+                        b.1.as_mut_ptr() as *mut c_void,
+                        1,
+                        ffi::RSMPI_UINT64_T,
+                        comm,
+                        req,
+                    )
+                },
+            )?
+            .1;
         let counts = lens
             .iter()
             .map(|&l| self.count(op, l as usize))

@@ -49,8 +49,18 @@ impl Shared {
         op: &str,
         f: impl FnOnce(&Comm) -> candle_core::Result<CudaStorage>,
     ) -> candle_core::Result<CudaStorage> {
-        if let Some(why) = self.poisoned.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            return Err(self.err(op, format!("an earlier collective failed ({why}); this communicator cannot be used again")));
+        if let Some(why) = self
+            .poisoned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            return Err(self.err(
+                op,
+                format!(
+                    "an earlier collective failed ({why}); this communicator cannot be used again"
+                ),
+            ));
         }
         let mut guard = self.comm.lock().unwrap_or_else(|p| p.into_inner());
         let comm = guard
@@ -100,7 +110,11 @@ fn nccl_err(e: impl std::fmt::Debug) -> String {
 }
 
 impl NcclOp {
-    fn run_typed<T: CudaDType + candle_core::cuda_backend::cudarc::nccl::safe::NcclType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+    fn run_typed<
+        T: CudaDType
+            + candle_core::cuda_backend::cudarc::nccl::safe::NcclType
+            + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+    >(
         &self,
         s: &CudaStorage,
         l: &Layout,
@@ -273,7 +287,13 @@ impl NcclCommunicator {
             Vec::new()
         };
         let id = bootstrap.broadcast_bytes(&id, 0)?;
-        Self::new(&id, bootstrap.rank(), bootstrap.world_size(), device, config)
+        Self::new(
+            &id,
+            bootstrap.rank(),
+            bootstrap.world_size(),
+            device,
+            config,
+        )
     }
 
     /// Runs `what` on `t` (on this communicator's device), and returns the

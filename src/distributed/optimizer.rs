@@ -195,7 +195,8 @@ impl<O: Optimizer> DistributedOptimizer<O> {
         config: DistributedOptimizerConfig,
     ) -> Result<Self> {
         config.validate()?;
-        let all: HashMap<String, Var> = crate::nn::params::named_vars(varmap)?.into_iter().collect();
+        let all: HashMap<String, Var> =
+            crate::nn::params::named_vars(varmap)?.into_iter().collect();
         let params = inner
             .param_names()
             .into_iter()

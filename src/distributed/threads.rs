@@ -137,7 +137,8 @@ impl ThreadCommunicator {
         }
         st.slots[self.rank] = Some((op.to_string(), payload));
         if st.slots.iter().all(Option::is_some) {
-            let all: Vec<(String, Payload)> = st.slots.iter_mut().filter_map(Option::take).collect();
+            let all: Vec<(String, Payload)> =
+                st.slots.iter_mut().filter_map(Option::take).collect();
             st.done = Some((mine, Arc::new(all)));
             st.round += 1;
             self.group.changed.notify_all();
@@ -150,7 +151,8 @@ impl ThreadCommunicator {
                     return check_ops(op, self.rank, all);
                 }
             }
-            if let Some(gone) = (0..self.world_size).find(|&r| st.left[r] && st.slots[r].is_none()) {
+            if let Some(gone) = (0..self.world_size).find(|&r| st.left[r] && st.slots[r].is_none())
+            {
                 st.slots[self.rank] = None;
                 return Err(Error::communication(
                     op,
@@ -193,7 +195,9 @@ fn check_ops(
         return Err(Error::communication(
             op,
             rank,
-            format!("rank {r} called {other} at the same point: the ranks' collective calls differ"),
+            format!(
+                "rank {r} called {other} at the same point: the ranks' collective calls differ"
+            ),
         ));
     }
     Ok(all)

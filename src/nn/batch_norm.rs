@@ -322,12 +322,22 @@ impl BatchNorm {
             ));
         }
         let count = crate::host::full((n_batch * l) as f64, 1, xi.dtype(), xi.device())?;
-        let local = Tensor::cat(&[&xi.sum_keepdim(2)?.sum_keepdim(0)?.flatten_all()?, &count], 0)?;
+        let local = Tensor::cat(
+            &[&xi.sum_keepdim(2)?.sum_keepdim(0)?.flatten_all()?, &count],
+            0,
+        )?;
         let global = replicas.sum(&local)?;
         let n = global.narrow(0, c, 1)?;
-        let mean = global.narrow(0, 0, c)?.broadcast_div(&n)?.reshape((1, c, 1))?;
+        let mean = global
+            .narrow(0, 0, c)?
+            .broadcast_div(&n)?
+            .reshape((1, c, 1))?;
         let centered = xi.broadcast_sub(&mean)?;
-        let sq = centered.sqr()?.sum_keepdim(2)?.sum_keepdim(0)?.flatten_all()?;
+        let sq = centered
+            .sqr()?
+            .sum_keepdim(2)?
+            .sum_keepdim(0)?
+            .flatten_all()?;
         let var = replicas.sum(&sq)?.broadcast_div(&n)?;
         if let (Some(rm), Some(rv)) = (&self.running_mean, &self.running_var) {
             let m = self.cfg.momentum;

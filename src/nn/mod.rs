@@ -79,13 +79,13 @@ pub use layer_norm::{LayerNorm, LayerNormConfig};
 pub use linear::{linear, Linear};
 pub use mlp::{Mlp, MlpConfig};
 pub use model::{ForwardMode, FrozenModel, Model};
-pub use sync_batch_norm::SyncBatchNormScope;
 pub use params::Frozen;
 pub use pool::{global_avg_pool, Flatten, GlobalAvgPool, MaxPool2d};
 pub use resnet::{
     resnet18, resnet34, resnet50, resnet_small, resnet_tiny, BlockKind, ResNet, ResNetConfig, Stem,
 };
 pub use sequential::{seq, SequentialT};
+pub use sync_batch_norm::SyncBatchNormScope;
 
 /// Turns an aimass error into a candle error for the `Module`/`ModuleT`
 /// trait impls (a plain candle error is passed through unchanged).

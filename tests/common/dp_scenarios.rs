@@ -73,7 +73,11 @@ pub fn dataset(net: Net) -> InMemoryDataset {
         for p in 0..side * side {
             let on = (p % 4) == c;
             let noise = (i * 31 + p * 17) % 53;
-            pixels.push(if on { 180 + noise as u8 } else { 20 + noise as u8 });
+            pixels.push(if on {
+                180 + noise as u8
+            } else {
+                20 + noise as u8
+            });
         }
         labels.push(c as u32);
     }
@@ -107,7 +111,11 @@ pub fn model(net: Net, dtype: DType, varmap: &VarMap, seed: u64) -> SequentialT 
                 .add_fn(move |x, t| b1.forward_relu_t(x, t).map_err(to_candle))
                 .add_fn(move |x, _| pool.forward(x).map_err(to_candle))
                 .add(c2)
-                .add_fn(move |x, t| b2.forward_t(x, t).and_then(|y| aimass::ops::relu(&y)).map_err(to_candle))
+                .add_fn(move |x, t| {
+                    b2.forward_t(x, t)
+                        .and_then(|y| aimass::ops::relu(&y))
+                        .map_err(to_candle)
+                })
                 .add_fn(move |x, _| pool2.forward(x).map_err(to_candle))
                 .add_fn(|x, _| x.flatten_from(1))
                 .add(fc)
@@ -119,7 +127,10 @@ pub fn model(net: Net, dtype: DType, varmap: &VarMap, seed: u64) -> SequentialT 
 /// rank-dependent seed: the broadcast from rank 0 must make them agree)
 /// and returns every variable of the model (BatchNorm statistics
 /// included) by name, in f64.
-pub fn train(s: &Scenario, comm: Arc<dyn Communicator>) -> aimass::Result<BTreeMap<String, Vec<f64>>> {
+pub fn train(
+    s: &Scenario,
+    comm: Arc<dyn Communicator>,
+) -> aimass::Result<BTreeMap<String, Vec<f64>>> {
     let (rank, world) = (comm.rank(), comm.world_size());
     assert_eq!(s.global_batch % world, 0);
     let varmap = VarMap::new();
