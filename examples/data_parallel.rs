@@ -185,6 +185,7 @@ fn run(args: &Args, comm: Arc<dyn Communicator>) -> Result<()> {
             ))
         }
     };
+    let num_params = aimass::nn::params::num_params(&varmap)?;
     let steps = (args.epochs * train.len()) as u64;
     let (inner, lr): (Box<dyn Optimizer>, f64) = if is_convnet {
         let lr = args.lr.unwrap_or(1e-3);
@@ -217,10 +218,10 @@ fn run(args: &Args, comm: Arc<dyn Communicator>) -> Result<()> {
         comm.clone(),
         DataParallelConfig::default().with_sync_batch_norm(args.sync_bn),
     )?;
-    let params = trainer.trainer().optimizer().param_names().len();
     say(format!(
-        "model: {} ({params} tensors), {} epoch(s) of {} steps, global batch {} = {} × {world}",
+        "model: {} ({num_params} parameters, {:.2} MB of f32 gradients per step), {} epoch(s) of {} steps, global batch {} = {} × {world}",
         args.model,
+        num_params as f64 * 4.0 / 1e6,
         args.epochs,
         train.len(),
         args.batch_size,

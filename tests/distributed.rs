@@ -257,6 +257,9 @@ fn collectives_give_every_rank_the_same_result() {
         let rows = Tensor::full(r as u32, (c.rank() + 1, 2), &Device::Cpu)?;
         let gathered = c.all_gather(&rows)?.to_vec2::<u32>()?;
         let bytes = c.broadcast_bytes(format!("from {}", c.rank()).as_bytes(), 1)?;
+        assert!(c.broadcast_bytes(&[], 0)?.is_empty());
+        let none = aimass::distributed::broadcast_checkpoint(c.as_ref(), None, &Device::Cpu)?;
+        assert!(none.is_none());
         c.barrier()?;
         Ok((sum, mean, root, gathered, bytes))
     });

@@ -221,6 +221,13 @@ impl HostCollectives for MpiCommunicator {
     }
 
     fn sum_values(&self, op: &str, values: &mut HostValues) -> Result<()> {
+        let len = match values {
+            HostValues::F32(v) => v.len(),
+            HostValues::F64(v) => v.len(),
+        };
+        if len == 0 {
+            return Ok(());
+        }
         match values {
             HostValues::F32(v) => {
                 let n = self.count(op, v.len())?;
@@ -277,6 +284,10 @@ impl HostCollectives for MpiCommunicator {
         let n = self.count(op, len)?;
         let mut buf = std::mem::take(bytes);
         buf.resize(len, 0);
+        if len == 0 {
+            // Open MPI refuses an empty broadcast (MPI_ERR_ARG).
+            return Ok(());
+        }
         *bytes = self.run(op, buf, |b, comm, req| unsafe {
             // SAFETY: `len` bytes in `keep`.
             ffi::MPI_Ibcast(
@@ -321,6 +332,9 @@ impl HostCollectives for MpiCommunicator {
         for &c in &counts {
             displs.push(self.count(op, total)?);
             total += c as usize;
+        }
+        if total == 0 {
+            return Ok(vec![Vec::new(); w]);
         }
         let mine = self.count(op, bytes.len())?;
         let keep = (bytes.to_vec(), vec![0u8; total], counts, displs);
