@@ -135,7 +135,8 @@ fn equivalence(comm: Arc<dyn Communicator>) {
     assert_eq!(b, b"rank 1".to_vec());
     // Nothing to send (a run that resumes from no checkpoint).
     assert!(comm.broadcast_bytes(&[], 0).unwrap().is_empty());
-    let none = aimass::distributed::broadcast_checkpoint(comm.as_ref(), None, &Device::Cpu).unwrap();
+    let none =
+        aimass::distributed::broadcast_checkpoint(comm.as_ref(), None, &Device::Cpu).unwrap();
     assert!(none.is_none());
     comm.barrier().unwrap();
 

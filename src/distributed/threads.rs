@@ -17,6 +17,9 @@ enum Payload {
     Nothing,
 }
 
+/// Every rank's contribution to one collective: (the collective's name, payload).
+type Contributions = Arc<Vec<(String, Payload)>>;
+
 /// The state the ranks of a group share.
 #[derive(Debug)]
 struct State {
@@ -25,7 +28,7 @@ struct State {
     /// Contributions to `round`, by rank.
     slots: Vec<Option<(String, Payload)>>,
     /// The last completed collective: (round, every rank's contribution).
-    done: Option<(u64, Arc<Vec<(String, Payload)>>)>,
+    done: Option<(u64, Contributions)>,
     /// Ranks whose communicator was dropped.
     left: Vec<bool>,
 }
@@ -118,7 +121,7 @@ impl ThreadCommunicator {
 
     /// Contributes `payload` to this rank's next collective `op` and
     /// returns every rank's contribution once all have arrived.
-    fn exchange(&self, op: &str, payload: Payload) -> Result<Arc<Vec<(String, Payload)>>> {
+    fn exchange(&self, op: &str, payload: Payload) -> Result<Contributions> {
         let mut round = self.round.lock().unwrap_or_else(|p| p.into_inner());
         let mine = *round;
         let deadline = Instant::now() + self.group.timeout;
@@ -186,11 +189,7 @@ impl ThreadCommunicator {
 }
 
 /// Checks that every rank called the same collective.
-fn check_ops(
-    op: &str,
-    rank: usize,
-    all: Arc<Vec<(String, Payload)>>,
-) -> Result<Arc<Vec<(String, Payload)>>> {
+fn check_ops(op: &str, rank: usize, all: Contributions) -> Result<Contributions> {
     if let Some((r, (other, _))) = all.iter().enumerate().find(|(_, (o, _))| o != op) {
         return Err(Error::communication(
             op,

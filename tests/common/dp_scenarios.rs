@@ -98,13 +98,13 @@ pub fn model(net: Net, dtype: DType, varmap: &VarMap, seed: u64) -> SequentialT 
             .add(Mlp::new(MlpConfig::new(vec![16, 32, 4]), vb).unwrap()),
         Net::ConvBn => {
             let pad = Conv2dConfig::default().with_padding(1);
-            let c1 = Conv2d::new(1, 4, 3, pad.clone(), vb.pp("conv1")).unwrap();
+            let c1 = Conv2d::new(1, 4, 3, pad, vb.pp("conv1")).unwrap();
             let b1 = BatchNorm::new(4, BatchNormConfig::default(), vb.pp("bn1")).unwrap();
             let c2 = Conv2d::new(4, 6, 3, pad, vb.pp("conv2")).unwrap();
             let b2 = BatchNorm::new(6, BatchNormConfig::default(), vb.pp("bn2")).unwrap();
             let fc = aimass::nn::linear(6 * 2 * 2, 4, vb.pp("fc")).unwrap();
             let pool = MaxPool2d::new(2, 2, 0).unwrap();
-            let pool2 = pool.clone();
+            let pool2 = pool;
             seq()
                 .add_fn(cast)
                 .add(c1)
