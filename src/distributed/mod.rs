@@ -114,9 +114,9 @@ pub fn launched_by_mpi() -> bool {
 ///
 /// # Errors
 ///
-/// [`Error::BackendNotCompiled`] when launched by `mpirun` in a build
+/// [`Error::BackendNotCompiled`](crate::Error::BackendNotCompiled) when launched by `mpirun` in a build
 /// without the `mpi` feature (each process would otherwise train alone,
-/// silently); [`Error::Communication`] when MPI cannot start.
+/// silently); [`Error::Communication`](crate::Error::Communication) when MPI cannot start.
 pub fn from_env(config: CommConfig) -> Result<Arc<dyn Communicator>> {
     config.validate()?;
     if !launched_by_mpi() {
