@@ -162,3 +162,54 @@ pub(crate) fn broadcast_bytes(
     }
     Ok(buf)
 }
+
+/// Implements [`super::Communicator`] for a [`HostCollectives`] backend
+/// named `$name`.
+macro_rules! impl_host_communicator {
+    ($ty:ty, $name:expr) => {
+        impl $crate::distributed::Communicator for $ty {
+            fn rank(&self) -> usize {
+                self.rank
+            }
+
+            fn world_size(&self) -> usize {
+                self.world_size
+            }
+
+            fn backend(&self) -> &str {
+                $name
+            }
+
+            fn all_reduce_sum(
+                &self,
+                t: &candle_core::Tensor,
+            ) -> $crate::Result<candle_core::Tensor> {
+                $crate::distributed::host_collectives::all_reduce_sum(self, t)
+            }
+
+            fn broadcast(
+                &self,
+                t: &candle_core::Tensor,
+                root: usize,
+            ) -> $crate::Result<candle_core::Tensor> {
+                $crate::distributed::host_collectives::broadcast(self, t, root)
+            }
+
+            fn all_gather(&self, t: &candle_core::Tensor) -> $crate::Result<candle_core::Tensor> {
+                $crate::distributed::host_collectives::all_gather(self, t)
+            }
+
+            fn broadcast_bytes(&self, bytes: &[u8], root: usize) -> $crate::Result<Vec<u8>> {
+                $crate::distributed::host_collectives::broadcast_bytes(self, bytes, root)
+            }
+
+            fn barrier(&self) -> $crate::Result<()> {
+                if self.world_size == 1 {
+                    return Ok(());
+                }
+                $crate::distributed::host_collectives::HostCollectives::wait_all(self)
+            }
+        }
+    };
+}
+pub(crate) use impl_host_communicator;

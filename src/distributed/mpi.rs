@@ -15,12 +15,11 @@ use std::os::raw::{c_int, c_void};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
 use mpi::environment::Universe;
 use mpi::ffi;
 use mpi::traits::{AsRaw, Communicator as _};
 
-use super::communicator::{CommConfig, Communicator, HostValues};
+use super::communicator::{CommConfig, HostValues};
 use super::host_collectives::{self as hc, HostCollectives};
 use crate::{Error, Result};
 
@@ -368,39 +367,4 @@ impl HostCollectives for MpiCommunicator {
     }
 }
 
-impl Communicator for MpiCommunicator {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn world_size(&self) -> usize {
-        self.world_size
-    }
-
-    fn backend(&self) -> &str {
-        "mpi"
-    }
-
-    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        hc::all_reduce_sum(self, t)
-    }
-
-    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
-        hc::broadcast(self, t, root)
-    }
-
-    fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
-        hc::all_gather(self, t)
-    }
-
-    fn broadcast_bytes(&self, bytes: &[u8], root: usize) -> Result<Vec<u8>> {
-        hc::broadcast_bytes(self, bytes, root)
-    }
-
-    fn barrier(&self) -> Result<()> {
-        if self.world_size == 1 {
-            return Ok(());
-        }
-        self.wait_all()
-    }
-}
+hc::impl_host_communicator!(MpiCommunicator, "mpi");

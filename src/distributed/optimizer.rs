@@ -278,10 +278,20 @@ impl<O: Optimizer> DistributedOptimizer<O> {
         Ok(())
     }
 
-    /// Times a communication.
-    fn timed<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+    /// The mean over ranks of `ts`, bucketed and timed.
+    fn mean_over_ranks(&mut self, ts: &[&Tensor]) -> Result<Vec<Tensor>> {
+        let cap = self.cap();
         let start = Instant::now();
-        let r = f(self);
+        let r = buckets::all_reduce_mean(self.comm.as_ref(), ts, cap, &mut self.moved);
+        self.time += start.elapsed();
+        r
+    }
+
+    /// Rank 0's values of `ts`, bucketed and timed.
+    fn broadcast_from_rank_zero(&mut self, ts: &[&Tensor]) -> Result<Vec<Tensor>> {
+        let cap = self.cap();
+        let start = Instant::now();
+        let r = buckets::broadcast(self.comm.as_ref(), ts, 0, cap, &mut self.moved);
         self.time += start.elapsed();
         r
     }
@@ -303,13 +313,7 @@ impl<O: Optimizer> DistributedOptimizer<O> {
             })
             .collect::<Result<_>>()?;
         let refs: Vec<&Tensor> = filled.iter().collect();
-        let cap = self.cap();
-        let means = self.timed(|s| {
-            let mut moved = s.moved;
-            let r = buckets::all_reduce_mean(s.comm.as_ref(), &refs, cap, &mut moved);
-            s.moved = moved;
-            r
-        })?;
+        let means = self.mean_over_ranks(&refs)?;
         Ok(means
             .into_iter()
             .zip(local)
@@ -324,13 +328,7 @@ impl<O: Optimizer> DistributedOptimizer<O> {
         }
         let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().detach()).collect();
         let refs: Vec<&Tensor> = ts.iter().collect();
-        let cap = self.cap();
-        let means = self.timed(|s| {
-            let mut moved = s.moved;
-            let r = buckets::all_reduce_mean(s.comm.as_ref(), &refs, cap, &mut moved);
-            s.moved = moved;
-            r
-        })?;
+        let means = self.mean_over_ranks(&refs)?;
         for (v, m) in vars.iter().zip(means) {
             v.set(&m)?;
         }
@@ -349,13 +347,7 @@ impl<O: Optimizer> DistributedOptimizer<O> {
             .collect();
         names.sort();
         let refs: Vec<&Tensor> = names.iter().map(|n| &state[*n]).collect();
-        let cap = self.cap();
-        let means = self.timed(|s| {
-            let mut moved = s.moved;
-            let r = buckets::all_reduce_mean(s.comm.as_ref(), &refs, cap, &mut moved);
-            s.moved = moved;
-            r
-        })?;
+        let means = self.mean_over_ranks(&refs)?;
         let averaged: Vec<(String, Tensor)> = names.into_iter().cloned().zip(means).collect();
         state.extend(averaged);
         self.inner.load_state_dict(&state)
@@ -373,13 +365,7 @@ impl<O: Optimizer> DistributedOptimizer<O> {
                     let buffers = self.buffers.clone();
                     let ts: Vec<Tensor> = buffers.iter().map(|v| v.as_tensor().detach()).collect();
                     let refs: Vec<&Tensor> = ts.iter().collect();
-                    let cap = self.cap();
-                    let got = self.timed(|s| {
-                        let mut moved = s.moved;
-                        let r = buckets::broadcast(s.comm.as_ref(), &refs, 0, cap, &mut moved);
-                        s.moved = moved;
-                        r
-                    })?;
+                    let got = self.broadcast_from_rank_zero(&refs)?;
                     for (v, t) in buffers.iter().zip(got) {
                         v.set(&t)?;
                     }

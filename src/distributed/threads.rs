@@ -3,9 +3,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
-
-use super::communicator::{CommConfig, Communicator, HostValues};
+use super::communicator::{CommConfig, HostValues};
 use super::host_collectives::{self as hc, HostCollectives};
 use crate::{Error, Result};
 
@@ -296,39 +294,4 @@ impl HostCollectives for ThreadCommunicator {
     }
 }
 
-impl Communicator for ThreadCommunicator {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn world_size(&self) -> usize {
-        self.world_size
-    }
-
-    fn backend(&self) -> &str {
-        "threads"
-    }
-
-    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        hc::all_reduce_sum(self, t)
-    }
-
-    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
-        hc::broadcast(self, t, root)
-    }
-
-    fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
-        hc::all_gather(self, t)
-    }
-
-    fn broadcast_bytes(&self, bytes: &[u8], root: usize) -> Result<Vec<u8>> {
-        hc::broadcast_bytes(self, bytes, root)
-    }
-
-    fn barrier(&self) -> Result<()> {
-        if self.world_size == 1 {
-            return Ok(());
-        }
-        self.wait_all()
-    }
-}
+hc::impl_host_communicator!(ThreadCommunicator, "threads");
