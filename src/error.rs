@@ -146,6 +146,19 @@ pub enum Error {
         /// What is wrong and what would be accepted.
         reason: String,
     },
+
+    /// A collective operation of data-parallel training failed: it timed
+    /// out waiting for the other ranks, a rank left the group, or the
+    /// communication backend (MPI, NCCL) reported an error.
+    #[error("collective {op} failed on rank {rank}: {reason}")]
+    Communication {
+        /// The collective (e.g. `all_reduce_sum`, `barrier`).
+        op: String,
+        /// The rank that reports the failure.
+        rank: usize,
+        /// What happened and what to do.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -204,6 +217,15 @@ impl Error {
             quantity: quantity.into(),
             value: format!("{value}"),
             step,
+        }
+    }
+
+    /// Builds an [`Error::Communication`].
+    pub fn communication(op: impl Into<String>, rank: usize, reason: impl Into<String>) -> Self {
+        Error::Communication {
+            op: op.into(),
+            rank,
+            reason: reason.into(),
         }
     }
 

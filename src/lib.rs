@@ -40,9 +40,11 @@
 //! | [`loss`] | classification, distillation and self-supervised losses |
 //! | [`data`] | datasets, readers, loader, augmentations, episodes |
 //! | [`train`] | the fit loop, callbacks, checkpoints, evaluation, the supervised trainer |
+//! | [`distributed`] | data-parallel training: communicators (MPI, NCCL, threads), gradient averaging, local SGD, SyncBN |
 //!
 //! Cargo features `cuda`, `cudnn`, `metal`, `mkl`, `accelerate` and `nccl`
-//! forward to candle's. The CPU is the default and needs no system library.
+//! forward to candle's; `nccl` and `mpi` add the communicators of
+//! [`distributed`]. The CPU is the default and needs no system library.
 #![deny(missing_docs)]
 
 pub use candle_core as candle;
@@ -53,6 +55,7 @@ pub mod autograd;
 mod config;
 pub mod data;
 pub mod device;
+pub mod distributed;
 pub mod error;
 #[cfg(test)]
 mod gpu_path_tests;
@@ -87,3 +90,8 @@ struct TrainingGuide;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/own-trainer.md")]
 struct OwnTrainerGuide;
+
+/// The Rust programs of `docs/distributed.md` compile (run by `cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../docs/distributed.md")]
+struct DistributedGuide;

@@ -105,6 +105,18 @@ pub trait Optimizer {
     /// a parameter of this optimizer is an error (nothing is modified).
     fn step_gradients(&mut self, grads: &Gradients) -> Result<()>;
 
+    /// Makes `grads` the gradients this optimizer's next step will apply,
+    /// before the trainer checks them: called by trainers right after the
+    /// backward pass. A data-parallel optimizer
+    /// ([`DistributedOptimizer`](crate::distributed::DistributedOptimizer))
+    /// replaces its parameters' gradients by their mean over all ranks
+    /// here, so every rank's non-finite check, clipping and update see the
+    /// same values. The default does nothing; an optimizer that needs it
+    /// and is stepped without it does the work in [`Optimizer::step`].
+    fn sync_gradients(&mut self, _grads: &mut GradStore) -> Result<()> {
+        Ok(())
+    }
+
     /// The base learning rate (each group multiplies it by its `lr_scale`).
     fn lr(&self) -> f64;
 
@@ -143,6 +155,9 @@ impl<O: Optimizer + ?Sized> Optimizer for Box<O> {
     }
     fn step_gradients(&mut self, grads: &Gradients) -> Result<()> {
         (**self).step_gradients(grads)
+    }
+    fn sync_gradients(&mut self, grads: &mut GradStore) -> Result<()> {
+        (**self).sync_gradients(grads)
     }
     fn lr(&self) -> f64 {
         (**self).lr()

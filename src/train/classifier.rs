@@ -174,7 +174,10 @@ impl<M: ModuleT, O: Optimizer> TrainStep for Classifier<M, O> {
         let logits = self.model.forward_t(batch.images()?, true)?;
         let loss = self.loss.forward(&logits, &batch.labels)?;
         let right = correct_on_device(&logits.detach(), &batch.labels)?;
-        let grads = loss.backward()?;
+        let mut grads = loss.backward()?;
+        // Data-parallel: the mean over ranks, before the checks (every
+        // rank then skips or takes the same steps).
+        self.optimizer.sync_gradients(&mut grads)?;
         let n = batch.labels.dim(0)?;
         // One host read for the step: the loss, the correct count and the
         // gradients' sums of squares (which norm clipping reuses).

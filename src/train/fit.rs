@@ -166,10 +166,17 @@ impl BatchSource for DataLoader {
         (p.epoch, p.batch)
     }
 
+    /// The same on every rank of a data-parallel run (rank 0's checkpoint
+    /// resumes them all), different for another number of ranks (whose
+    /// global batches differ).
     fn fingerprint(&self) -> String {
         let c = self.config();
+        let shards = match c.shard.world_size() {
+            1 => String::new(),
+            w => format!(" shards={w}"),
+        };
         format!(
-            "seed={} batch_size={} shuffle={} drop_last={} len={}",
+            "seed={} batch_size={} shuffle={} drop_last={} len={}{shards}",
             c.seed,
             c.batch_size,
             c.shuffle,
