@@ -1,5 +1,5 @@
-//! Supervised training on Fashion-MNIST: the reference recipe of
-//! `bench/torch_quality.py supervised`, with progress, metrics log,
+//! Supervised training on Fashion-MNIST: the reference recipe (the
+//! supervised protocol of docs/benchmarks.md), with progress, metrics log,
 //! checkpoints, a curve plot and exact resume.
 //!
 //! ```text
@@ -39,8 +39,8 @@ use aimass::optim::groups::varmap_single_group;
 use aimass::optim::{Adam, AdamConfig, ConstantLr, CosineAnnealingLr, Optimizer, Sgd, SgdConfig};
 use aimass::prelude::*;
 use aimass::train::{
-    evaluate_accuracy, Checkpoint, CheckpointDir, Classifier, ClassifierConfig, CurvePlot, Fit,
-    FitConfig, MetricsLog, PeriodicCheckpoint, Progress, ProgressMode,
+    evaluate_accuracy, CheckpointDir, Classifier, ClassifierConfig, CurvePlot, Fit, FitConfig,
+    MetricsLog, PeriodicCheckpoint, Progress, ProgressMode,
 };
 
 struct Args {
@@ -124,9 +124,13 @@ fn parse_args() -> Result<Args> {
     Ok(a)
 }
 
+/// An error ends the example with status 1 and its message (`aimass::Error`'s
+/// `Debug` is its message).
 fn main() -> Result<()> {
     let args = parse_args()?;
     let device = best_device()?;
+    // A training program: keep freed memory for the next step (see the docs).
+    aimass::device::tune_cpu_allocator();
     let start = Instant::now();
 
     // No --data: the embedded split (first 8,000 / last 2,000 of t10k), the
@@ -281,15 +285,24 @@ fn main() -> Result<()> {
 
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
     let ckpt_dir = CheckpointDir::new(args.out.join("checkpoints"), 2)?;
+    // --resume: the newest checkpoint that verifies; damaged newer ones are
+    // reported and skipped.
     let resume_from = if args.resume {
-        let latest = ckpt_dir.latest()?.ok_or_else(|| {
+        let found = ckpt_dir.load_latest_valid(&device)?.ok_or_else(|| {
             Error::invalid(
                 "--resume",
                 format!("no checkpoint in {}", ckpt_dir.dir().display()),
             )
         })?;
-        eprintln!("resuming from {}", latest.display());
-        Some(Checkpoint::load(&latest, &device)?)
+        for s in &found.skipped {
+            eprintln!("skipping {}: {}", s.path.display(), s.error);
+        }
+        eprintln!(
+            "resuming from {} (step {})",
+            found.path.display(),
+            found.step
+        );
+        Some(found.checkpoint)
     } else {
         None
     };

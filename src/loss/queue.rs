@@ -84,6 +84,7 @@ impl KeyQueue {
                 (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
             })
             .collect();
+        // host-ok: drawn once on the host in f32, then cast on the device.
         let t = Tensor::from_vec(v, (size, dim), device)?.to_dtype(dtype)?;
         Self::new(&t)
     }

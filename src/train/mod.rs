@@ -7,8 +7,12 @@
 //! [`MetricsLog`] of JSON lines, [`EarlyStopping`], [`PeriodicCheckpoint`]s
 //! and, with the `plot` feature, a [`CurvePlot`] of the curves.
 //!
-//! [`Checkpoint`]s are safetensors files written atomically and verified on
-//! load; [`Fit::checkpoint`] and [`Fit::resume`] continue a run exactly.
+//! [`Checkpoint`]s are safetensors files written atomically, never with
+//! non-finite weights, and verified on load (a checksum over every
+//! metadata entry and tensor); [`Fit::checkpoint`] and [`Fit::resume`]
+//! continue a run exactly, callback state included, and
+//! [`CheckpointDir::load_latest_valid`] finds the newest checkpoint that
+//! verifies.
 //! The [`NonFiniteGuard`] stops (or skips) a step whose loss or gradient is
 //! not finite before it reaches the weights. [`LossScaler`] is the dynamic
 //! loss scale of f16 training. Evaluation: [`evaluate_accuracy`],
@@ -23,11 +27,13 @@
 mod callback;
 mod checkpoint;
 mod checkpoint_dir;
+mod checkpoint_format;
 mod classifier;
 mod early_stopping;
 mod episodes;
 mod eval;
 mod fit;
+mod fit_state;
 mod guard;
 mod knn;
 mod logistic;
@@ -39,8 +45,9 @@ mod progress;
 mod scaler;
 
 pub use callback::{Callback, Control, EpochInfo, StepInfo, TrainingState};
-pub use checkpoint::{Checkpoint, FORMAT_VERSION};
-pub use checkpoint_dir::{CheckpointDir, PeriodicCheckpoint};
+pub use checkpoint::Checkpoint;
+pub use checkpoint_dir::{CheckpointDir, LatestValid, PeriodicCheckpoint, SkippedCheckpoint};
+pub use checkpoint_format::FORMAT_VERSION;
 pub(crate) use classifier::BufferSnapshot;
 pub use classifier::{Classifier, ClassifierConfig};
 pub use early_stopping::{EarlyStopping, EarlyStoppingConfig, MonitorMode};
