@@ -72,8 +72,8 @@ impl Core {
     }
 
     /// Sets the learning rate.
-    pub fn set_lr(&mut self, lr: f64) {
-        self.optimizer.set_lr(lr);
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        self.optimizer.set_lr(lr)
     }
 
     /// The learning rate.

@@ -63,8 +63,8 @@ macro_rules! impl_ssl_trainer {
                 self.step_impl(batch, step)
             }
 
-            fn set_learning_rate(&mut self, lr: f64) {
-                self.core.set_lr(lr);
+            fn set_learning_rate(&mut self, lr: f64) -> $crate::Result<()> {
+                self.core.set_lr(lr)
             }
 
             fn learning_rate(&self) -> f64 {
@@ -78,6 +78,13 @@ macro_rules! impl_ssl_trainer {
             fn save_state(&self, ckpt: &mut $crate::train::Checkpoint) -> $crate::Result<()> {
                 self.core.save(ckpt)?;
                 $crate::ssl::trainer::ExtraState::save_extra(self, ckpt)
+            }
+
+            fn steps_in_checkpoint(
+                &self,
+                ckpt: &$crate::train::Checkpoint,
+            ) -> $crate::Result<Option<u64>> {
+                $crate::train::optimizer_and_guard_steps(ckpt).map(Some)
             }
 
             fn load_state(&mut self, ckpt: &$crate::train::Checkpoint) -> $crate::Result<()> {

@@ -221,26 +221,7 @@ impl<M: ModuleT, O: Optimizer> TrainStep for Classifier<M, O> {
 
     /// The optimizer's step count plus the steps the guard skipped.
     fn steps_in_checkpoint(&self, ckpt: &Checkpoint) -> Result<Option<u64>> {
-        let t = ckpt.tensor("optim/step")?;
-        // host-ok: one checkpoint scalar, read once at resume, on the CPU.
-        let v = t
-            .to_device(&candle_core::Device::Cpu)?
-            .flatten_all()?
-            .to_dtype(DType::F64)?
-            .to_vec1::<f64>()?;
-        let optim = match v.as_slice() {
-            [n] if *n >= 0.0 && n.fract() == 0.0 && *n < 9.0e15 => *n as u64,
-            _ => {
-                return Err(Error::malformed(
-                    "<checkpoint>",
-                    "`optim/step`",
-                    "one step count",
-                    format!("{v:?}"),
-                ))
-            }
-        };
-        let skipped: u64 = ckpt.meta_parse("guard.skipped")?;
-        Ok(Some(optim.saturating_add(skipped)))
+        optimizer_and_guard_steps(ckpt).map(Some)
     }
 
     fn load_state(&mut self, ckpt: &Checkpoint) -> Result<()> {
@@ -252,4 +233,30 @@ impl<M: ModuleT, O: Optimizer> TrainStep for Classifier<M, O> {
         self.guard.set_skipped(skipped);
         Ok(())
     }
+}
+
+/// The steps a trainer state in `ckpt` has counted: the optimizer's step
+/// count (`optim/step`) plus the steps its non-finite guard skipped
+/// (`guard.skipped`), for [`TrainStep::steps_in_checkpoint`].
+pub(crate) fn optimizer_and_guard_steps(ckpt: &Checkpoint) -> Result<u64> {
+    let t = ckpt.tensor("optim/step")?;
+    // host-ok: one checkpoint scalar, read once at resume, on the CPU.
+    let v = t
+        .to_device(&candle_core::Device::Cpu)?
+        .flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    let optim = match v.as_slice() {
+        [n] if *n >= 0.0 && n.fract() == 0.0 && *n < 9.0e15 => *n as u64,
+        _ => {
+            return Err(Error::malformed(
+                "<checkpoint>",
+                "`optim/step`",
+                "one step count",
+                format!("{v:?}"),
+            ))
+        }
+    };
+    let skipped: u64 = ckpt.meta_parse("guard.skipped")?;
+    Ok(optim.saturating_add(skipped))
 }

@@ -48,7 +48,7 @@ pub use callback::{Callback, Control, EpochInfo, StepInfo, TrainingState};
 pub use checkpoint::Checkpoint;
 pub use checkpoint_dir::{CheckpointDir, LatestValid, PeriodicCheckpoint, SkippedCheckpoint};
 pub use checkpoint_format::FORMAT_VERSION;
-pub(crate) use classifier::BufferSnapshot;
+pub(crate) use classifier::{optimizer_and_guard_steps, BufferSnapshot};
 pub use classifier::{Classifier, ClassifierConfig};
 pub use early_stopping::{EarlyStopping, EarlyStoppingConfig, MonitorMode};
 pub use episodes::EpisodeEpochs;
