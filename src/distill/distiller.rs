@@ -190,7 +190,7 @@ impl<T: FeatureExtractor, S: FeatureExtractor, O: Optimizer> Distiller<T, S, O> 
             _ => None,
         };
         let mut optimizer = optimizer;
-        optimizer.set_lr(schedule.lr(0));
+        optimizer.set_lr(schedule.lr(0))?;
         Ok(Distiller {
             teacher,
             student,
@@ -393,7 +393,7 @@ impl<T: FeatureExtractor, S: FeatureExtractor, O: Optimizer> Distiller<T, S, O> 
     fn step_at(&mut self, batch: &Batch, step: u64) -> Result<DistillOutput> {
         // Dropout masks are a function of the step (exact resume).
         let _scope = StepScope::enter(step);
-        self.optimizer.set_lr(self.schedule.lr(step));
+        self.optimizer.set_lr(self.schedule.lr(step))?;
         // A step that fails or is skipped leaves no trace in the student's
         // BatchNorm statistics.
         let saved = BufferSnapshot::take(&self.buffers)?;
@@ -419,7 +419,7 @@ impl<T: FeatureExtractor, S: FeatureExtractor, O: Optimizer> Distiller<T, S, O> 
         }
         self.steps = step + 1;
         // So that `learning_rate()` before the next step reports its rate.
-        self.optimizer.set_lr(self.schedule.lr(step + 1));
+        self.optimizer.set_lr(self.schedule.lr(step + 1))?;
         Ok(DistillOutput {
             loss,
             terms: terms.values()?,
@@ -444,8 +444,8 @@ impl<T: FeatureExtractor, S: FeatureExtractor, O: Optimizer> TrainStep for Disti
         Ok(s)
     }
 
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.optimizer.set_lr(lr);
+    fn set_learning_rate(&mut self, lr: f64) -> Result<()> {
+        self.optimizer.set_lr(lr)
     }
 
     fn learning_rate(&self) -> f64 {
@@ -471,6 +471,11 @@ impl<T: FeatureExtractor, S: FeatureExtractor, O: Optimizer> TrainStep for Disti
             cache.save(ckpt, "teacher_cache")?;
         }
         Ok(())
+    }
+
+    /// The optimizer's step count plus the steps the guard skipped.
+    fn steps_in_checkpoint(&self, ckpt: &Checkpoint) -> Result<Option<u64>> {
+        crate::train::optimizer_and_guard_steps(ckpt).map(Some)
     }
 
     fn load_state(&mut self, ckpt: &Checkpoint) -> Result<()> {
@@ -510,7 +515,6 @@ impl<T: FeatureExtractor, S: FeatureExtractor, O: Optimizer> TrainStep for Disti
         self.guard.set_skipped(skipped);
         self.steps = steps;
         self.cache = cache;
-        self.optimizer.set_lr(self.schedule.lr(steps));
-        Ok(())
+        self.optimizer.set_lr(self.schedule.lr(steps))
     }
 }
