@@ -488,6 +488,7 @@ fn nt_xent(z1: &Tensor, z2: &Tensor, t: f64) -> R<Tensor> {
 }
 
 fn main() -> R<()> {
+    aimass::device::tune_cpu_allocator();
     let filter: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))

@@ -9,6 +9,8 @@ use std::time::Instant;
 use aimass::prelude::*;
 use aimass::{device, ops};
 
+/// An error ends the example with status 1 and its message (`aimass::Error`'s
+/// `Debug` is its message).
 fn main() -> Result<()> {
     let start = Instant::now();
     let dev = best_device()?;

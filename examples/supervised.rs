@@ -1,5 +1,5 @@
-//! Supervised training on Fashion-MNIST: the reference recipe of
-//! `bench/torch_quality.py supervised`, with progress, metrics log,
+//! Supervised training on Fashion-MNIST: the reference recipe (the
+//! supervised protocol of docs/benchmarks.md), with progress, metrics log,
 //! checkpoints, a curve plot and exact resume.
 //!
 //! ```text
@@ -7,11 +7,18 @@
 //! cargo run --release --example supervised -- --model convnet   # ConvNet + Adam, 10 epochs, no augmentation
 //! cargo run --release --example supervised -- --data /usr/share/datasets/fashion-mnist   # full 60k/10k
 //! cargo run --release --example supervised -- --resume          # continue from runs/supervised/checkpoints
+//! cargo run --release --example supervised -- --init runs/ssl/backbone.safetensors --labels-per-class 10
 //! ```
+//!
+//! The last line fine-tunes a backbone pretrained without labels
+//! (`--example ssl` or `simclr`) with 10 labelled images per class: the
+//! backbone's weights load by name, the 10-way head starts fresh.
 //!
 //! Options: `--model resnet_tiny|resnet_small|resnet18|convnet`, `--data DIR`,
 //! `--epochs N`, `--batch-size N`, `--lr X`, `--seed N`, `--out DIR`,
-//! `--resume`, `--max-steps N`.
+//! `--resume`, `--max-steps N`, `--init BACKBONE.safetensors` (start the
+//! ResNet from pretrained weights), `--labels-per-class N` (train on N
+//! labelled images per class, drawn with the seed; default all).
 //!
 //! Ends with one line `RESULT method=supervised model=... test_acc=... epochs=... secs=...`.
 
@@ -24,6 +31,7 @@ use aimass::data::{
     embedded_fashion_mnist, fashion_mnist, DataLoader, DataLoaderConfig, FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
 };
+use aimass::nn::params::LoadConfig;
 use aimass::nn::{
     init::seeded_var_builder, seq, ConvNet, ConvNetConfig, ResNet, ResNetConfig, SequentialT, Stem,
 };
@@ -31,8 +39,8 @@ use aimass::optim::groups::varmap_single_group;
 use aimass::optim::{Adam, AdamConfig, ConstantLr, CosineAnnealingLr, Optimizer, Sgd, SgdConfig};
 use aimass::prelude::*;
 use aimass::train::{
-    evaluate_accuracy, Checkpoint, CheckpointDir, Classifier, ClassifierConfig, CurvePlot, Fit,
-    FitConfig, MetricsLog, PeriodicCheckpoint, Progress, ProgressMode,
+    evaluate_accuracy, CheckpointDir, Classifier, ClassifierConfig, CurvePlot, Fit, FitConfig,
+    MetricsLog, PeriodicCheckpoint, Progress, ProgressMode,
 };
 
 struct Args {
@@ -45,6 +53,8 @@ struct Args {
     out: PathBuf,
     resume: bool,
     max_steps: Option<u64>,
+    init: Option<PathBuf>,
+    labels_per_class: Option<usize>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -58,6 +68,8 @@ fn parse_args() -> Result<Args> {
         out: PathBuf::from("runs/supervised"),
         resume: false,
         max_steps: None,
+        init: None,
+        labels_per_class: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -90,9 +102,14 @@ fn parse_args() -> Result<Args> {
                 a.max_steps = Some(v.parse().map_err(|_| bad("--max-steps", &v))?)
             }
             "--out" => a.out = PathBuf::from(value("--out")?),
+            "--init" => a.init = Some(PathBuf::from(value("--init")?)),
+            "--labels-per-class" => {
+                let v = value("--labels-per-class")?;
+                a.labels_per_class = Some(v.parse().map_err(|_| bad("--labels-per-class", &v))?)
+            }
             "--resume" => a.resume = true,
             "-h" | "--help" => {
-                println!("usage: supervised [--model resnet_tiny|resnet_small|resnet18|convnet] [--data DIR] [--epochs N] [--batch-size N] [--lr X] [--seed N] [--out DIR] [--resume] [--max-steps N]");
+                println!("usage: supervised [--model resnet_tiny|resnet_small|resnet18|convnet] [--data DIR] [--epochs N] [--batch-size N] [--lr X] [--seed N] [--out DIR] [--resume] [--max-steps N] [--init BACKBONE.safetensors] [--labels-per-class N]");
                 std::process::exit(0);
             }
             other => {
@@ -107,9 +124,13 @@ fn parse_args() -> Result<Args> {
     Ok(a)
 }
 
+/// An error ends the example with status 1 and its message (`aimass::Error`'s
+/// `Debug` is its message).
 fn main() -> Result<()> {
     let args = parse_args()?;
     let device = best_device()?;
+    // A training program: keep freed memory for the next step (see the docs).
+    aimass::device::tune_cpu_allocator();
     let start = Instant::now();
 
     // No --data: the embedded split (first 8,000 / last 2,000 of t10k), the
@@ -127,11 +148,24 @@ fn main() -> Result<()> {
     eprintln!("device: {}", aimass::device::device_name(&device));
 
     let is_convnet = args.model == "convnet";
+    // Few labels: N labelled images per class, the rest of the training set unused.
+    let train_set = match args.labels_per_class {
+        Some(n) => {
+            let picks = aimass::ssl::label_subset(data.train.labels(), n, args.seed)?;
+            eprintln!(
+                "training on {} labelled images ({n} per class)",
+                picks.len()
+            );
+            data.train.subset(&picks)?
+        }
+        None => data.train.clone(),
+    };
+    let batch_size = args.batch_size.min(train_set.len());
     let loader_cfg = DataLoaderConfig::default()
-        .with_batch_size(args.batch_size)
+        .with_batch_size(batch_size)
         .with_drop_last(true)
         .with_seed(args.seed + 2);
-    let mut train = DataLoader::new(data.train.clone(), loader_cfg, &device)?;
+    let mut train = DataLoader::new(train_set, loader_cfg, &device)?;
     let normalize = Normalize::new(&[FASHION_MNIST_MEAN], &[FASHION_MNIST_STD])?;
     train = if is_convnet {
         train.with_transform(normalize.clone())
@@ -175,11 +209,47 @@ fn main() -> Result<()> {
         }
     };
     let params = aimass::nn::params::num_params(&varmap)?;
+    if let Some(path) = &args.init {
+        // A backbone exported by an SSL trainer: every ResNet weight by
+        // name; only the classification head (`fc.*`) starts fresh.
+        if is_convnet {
+            return Err(Error::config(
+                "--init",
+                path.display(),
+                "needs a ResNet --model (the backbones the SSL examples write)",
+            ));
+        }
+        let report = aimass::nn::params::load_with(&varmap, path, &LoadConfig::non_strict())?;
+        if report.loaded.is_empty() || report.missing_keys.iter().any(|k| !k.starts_with("fc.")) {
+            return Err(Error::config(
+                "--init",
+                path.display(),
+                format!(
+                    "is not a backbone of --model {}: missing {:?}",
+                    args.model, report.missing_keys
+                ),
+            ));
+        }
+        eprintln!(
+            "initialised {} tensors from {} (fresh: {:?})",
+            report.loaded.len(),
+            path.display(),
+            report.missing_keys
+        );
+    }
 
     // The reference recipes: ResNets with SGD (lr 0.1, momentum 0.9, weight
     // decay 5e-4) and a per-step cosine to 0 over 15 epochs; the ConvNet
     // with Adam (lr 1e-3) for 10 epochs.
-    let epochs = args.epochs.unwrap_or(if is_convnet { 10 } else { 15 });
+    // With few labels an epoch is a few steps: keep the reference's number
+    // of steps (15 epochs of 62) unless --epochs says otherwise.
+    let epochs = args
+        .epochs
+        .unwrap_or(match (is_convnet, args.labels_per_class) {
+            (true, _) => 10,
+            (false, None) => 15,
+            (false, Some(_)) => 930usize.div_ceil(train.len()),
+        });
     let steps = (epochs * train.len()) as u64;
     let (optimizer, lr): (Box<dyn Optimizer>, f64) = if is_convnet {
         let lr = args.lr.unwrap_or(1e-3);
@@ -215,22 +285,35 @@ fn main() -> Result<()> {
 
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
     let ckpt_dir = CheckpointDir::new(args.out.join("checkpoints"), 2)?;
+    // --resume: the newest checkpoint that verifies; damaged newer ones are
+    // reported and skipped.
     let resume_from = if args.resume {
-        let latest = ckpt_dir.latest()?.ok_or_else(|| {
+        let found = ckpt_dir.load_latest_valid(&device)?.ok_or_else(|| {
             Error::invalid(
                 "--resume",
                 format!("no checkpoint in {}", ckpt_dir.dir().display()),
             )
         })?;
-        eprintln!("resuming from {}", latest.display());
-        Some(Checkpoint::load(&latest, &device)?)
+        for s in &found.skipped {
+            eprintln!("skipping {}: {}", s.path.display(), s.error);
+        }
+        eprintln!(
+            "resuming from {} (step {})",
+            found.path.display(),
+            found.step
+        );
+        Some(found.checkpoint)
     } else {
         None
     };
 
+    // About 15 evaluations and checkpoints per run (every epoch at the
+    // defaults; every 62 one-step epochs with 10 labels per class).
+    let every = epochs.div_ceil(15);
     let config = FitConfig::default()
         .with_epochs(epochs)
-        .with_max_steps(args.max_steps);
+        .with_max_steps(args.max_steps)
+        .with_eval_every(every);
     let mut fit = Fit::new(&mut clf, &mut train, config)?
         .with_evaluator(|c: &mut Classifier<SequentialT, Box<dyn Optimizer>>, _| {
             Ok(BTreeMap::from([(
@@ -240,7 +323,7 @@ fn main() -> Result<()> {
         })
         .with_callback(Progress::new(ProgressMode::Auto, 20))
         .with_callback(MetricsLog::new(args.out.join("metrics.jsonl"), 10)?)
-        .with_callback(PeriodicCheckpoint::new(ckpt_dir, 1)?)
+        .with_callback(PeriodicCheckpoint::new(ckpt_dir, every)?)
         .with_callback(CurvePlot::new(args.out.join("curves.svg")));
     fit = if is_convnet {
         fit.with_schedule(ConstantLr::new(lr)?)
@@ -259,13 +342,15 @@ fn main() -> Result<()> {
     };
     eprintln!("checkpoints and curves in {}", args.out.display());
     println!(
-        "RESULT method=supervised model={} data={} test_acc={:.4} epochs={} steps={} secs={:.0}",
+        "RESULT method=supervised model={} data={} labels_per_class={} init={} test_acc={:.4} epochs={} steps={} secs={:.0}",
         args.model,
         if args.data.is_some() {
             "full"
         } else {
             "embedded"
         },
+        args.labels_per_class.map_or("all".to_string(), |n| n.to_string()),
+        if args.init.is_some() { "pretrained" } else { "random" },
         test_acc,
         summary.epochs,
         summary.steps,

@@ -22,6 +22,23 @@
 //! assert!(err.to_string().contains("adding the bias row"));
 //! # Ok::<(), aimass::Error>(())
 //! ```
+//!
+//! A program's `main` can return [`Result`] and use `?` on the standard
+//! library's I/O and number-parsing errors too. They become
+//! [`Error::Io`] (without a path: use [`Error::io`] where the file is known,
+//! so the message names it) and [`Error::InvalidArgument`]:
+//!
+//! ```no_run
+//! fn main() -> aimass::Result<()> {
+//!     let epochs: usize = std::env::args().nth(1).unwrap_or("10".into()).parse()?;
+//!     let lr: f64 = "0.1".parse()?;
+//!     std::fs::create_dir_all("runs")?;
+//!     let labels = std::fs::read_to_string("labels.txt")
+//!         .map_err(|e| aimass::Error::io("labels.txt", e))?;
+//!     println!("{epochs} epochs at lr {lr}, {} labels", labels.lines().count());
+//!     Ok(())
+//! }
+//! ```
 
 use std::path::{Path, PathBuf};
 
@@ -32,7 +49,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 ///
 /// The enum is `#[non_exhaustive]`: match the variants you handle and keep a
 /// wildcard arm, so new variants can be added without breaking your code.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A candle tensor operation failed.
@@ -46,9 +63,10 @@ pub enum Error {
     },
 
     /// Reading or writing a file failed.
-    #[error("I/O error on `{}`: {source}", path.display())]
+    #[error("I/O error{}: {source}", io_location(path))]
     Io {
-        /// The file or directory involved.
+        /// The file or directory involved; empty when it is not known (an
+        /// `std::io::Error` converted with `?`, see [`Error::io`] to name it).
         path: PathBuf,
         /// The underlying I/O error.
         #[source]
@@ -128,6 +146,19 @@ pub enum Error {
         /// What is wrong and what would be accepted.
         reason: String,
     },
+
+    /// A collective operation of data-parallel training failed: it timed
+    /// out waiting for the other ranks, a rank left the group, or the
+    /// communication backend (MPI, NCCL) reported an error.
+    #[error("collective {op} failed on rank {rank}: {reason}")]
+    Communication {
+        /// The collective (e.g. `all_reduce_sum`, `barrier`).
+        op: String,
+        /// The rank that reports the failure.
+        rank: usize,
+        /// What happened and what to do.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -189,12 +220,68 @@ impl Error {
         }
     }
 
+    /// Builds an [`Error::Communication`].
+    pub fn communication(op: impl Into<String>, rank: usize, reason: impl Into<String>) -> Self {
+        Error::Communication {
+            op: op.into(),
+            rank,
+            reason: reason.into(),
+        }
+    }
+
     /// Builds an [`Error::InvalidArgument`].
     pub fn invalid(op: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::InvalidArgument {
             op: op.into(),
             reason: reason.into(),
         }
+    }
+}
+
+/// Where an I/O error happened, for [`Error::Io`]'s message.
+fn io_location(path: &Path) -> String {
+    if path.as_os_str().is_empty() {
+        " (file not known: the error was converted with `?`; use `aimass::Error::io(path, e)` to name it)"
+            .to_string()
+    } else {
+        format!(" on `{}`", path.display())
+    }
+}
+
+/// `?` on an `std::io::Error` (e.g. in `fn main() -> aimass::Result<()>`):
+/// an [`Error::Io`] without a path. Prefer [`Error::io`] where the path is
+/// known, so the message names the file.
+impl From<std::io::Error> for Error {
+    fn from(source: std::io::Error) -> Self {
+        Error::Io {
+            path: PathBuf::new(),
+            source,
+        }
+    }
+}
+
+/// `?` on a failed integer parse (e.g. of a command-line argument): an
+/// [`Error::InvalidArgument`].
+impl From<std::num::ParseIntError> for Error {
+    fn from(e: std::num::ParseIntError) -> Self {
+        Error::invalid("parsing an integer", format!("{e}"))
+    }
+}
+
+/// `?` on a failed float parse (e.g. of a command-line argument): an
+/// [`Error::InvalidArgument`].
+impl From<std::num::ParseFloatError> for Error {
+    fn from(e: std::num::ParseFloatError) -> Self {
+        Error::invalid("parsing a number", format!("{e}"))
+    }
+}
+
+/// `Debug` prints the same message as `Display`, so that a program whose
+/// `main` returns [`Result`] reports a failure in words (`Error: malformed
+/// checkpoint data in ...`) rather than as a struct dump.
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
     }
 }
 
@@ -230,5 +317,51 @@ impl<T> Context<T> for std::result::Result<T, candle_core::Error> {
             context: context().into(),
             source,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(path: &str) -> Result<Vec<u8>> {
+        Ok(std::fs::read(path)?)
+    }
+
+    fn parse(v: &str) -> Result<(u32, f64)> {
+        Ok((v.parse()?, v.parse()?))
+    }
+
+    #[test]
+    fn std_errors_convert_with_question_mark() {
+        let e = read("/nonexistent/aimass-no-such-file").unwrap_err();
+        assert!(matches!(&e, Error::Io { path, .. } if path.as_os_str().is_empty()));
+        let msg = e.to_string();
+        assert!(msg.starts_with("I/O error (file not known"), "{msg}");
+        assert!(msg.contains("Error::io(path, e)"), "{msg}");
+        // With a path, the message names it.
+        let e = Error::io(
+            "a/b.bin",
+            std::io::Error::new(std::io::ErrorKind::NotFound, "gone"),
+        );
+        assert_eq!(e.to_string(), "I/O error on `a/b.bin`: gone");
+
+        let e = parse("x").unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
+        assert!(e.to_string().contains("invalid digit"), "{e}");
+        let e = parse("1.5").unwrap_err();
+        assert!(e.to_string().contains("parsing an integer"), "{e}");
+        let e: Error = "1.5x".parse::<f64>().unwrap_err().into();
+        assert!(e.to_string().contains("parsing a number"), "{e}");
+        assert_eq!(parse("3").unwrap(), (3, 3.0));
+    }
+
+    /// What `fn main() -> aimass::Result<()>` prints on failure is the
+    /// `Debug` form: it must be the message, not a struct dump.
+    #[test]
+    fn debug_is_the_message() {
+        let e = Error::config("SgdConfig::lr", -1.0, "must be >= 0");
+        assert_eq!(format!("{e:?}"), e.to_string());
+        assert!(!format!("{e:?}").contains("Config {"));
     }
 }

@@ -6,9 +6,8 @@
 //! writes by hand: optimizers with momentum and clipping, learning-rate
 //! schedules, model families with train/eval modes, classification,
 //! distillation and self-supervised losses, data pipelines with batched
-//! augmentation, meta-learning trainers, and (in later releases) whole
-//! trainers for self-supervised pretraining and teacher-student
-//! distillation.
+//! augmentation, and whole trainers for self-supervised pretraining,
+//! teacher-student distillation and meta-learning.
 //!
 //! aimass is candle interop, not a new framework: parameters live in a
 //! [`candle_nn::VarMap`], models are built from a [`candle_nn::VarBuilder`],
@@ -41,10 +40,14 @@
 //! | [`loss`] | classification, distillation and self-supervised losses |
 //! | [`data`] | datasets, readers, loader, augmentations, episodes |
 //! | [`train`] | the fit loop, callbacks, checkpoints, evaluation, the supervised trainer |
+//! | [`ssl`] | self-supervised pretraining (SimCLR, BYOL, SimSiam, MoCo v2, Barlow Twins, VICReg) and few-label probes |
+//! | [`distributed`] | data-parallel training: communicators (MPI, NCCL, threads), gradient averaging, local SGD, SyncBN |
+//! | [`distill`] | teacher-student distillation: the `Distiller`, loss recipes with feature terms, cached teachers, transfer sets |
 //! | [`meta`] | meta-learning: MAML (second and first order), ANIL, Meta-SGD, Reptile, ProtoNets; task families |
 //!
 //! Cargo features `cuda`, `cudnn`, `metal`, `mkl`, `accelerate` and `nccl`
-//! forward to candle's. The CPU is the default and needs no system library.
+//! forward to candle's; `nccl` and `mpi` add the communicators of
+//! [`distributed`]. The CPU is the default and needs no system library.
 #![deny(missing_docs)]
 
 pub use candle_core as candle;
@@ -55,12 +58,18 @@ pub mod autograd;
 mod config;
 pub mod data;
 pub mod device;
+pub mod distill;
+pub mod distributed;
 pub mod error;
+#[cfg(test)]
+mod gpu_path_tests;
+mod host;
 pub mod loss;
 pub mod meta;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod ssl;
 pub mod train;
 
 pub use error::{Error, Result};
@@ -76,3 +85,19 @@ pub mod prelude {
     pub use candle_core::{DType, Device, Module, ModuleT, Tensor, Var, D};
     pub use candle_nn::{VarBuilder, VarMap};
 }
+
+/// The Rust programs of `docs/training.md` compile (run by `cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../docs/training.md")]
+struct TrainingGuide;
+
+/// The three trainers written by hand in `docs/own-trainer.md` (SimCLR,
+/// knowledge distillation, first-order MAML) run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/own-trainer.md")]
+struct OwnTrainerGuide;
+
+/// The Rust programs of `docs/distributed.md` compile (run by `cargo test --doc`).
+#[cfg(doctest)]
+#[doc = include_str!("../docs/distributed.md")]
+struct DistributedGuide;

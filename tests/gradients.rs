@@ -153,6 +153,14 @@ fn unknown_or_misshaped_gradients_change_nothing() {
     ));
     assert_eq!(snapshot(&vm), before);
     assert_eq!(opt.step_count(), 0);
+    // A bad rate set through candle's trait (which cannot refuse it) stops
+    // this path too.
+    aimass::candle_nn::Optimizer::set_learning_rate(&mut opt, f64::NAN);
+    let mut g = Gradients::new();
+    g.insert("2.bias", Tensor::ones(3, DType::F32, &Device::Cpu).unwrap());
+    assert!(opt.step_gradients(&g).is_err());
+    assert_eq!(snapshot(&vm), before);
+    opt.set_lr(0.1).unwrap();
     // A subset of the parameters: the others are untouched.
     let mut g = Gradients::new();
     g.insert("2.bias", Tensor::ones(3, DType::F32, &Device::Cpu).unwrap());

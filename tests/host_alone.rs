@@ -29,9 +29,16 @@ fn kernels_and_training_steps_leave_the_allocator_and_environment_alone() {
         .unwrap();
     loss.backward().unwrap();
     assert!(!cpu_allocator_tuned(), "a kernel call tuned the allocator");
+    // A Fit run told to leave the allocator alone does.
+    fit_one_epoch(false);
+    assert!(
+        !cpu_allocator_tuned(),
+        "Fit tuned the allocator against its config"
+    );
     let env_after: Vec<(String, String)> = std::env::vars().collect();
     assert_eq!(env_before, env_after, "the environment changed");
-    // The program can still ask for it.
+    // Fit turns it on by default (a training program), and a program can ask.
+    fit_one_epoch(true);
     let tuned = tune_cpu_allocator();
     assert_eq!(cpu_allocator_tuned(), tuned);
     if cfg!(all(target_os = "linux", target_env = "gnu"))
@@ -39,4 +46,40 @@ fn kernels_and_training_steps_leave_the_allocator_and_environment_alone() {
     {
         assert!(tuned);
     }
+}
+
+fn fit_one_epoch(tune: bool) {
+    use aimass::data::{DataLoader, DataLoaderConfig, InMemoryDataset};
+    use aimass::nn::{seq, Mlp, MlpConfig};
+    use aimass::optim::{Sgd, SgdConfig};
+    use aimass::train::{Classifier, ClassifierConfig, Fit, FitConfig};
+    let ds = InMemoryDataset::new(
+        vec![7u8; 16 * 4],
+        vec![0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 0, 1, 1, 0, 1, 0],
+        (1, 2, 2),
+    )
+    .unwrap();
+    let mut loader = DataLoader::new(
+        ds,
+        DataLoaderConfig::default().with_batch_size(8),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let varmap = VarMap::new();
+    let mlp = Mlp::new(
+        MlpConfig::new(vec![4, 4, 2]),
+        seeded_var_builder(&varmap, 0, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    let model = seq().add_fn(|x, _| x.flatten_from(1)).add(mlp);
+    let opt = Sgd::from_varmap(&varmap, SgdConfig::default()).unwrap();
+    let mut clf = Classifier::new(model, varmap, opt, ClassifierConfig::default()).unwrap();
+    Fit::new(
+        &mut clf,
+        &mut loader,
+        FitConfig::default().with_tune_cpu_allocator(tune),
+    )
+    .unwrap()
+    .run()
+    .unwrap();
 }

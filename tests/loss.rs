@@ -252,6 +252,122 @@ fn cross_entropy_gradient() {
     grad_check(&[field(c, "logits")], &[0], |t| ce.forward(&t[0], &y7));
 }
 
+/// The cross-entropy as aimass computed it before it moved to `gather`: a
+/// dense coefficient matrix built on the host (smoothing, class weights and
+/// ignored rows folded in), `ℓ_i = −Σ_c coef[i, c] · log p_i[c]`. The
+/// reference for the device version.
+fn cross_entropy_one_hot_reference(
+    logits: &Tensor,
+    targets: &[i64],
+    eps: f64,
+    weight: Option<&[f64]>,
+    ignore: Option<i64>,
+    reduction: Reduction,
+) -> Vec<f64> {
+    let (n, c) = logits.dims2().unwrap();
+    let w: Vec<f64> = weight.map_or(vec![1.0; c], <[f64]>::to_vec);
+    let mut coef = vec![0f64; n * c];
+    let mut denom = 0f64;
+    for (i, &yi) in targets.iter().enumerate() {
+        if Some(yi) == ignore {
+            continue;
+        }
+        let k = yi as usize;
+        let row = &mut coef[i * c..(i + 1) * c];
+        for (r, wc) in row.iter_mut().zip(&w) {
+            *r = eps / c as f64 * wc;
+        }
+        row[k] += (1.0 - eps) * w[k];
+        denom += w[k];
+    }
+    let logp = aimass::ops::log_softmax(&logits.to_dtype(DType::F64).unwrap(), 1)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    let per_row: Vec<f64> = (0..n)
+        .map(|i| -(0..c).map(|k| coef[i * c + k] * logp[i][k]).sum::<f64>())
+        .collect();
+    let sum: f64 = per_row.iter().sum();
+    match reduction {
+        Reduction::None => per_row,
+        Reduction::Sum => vec![sum],
+        _ if denom > 0.0 => vec![sum / denom],
+        _ => vec![0.0],
+    }
+}
+
+#[test]
+fn cross_entropy_by_gather_equals_the_one_hot_formula() {
+    use rand::Rng;
+    let mut r = aimass::device::rng(21);
+    let (n, c) = (13, 7);
+    for case in 0..48 {
+        let x: Vec<f32> = (0..n * c).map(|_| r.random::<f32>() * 8.0 - 4.0).collect();
+        let logits = Tensor::from_vec(x, (n, c), &Device::Cpu).unwrap();
+        let eps = [0.0, 0.1, 0.3][case % 3];
+        let weight: Option<Vec<f64>> =
+            (case % 2 == 1).then(|| (0..c).map(|_| r.random::<f64>() * 2.0).collect());
+        let ignore = [None, Some(-100), Some(3), Some(0)][(case / 2) % 4];
+        let reduction = [Reduction::Mean, Reduction::Sum, Reduction::None][(case / 8) % 3];
+        let mut y: Vec<i64> = (0..n).map(|_| r.random_range(0..c as i64)).collect();
+        if let Some(ig) = ignore {
+            y[1] = ig;
+            y[5] = ig;
+        }
+        let want =
+            cross_entropy_one_hot_reference(&logits, &y, eps, weight.as_deref(), ignore, reduction);
+        let ce = CrossEntropyLoss::new(
+            CrossEntropyLossConfig::default()
+                .with_label_smoothing(eps)
+                .with_weight(weight.clone())
+                .with_ignore_index(ignore)
+                .with_reduction(reduction),
+        )
+        .unwrap();
+        // Every target dtype that can hold these targets.
+        let mut targets = vec![Tensor::new(y.as_slice(), &Device::Cpu).unwrap()];
+        if y.iter().all(|&v| v >= 0) {
+            let yu: Vec<u32> = y.iter().map(|&v| v as u32).collect();
+            let yb: Vec<u8> = y.iter().map(|&v| v as u8).collect();
+            targets.push(Tensor::new(yu.as_slice(), &Device::Cpu).unwrap());
+            targets.push(Tensor::new(yb.as_slice(), &Device::Cpu).unwrap());
+        }
+        for t in &targets {
+            let got = ce
+                .forward(&logits, t)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (*g as f64 - w).abs() <= 1e-6 * (1.0 + w.abs()),
+                    "case {case} ({:?} targets): {g} vs {w}",
+                    t.dtype()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_ignore_index_the_target_dtype_cannot_hold() {
+    // -100 as u32 targets, or 300 as u8 targets, matches no row (it is not
+    // wrapped around to a valid class).
+    let x = Tensor::new(&[[1.0f32, 2.0, 0.5], [0.5, -1.0, 0.0]], &Device::Cpu).unwrap();
+    let plain = |y: &Tensor| scalar(&cross_entropy_loss(&x, y).unwrap());
+    let y32 = Tensor::new(&[2u32, 0], &Device::Cpu).unwrap();
+    let y64 = Tensor::new(&[2i64, 0], &Device::Cpu).unwrap();
+    assert_eq!(plain(&y32), plain(&y64));
+    let ce300 =
+        CrossEntropyLoss::new(CrossEntropyLossConfig::default().with_ignore_index(Some(300)))
+            .unwrap();
+    let y8 = Tensor::new(&[2u8, 0], &Device::Cpu).unwrap();
+    assert_eq!(scalar(&ce300.forward(&x, &y8).unwrap()), plain(&y64));
+}
+
 #[test]
 fn cross_entropy_all_ignored_is_zero() {
     let x = Tensor::new(&[[1.0f64, 2.0], [0.5, -1.0]], &Device::Cpu).unwrap();

@@ -210,15 +210,15 @@ fn count(cfg: ResNetConfig) -> usize {
 }
 
 #[test]
-fn parameter_counts_equal_torchvision_and_torch_quality() {
+fn parameter_counts_equal_torchvision_and_the_reference_protocols() {
     // torchvision: sum(p.numel() for p in resnetXX().parameters())
     assert_eq!(count(ResNetConfig::resnet18()), 11_689_512);
     assert_eq!(count(ResNetConfig::resnet34()), 21_797_672);
     assert_eq!(count(ResNetConfig::resnet50()), 25_557_032);
-    // bench/torch_quality.py resnet((16,32,64)) / resnet((32,64,128))
+    // The reference protocols' resnet-tiny / resnet-small (docs/benchmarks.md, "Protocols")
     assert_eq!(count(ResNetConfig::resnet_tiny()), 174_320);
     assert_eq!(count(ResNetConfig::resnet_small()), 694_752);
-    // bench/torch_quality.py convnet()
+    // The reference protocols' ConvNet
     let vm = VarMap::new();
     ConvNet::new(
         ConvNetConfig::default(),

@@ -575,6 +575,30 @@ fn candle_defect_max_pool2d_backward_rejects_kernel_ne_stride() {
 }
 
 #[test]
+fn candle_defect_conv2d_backward_with_unequal_leftovers() {
+    // Input 8×7, kernel 3, stride 2, padding 1: one row is left over, no
+    // column. candle sizes the input gradient from the rows only.
+    let x = Var::from_tensor(&randt(&[1, 2, 8, 7], 32)).unwrap();
+    let w = randt(&[3, 2, 3, 3], 33);
+    let y = x.as_tensor().conv2d(&w, 1, 2, 1, 1).unwrap();
+    assert!(
+        y.sum_all().unwrap().backward().is_err(),
+        "candle's conv2d backward now handles unequal leftovers"
+    );
+    // Ours (the CPU kernel here; the padded candle path off the CPU,
+    // src/gpu_path_tests.rs) differentiates it.
+    let y = ops::conv2d(
+        x.as_tensor(),
+        &w,
+        None,
+        &ops::Conv2dParams::default().with_stride(2).with_padding(1),
+    )
+    .unwrap();
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(g.get(&x).unwrap().dims(), &[1, 2, 8, 7]);
+}
+
+#[test]
 fn candle_defect_fused_norms_and_softmax_drop_the_gradient() {
     // candle-nn 0.11 applies these fused ops with `apply_op*_no_bwd`: the
     // result is not attached to the graph, so backward succeeds but the

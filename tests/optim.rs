@@ -219,7 +219,7 @@ fn adamw_with_cosine_schedule_matches_torch() {
         DType::F64,
         F64_TOL,
         adamw(c),
-        |t, opt, _| opt.set_lr(s.lr(t as u64)),
+        |t, opt, _| opt.set_lr(s.lr(t as u64)).unwrap(),
     );
 }
 
@@ -1053,4 +1053,158 @@ fn optimizer_state_does_not_hold_the_graph() {
             assert!(!t.track_op(), "{name}: state `{k}` references the graph");
         }
     }
+}
+
+/// `set_lr` refuses a bad rate and keeps the old one; candle_nn's setter,
+/// which cannot fail, makes the next step fail instead, changing nothing.
+fn refuses_bad_rates<O: optim::Optimizer + aimass::candle_nn::Optimizer>(
+    name: &str,
+    mut opt: O,
+    pb: &Problem,
+) {
+    let before = pb.flat();
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -0.1] {
+        let e = optim::Optimizer::set_lr(&mut opt, bad).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument { .. }), "{name}: {e}");
+        assert!(e.to_string().contains(&format!("{name}::set_lr")), "{e}");
+        assert!(e.to_string().contains("it stays 0.05"), "{e}");
+        assert_eq!(optim::Optimizer::lr(&opt), 0.05, "{name}");
+    }
+    aimass::candle_nn::Optimizer::set_learning_rate(&mut opt, f64::NAN);
+    let e = optim::Optimizer::step(&mut opt, &pb.grads()).unwrap_err();
+    assert!(
+        e.to_string().contains(&format!("{name}::step")) && e.to_string().contains("NaN"),
+        "{e}"
+    );
+    assert!(aimass::candle_nn::Optimizer::step(&mut opt, &pb.grads()).is_err());
+    aimass::candle_nn::Optimizer::set_learning_rate(&mut opt, -1.0);
+    assert!(optim::Optimizer::step(&mut opt, &pb.grads()).is_err());
+    assert_eq!(
+        pb.flat(),
+        before,
+        "{name}: a refused step changed the weights"
+    );
+    assert_eq!(optim::Optimizer::step_count(&opt), 0, "{name}");
+    // A valid rate (0 included) lets it step again.
+    optim::Optimizer::set_lr(&mut opt, 0.0).unwrap();
+    optim::Optimizer::step(&mut opt, &pb.grads()).unwrap();
+    assert_eq!(optim::Optimizer::step_count(&opt), 1, "{name}");
+}
+
+#[test]
+fn bad_learning_rates_are_refused() {
+    let f = fixtures();
+    let pb = Problem::new(&f, DType::F64);
+    let g = || pb.one_group();
+    refuses_bad_rates(
+        "Sgd",
+        Sgd::new(g(), SgdConfig::default().with_lr(0.05).with_momentum(0.9)).unwrap(),
+        &pb,
+    );
+    refuses_bad_rates(
+        "Adam",
+        Adam::new(g(), AdamConfig::default().with_lr(0.05)).unwrap(),
+        &pb,
+    );
+    refuses_bad_rates(
+        "AdamW",
+        AdamW::new(g(), AdamWConfig::default().with_lr(0.05)).unwrap(),
+        &pb,
+    );
+    refuses_bad_rates(
+        "RmsProp",
+        RmsProp::new(g(), RmsPropConfig::default().with_lr(0.05)).unwrap(),
+        &pb,
+    );
+    refuses_bad_rates(
+        "Lars",
+        Lars::new(lars_groups(&pb), LarsConfig::default().with_lr(0.05)).unwrap(),
+        &pb,
+    );
+}
+
+/// tests/fixtures/schedule.json (gen_schedule.py).
+fn schedule_fixtures() -> serde_json::Value {
+    let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/schedule.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn f64s(v: &serde_json::Value) -> Vec<f64> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+fn assert_lrs(what: &str, s: &dyn Schedule, want: &[f64]) {
+    for (t, w) in want.iter().enumerate() {
+        let got = s.lr(t as u64);
+        assert!(
+            (got - w).abs() <= 1e-12 * w.abs().max(1e-3),
+            "{what} at step {t}: got {got}, torch {w}"
+        );
+    }
+}
+
+#[test]
+fn warm_restarts_match_torch() {
+    let f = schedule_fixtures();
+    let cases = f["sgdr"].as_array().unwrap();
+    assert_eq!(cases.len(), 5);
+    for c in cases {
+        let (t_0, t_mult) = (c["t_0"].as_u64().unwrap(), c["t_mult"].as_u64().unwrap());
+        let s = CosineAnnealingWarmRestarts::new(
+            c["base_lr"].as_f64().unwrap(),
+            t_0,
+            t_mult,
+            c["eta_min"].as_f64().unwrap(),
+        )
+        .unwrap();
+        let want = f64s(&c["lrs"]);
+        assert!(want.len() > 60);
+        assert_lrs(&format!("SGDR t_0={t_0} t_mult={t_mult}"), &s, &want);
+    }
+    // Far-away steps: cycles of 1, 3, 9, ... restart at (3^n - 1) / 2.
+    let s = CosineAnnealingWarmRestarts::new(0.1, 1, 3, 0.0).unwrap();
+    assert_eq!(s.lr((3u64.pow(30) - 1) / 2), 0.1);
+    assert!(s.lr(u64::MAX).is_finite());
+    let e = CosineAnnealingWarmRestarts::new(0.1, 0, 1, 0.0).unwrap_err();
+    assert_eq!(config_field(e), "CosineAnnealingWarmRestarts::t_0");
+    let e = CosineAnnealingWarmRestarts::new(0.1, 5, 0, 0.0).unwrap_err();
+    assert_eq!(config_field(e), "CosineAnnealingWarmRestarts::t_mult");
+    let e = CosineAnnealingWarmRestarts::new(0.1, 5, 1, f64::NAN).unwrap_err();
+    assert_eq!(config_field(e), "CosineAnnealingWarmRestarts::eta_min");
+}
+
+/// OneCycleLr refuses exactly the configs where torch raises (a phase of
+/// zero length), and matches torch's rates at every step of the others.
+#[test]
+fn one_cycle_phase_boundaries_match_torch() {
+    let f = schedule_fixtures();
+    let grid = f["onecycle_grid"].as_array().unwrap();
+    let mut refused = 0;
+    for c in grid {
+        let total = c["total_steps"].as_u64().unwrap();
+        let pct = c["pct_start"].as_f64().unwrap();
+        let three = c["three_phase"].as_bool().unwrap();
+        let what = format!("OneCycle total_steps={total} pct_start={pct} three_phase={three}");
+        let r = OneCycleLr::new(
+            OneCycleConfig::new(0.1, total)
+                .with_pct_start(pct)
+                .with_three_phase(three)
+                .with_cos_anneal(c["cos"].as_bool().unwrap()),
+        );
+        if c["raises"].as_bool().unwrap() {
+            let e = r
+                .err()
+                .unwrap_or_else(|| panic!("{what}: accepted, torch raises"));
+            assert!(e.to_string().contains("zero steps"), "{e}");
+            assert_eq!(config_field(e), "OneCycleConfig::pct_start");
+            refused += 1;
+        } else {
+            let s = r.unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_lrs(&what, &s, &f64s(&c["lrs"]));
+        }
+    }
+    assert_eq!((refused, grid.len()), (22, 480));
+    // The case of the report: pct_start × total_steps = 1.
+    let e = OneCycleLr::new(OneCycleConfig::new(0.1, 10).with_pct_start(0.1)).unwrap_err();
+    assert!(e.to_string().contains("must not be 1"), "{e}");
 }

@@ -15,6 +15,9 @@
 //!   [`require_second_order`] fails fast where a result would otherwise be
 //!   silently first order. MAML's meta-gradient needs it
 //!   ([`crate::nn::ParamMap`]).
+//! * [`Replicas`]: differentiable sums and gathers across the ranks of a
+//!   data-parallel run, for layers and losses that need the global batch
+//!   (synchronised BatchNorm); [`crate::distributed`] implements it.
 //!
 //! ```
 //! use aimass::prelude::*;
@@ -38,10 +41,12 @@
 
 mod accumulator;
 mod gradients;
+mod replicas;
 mod second_order;
 
 pub use accumulator::GradAccumulator;
 pub use gradients::Gradients;
+pub use replicas::{Gathered, Replicas};
 pub use second_order::{
     enable_second_order, require_second_order, second_order_enabled, SECOND_ORDER_ENV_VAR,
 };

@@ -242,9 +242,11 @@ impl EpisodeSampler {
         let d = &self.device;
         Ok(Episode {
             support,
+            // host-ok: an episode's labels go to the device once (u32).
             support_labels: Tensor::from_vec(support_labels, support_indices.len(), d)
                 .context("episode labels")?,
             query,
+            // host-ok: likewise.
             query_labels: Tensor::from_vec(query_labels, query_indices.len(), d)
                 .context("episode labels")?,
             classes: chosen,

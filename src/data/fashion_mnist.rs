@@ -13,7 +13,8 @@ pub const FASHION_MNIST_EMBEDDED_DIR: &str =
     concat!(env!("CARGO_MANIFEST_DIR"), "/data/fashion-mnist");
 /// Training images of the embedded split: the first 8,000 of `t10k` in file order.
 pub const EMBEDDED_TRAIN_LEN: usize = 8000;
-/// Mean of Fashion-MNIST pixels in `[0, 1]` (the value `torch_quality.py` normalises with).
+/// Mean of Fashion-MNIST pixels in `[0, 1]` (the value the reference protocols
+/// of docs/benchmarks.md normalise with).
 pub const FASHION_MNIST_MEAN: f32 = 0.2860;
 /// Standard deviation of Fashion-MNIST pixels in `[0, 1]`.
 pub const FASHION_MNIST_STD: f32 = 0.3530;

@@ -8,8 +8,11 @@
 //!
 //! Classes are the sub-folder names sorted alphabetically (torchvision's
 //! `ImageFolder` convention): the first is label 0. Files with other
-//! extensions are skipped. Images are converted to the requested number of
-//! channels and, when a size is given, resized with a bilinear filter.
+//! extensions are skipped. A class folder without any image is an error
+//! naming it, as in torchvision, unless [`ImageFolderConfig::allow_empty`]
+//! is set (the class then keeps its label and has no sample). Images are
+//! converted to the requested number of channels and, when a size is given,
+//! resized with a bilinear filter.
 
 use std::path::{Path, PathBuf};
 
@@ -26,6 +29,9 @@ config! {
         /// Resize every image to `(height, width)`; `None` (default) requires
         /// all images to have the same size already.
         size: Option<(usize, usize)> = None,
+        /// Accept class folders without any image (torchvision `ImageFolder`'s
+        /// `allow_empty`, default false: an empty class folder is an error).
+        allow_empty: bool = false,
     }
 }
 
@@ -87,6 +93,7 @@ impl ImageFolder {
         let mut classes = Vec::new();
         let mut files = Vec::new();
         let mut labels = Vec::new();
+        let mut empty = Vec::new();
         for dir in sorted_entries(root)?.into_iter().filter(|p| p.is_dir()) {
             let label = classes.len() as u32;
             classes.push(
@@ -94,6 +101,7 @@ impl ImageFolder {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default(),
             );
+            let before = files.len();
             for f in sorted_entries(&dir)?
                 .into_iter()
                 .filter(|p| p.is_file() && is_image(p))
@@ -101,6 +109,22 @@ impl ImageFolder {
                 files.push(f);
                 labels.push(label);
             }
+            if files.len() == before {
+                empty.push(dir);
+            }
+        }
+        if let (Some(first), false, false) = (empty.first(), config.allow_empty, files.is_empty()) {
+            let names: Vec<String> = empty
+                .iter()
+                .filter_map(|d| d.file_name())
+                .map(|n| format!("`{}`", n.to_string_lossy()))
+                .collect();
+            return Err(Error::malformed(
+                first,
+                "image folder class",
+                "at least one .png/.jpg/.jpeg file in every class folder (set ImageFolderConfig::allow_empty to keep empty classes, as torchvision's allow_empty)",
+                format!("no image in the class folder(s) {}", names.join(", ")),
+            ));
         }
         if files.is_empty() {
             return Err(Error::malformed(
@@ -161,5 +185,37 @@ impl ImageFolder {
             classes,
             files,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_class_folders_are_errors_unless_allowed() {
+        let d = std::env::temp_dir().join(format!("aimass-imgfolder-empty-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        for class in ["a_cat", "b_empty", "c_dog", "d_text_only"] {
+            std::fs::create_dir_all(d.join(class)).unwrap();
+        }
+        for class in ["a_cat", "c_dog"] {
+            image::GrayImage::new(2, 2)
+                .save(d.join(class).join("0.png"))
+                .unwrap();
+        }
+        std::fs::write(d.join("d_text_only").join("notes.txt"), "x").unwrap();
+        let e = ImageFolder::load(&d, ImageFolderConfig::default()).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(&e, Error::Malformed { path, .. } if path.ends_with("b_empty")),
+            "{msg}"
+        );
+        assert!(msg.contains("`b_empty`, `d_text_only`"), "{msg}");
+        assert!(msg.contains("allow_empty"), "{msg}");
+        let f = ImageFolder::load(&d, ImageFolderConfig::default().with_allow_empty(true)).unwrap();
+        assert_eq!(f.classes, ["a_cat", "b_empty", "c_dog", "d_text_only"]);
+        assert_eq!(f.dataset.labels(), &[0, 2]);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

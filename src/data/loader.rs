@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use rand::Rng;
 
 use super::augment::{derive_seed, ImageBatch, MultiView, Transform};
-use super::Dataset;
+use super::{Dataset, Shard};
 use crate::config::config;
 use crate::device::rng;
 use crate::error::Context;
@@ -22,7 +22,9 @@ config! {
     /// Options of [`DataLoader`].
     #[derive(Eq)]
     pub struct DataLoaderConfig {
-        /// Samples per batch. Default 256 (the reference runs' batch).
+        /// Samples per batch (per rank with a [`Shard`]: a global batch is
+        /// then `batch_size × world_size`). Default 256 (the reference
+        /// runs' batch).
         batch_size: usize = 256,
         /// Reshuffle the order at every epoch. Default `true`.
         shuffle: bool = true,
@@ -33,6 +35,9 @@ config! {
         /// Batches prepared ahead on a background thread; 0 prepares each batch
         /// on the caller's thread when asked. Default 2.
         prefetch: usize = 2,
+        /// This rank's part of every global batch in data-parallel
+        /// training (see [`Shard`]). Default: the whole data.
+        shard: Shard = Shard::whole(),
     }
 }
 
@@ -155,6 +160,7 @@ impl DataLoader {
         device: &Device,
     ) -> Result<Self> {
         cfg.validate()?;
+        check_shard(&cfg, dataset.len())?;
         let pos = LoaderPosition {
             seed: cfg.seed,
             epoch: 0,
@@ -191,9 +197,9 @@ impl DataLoader {
         &self.dataset
     }
 
-    /// Batches per epoch.
+    /// Batches per epoch (the same on every rank of a [`Shard`]).
     pub fn len(&self) -> usize {
-        let (n, b) = (self.dataset.len(), self.cfg.batch_size);
+        let (n, b) = (self.dataset.len(), global_batch(&self.cfg));
         if self.cfg.drop_last {
             n / b
         } else {
@@ -313,6 +319,28 @@ impl DataLoader {
     }
 }
 
+/// Samples in a global batch: the batch size times the number of ranks.
+fn global_batch(cfg: &DataLoaderConfig) -> usize {
+    cfg.batch_size * cfg.shard.world_size()
+}
+
+/// Refuses a shard that would give a rank an empty last batch.
+fn check_shard(cfg: &DataLoaderConfig, n: usize) -> Result<()> {
+    let w = cfg.shard.world_size();
+    let last = n % global_batch(cfg);
+    if w > 1 && !cfg.drop_last && last > 0 && last < w {
+        return Err(Error::config(
+            "DataLoaderConfig::shard",
+            format!("rank {} of {w}", cfg.shard.rank()),
+            format!(
+                "the last global batch of an epoch has {last} sample(s) ({n} samples, global batches of {} × {w}), fewer than the {w} ranks, so some rank would get none: set drop_last, or a batch size that leaves at least {w}",
+                cfg.batch_size
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn epoch_order(n: usize, shuffle: bool, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     if shuffle {
@@ -332,10 +360,12 @@ fn host_batch(
     epoch: u64,
     batch: usize,
 ) -> Result<HostBatch> {
-    let lo = batch * cfg.batch_size;
-    let hi = (lo + cfg.batch_size).min(order.len());
+    // The global batch, then this rank's part of it.
+    let lo = batch * global_batch(cfg);
+    let hi = (lo + global_batch(cfg)).min(order.len());
+    let part = cfg.shard.part(hi.saturating_sub(lo));
     let indices = order
-        .get(lo..hi)
+        .get(lo + part.start..lo + part.end)
         .ok_or_else(|| Error::invalid("DataLoader", format!("batch {batch} is past the end")))?
         .to_vec();
     let (c, h, w) = dataset.image_shape();
@@ -381,6 +411,7 @@ fn to_device(host: HostBatch, epoch: u64, device: &Device) -> Result<Batch> {
         .map(|v| v.to_tensor(device))
         .collect::<Result<Vec<_>>>()?;
     let n = host.labels.len();
+    // host-ok: a batch's labels go to the device once (u32).
     let labels =
         Tensor::from_vec(host.labels, n, device).context("DataLoader: labels to device")?;
     Ok(Batch {

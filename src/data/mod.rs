@@ -10,7 +10,9 @@
 //!   train / 2,000 held out), and says which ([`DataSource`]).
 //! - [`DataLoader`] batches a dataset with a seeded per-epoch shuffle,
 //!   prepares batches on a background thread and augments them in parallel;
-//!   the same seed gives the same batches and pixels on any number of threads.
+//!   the same seed gives the same batches and pixels on any number of threads;
+//!   with a [`Shard`] it gives one rank of a data-parallel run its part of
+//!   every global batch.
 //! - [`augment`] holds the transforms, [`augment::Compose`],
 //!   [`augment::MultiView`] and the SimCLR/BYOL/reference [`augment::presets`].
 //! - [`EpisodeSampler`] draws N-way K-shot tasks; [`split_classes`] makes
@@ -42,6 +44,7 @@ mod fashion_mnist;
 pub mod idx;
 mod image_folder;
 mod loader;
+mod shard;
 
 pub use cifar::{parse_cifar, read_cifar, CifarKind};
 pub use dataset::{Dataset, InMemoryDataset, Sample};
@@ -54,3 +57,4 @@ pub use fashion_mnist::{
 pub use idx::{parse_idx, read_idx, read_idx_dataset, IdxArray};
 pub use image_folder::{ImageFolder, ImageFolderConfig};
 pub use loader::{Batch, DataLoader, DataLoaderConfig, EpochIter, LoaderPosition};
+pub use shard::Shard;

@@ -29,8 +29,11 @@
 //!
 //! **MSE**: `mean((x − y)²)` (torch's `F.mse_loss`).
 
-use super::{check_float, check_rank, check_same_shape, class_indices, Reduction};
+use super::{
+    check_class_range, check_float, check_rank, check_same_shape, class_targets, Reduction,
+};
 use crate::config::config;
+use crate::host;
 use crate::ops;
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -105,8 +108,16 @@ impl CrossEntropyLoss {
     /// (u8, u32 or i64 class indices in `0..C`, or the ignore index).
     /// Returns a scalar, or `(N,)` for [`Reduction::None`] (ignored rows 0).
     /// For dense predictions `(N, C, H, W)`, move the class dimension last
-    /// and flatten to `(N·H·W, C)` first. The class indices are read to the
-    /// host (one small transfer per call on a GPU).
+    /// and flatten to `(N·H·W, C)` first.
+    ///
+    /// Everything runs on the logits' device: the target log-probabilities
+    /// and class weights are picked with `gather` / `index_select`, nothing
+    /// is built on the host. On the CPU a target outside `0..C` (and not
+    /// the ignore index) is an error naming it; on other devices the
+    /// targets are not read back to check them (that would stall the
+    /// device every call), and such a row's loss is NaN instead, which the
+    /// non-finite guard catches ([`Classifier`](crate::train::Classifier)
+    /// then names the target).
     pub fn forward(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         const OP: &str = "cross_entropy_loss";
         check_rank(OP, "logits (N, C)", logits, 2)?;
@@ -118,48 +129,73 @@ impl CrossEntropyLoss {
                 format!("empty logits {:?}", logits.dims()),
             ));
         }
-        let y = class_indices(OP, targets, n)?;
-        let w: Vec<f64> = match &self.cfg.weight {
-            Some(w) if w.len() != c => {
+        if let Some(w) = &self.cfg.weight {
+            if w.len() != c {
                 return Err(Error::shape(
                     OP,
                     format!("one class weight per class ({c})"),
                     [w.len()],
-                ))
+                ));
             }
-            Some(w) => w.clone(),
-            None => vec![1.0; c],
+        }
+        let y = class_targets(OP, targets, n, c, self.cfg.ignore_index)?;
+        let (dt, dev) = (logits.dtype(), logits.device());
+        let weight = match &self.cfg.weight {
+            Some(w) => Some(host::upload(w, c, dt, dev)?),
+            None => None,
+        };
+        let logp = ops::log_softmax(logits, 1)?;
+        // w[y_i] (ignored rows pick class 0; they are zeroed below).
+        let w_y = match &weight {
+            Some(w) => Some(w.index_select(&y.index, 0)?),
+            None => None,
+        };
+        // −log p_i[y_i], weighted.
+        let nll = logp.gather(&y.index.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+        let mut per_row = match &w_y {
+            Some(w) => (nll * w)?,
+            None => nll,
         };
         let eps = self.cfg.label_smoothing;
-        // The loss is linear in log p: ℓ_i = −Σ_c coef[i, c] · log p_i[c].
-        let mut coef = vec![0f64; n * c];
-        let mut denom = 0f64;
-        for (i, &yi) in y.iter().enumerate() {
-            if Some(yi) == self.cfg.ignore_index {
-                continue;
-            }
-            let k = usize::try_from(yi).ok().filter(|&k| k < c).ok_or_else(|| {
-                Error::invalid(
-                    OP,
-                    format!("target {yi} at row {i} is outside 0..{c} and not the ignore index"),
-                )
-            })?;
-            let row = &mut coef[i * c..(i + 1) * c];
-            for (r, wc) in row.iter_mut().zip(&w) {
-                *r = eps / c as f64 * wc;
-            }
-            row[k] += (1.0 - eps) * w[k];
-            denom += w[k];
+        if eps > 0.0 {
+            // (ε / C) · Σ_c w[c] · (−log p_i[c]).
+            let all = match &weight {
+                Some(w) => logp.broadcast_mul(&w.unsqueeze(0)?)?.sum(1)?,
+                None => logp.sum(1)?,
+            };
+            per_row = ((per_row * (1.0 - eps))? + (all * (-eps / c as f64))?)?;
         }
-        let coef = Tensor::from_vec(coef, (n, c), logits.device())?.to_dtype(logits.dtype())?;
-        let logp = ops::log_softmax(logits, 1)?;
-        let per_row = (logp * coef)?.sum(1)?.neg()?;
+        // Ignored rows are 0 (selected, not multiplied: an infinite log
+        // probability there must not turn into NaN).
+        let zero_ignored = |t: Tensor| -> Result<Tensor> {
+            Ok(match &y.keep {
+                Some(k) => k.where_cond(&t, &t.zeros_like()?)?,
+                None => t,
+            })
+        };
+        let per_row = y.poison_rows(&zero_ignored(per_row)?)?;
         Ok(match self.cfg.reduction {
             Reduction::None => per_row,
             Reduction::Sum => per_row.sum_all()?,
-            Reduction::Mean if denom > 0.0 => (per_row.sum_all()? / denom)?,
-            Reduction::Mean => (per_row.sum_all()? * 0.0)?,
+            Reduction::Mean => {
+                // Σ ℓ_i / Σ w[y_i] over the rows that count, 0 when none does.
+                let counted = match (&w_y, &y.keep) {
+                    (Some(w), _) => zero_ignored(w.clone())?,
+                    (None, Some(k)) => k.to_dtype(dt)?,
+                    (None, None) => return Ok(per_row.mean_all()?),
+                };
+                let denom = counted.sum_all()?;
+                let none = denom.eq(0.0)?.to_dtype(dt)?;
+                let inv = ((denom + &none)?.recip()? * none.affine(-1.0, 1.0)?)?;
+                (per_row.sum_all()? * inv)?
+            }
         })
+    }
+
+    /// Reads `targets` to the host and checks each is in `0..c` or the
+    /// ignore index (what [`CrossEntropyLoss::forward`] does itself on the CPU).
+    pub(crate) fn check_targets(&self, targets: &Tensor, c: usize) -> Result<()> {
+        check_class_range("cross_entropy_loss", targets, c, self.cfg.ignore_index)
     }
 }
 
@@ -252,7 +288,7 @@ impl BceWithLogitsLoss {
                         [pw.len()],
                     ));
                 }
-                let pw = Tensor::new(pw.as_slice(), x.device())?.to_dtype(x.dtype())?;
+                let pw = host::upload(pw, pw.len(), x.dtype(), x.device())?;
                 // 1 + (pos_weight − 1) · y
                 let lw = (y.broadcast_mul(&(pw - 1.0)?)? + 1.0)?;
                 (lw * softplus_neg)?

@@ -87,8 +87,7 @@ impl NtXentLoss {
         let s = (u.matmul(&u.t()?)? / tau)?;
         // Exclude each row's self-similarity from the log-sum-exp.
         let eye = Tensor::eye(2 * n, DType::U8, s.device())?;
-        let neg_inf =
-            Tensor::full(f64::NEG_INFINITY, (2 * n, 2 * n), s.device())?.to_dtype(s.dtype())?;
+        let neg_inf = crate::host::full(f64::NEG_INFINITY, (2 * n, 2 * n), s.dtype(), s.device())?;
         let s = eye.where_cond(&neg_inf, &s)?;
         let lse = ops::logsumexp(&s, 1, false)?;
         // Positive similarities, the same for both views of a pair.

@@ -16,7 +16,7 @@
 //! the caller. The teacher is detached.
 
 use super::{check_batch, check_float, check_non_negative, check_positive, check_rank};
-use super::{check_same_shape, class_indices, one_hot};
+use super::{check_same_shape, class_targets, one_hot};
 use crate::config::config;
 use crate::ops;
 use crate::Result;
@@ -71,8 +71,8 @@ impl DkdLoss {
         check_same_shape(OP, student, teacher)?;
         let n = check_batch(OP, student, 1)?;
         let c = student.dim(1)?;
-        let y = class_indices(OP, labels, n)?;
-        let gt = one_hot(OP, &y, c, student.dtype(), student.device())?;
+        let y = class_targets(OP, labels, n, c, None)?;
+        let gt = one_hot(&y, c, student.dtype())?;
         let t = self.cfg.temperature;
         let zs = (student / t)?;
         let zt = (teacher.detach().to_dtype(student.dtype())? / t)?;
@@ -89,7 +89,7 @@ impl DkdLoss {
         let lt2 = ops::log_softmax(&(&zt - (&gt * 1000.0)?)?, 1)?;
         let nckd = ops::kl_div_log_target(&ls2, &lt2)?;
         let tt = t * t;
-        Ok(((tckd * (self.cfg.alpha * tt))? + (nckd * (self.cfg.beta * tt))?)?)
+        y.poison(&((tckd * (self.cfg.alpha * tt))? + (nckd * (self.cfg.beta * tt))?)?)
     }
 }
 

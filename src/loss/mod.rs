@@ -166,8 +166,51 @@ pub(crate) fn check_non_negative(field: &str, v: f64) -> Result<()> {
     Ok(())
 }
 
-/// Reads class indices (u8, u32 or i64 of rank 1 and length `n`) to the host.
-pub(crate) fn class_indices(op: &str, targets: &Tensor, n: usize) -> Result<Vec<i64>> {
+/// Class indices prepared for `gather` / `index_select` on their device.
+pub(crate) struct ClassTargets {
+    /// `(N,)` u32, in `0..C` on every row (ignored or bad rows hold 0).
+    pub index: Tensor,
+    /// `(N,)` u8, 1 on rows that count (not the ignore index); `None` when
+    /// every row counts.
+    pub keep: Option<Tensor>,
+    /// `(N,)` u8, 1 on rows whose target is outside `0..C`. Only off the
+    /// CPU: there the targets are not read to check them (a read per call
+    /// would stall the device), so a loss makes those rows NaN instead.
+    pub bad: Option<Tensor>,
+}
+
+impl ClassTargets {
+    /// `per_row` `(N,)` with the rows of bad targets set to NaN.
+    pub fn poison_rows(&self, per_row: &Tensor) -> Result<Tensor> {
+        match &self.bad {
+            None => Ok(per_row.clone()),
+            Some(bad) => {
+                let nan = crate::host::full(
+                    f64::NAN,
+                    per_row.shape(),
+                    per_row.dtype(),
+                    per_row.device(),
+                )?;
+                Ok(bad.where_cond(&nan, per_row)?)
+            }
+        }
+    }
+
+    /// The scalar `loss`, NaN when any target is bad.
+    pub fn poison(&self, loss: &Tensor) -> Result<Tensor> {
+        match &self.bad {
+            None => Ok(loss.clone()),
+            Some(bad) => {
+                let any = bad.max_keepdim(0)?.reshape(())?;
+                let nan = crate::host::full(f64::NAN, (), loss.dtype(), loss.device())?;
+                Ok(any.where_cond(&nan, loss)?)
+            }
+        }
+    }
+}
+
+/// Errors unless `targets` are class indices (u8, u32 or i64) of shape `(n,)`.
+fn check_class_indices(op: &str, targets: &Tensor, n: usize) -> Result<()> {
     if targets.rank() != 1 || targets.dim(0)? != n {
         return Err(Error::shape(
             op,
@@ -176,33 +219,127 @@ pub(crate) fn class_indices(op: &str, targets: &Tensor, n: usize) -> Result<Vec<
         ));
     }
     match targets.dtype() {
-        DType::U8 | DType::U32 | DType::I64 => {}
-        other => {
-            return Err(Error::invalid(
-                op,
-                format!("class indices must be u8, u32 or i64, got {other:?}"),
-            ))
-        }
+        DType::U8 | DType::U32 | DType::I64 => Ok(()),
+        other => Err(Error::invalid(
+            op,
+            format!("class indices must be u8, u32 or i64, got {other:?}"),
+        )),
     }
-    Ok(targets.to_dtype(DType::I64)?.to_vec1::<i64>()?)
 }
 
-/// One-hot rows (n, c) in `dtype` for in-range labels; errors on a label
-/// outside `0..c`.
-pub(crate) fn one_hot(
-    op: &str,
-    labels: &[i64],
-    c: usize,
-    dtype: DType,
-    device: &candle_core::Device,
-) -> Result<Tensor> {
-    let mut m = vec![0f64; labels.len() * c];
-    for (i, &y) in labels.iter().enumerate() {
-        let k = usize::try_from(y)
-            .ok()
-            .filter(|&k| k < c)
-            .ok_or_else(|| Error::invalid(op, format!("label {y} at row {i} is outside 0..{c}")))?;
-        m[i * c + k] = 1.0;
+/// The largest value of an integer dtype, as i64 (`None`: any i64).
+fn max_index(dtype: DType) -> Option<i64> {
+    match dtype {
+        DType::U8 => Some(u8::MAX as i64),
+        DType::U32 => Some(u32::MAX as i64),
+        _ => None,
     }
-    Ok(Tensor::from_vec(m, (labels.len(), c), device)?.to_dtype(dtype)?)
+}
+
+/// `t` compared with the integer `v` (which fits `t`'s dtype).
+fn cmp_int(t: &Tensor, v: i64, op: candle_core::op::CmpOp) -> Result<Tensor> {
+    Ok(match t.dtype() {
+        DType::U8 => t.cmp(v as u8, op)?,
+        DType::U32 => t.cmp(v as u32, op)?,
+        _ => t.cmp(v, op)?,
+    })
+}
+
+/// Reads class indices to the host and checks each is in `0..c` or the
+/// ignore index: an error names the first that is not.
+pub(crate) fn check_class_range(
+    op: &str,
+    targets: &Tensor,
+    c: usize,
+    ignore: Option<i64>,
+) -> Result<()> {
+    check_class_indices(op, targets, targets.dims().first().copied().unwrap_or(0))?;
+    // host-ok: validation, on the CPU or after a step already failed.
+    let y = targets.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+    for (i, &yi) in y.iter().enumerate() {
+        if Some(yi) == ignore {
+            continue;
+        }
+        if usize::try_from(yi).ok().filter(|&k| k < c).is_none() {
+            let why = match ignore {
+                Some(ig) => format!("is outside 0..{c} and not the ignore index {ig}"),
+                None => format!("is outside 0..{c}"),
+            };
+            return Err(Error::invalid(op, format!("target {yi} at row {i} {why}")));
+        }
+    }
+    Ok(())
+}
+
+/// Prepares class indices `(n,)` (u8, u32 or i64) over `c` classes for use
+/// on their device. On the CPU every target is checked (an error names the
+/// first outside `0..c` that is not `ignore`); elsewhere nothing is read
+/// back and bad rows are marked in [`ClassTargets::bad`].
+pub(crate) fn class_targets(
+    op: &str,
+    targets: &Tensor,
+    n: usize,
+    c: usize,
+    ignore: Option<i64>,
+) -> Result<ClassTargets> {
+    use candle_core::op::CmpOp;
+    check_class_indices(op, targets, n)?;
+    let on_cpu = crate::host::on_cpu(targets.device());
+    if on_cpu {
+        check_class_range(op, targets, c, ignore)?;
+    }
+    let dt = targets.dtype();
+    let fits = |v: i64| v >= 0 && max_index(dt).is_none_or(|m| v <= m);
+    // An ignore index the dtype cannot hold matches nothing.
+    let keep = match ignore {
+        Some(ig) if fits(ig) || dt == DType::I64 => Some(cmp_int(targets, ig, CmpOp::Ne)?),
+        _ => None,
+    };
+    // In range: below c (always, when the dtype cannot reach c) and >= 0.
+    let mut ok = if fits(c as i64) {
+        Some(cmp_int(targets, c as i64, CmpOp::Lt)?)
+    } else {
+        None
+    };
+    if dt == DType::I64 {
+        let nonneg = cmp_int(targets, 0, CmpOp::Ge)?;
+        ok = Some(match ok {
+            Some(o) => o.mul(&nonneg)?,
+            None => nonneg,
+        });
+    }
+    let bad = match (&ok, on_cpu) {
+        (Some(o), false) => {
+            let out = o.eq(0u8)?;
+            Some(match &keep {
+                Some(k) => out.mul(k)?,
+                None => out,
+            })
+        }
+        _ => None,
+    };
+    let usable = match (&ok, &keep) {
+        (Some(o), Some(k)) => Some(o.mul(k)?),
+        (Some(o), None) => Some(o.clone()),
+        (None, Some(k)) => Some(k.clone()),
+        (None, None) => None,
+    };
+    let index = match usable {
+        Some(u) => u.where_cond(targets, &targets.zeros_like()?)?,
+        None => targets.clone(),
+    }
+    .to_dtype(DType::U32)?;
+    Ok(ClassTargets { index, keep, bad })
+}
+
+/// One-hot rows `(n, c)` in `dtype` built on the device from prepared
+/// targets (bad rows are all zero; losses poison them).
+pub(crate) fn one_hot(targets: &ClassTargets, c: usize, dtype: DType) -> Result<Tensor> {
+    // host-ok: the class ids 0..c (u32), a small upload.
+    let classes = Tensor::arange(0u32, c as u32, targets.index.device())?.unsqueeze(0)?;
+    Ok(targets
+        .index
+        .unsqueeze(1)?
+        .broadcast_eq(&classes)?
+        .to_dtype(dtype)?)
 }

@@ -40,6 +40,33 @@ impl KeyQueue {
         })
     }
 
+    /// A queue restored from saved state ([`KeyQueue::keys`] and
+    /// [`KeyQueue::pointer`], e.g. from a checkpoint): the keys `(K, D)` are
+    /// kept as they are (not normalised again, so a resumed run continues
+    /// bit for bit) and `pointer` must be below `K`.
+    pub fn from_state(keys: &Tensor, pointer: usize) -> Result<Self> {
+        let k = match keys.dims() {
+            [k, d] if *k > 0 && *d > 0 => *k,
+            other => {
+                return Err(Error::shape(
+                    "KeyQueue::from_state",
+                    "a non-empty queue (K, D)",
+                    other,
+                ))
+            }
+        };
+        if pointer >= k {
+            return Err(Error::invalid(
+                "KeyQueue::from_state",
+                format!("write pointer {pointer} is outside a queue of {k} keys"),
+            ));
+        }
+        Ok(Self {
+            keys: keys.detach(),
+            ptr: pointer,
+        })
+    }
+
     /// A queue of `size` random unit vectors of dimension `dim` (MoCo starts
     /// from normalised Gaussian noise), drawn from `rng`.
     pub fn random(
@@ -57,6 +84,7 @@ impl KeyQueue {
                 (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
             })
             .collect();
+        // host-ok: drawn once on the host in f32, then cast on the device.
         let t = Tensor::from_vec(v, (size, dim), device)?.to_dtype(dtype)?;
         Self::new(&t)
     }

@@ -506,8 +506,8 @@ macro_rules! gradient_meta_api {
                 self.core.train_step(batch, step)
             }
 
-            fn set_learning_rate(&mut self, lr: f64) {
-                self.core.optimizer_mut().set_lr(lr);
+            fn set_learning_rate(&mut self, lr: f64) -> $crate::Result<()> {
+                self.core.optimizer_mut().set_lr(lr)
             }
 
             fn learning_rate(&self) -> f64 {

@@ -303,8 +303,8 @@ impl<M: ModuleT, O: Optimizer> TrainStep for ProtoNet<M, O> {
         Ok(StepOutput::new(value, n).with_metric("query_acc", acc / n as f64))
     }
 
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.optimizer.set_lr(lr);
+    fn set_learning_rate(&mut self, lr: f64) -> Result<()> {
+        self.optimizer.set_lr(lr)
     }
 
     fn learning_rate(&self) -> f64 {

@@ -259,8 +259,10 @@ where
     }
 
     /// Sets the outer step size ε.
-    fn set_learning_rate(&mut self, lr: f64) {
+    fn set_learning_rate(&mut self, lr: f64) -> Result<()> {
+        crate::optim::check_set_lr("Reptile::set_learning_rate (ε)", lr, self.epsilon)?;
         self.epsilon = lr;
+        Ok(())
     }
 
     /// The outer step size ε.

@@ -225,6 +225,14 @@ impl BatchNorm {
             )),
             _ => None,
         };
+        if train {
+            if let Some(replicas) = super::SyncBatchNormScope::current() {
+                if replicas.world_size() > 1 {
+                    let y = self.forward_sync(&xi, affine.as_ref(), replicas.as_ref())?;
+                    return finish(y.reshape(dims)?.to_dtype(dt)?, tail);
+                }
+            }
+        }
         let y = if use_batch {
             let n = n_batch * l;
             if n <= 1 {
@@ -288,12 +296,74 @@ impl BatchNorm {
             };
             xi.broadcast_mul(&scale)?.broadcast_add(&shift)?
         };
-        let y = y.reshape(dims)?.to_dtype(dt)?;
-        match tail {
-            Tail::None => Ok(y),
-            Tail::Relu => crate::ops::relu(&y),
-            Tail::AddRelu(s) => crate::ops::relu(&(y + s)?),
+        finish(y.reshape(dims)?.to_dtype(dt)?, tail)
+    }
+
+    /// Train mode with the statistics of the global batch
+    /// ([`super::SyncBatchNormScope`]): `xi` is the `(N, C, L)` view in the
+    /// internal dtype. Two passes, as the local path: the global mean from
+    /// the ranks' sums and counts (one all-reduce of `C + 1` values), then
+    /// the global biased variance from the ranks' sums of squared
+    /// deviations (one all-reduce of `C` values). The sums are
+    /// differentiable across ranks, so the backward pass all-reduces the
+    /// two gradients of the statistics as torch's SyncBatchNorm does.
+    fn forward_sync(
+        &self,
+        xi: &Tensor,
+        affine: Option<&(Tensor, Tensor)>,
+        replicas: &dyn crate::autograd::Replicas,
+    ) -> Result<Tensor> {
+        let (n_batch, c, l) = xi.dims3()?;
+        if n_batch * l == 0 {
+            return Err(Error::shape(
+                "BatchNorm (synchronised, train mode)",
+                "at least one value per channel on every rank",
+                xi.dims(),
+            ));
         }
+        let count = crate::host::full((n_batch * l) as f64, 1, xi.dtype(), xi.device())?;
+        let local = Tensor::cat(
+            &[&xi.sum_keepdim(2)?.sum_keepdim(0)?.flatten_all()?, &count],
+            0,
+        )?;
+        let global = replicas.sum(&local)?;
+        let n = global.narrow(0, c, 1)?;
+        let mean = global
+            .narrow(0, 0, c)?
+            .broadcast_div(&n)?
+            .reshape((1, c, 1))?;
+        let centered = xi.broadcast_sub(&mean)?;
+        let sq = centered
+            .sqr()?
+            .sum_keepdim(2)?
+            .sum_keepdim(0)?
+            .flatten_all()?;
+        let var = replicas.sum(&sq)?.broadcast_div(&n)?;
+        if let (Some(rm), Some(rv)) = (&self.running_mean, &self.running_var) {
+            let m = self.cfg.momentum;
+            let n = n.detach();
+            let unbiased = var
+                .detach()
+                .broadcast_mul(&n.broadcast_div(&(&n - 1.0)?)?)?
+                .to_dtype(rv.dtype())?;
+            let bm = mean.detach().flatten_all()?.to_dtype(rm.dtype())?;
+            rm.set(&((rm.as_tensor().detach() * (1.0 - m))? + (bm * m)?)?)?;
+            rv.set(&((rv.as_tensor().detach() * (1.0 - m))? + (unbiased * m)?)?)?;
+        }
+        let scale = (var.reshape((1, c, 1))? + self.cfg.eps)?.sqrt()?.recip()?;
+        Ok(match affine {
+            Some((w, b)) => centered.broadcast_mul(&(scale * w)?)?.broadcast_add(b)?,
+            None => centered.broadcast_mul(&scale)?,
+        })
+    }
+}
+
+/// Applies the tail (ReLU, shortcut + ReLU) to the normalised `y`.
+fn finish(y: Tensor, tail: Tail) -> Result<Tensor> {
+    match tail {
+        Tail::None => Ok(y),
+        Tail::Relu => crate::ops::relu(&y),
+        Tail::AddRelu(s) => crate::ops::relu(&(y + s)?),
     }
 }
 

@@ -9,8 +9,9 @@ use crate::{Error, Result};
 
 config! {
     /// Configuration of a [`ConvNet`]. Defaults: the conv32–conv64–fc128
-    /// classifier of `bench/torch_peer.py` and `bench/torch_quality.py` for
-    /// 28×28 grey images and 10 classes.
+    /// classifier of the reference protocols and speed peers
+    /// (docs/benchmarks.md, "Protocols") for 28×28 grey images and 10
+    /// classes.
     #[derive(Eq)]
     pub struct ConvNetConfig {
         /// Input channels (default 1).

@@ -163,8 +163,11 @@ impl Dropout {
             .map(|_| u8::from(u64::from(r.next_u32()) >= threshold))
             .collect();
         let scale = 1.0 / (1.0 - self.cfg.p);
+        // host-ok: the mask is drawn on the host from the seeded stream (so
+        // resume is exact on every device) and uploaded as u8.
         let mask = Tensor::from_vec(keep, x.shape(), x.device())?;
         let mask = if x.dtype() == DType::F64 {
+            // host-ok: f64 only for f64 input.
             (mask.to_dtype(DType::F64)? * scale)?
         } else {
             (mask.to_dtype(DType::F32)? * scale)?.to_dtype(x.dtype())?

@@ -96,7 +96,10 @@ pub fn sample_init(
             }
         }
     };
-    Ok(Tensor::from_vec(values, shape.clone(), device)?.to_dtype(dtype)?)
+    // host-ok: drawn in f64 and cast on the CPU, then uploaded in `dtype`
+    // (no f64 tensor on a device that may not have f64).
+    let t = Tensor::from_vec(values, shape.clone(), &Device::Cpu)?.to_dtype(dtype)?;
+    Ok(t.to_device(device)?)
 }
 
 /// A [`VarBuilder`] backend over a [`VarMap`] that initialises missing

@@ -14,8 +14,8 @@ config! {
     /// Configuration of an [`Mlp`].
     pub struct MlpConfig {
         /// Layer widths, input first and output last: `[784, 128, 10]` is one
-        /// hidden layer of 128 (default: the MLP student of
-        /// `bench/torch_quality.py`, `Flatten–Linear(784,128)–ReLU–Linear(128,10)`).
+        /// hidden layer of 128 (default: the MLP student of the distillation
+        /// protocol in docs/benchmarks.md, `Flatten–Linear(784,128)–ReLU–Linear(128,10)`).
         sizes: Vec<usize> = vec![784, 128, 10],
         /// Activation after every hidden layer (default ReLU).
         activation: Activation = Activation::Relu,

@@ -65,6 +65,7 @@ pub mod params;
 mod pool;
 mod resnet;
 mod sequential;
+mod sync_batch_norm;
 
 pub use activation::Activation;
 pub use batch_norm::{batch_norm, BatchNorm, BatchNormConfig};
@@ -84,6 +85,7 @@ pub use resnet::{
     resnet18, resnet34, resnet50, resnet_small, resnet_tiny, BlockKind, ResNet, ResNetConfig, Stem,
 };
 pub use sequential::{seq, SequentialT};
+pub use sync_batch_norm::SyncBatchNormScope;
 
 /// Turns an aimass error into a candle error for the `Module`/`ModuleT`
 /// trait impls (a plain candle error is passed through unchanged).

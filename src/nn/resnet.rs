@@ -93,7 +93,8 @@ impl ResNetConfig {
         }
     }
 
-    /// `resnet_tiny` of `bench/torch_quality.py`: small stem 3×3 conv 1→16,
+    /// `resnet_tiny` of the reference protocols (docs/benchmarks.md,
+    /// "Protocols"): small stem 3×3 conv 1→16,
     /// BN, ReLU; three stages of 2 BasicBlocks at widths 16/32/64, strides
     /// 1/2/2; global average pool; 64-d features, no classifier.
     pub fn resnet_tiny() -> Self {
@@ -107,7 +108,7 @@ impl ResNetConfig {
         }
     }
 
-    /// `resnet_small` of `bench/torch_quality.py`: as [`Self::resnet_tiny`]
+    /// `resnet_small` of the reference protocols: as [`Self::resnet_tiny`]
     /// at widths 32/64/128 (128-d features).
     pub fn resnet_small() -> Self {
         Self {

@@ -2,6 +2,7 @@
 
 use candle_core::{ModuleT, Tensor};
 
+use crate::nn::{FeatureExtractor, Features};
 use crate::Result;
 
 /// Layers applied one after the other, each with the same `train` flag.
@@ -80,6 +81,26 @@ impl SequentialT {
 impl ModuleT for SequentialT {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         SequentialT::forward_t(self, x, train).map_err(crate::nn::to_candle)
+    }
+}
+
+/// Each layer's output is a stage named by its index, as the children of a
+/// `torch.nn.Sequential` are (`0`, `1`, ...); the last one is the output.
+/// So any [`ModuleT`] becomes a feature extractor (for instance a
+/// distillation teacher or student) as `seq().add(module)`.
+impl FeatureExtractor for SequentialT {
+    fn feature_names(&self) -> Vec<String> {
+        (0..self.layers.len()).map(|i| i.to_string()).collect()
+    }
+
+    fn forward_features(&self, x: &Tensor, train: bool) -> Result<Features> {
+        let mut f = Features::new();
+        let mut x = x.clone();
+        for (i, l) in self.layers.iter().enumerate() {
+            x = l.forward_t(&x, train)?;
+            f.push(i.to_string(), x.clone());
+        }
+        Ok(f)
     }
 }
 

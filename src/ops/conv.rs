@@ -1,8 +1,16 @@
 //! 2-D convolution, routed to the fastest correct implementation.
 //!
 //! On the CPU, f32/f64 tensors go to aimass's own kernel (see
-//! [`super::kernels`]) when it supports the case; everything else uses
-//! candle's `conv2d`. Both are differentiable.
+//! [`super::kernels`]) when it supports the case; everything else (CUDA,
+//! Metal, half types) uses candle's `conv2d`. Both are differentiable.
+//!
+//! candle 0.11's `conv2d` backward sizes the input gradient from the
+//! leftover rows only (`out_padding` of its transposed convolution), so
+//! when a strided convolution leaves a different number of unused rows
+//! and columns (height 8, width 7, stride 2) the backward pass fails with
+//! a shape mismatch. On that path the input is first zero-padded at the
+//! bottom or right, inside the unused margin, so both leftovers agree: the
+//! output is unchanged and the gradient of the padding is dropped.
 
 use candle_core::Tensor;
 
@@ -79,6 +87,23 @@ pub(crate) fn check_conv2d(
     ))
 }
 
+/// `x` zero-padded at the end of H or W so that the convolution leaves as
+/// many unused rows as columns (see the module docs); `x` itself when it
+/// already does.
+fn balance_leftovers(x: &Tensor, w: &Tensor, p: &Conv2dParams) -> Result<Tensor> {
+    let (_, _, h, wd) = x.dims4()?;
+    let (_, _, kh, kw) = w.dims4()?;
+    let left = |len: usize, k: usize| (len + 2 * p.padding - (p.dilation * (k - 1) + 1)) % p.stride;
+    let (lh, lw) = (left(h, kh), left(wd, kw));
+    Ok(if lh > lw {
+        x.pad_with_zeros(3, 0, lh - lw)?
+    } else if lw > lh {
+        x.pad_with_zeros(2, 0, lw - lh)?
+    } else {
+        x.clone()
+    })
+}
+
 /// 2-D convolution of `x` (N×C_in×H×W) with `w` (C_out×C_in/groups×kH×kW),
 /// plus an optional per-channel `bias`, as torch's `F.conv2d`.
 pub fn conv2d(
@@ -93,15 +118,14 @@ pub fn conv2d(
         let (s, p, d) = (params.stride, params.padding, params.dilation);
         return super::kernels::conv2d(x, w, bias, (s, s), (p, p), (d, d), params.groups);
     }
-    let y = {
-        x.conv2d(
-            w,
-            params.padding,
-            params.stride,
-            params.dilation,
-            params.groups,
-        )?
-    };
+    let x = &balance_leftovers(x, w, params)?;
+    let y = x.conv2d(
+        w,
+        params.padding,
+        params.stride,
+        params.dilation,
+        params.groups,
+    )?;
     match bias {
         Some(b) => Ok(y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?),
         None => Ok(y),

@@ -46,7 +46,7 @@ fn pad_dim(x: &Tensor, dim: usize, before: usize, after: usize, value: f64) -> R
     let block = |n: usize| -> Result<Tensor> {
         let mut dims = x.dims().to_vec();
         dims[dim] = n;
-        Ok(Tensor::full(value, dims, x.device())?.to_dtype(x.dtype())?)
+        crate::host::full(value, dims, x.dtype(), x.device())
     };
     if before > 0 {
         parts.push(block(before)?);

@@ -2,8 +2,9 @@
 //! `clip_grad_norm_` and `clip_grad_value_`), standalone on a [`GradStore`]
 //! or as an optimizer option ([`GradClip`]) applied before each step.
 
-use candle_core::{backprop::GradStore, DType, Tensor, Var};
+use candle_core::{backprop::GradStore, Tensor, Var};
 
+use crate::host::{self, Reduce};
 use crate::{Error, Result};
 
 /// Gradient clipping applied by an optimizer before its update.
@@ -72,51 +73,56 @@ fn check_norm_type(p: f64) -> std::result::Result<(), &'static str> {
     }
 }
 
-/// The p-norm of one tensor, computed in f64.
-pub(crate) fn tensor_norm(t: &Tensor, p: f64) -> Result<f64> {
-    if t.elem_count() == 0 {
-        return Ok(0.0);
-    }
-    let a = t.to_dtype(DType::F64)?.abs()?;
-    let n = if p.is_infinite() {
-        // The sum carries a NaN that `max` would skip.
-        let s = a.sum_all()?.to_scalar::<f64>()?;
-        if s.is_nan() {
-            f64::NAN
-        } else {
-            a.flatten_all()?.max(0)?.to_scalar::<f64>()?
-        }
+/// The reductions whose host values give the global p-norm, per tensor.
+fn norm_reductions(p: f64) -> &'static [Reduce] {
+    if p.is_infinite() {
+        // `max` may skip a NaN that the sum carries.
+        &[Reduce::MaxAbs, Reduce::SumAbs]
     } else if p == 2.0 {
-        a.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt()
+        &[Reduce::SumSq]
     } else if p == 1.0 {
-        a.sum_all()?.to_scalar::<f64>()?
+        &[Reduce::SumAbs]
     } else {
-        a.powf(p)?.sum_all()?.to_scalar::<f64>()?.powf(1.0 / p)
-    };
-    Ok(n)
+        &[]
+    }
 }
 
-/// The global p-norm of several tensors: the p-norm of their p-norms, as
-/// torch computes it.
+/// The global p-norm of several tensors, as torch's `clip_grad_norm_`
+/// computes it (the p-norm of the per-tensor p-norms). Each tensor is
+/// reduced on its device (in f32, or f64 for f64 tensors) and all the
+/// partial results come back in one host read, shared with the non-finite
+/// guard and the loss scaler when they already read them (see
+/// `crate::host`).
 pub(crate) fn global_norm<'a>(ts: impl IntoIterator<Item = &'a Tensor>, p: f64) -> Result<f64> {
-    let mut acc = 0.0f64;
-    for t in ts {
-        let n = tensor_norm(t, p)?;
-        if p.is_infinite() {
-            // NaN must propagate: f64::max would drop it.
-            acc = if n.is_nan() || acc.is_nan() {
+    let pow = [Reduce::sum_abs_pow(p)];
+    let per = match norm_reductions(p) {
+        [] => &pow[..],
+        r => r,
+    };
+    let ts: Vec<&Tensor> = ts.into_iter().collect();
+    let items: Vec<(&Tensor, Reduce)> = ts
+        .iter()
+        .flat_map(|t| per.iter().map(move |r| (*t, *r)))
+        .collect();
+    let v = host::reduce_and_read(&items)?;
+    Ok(if p.is_infinite() {
+        // NaN must propagate: f64::max would drop it.
+        v.chunks(2).fold(0.0, |acc: f64, mv| {
+            if mv[1].is_nan() || acc.is_nan() {
                 f64::NAN
             } else {
-                acc.max(n)
-            };
-        } else {
-            acc += n.powf(p);
-        }
-    }
-    Ok(if p.is_infinite() || p == 1.0 {
-        acc
+                acc.max(mv[0])
+            }
+        })
     } else {
-        acc.powf(1.0 / p)
+        let sum: f64 = v.iter().sum();
+        if p == 1.0 {
+            sum
+        } else if p == 2.0 {
+            sum.sqrt()
+        } else {
+            sum.powf(1.0 / p)
+        }
     })
 }
 

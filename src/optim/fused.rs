@@ -121,7 +121,11 @@ pub(crate) fn applicable(muts: &[&Tensor], grad: &Tensor) -> bool {
     let dt = grad.dtype();
     let all: Vec<&Tensor> = muts.iter().copied().chain(std::iter::once(grad)).collect();
     for t in all.iter() {
-        if !t.device().is_cpu() || t.dtype() != dt || t.elem_count() != n || !t.is_contiguous() {
+        if !crate::host::on_cpu(t.device())
+            || t.dtype() != dt
+            || t.elem_count() != n
+            || !t.is_contiguous()
+        {
             return false;
         }
     }

@@ -20,7 +20,7 @@
 //! buffer's output (torch SGD style), not its input as in SimCLR's
 //! TensorFlow code; the two agree at a constant learning rate.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use super::groups::ParamGroup;
 use super::state::Core;
@@ -78,12 +78,22 @@ pub struct Lars {
     cfg: LarsConfig,
 }
 
-fn norm(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?
+/// The 2-norm of `t` as a 0-d tensor on its device (f32, or f64 for f64).
+fn norm(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(crate::host::accumulator(t))?
         .sqr()?
         .sum_all()?
-        .sqrt()?
-        .to_scalar::<f64>()?)
+        .sqrt()?)
+}
+
+/// The trust ratio `eta·‖p‖ / (‖g‖ + wd·‖p‖ + eps)`, or 1 unless both
+/// norms are > 0, computed on the device (no host read per parameter).
+fn trust_ratio(p: &Tensor, g: &Tensor, eta: f64, wd: f64, eps: f64) -> Result<Tensor> {
+    let (pn, gn) = (norm(p)?, norm(g)?);
+    let ratio = ((&pn * eta)? / ((&gn + (&pn * wd)?)? + eps)?)?;
+    let one = ratio.ones_like()?;
+    let ratio = gn.gt(0.0)?.where_cond(&ratio, &one)?;
+    Ok(pn.gt(0.0)?.where_cond(&ratio, &one)?)
 }
 
 impl Lars {
@@ -128,10 +138,8 @@ impl Lars {
             g.clone()
         };
         if grp.trust_ratio {
-            let (pn, gn) = (norm(p)?, norm(g)?);
-            if pn > 0.0 && gn > 0.0 {
-                d = (d * (c.eta * pn / (gn + wd * pn + c.eps)))?;
-            }
+            let r = trust_ratio(p, g, c.eta, wd, c.eps)?;
+            d = d.broadcast_mul(&r.to_dtype(d.dtype())?)?;
         }
         if c.momentum != 0.0 {
             let buf = match slot.bufs.first().and_then(|b| b.as_ref()) {

@@ -45,7 +45,7 @@
 //! let mut first = None;
 //! let mut last = 0.0;
 //! for step in 0..100 {
-//!     opt.set_lr(sched.lr(step));
+//!     opt.set_lr(sched.lr(step))?;
 //!     let loss = (lin.forward(&x)? - &y)?.sqr()?.mean_all()?;
 //!     last = loss.to_scalar::<f32>()?;
 //!     first.get_or_insert(last);
@@ -82,9 +82,9 @@ pub use groups::{default_param_groups, ParamGroup};
 pub use lars::{Lars, LarsConfig};
 pub use rmsprop::{RmsProp, RmsPropConfig};
 pub use schedule::{
-    ConstantLr, CosineAnnealingLr, ExponentialLr, LinearWarmup, MultiStepLr, OneCycleConfig,
-    OneCycleLr, PlateauMode, ReduceLrOnPlateau, ReduceLrOnPlateauConfig, Schedule, StepLr,
-    ThresholdMode,
+    ConstantLr, CosineAnnealingLr, CosineAnnealingWarmRestarts, ExponentialLr, LinearWarmup,
+    MultiStepLr, OneCycleConfig, OneCycleLr, PlateauMode, ReduceLrOnPlateau,
+    ReduceLrOnPlateauConfig, Schedule, StepLr, ThresholdMode,
 };
 pub use sgd::{Sgd, SgdConfig};
 
@@ -105,11 +105,26 @@ pub trait Optimizer {
     /// a parameter of this optimizer is an error (nothing is modified).
     fn step_gradients(&mut self, grads: &Gradients) -> Result<()>;
 
+    /// Makes `grads` the gradients this optimizer's next step will apply,
+    /// before the trainer checks them: called by trainers right after the
+    /// backward pass. A data-parallel optimizer
+    /// ([`DistributedOptimizer`](crate::distributed::DistributedOptimizer))
+    /// replaces its parameters' gradients by their mean over all ranks
+    /// here, so every rank's non-finite check, clipping and update see the
+    /// same values. The default does nothing; an optimizer that needs it
+    /// and is stepped without it does the work in [`Optimizer::step`].
+    fn sync_gradients(&mut self, _grads: &mut GradStore) -> Result<()> {
+        Ok(())
+    }
+
     /// The base learning rate (each group multiplies it by its `lr_scale`).
     fn lr(&self) -> f64;
 
-    /// Sets the base learning rate, e.g. from a [`Schedule`].
-    fn set_lr(&mut self, lr: f64);
+    /// Sets the base learning rate, e.g. from a [`Schedule`]. A rate that is
+    /// not finite or is negative is refused with
+    /// [`Error::InvalidArgument`](crate::Error::InvalidArgument) and the
+    /// rate stays as it was.
+    fn set_lr(&mut self, lr: f64) -> Result<()>;
 
     /// Number of [`Optimizer::step`] calls so far (restored by
     /// [`Optimizer::load_state_dict`]).
@@ -141,10 +156,13 @@ impl<O: Optimizer + ?Sized> Optimizer for Box<O> {
     fn step_gradients(&mut self, grads: &Gradients) -> Result<()> {
         (**self).step_gradients(grads)
     }
+    fn sync_gradients(&mut self, grads: &mut GradStore) -> Result<()> {
+        (**self).sync_gradients(grads)
+    }
     fn lr(&self) -> f64 {
         (**self).lr()
     }
-    fn set_lr(&mut self, lr: f64) {
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
         (**self).set_lr(lr)
     }
     fn step_count(&self) -> u64 {
@@ -167,6 +185,7 @@ macro_rules! impl_optimizer {
     ($ty:ident, $cfg:ident) => {
         impl $crate::optim::Optimizer for $ty {
             fn step(&mut self, grads: &candle_core::backprop::GradStore) -> $crate::Result<()> {
+                $crate::optim::check_lr_before_step(stringify!($ty), self.core.lr)?;
                 let gs = self.core.grads(grads)?;
                 self.apply(gs)
             }
@@ -174,14 +193,21 @@ macro_rules! impl_optimizer {
                 &mut self,
                 grads: &$crate::autograd::Gradients,
             ) -> $crate::Result<()> {
+                $crate::optim::check_lr_before_step(stringify!($ty), self.core.lr)?;
                 let gs = self.core.named_grads(grads)?;
                 self.apply(gs)
             }
             fn lr(&self) -> f64 {
                 self.core.lr
             }
-            fn set_lr(&mut self, lr: f64) {
+            fn set_lr(&mut self, lr: f64) -> $crate::Result<()> {
+                $crate::optim::check_set_lr(
+                    concat!(stringify!($ty), "::set_lr"),
+                    lr,
+                    self.core.lr,
+                )?;
                 self.core.lr = lr;
+                Ok(())
             }
             fn step_count(&self) -> u64 {
                 self.core.step
@@ -217,6 +243,11 @@ macro_rules! impl_optimizer {
             fn learning_rate(&self) -> f64 {
                 self.core.lr
             }
+            /// Sets the learning rate. This method cannot fail, so a rate
+            /// that is not finite or is negative is kept and the next
+            /// `step` fails with an error saying so (use
+            /// [`Optimizer::set_lr`](crate::optim::Optimizer::set_lr) to be
+            /// told at once).
             fn set_learning_rate(&mut self, lr: f64) {
                 self.core.lr = lr;
             }
@@ -252,6 +283,31 @@ pub(crate) fn check_lr(field: &str, lr: f64) -> Result<()> {
             field,
             lr,
             "the learning rate must be finite and >= 0",
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a learning rate for `set_lr` (`op`) that is not finite or is
+/// negative; `current` is the rate that stays.
+pub(crate) fn check_set_lr(op: &str, lr: f64, current: f64) -> Result<()> {
+    if !(lr.is_finite() && lr >= 0.0) {
+        return Err(crate::Error::invalid(
+            op,
+            format!("the learning rate must be finite and >= 0, got {lr}; it stays {current}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses to step optimizer `owner` with a learning rate that is not
+/// finite or is negative (one set through `candle_nn::Optimizer::set_learning_rate`,
+/// which cannot return an error).
+pub(crate) fn check_lr_before_step(owner: &str, lr: f64) -> Result<()> {
+    if !(lr.is_finite() && lr >= 0.0) {
+        return Err(crate::Error::invalid(
+            format!("{owner}::step"),
+            format!("the learning rate is {lr} (set through candle_nn::Optimizer::set_learning_rate, which cannot fail); it must be finite and >= 0: set a valid rate before stepping. Nothing was updated"),
         ));
     }
     Ok(())

@@ -345,7 +345,10 @@ pub struct OneCycleLr {
 }
 
 impl OneCycleLr {
-    /// Validates the config.
+    /// Validates the config: besides each field's range, no step of the
+    /// cycle may fall in a phase of zero length (e.g. `pct_start ×
+    /// total_steps = 1`, where the warm-up would end at step 0), which
+    /// would give a NaN rate where torch raises `ZeroDivisionError`.
     pub fn new(cfg: OneCycleConfig) -> Result<Self> {
         cfg.validate()?;
         let initial = cfg.max_lr / cfg.div_factor;
@@ -395,6 +398,7 @@ impl OneCycleLr {
                 },
             ]
         };
+        check_phases(&cfg, &phases)?;
         Ok(Self { cfg, phases })
     }
 
@@ -435,6 +439,134 @@ impl Schedule for OneCycleLr {
     /// give the value at `total_steps`.
     fn lr(&self, step: u64) -> f64 {
         self.at(step).0
+    }
+}
+
+/// Refuses a cycle in which a step lands in a phase of zero length: its
+/// position in the phase would be `x / 0` (NaN or infinite), where torch
+/// raises `ZeroDivisionError`. Phase `i` spans `(end[i-1], end[i]]`
+/// (`[0, end[0]]` for the first; the last takes every later step up to
+/// `total_steps`) and is reached by the integer steps in that range that
+/// no earlier phase took.
+fn check_phases(cfg: &OneCycleConfig, phases: &[Phase]) -> Result<()> {
+    let names: &[&str] = if cfg.three_phase {
+        &["warm-up", "cool-down", "annealing"]
+    } else {
+        &["warm-up", "annealing"]
+    };
+    let total = cfg.total_steps as f64;
+    let mut first_free = 0.0f64; // the first step no earlier phase takes
+    let mut start = 0.0;
+    for (i, ph) in phases.iter().enumerate() {
+        let last = if i + 1 == phases.len() {
+            total
+        } else {
+            ph.end_step.floor().min(total)
+        };
+        if first_free <= last && ph.end_step == start {
+            let name = names.get(i).copied().unwrap_or("last");
+            return Err(Error::config(
+                "OneCycleConfig::pct_start",
+                cfg.pct_start,
+                format!(
+                    "with total_steps = {}{}, the {name} phase would span zero steps (it starts and ends at step {start}), so the rate at step {first_free} divides by zero (torch raises ZeroDivisionError): change pct_start or total_steps so that no phase has zero length{}",
+                    cfg.total_steps,
+                    if cfg.three_phase { " and three_phase" } else { "" },
+                    if i == 0 { " (pct_start × total_steps must not be 1)" } else { "" },
+                ),
+            ));
+        }
+        first_free = first_free.max(ph.end_step.floor() + 1.0);
+        start = ph.end_step;
+    }
+    Ok(())
+}
+
+/// torch's `CosineAnnealingWarmRestarts` (SGDR, Loshchilov & Hutter 2017):
+/// cosine annealing from `base_lr` to `eta_min` over a cycle of `t_i`
+/// steps, then a restart at `base_lr`. The first cycle has `t_0` steps and
+/// each cycle is `t_mult` times longer than the one before:
+///
+/// ```text
+/// lr(step) = eta_min + (base_lr - eta_min) * (1 + cos(pi * t_cur / t_i)) / 2
+/// ```
+///
+/// where `t_cur` counts the steps since the last restart. Like torch's
+/// schedulers here, `step` counts optimizer steps (torch's per-batch use of
+/// `scheduler.step()` without an epoch argument).
+///
+/// ```
+/// use aimass::optim::{CosineAnnealingWarmRestarts, Schedule};
+/// // Cycles of 10, 20, 40, ... steps.
+/// let s = CosineAnnealingWarmRestarts::new(0.1, 10, 2, 0.0)?;
+/// assert_eq!(s.lr(0), 0.1);
+/// assert!((s.lr(5) - 0.05).abs() < 1e-12);
+/// assert_eq!(s.lr(10), 0.1); // restart
+/// assert!((s.lr(20) - 0.05).abs() < 1e-12); // half-way through the second cycle
+/// assert_eq!(s.lr(30), 0.1);
+/// # Ok::<(), aimass::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct CosineAnnealingWarmRestarts {
+    base_lr: f64,
+    t_0: u64,
+    t_mult: u64,
+    eta_min: f64,
+}
+
+impl CosineAnnealingWarmRestarts {
+    /// Restarts after `t_0` (≥ 1) steps, then after cycles `t_mult` (≥ 1,
+    /// torch default 1) times longer each; anneals to `eta_min` (torch
+    /// default 0).
+    pub fn new(base_lr: f64, t_0: u64, t_mult: u64, eta_min: f64) -> Result<Self> {
+        check_base("CosineAnnealingWarmRestarts::base_lr", base_lr)?;
+        if t_0 == 0 {
+            return Err(Error::config(
+                "CosineAnnealingWarmRestarts::t_0",
+                t_0,
+                "the first cycle must be >= 1 step long",
+            ));
+        }
+        if t_mult == 0 {
+            return Err(Error::config(
+                "CosineAnnealingWarmRestarts::t_mult",
+                t_mult,
+                "must be >= 1 (1: every cycle has t_0 steps)",
+            ));
+        }
+        check_base("CosineAnnealingWarmRestarts::eta_min", eta_min)?;
+        Ok(Self {
+            base_lr,
+            t_0,
+            t_mult,
+            eta_min,
+        })
+    }
+
+    /// The position in the cycle holding `step`: (steps since the restart,
+    /// length of the cycle).
+    fn cycle(&self, step: u64) -> (u64, u64) {
+        if self.t_mult == 1 {
+            return (step % self.t_0, self.t_0);
+        }
+        let (mut start, mut len) = (0u64, self.t_0);
+        // At most 64 cycles before the lengths pass u64::MAX.
+        while step - start >= len {
+            start += len;
+            match len.checked_mul(self.t_mult) {
+                Some(l) => len = l,
+                None => return (step - start, u64::MAX),
+            }
+        }
+        (step - start, len)
+    }
+}
+
+impl Schedule for CosineAnnealingWarmRestarts {
+    fn lr(&self, step: u64) -> f64 {
+        let (t_cur, t_i) = self.cycle(step);
+        let c = (std::f64::consts::PI * t_cur as f64 / t_i as f64).cos();
+        self.eta_min + (self.base_lr - self.eta_min) * (1.0 + c) / 2.0
     }
 }
 
@@ -602,7 +734,9 @@ impl ReduceLrOnPlateau {
                     t.dims(),
                 ));
             }
+            // host-ok: checkpoint data, read once on load, on the CPU.
             Ok(t.flatten_all()?
+                .to_device(&Device::Cpu)?
                 .to_dtype(DType::F64)?
                 .sum_all()?
                 .to_scalar::<f64>()?)

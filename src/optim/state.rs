@@ -166,6 +166,10 @@ impl Core {
         lookup: impl Fn(&Slot) -> Option<&'g Tensor>,
     ) -> Result<Vec<Option<Tensor>>> {
         let mut out = Vec::with_capacity(self.slots.len());
+        // What the clipping norm is computed on: the store's own tensors
+        // where no cast is needed, so that a norm the non-finite guard or
+        // the loss scaler already read (by tensor id) is not read again.
+        let mut norm_of = Vec::with_capacity(self.slots.len());
         for s in &self.slots {
             match lookup(s) {
                 None => out.push(None),
@@ -181,12 +185,17 @@ impl Core {
                     // still references the forward graph, and optimizer
                     // state built from it would keep every step's graph
                     // (all activations) alive.
-                    let g = if g.dtype() != s.var.dtype() {
+                    let d = if g.dtype() != s.var.dtype() {
                         g.detach().to_dtype(s.var.dtype())?
                     } else {
                         g.detach()
                     };
-                    out.push(Some(g));
+                    norm_of.push(if g.dtype() == d.dtype() {
+                        g.clone()
+                    } else {
+                        d.clone()
+                    });
+                    out.push(Some(d));
                 }
             }
         }
@@ -201,7 +210,7 @@ impl Core {
                 max_norm,
                 norm_type,
             }) => {
-                let norm = global_norm(out.iter().flatten(), norm_type)?;
+                let norm = global_norm(&norm_of, norm_type)?;
                 if !norm.is_finite() {
                     return Err(Error::non_finite(
                         "gradient norm",
@@ -341,7 +350,12 @@ fn scalar_step(key: &str, t: &Tensor) -> Result<u64> {
             t.dims(),
         ));
     }
-    let v = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
+    // host-ok: checkpoint data, read once on load, on the CPU (which has f64).
+    let v = t
+        .flatten_all()?
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?[0];
     if !(v >= 0.0 && v.fract() == 0.0 && v < 9.0e15) {
         return Err(Error::invalid(
             "load_state_dict",

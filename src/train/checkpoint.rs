@@ -35,18 +35,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::Load;
 use candle_core::{Device, Tensor, Var};
-use safetensors::View;
 
 use crate::{Error, Result};
-
-/// The checkpoint format written by this version of aimass.
-pub const FORMAT_VERSION: u32 = 1;
-
-const KEY_VERSION: &str = "aimass.format_version";
-const KEY_KIND: &str = "aimass.kind";
-const KEY_CRC: &str = "aimass.crc32";
 
 /// Named tensors and metadata, saved and loaded as one safetensors file.
 #[derive(Debug, Clone)]
@@ -126,6 +117,42 @@ impl Checkpoint {
         &self.tensors
     }
 
+    /// Adds every entry of `part` under `scope`: metadata entry `key` as
+    /// `scope.key`, tensor `name` as `scope/name`.
+    pub(crate) fn insert_part(&mut self, scope: &str, part: &Checkpoint) {
+        for (k, v) in &part.meta {
+            self.meta.insert(format!("{scope}.{k}"), v.clone());
+        }
+        for (k, t) in &part.tensors {
+            self.tensors.insert(format!("{scope}/{k}"), t.clone());
+        }
+    }
+
+    /// The entries stored under `scope` by [`Checkpoint::insert_part`], as
+    /// a checkpoint of kind `kind`.
+    pub(crate) fn part(&self, scope: &str, kind: &str) -> Checkpoint {
+        let p = format!("{scope}.");
+        let meta = self
+            .meta
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(&p).map(|k| (k.to_string(), v.clone())))
+            .collect();
+        Checkpoint {
+            kind: kind.to_string(),
+            tensors: self.tensors_with_prefix(scope).into_iter().collect(),
+            meta,
+        }
+    }
+
+    /// Adds every metadata entry and tensor of `other` (replacing entries
+    /// of the same name).
+    pub(crate) fn merge(&mut self, other: &Checkpoint) {
+        self.meta
+            .extend(other.meta.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.tensors
+            .extend(other.tensors.iter().map(|(k, t)| (k.clone(), t.clone())));
+    }
+
     /// Sets a metadata entry.
     pub fn set_meta(&mut self, key: impl Into<String>, value: impl ToString) {
         self.meta.insert(key.into(), value.to_string());
@@ -171,100 +198,32 @@ impl Checkpoint {
         crate::atomic_file::write_temp(path, &self.to_bytes()?)
     }
 
-    /// Serialises to safetensors bytes (with the version, kind and checksum
-    /// in the metadata).
+    /// Serialises to safetensors bytes (with the version, kind and a
+    /// checksum over all metadata and tensors in the metadata).
+    ///
+    /// A float tensor holding a NaN or infinite value (weights that
+    /// overflowed, a poisoned optimizer state) is [`Error::NonFinite`]
+    /// naming it: such a checkpoint is never written.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let mut meta: HashMap<String, String> = self.meta.clone().into_iter().collect();
-        meta.insert(KEY_VERSION.to_string(), FORMAT_VERSION.to_string());
-        meta.insert(KEY_KIND.to_string(), self.kind.clone());
-        meta.insert(
-            KEY_CRC.to_string(),
-            checksum(self.tensors.iter())?.to_string(),
-        );
-        // Tensors must be contiguous for their bytes to be read.
-        let tensors: Vec<(String, Tensor)> = self
-            .tensors
-            .iter()
-            .map(|(k, t)| Ok((k.clone(), t.contiguous()?)))
-            .collect::<Result<_>>()?;
-        safetensors::serialize(tensors.iter().map(|(k, t)| (k.as_str(), t)), Some(meta)).map_err(
-            |e| {
-                Error::invalid(
-                    "Checkpoint::save",
-                    format!("cannot serialise the checkpoint: {e}"),
-                )
-            },
-        )
+        super::checkpoint_format::encode(&self.kind, &self.tensors, &self.meta)
     }
 
     /// Reads and verifies a checkpoint file, placing its tensors on `device`.
     ///
     /// Errors: [`Error::Io`] if the file cannot be read; [`Error::Malformed`]
-    /// if it is truncated, corrupt (checksum mismatch), of another format
-    /// version, or not an aimass checkpoint.
+    /// if it is truncated, corrupt (a checksum over every metadata entry and
+    /// every tensor does not match: one flipped bit anywhere that matters is
+    /// caught), of another format version, or not an aimass checkpoint.
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let path = path.as_ref();
         let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
         Self::from_bytes(&bytes, path, device)
     }
 
-    /// Parses checkpoint bytes; `path` is only used in error messages.
+    /// Parses and verifies checkpoint bytes (see [`Checkpoint::load`]);
+    /// `path` is only used in error messages.
     pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Self> {
-        let bad = |what: &str, expected: &str, found: String| {
-            Error::malformed(path, what, expected, found)
-        };
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
-            bad(
-                "safetensors data",
-                "a complete safetensors file",
-                format!("{e} (truncated or corrupt file?)"),
-            )
-        })?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-            .map_err(|e| bad("safetensors header", "a readable header", e.to_string()))?;
-        let mut meta: BTreeMap<String, String> = header
-            .metadata()
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        let version = meta.remove(KEY_VERSION).ok_or_else(|| {
-            bad(
-                "checkpoint metadata",
-                "an aimass checkpoint (`aimass.format_version`)",
-                "a safetensors file without it".into(),
-            )
-        })?;
-        if version != FORMAT_VERSION.to_string() {
-            return Err(bad(
-                "checkpoint format version",
-                &format!("version {FORMAT_VERSION}"),
-                format!("version {version}"),
-            ));
-        }
-        let kind = meta.remove(KEY_KIND).unwrap_or_default();
-        let crc = meta
-            .remove(KEY_CRC)
-            .ok_or_else(|| bad("checkpoint metadata", "a checksum", "none".into()))?;
-        let mut tensors = BTreeMap::new();
-        for (name, view) in st.tensors() {
-            let t = view.load(device).map_err(|e| {
-                bad(
-                    "checkpoint tensor",
-                    &format!("a loadable tensor `{name}`"),
-                    e.to_string(),
-                )
-            })?;
-            tensors.insert(name, t);
-        }
-        let actual = checksum(tensors.iter())?;
-        if crc != actual.to_string() {
-            return Err(bad(
-                "checkpoint data",
-                &format!("CRC-32 {crc}"),
-                format!("{actual} (the file is corrupt)"),
-            ));
-        }
+        let (kind, tensors, meta) = super::checkpoint_format::decode(bytes, path, device)?;
         Ok(Checkpoint {
             kind,
             tensors,
@@ -348,21 +307,10 @@ pub(crate) fn check_same_names<'a>(
     ))
 }
 
-/// CRC-32 over name, dtype, shape and bytes of every tensor, in name order.
-fn checksum<'a>(tensors: impl Iterator<Item = (&'a String, &'a Tensor)>) -> Result<u32> {
-    let mut h = crc32fast::Hasher::new();
-    for (name, t) in tensors {
-        h.update(name.as_bytes());
-        h.update(format!("{:?}{:?}", t.dtype(), t.dims()).as_bytes());
-        let t = t.contiguous()?;
-        h.update(&View::data(&&t));
-    }
-    Ok(h.finalize())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::checkpoint_format::KEY_VERSION;
 
     fn sample(v: f32) -> Checkpoint {
         let mut c = Checkpoint::new("test");
@@ -453,6 +401,87 @@ mod tests {
             Checkpoint::load(d.join("nope"), &Device::Cpu),
             Err(Error::Io { .. })
         ));
+        fs::remove_dir_all(d).unwrap();
+    }
+
+    /// Kind, metadata and tensor values of a checkpoint.
+    type Content = (String, BTreeMap<String, String>, Vec<(String, Vec<u8>)>);
+
+    /// Everything a checkpoint holds.
+    fn content(c: &Checkpoint) -> Content {
+        let tensors = c
+            .tensors()
+            .iter()
+            .map(|(k, t)| {
+                let t = t.flatten_all().unwrap().to_dtype(candle_core::DType::F64);
+                (
+                    k.clone(),
+                    format!("{:?}", t.unwrap().to_vec1::<f64>().unwrap()).into_bytes(),
+                )
+            })
+            .collect();
+        (c.kind.clone(), c.meta.clone(), tensors)
+    }
+
+    #[test]
+    fn every_flipped_bit_is_caught_or_changes_nothing() {
+        let mut c = sample(1.0);
+        c.set_meta("step", 14);
+        c.set_meta("data.epoch", 2);
+        let bytes = c.to_bytes().unwrap();
+        let want = content(&c);
+        let (mut caught, mut harmless) = (0, 0);
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                match Checkpoint::from_bytes(&b, Path::new("x"), &Device::Cpu) {
+                    Err(Error::Malformed { .. }) => caught += 1,
+                    Err(e) => panic!("byte {i} bit {bit}: not Malformed: {e}"),
+                    Ok(d) => {
+                        assert!(
+                            content(&d) == want,
+                            "byte {i} bit {bit} changed the checkpoint without an error"
+                        );
+                        harmless += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(caught + harmless, bytes.len() * 8);
+        assert!(
+            caught > harmless * 20,
+            "{caught} caught, {harmless} harmless"
+        );
+        // The case of the report: the stored step, "14" -> "15".
+        let at = bytes
+            .windows(11)
+            .position(|w| w == b"\"step\":\"14\"")
+            .unwrap();
+        let mut b = bytes.clone();
+        b[at + 9] ^= 1;
+        let e = Checkpoint::from_bytes(&b, Path::new("x"), &Device::Cpu).unwrap_err();
+        assert!(e.to_string().contains("corrupt"), "{e}");
+    }
+
+    #[test]
+    fn non_finite_tensors_are_never_written() {
+        let d = tmpdir("nonfinite");
+        let p = d.join("a.safetensors");
+        sample(1.0).save(&p).unwrap();
+        let before = fs::read(&p).unwrap();
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut c = sample(bad);
+            c.set_meta("step", 12);
+            let e = c.save(&p).unwrap_err();
+            assert!(
+                matches!(&e, Error::NonFinite { step: Some(12), quantity, .. } if quantity.contains("`model/w`")),
+                "{e}"
+            );
+        }
+        // The previous checkpoint is intact and no temporary file was left.
+        assert_eq!(fs::read(&p).unwrap(), before);
+        assert_eq!(fs::read_dir(&d).unwrap().count(), 1);
         fs::remove_dir_all(d).unwrap();
     }
 

@@ -142,8 +142,8 @@ impl BufferSnapshot {
     }
 }
 
-/// Number of rows whose argmax equals the label.
-pub(crate) fn correct(logits: &Tensor, labels: &Tensor) -> Result<usize> {
+/// Number of rows whose argmax equals the label, on the device (f32 scalar).
+pub(crate) fn correct_on_device(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let pred = logits.argmax(1)?.to_dtype(DType::U32)?;
     let labels = labels.to_dtype(DType::U32)?;
     if pred.dims() != labels.dims() {
@@ -153,11 +153,13 @@ pub(crate) fn correct(logits: &Tensor, labels: &Tensor) -> Result<usize> {
             labels.dims(),
         ));
     }
-    Ok(pred
-        .eq(&labels)?
-        .to_dtype(DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()? as usize)
+    Ok(pred.eq(&labels)?.to_dtype(DType::F32)?.sum_all()?)
+}
+
+/// Number of rows whose argmax equals the label (one host read).
+pub(crate) fn correct(logits: &Tensor, labels: &Tensor) -> Result<usize> {
+    let c = correct_on_device(logits, labels)?;
+    Ok(crate::host::reduce_and_read(&[(&c, crate::host::Reduce::Value)])?[0] as usize)
 }
 
 impl<M: ModuleT, O: Optimizer> TrainStep for Classifier<M, O> {
@@ -171,27 +173,35 @@ impl<M: ModuleT, O: Optimizer> TrainStep for Classifier<M, O> {
         let saved = BufferSnapshot::take(&self.buffers)?;
         let logits = self.model.forward_t(batch.images()?, true)?;
         let loss = self.loss.forward(&logits, &batch.labels)?;
-        let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let grads = loss.backward()?;
+        let right = correct_on_device(&logits.detach(), &batch.labels)?;
+        let mut grads = loss.backward()?;
+        // Data-parallel: the mean over ranks, before the checks (every
+        // rank then skips or takes the same steps).
+        self.optimizer.sync_gradients(&mut grads)?;
         let n = batch.labels.dim(0)?;
-        match self.guard.check(loss_value, &grads, &self.params, step) {
-            Ok(GuardAction::Proceed) => {}
-            Ok(_) => {
+        // One host read for the step: the loss, the correct count and the
+        // gradients' sums of squares (which norm clipping reuses).
+        let checked = self
+            .guard
+            .check_reduced(Some(&loss), &[&right], &grads, &self.params, step);
+        let (loss_value, right) = match checked {
+            Ok((GuardAction::Proceed, v)) => (v[0], v[1]),
+            rejected => {
                 saved.restore()?;
-                return Ok(StepOutput::new(loss_value, n).skipped(true));
+                // Off the CPU the loss does not read the targets to check
+                // them (a read per call); a bad one shows as a NaN loss.
+                self.loss.check_targets(&batch.labels, logits.dim(1)?)?;
+                let (_, v) = rejected?;
+                return Ok(StepOutput::new(v[0], n).skipped(true));
             }
-            Err(e) => {
-                saved.restore()?;
-                return Err(e);
-            }
-        }
+        };
         self.optimizer.step(&grads)?;
-        let acc = correct(&logits.detach(), &batch.labels)? as f64 / n.max(1) as f64;
+        let acc = right / n.max(1) as f64;
         Ok(StepOutput::new(loss_value, n).with_metric("batch_acc", acc))
     }
 
-    fn set_learning_rate(&mut self, lr: f64) {
-        self.optimizer.set_lr(lr);
+    fn set_learning_rate(&mut self, lr: f64) -> Result<()> {
+        self.optimizer.set_lr(lr)
     }
 
     fn learning_rate(&self) -> f64 {
@@ -209,6 +219,11 @@ impl<M: ModuleT, O: Optimizer> TrainStep for Classifier<M, O> {
         Ok(())
     }
 
+    /// The optimizer's step count plus the steps the guard skipped.
+    fn steps_in_checkpoint(&self, ckpt: &Checkpoint) -> Result<Option<u64>> {
+        optimizer_and_guard_steps(ckpt).map(Some)
+    }
+
     fn load_state(&mut self, ckpt: &Checkpoint) -> Result<()> {
         ckpt.check_varmap("model", &self.varmap)?;
         let skipped: u64 = ckpt.meta_parse("guard.skipped")?;
@@ -218,4 +233,30 @@ impl<M: ModuleT, O: Optimizer> TrainStep for Classifier<M, O> {
         self.guard.set_skipped(skipped);
         Ok(())
     }
+}
+
+/// The steps a trainer state in `ckpt` has counted: the optimizer's step
+/// count (`optim/step`) plus the steps its non-finite guard skipped
+/// (`guard.skipped`), for [`TrainStep::steps_in_checkpoint`].
+pub(crate) fn optimizer_and_guard_steps(ckpt: &Checkpoint) -> Result<u64> {
+    let t = ckpt.tensor("optim/step")?;
+    // host-ok: one checkpoint scalar, read once at resume, on the CPU.
+    let v = t
+        .to_device(&candle_core::Device::Cpu)?
+        .flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?;
+    let optim = match v.as_slice() {
+        [n] if *n >= 0.0 && n.fract() == 0.0 && *n < 9.0e15 => *n as u64,
+        _ => {
+            return Err(Error::malformed(
+                "<checkpoint>",
+                "`optim/step`",
+                "one step count",
+                format!("{v:?}"),
+            ))
+        }
+    };
+    let skipped: u64 = ckpt.meta_parse("guard.skipped")?;
+    Ok(optim.saturating_add(skipped))
 }

@@ -1,6 +1,7 @@
 //! Early stopping on a monitored metric.
 
-use super::callback::{Callback, Control, EpochInfo, TrainingState};
+use super::callback::{Callback, Control, EpochInfo};
+use super::Checkpoint;
 use crate::config::config;
 use crate::{Error, Result};
 
@@ -46,6 +47,10 @@ impl EarlyStoppingConfig {
 
 /// Stops training when `metric` has not improved by more than `min_delta`
 /// for `patience` epochs (Keras/Lightning semantics).
+///
+/// Its state (the best value and the count of epochs without improvement)
+/// is checkpointed under the name `early_stopping:<metric>`, so a resumed
+/// run stops at the same epoch as an uninterrupted one.
 #[derive(Debug, Clone)]
 pub struct EarlyStopping {
     metric: String,
@@ -77,6 +82,11 @@ impl EarlyStopping {
         self.best
     }
 
+    /// Epochs since the last improvement.
+    pub fn bad_epochs(&self) -> usize {
+        self.bad_epochs
+    }
+
     /// Feeds one epoch's value; returns whether to stop.
     pub fn observe(&mut self, value: f64) -> bool {
         let improved = match (self.best, self.cfg.mode) {
@@ -95,11 +105,7 @@ impl EarlyStopping {
 }
 
 impl Callback for EarlyStopping {
-    fn on_epoch_end(
-        &mut self,
-        info: &EpochInfo<'_>,
-        _state: &dyn TrainingState,
-    ) -> Result<Control> {
+    fn on_epoch_end(&mut self, info: &EpochInfo<'_>) -> Result<Control> {
         let value = match self.metric.as_str() {
             "train_loss" => info.train_loss,
             m => *info.metrics.get(m).ok_or_else(|| {
@@ -118,6 +124,29 @@ impl Callback for EarlyStopping {
         } else {
             Control::Continue
         })
+    }
+
+    fn state_name(&self) -> Option<String> {
+        Some(format!("early_stopping:{}", self.metric))
+    }
+
+    fn save_state(&self, state: &mut Checkpoint) -> Result<()> {
+        if let Some(b) = self.best {
+            state.set_meta("best", format!("{b:?}"));
+        }
+        state.set_meta("bad_epochs", self.bad_epochs);
+        Ok(())
+    }
+
+    fn load_state(&mut self, state: &Checkpoint) -> Result<()> {
+        let best = match state.meta("best") {
+            Some(_) => Some(state.meta_parse::<f64>("best")?),
+            None => None,
+        };
+        let bad_epochs = state.meta_parse::<usize>("bad_epochs")?;
+        self.best = best;
+        self.bad_epochs = bad_epochs;
+        Ok(())
     }
 }
 
@@ -144,5 +173,49 @@ mod tests {
             Err(Error::Config { field, .. }) => assert_eq!(field, "EarlyStoppingConfig::min_delta"),
             other => panic!("expected a config error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn state_round_trips_and_bad_state_changes_nothing() {
+        let mut a = EarlyStopping::new(
+            "val_loss",
+            EarlyStoppingConfig::default()
+                .with_mode(MonitorMode::Min)
+                .with_patience(3),
+        )
+        .unwrap();
+        assert_eq!(a.state_name().as_deref(), Some("early_stopping:val_loss"));
+        let mut fresh = Checkpoint::new("s");
+        a.save_state(&mut fresh).unwrap();
+        for v in [0.5, 0.1 + 0.2, 0.4, 0.45] {
+            a.observe(v);
+        }
+        let mut c = Checkpoint::new("s");
+        a.save_state(&mut c).unwrap();
+        let mut b = EarlyStopping::new(
+            "val_loss",
+            EarlyStoppingConfig::default()
+                .with_mode(MonitorMode::Min)
+                .with_patience(3),
+        )
+        .unwrap();
+        b.load_state(&c).unwrap();
+        assert_eq!((b.best(), b.bad_epochs()), (Some(0.1 + 0.2), 2));
+        // The restored state decides: one more bad epoch is within patience,
+        // two are not.
+        assert!(!b.observe(0.5));
+        assert!(b.observe(0.5));
+        // No best yet round-trips too.
+        b.load_state(&fresh).unwrap();
+        assert_eq!((b.best(), b.bad_epochs()), (None, 0));
+        // A malformed entry is an error and changes nothing.
+        b.load_state(&c).unwrap();
+        let mut bad = c.clone();
+        bad.set_meta("bad_epochs", "x");
+        assert!(matches!(b.load_state(&bad), Err(Error::Malformed { .. })));
+        let mut bad = c.clone();
+        bad.set_meta("best", "");
+        assert!(b.load_state(&bad).is_err());
+        assert_eq!((b.best(), b.bad_epochs()), (Some(0.1 + 0.2), 2));
     }
 }

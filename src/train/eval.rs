@@ -33,6 +33,7 @@ where
     for b in 0..loader.len() {
         let batch = loader.batch_at(0, b)?;
         outs.push(f(batch.images()?)?.detach());
+        // host-ok: evaluation returns the labels on the host.
         labels.extend(batch.labels.to_dtype(DType::U32)?.to_vec1::<u32>()?);
     }
     if outs.is_empty() {
@@ -175,6 +176,7 @@ pub fn linear_probe(
     let per_epoch = n.div_ceil(config.batch_size);
     let total = (config.epochs * per_epoch) as u64;
     let schedule = CosineAnnealingLr::new(config.lr, total, 0.0)?;
+    // host-ok: the probe trains on the CPU (`dev`).
     let ty = Tensor::new(train_y, &dev)?;
     let mut rng = crate::device::rng(config.seed);
     let mut step = 0u64;
@@ -182,15 +184,17 @@ pub fn linear_probe(
         let mut order: Vec<u32> = (0..n as u32).collect();
         rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rng);
         for chunk in order.chunks(config.batch_size) {
+            // host-ok: on the CPU (`dev`).
             let idx = Tensor::new(chunk, &dev)?;
             let logits = head.forward(&tx.index_select(&idx, 0)?)?;
             let loss = cross_entropy_loss(&logits, &ty.index_select(&idx, 0)?)?;
-            opt.set_lr(schedule.lr(step));
+            opt.set_lr(schedule.lr(step))?;
             opt.step(&loss.backward()?)?;
             step += 1;
         }
     }
     let predict = |x: &Tensor| -> Result<Vec<u32>> {
+        // host-ok: predictions of the CPU probe, compared on the host.
         Ok(head
             .forward(x)?
             .argmax(1)?

@@ -9,10 +9,31 @@
 //! an epoch it runs the evaluator, if any.
 //!
 //! [`Fit::checkpoint`] captures everything needed to continue exactly —
-//! the trainer's state, the global step and the data position (epoch, batch,
-//! seed; the loader derives augmentation randomness from it) — and
-//! [`Fit::resume`] restores it: on the CPU, N steps + save + load + N steps
-//! give bit-identical weights to 2N uninterrupted steps.
+//! the trainer's state, the global step, the data position (epoch, batch,
+//! seed; the loader derives augmentation randomness from it), the learning
+//! rate, the state of every stateful callback (early stopping) and of a
+//! plateau schedule — and [`Fit::resume`] restores it: on the CPU, N
+//! steps, then save, load and N more steps give bit-identical weights to 2N
+//! uninterrupted steps, and the resumed run stops at the same epoch.
+//!
+//! Resuming in code, from the newest checkpoint that verifies:
+//!
+//! ```no_run
+//! # use aimass::prelude::*;
+//! # use aimass::train::*;
+//! # fn demo<T: TrainStep<Batch = aimass::data::Batch>>(trainer: &mut T, loader: &mut aimass::data::DataLoader) -> aimass::Result<()> {
+//! let dir = CheckpointDir::new("runs/ckpt", 2)?;
+//! let mut fit = Fit::new(trainer, loader, FitConfig::default().with_epochs(15))?
+//!     .with_callback(PeriodicCheckpoint::new(dir.clone(), 1)?);
+//! if let Some(found) = dir.load_latest_valid(&Device::Cpu)? {
+//!     for s in &found.skipped {
+//!         eprintln!("skipped {}: {}", s.path.display(), s.error);
+//!     }
+//!     fit.resume(&found.checkpoint)?;
+//! }
+//! fit.run()?;
+//! # Ok(()) }
+//! ```
 //!
 //! `fit` is a convenience, not a cage: every trainer's `train_step` can be
 //! called from a hand-written loop.
@@ -21,10 +42,11 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use super::callback::{Callback, Control, EpochInfo, StepInfo, TrainingState};
+use super::fit_state::{self, LrSource};
 use super::Checkpoint;
 use crate::config::config;
 use crate::data::{Batch, DataLoader, LoaderPosition};
-use crate::optim::Schedule;
+use crate::optim::{ReduceLrOnPlateau, Schedule};
 use crate::{Error, Result};
 
 /// What one optimisation step reports.
@@ -75,8 +97,12 @@ pub trait TrainStep {
     /// taken before this one.
     fn train_step(&mut self, batch: &Self::Batch, step: u64) -> Result<StepOutput>;
 
-    /// The learning rate of the next steps (set by the schedule).
-    fn set_learning_rate(&mut self, lr: f64);
+    /// Sets the learning rate of the next steps (called by [`Fit`] with the
+    /// schedule's value before every step). A rate that is not finite or is
+    /// negative must be refused with an error, leaving the rate unchanged
+    /// (an aimass [`Optimizer::set_lr`](crate::optim::Optimizer::set_lr)
+    /// does this).
+    fn set_learning_rate(&mut self, lr: f64) -> Result<()>;
 
     /// The current learning rate.
     fn learning_rate(&self) -> f64;
@@ -92,6 +118,15 @@ pub trait TrainStep {
     /// Restores the state written by [`TrainStep::save_state`]. Must check
     /// everything before changing anything.
     fn load_state(&mut self, ckpt: &Checkpoint) -> Result<()>;
+
+    /// The number of steps (applied and skipped) that the trainer state in
+    /// `ckpt` has counted itself, e.g. its optimizer's step count plus the
+    /// steps its non-finite guard skipped, or `None` (the default) when the
+    /// trainer keeps no such count. [`Fit::resume`] cross-checks it with the
+    /// checkpoint's step before changing anything.
+    fn steps_in_checkpoint(&self, _ckpt: &Checkpoint) -> Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
 /// Where batches come from: epochs of numbered batches with a resumable
@@ -131,10 +166,17 @@ impl BatchSource for DataLoader {
         (p.epoch, p.batch)
     }
 
+    /// The same on every rank of a data-parallel run (rank 0's checkpoint
+    /// resumes them all), different for another number of ranks (whose
+    /// global batches differ).
     fn fingerprint(&self) -> String {
         let c = self.config();
+        let shards = match c.shard.world_size() {
+            1 => String::new(),
+            w => format!(" shards={w}"),
+        };
         format!(
-            "seed={} batch_size={} shuffle={} drop_last={} len={}",
+            "seed={} batch_size={} shuffle={} drop_last={} len={}{shards}",
             c.seed,
             c.batch_size,
             c.shuffle,
@@ -170,6 +212,14 @@ config! {
         max_steps: Option<u64> = None,
         /// Run the evaluator every this many epochs, and after the last (default 1).
         eval_every: usize = 1,
+        /// Tune the CPU allocator for training when the run starts
+        /// ([`crate::device::tune_cpu_allocator`]: glibc keeps freed memory
+        /// for the next step instead of returning and re-faulting it; the
+        /// process keeps its peak memory). A process-wide setting, which
+        /// `Fit` changes because a program that runs it is a training
+        /// program (default true); set false in a host that must keep
+        /// glibc's defaults. `AIMASS_CPU_MALLOC=system` also opts out.
+        tune_cpu_allocator: bool = true,
     }
 }
 
@@ -211,7 +261,7 @@ pub struct Fit<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> {
     trainer: &'a mut T,
     source: &'a mut S,
     config: FitConfig,
-    schedule: Option<Box<dyn Schedule + 'a>>,
+    schedule: Option<LrSource<'a>>,
     callbacks: Vec<Box<dyn Callback + 'a>>,
     evaluator: Option<Evaluator<'a, T>>,
     step: u64,
@@ -222,6 +272,8 @@ struct RunState<'r, T: TrainStep, S: BatchSource> {
     trainer: &'r T,
     source: &'r S,
     step: u64,
+    /// Fit's own state (callbacks, plateau schedule), see `fit_state`.
+    fit: &'r Checkpoint,
 }
 
 impl<T: TrainStep, S: BatchSource> TrainingState for RunState<'_, T, S> {
@@ -233,6 +285,8 @@ impl<T: TrainStep, S: BatchSource> TrainingState for RunState<'_, T, S> {
         c.set_meta("data.epoch", epoch);
         c.set_meta("data.batch", batch);
         c.set_meta("data.fingerprint", self.source.fingerprint());
+        c.set_meta("fit.lr", format!("{:?}", self.trainer.learning_rate()));
+        c.merge(self.fit);
         Ok(c)
     }
 }
@@ -256,13 +310,35 @@ impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
     }
 
     /// Sets the learning-rate schedule, queried at the global step before
-    /// every step.
+    /// every step (replacing any schedule set before). A value that is not
+    /// finite and >= 0 stops the run with an error naming the step.
     pub fn with_schedule(mut self, schedule: impl Schedule + 'a) -> Self {
-        self.schedule = Some(Box::new(schedule));
+        self.schedule = Some(LrSource::Steps(Box::new(schedule)));
         self
     }
 
-    /// Adds a callback (called in the order added).
+    /// Drives the learning rate by `plateau` (torch's `ReduceLROnPlateau`)
+    /// instead of a per-step schedule (replacing any schedule set before):
+    /// after every epoch's evaluation, `plateau` is stepped with the epoch
+    /// metric `metric` (`train_loss`, or a metric of the evaluator; epochs
+    /// without an evaluation are skipped unless it is `train_loss`), and
+    /// its rate is used from the next step on. Its position is in every
+    /// checkpoint of the run.
+    pub fn with_plateau_schedule(
+        mut self,
+        metric: impl Into<String>,
+        plateau: ReduceLrOnPlateau,
+    ) -> Self {
+        self.schedule = Some(LrSource::Plateau {
+            metric: metric.into(),
+            plateau,
+        });
+        self
+    }
+
+    /// Adds a callback (called in the order added; a stateful callback's
+    /// state is checkpointed by its [`Callback::state_name`], whatever the
+    /// order).
     pub fn with_callback(mut self, callback: impl Callback + 'a) -> Self {
         self.callbacks.push(Box::new(callback));
         self
@@ -282,19 +358,30 @@ impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
         self.step
     }
 
-    /// A checkpoint of the whole run (trainer state, step, data position).
+    /// A checkpoint of the whole run: trainer state, step, data position,
+    /// learning rate, and the state of the stateful callbacks and of a
+    /// plateau schedule.
     pub fn checkpoint(&self) -> Result<Checkpoint> {
+        let fit = fit_state::save(&self.callbacks, self.schedule.as_ref())?;
         RunState {
             trainer: &*self.trainer,
             source: &*self.source,
             step: self.step,
+            fit: &fit,
         }
         .checkpoint()
     }
 
     /// Restores a checkpoint made by [`Fit::checkpoint`] (or a
     /// [`PeriodicCheckpoint`](super::PeriodicCheckpoint)): trainer state,
-    /// step and data position. Checks the kind and the data source first.
+    /// step, data position, learning rate, callback and plateau-schedule
+    /// state.
+    ///
+    /// Checks first, and on error changes nothing: the trainer kind, the
+    /// data source, the step against the trainer's own count
+    /// ([`TrainStep::steps_in_checkpoint`]; a mismatch is
+    /// [`Error::Malformed`] naming both), the set of stateful callbacks and
+    /// the plateau schedule against this run's.
     pub fn resume(&mut self, ckpt: &Checkpoint) -> Result<()> {
         ckpt.expect_kind(self.trainer.kind())?;
         let step: u64 = ckpt.meta_parse("step")?;
@@ -308,8 +395,56 @@ impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
                 format!("the checkpoint was written with a different data source ({fp}): resume with the same data, seed and batch size"),
             ));
         }
-        self.trainer.load_state(ckpt)?;
+        let per_epoch = self.source.batches_per_epoch();
+        if batch > per_epoch {
+            return Err(Error::malformed(
+                "<checkpoint>",
+                "checkpoint data position",
+                format!("a batch index <= {per_epoch} (batches per epoch)"),
+                format!("batch {batch}"),
+            ));
+        }
+        if let Some(counted) = self.trainer.steps_in_checkpoint(ckpt)? {
+            if counted != step {
+                return Err(Error::malformed(
+                    "<checkpoint>",
+                    "checkpoint step",
+                    format!("step {counted}, the trainer's own count in the checkpoint (optimizer steps plus skipped steps)"),
+                    format!("step {step} in the metadata (a checkpoint assembled or edited by hand?)"),
+                ));
+            }
+        }
+        let lr = match ckpt.meta("fit.lr") {
+            Some(_) => {
+                let lr: f64 = ckpt.meta_parse("fit.lr")?;
+                if !(lr.is_finite() && lr >= 0.0) {
+                    return Err(Error::malformed(
+                        "<checkpoint>",
+                        "checkpoint learning rate",
+                        "a finite rate >= 0",
+                        format!("{lr}"),
+                    ));
+                }
+                Some(lr)
+            }
+            None => None,
+        };
+        let mut restore = fit_state::read(ckpt, &self.callbacks, self.schedule.as_ref())?;
+        let backups = restore.backups(&self.callbacks)?;
+        restore.load_callbacks(&mut self.callbacks, &backups)?;
+        if let Err(e) = self.trainer.load_state(ckpt) {
+            restore.rollback(&mut self.callbacks, &backups);
+            return Err(e);
+        }
+        if let (Some(p), Some(LrSource::Plateau { plateau, .. })) =
+            (restore.take_plateau(), self.schedule.as_mut())
+        {
+            *plateau = p;
+        }
         self.source.set_position(epoch, batch)?;
+        if let Some(lr) = lr {
+            self.trainer.set_learning_rate(lr)?;
+        }
         self.step = step;
         Ok(())
     }
@@ -318,6 +453,9 @@ impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
     /// a resume), `max_steps` is reached, or a callback stops the run.
     pub fn run(&mut self) -> Result<FitSummary> {
         let start = Instant::now();
+        if self.config.tune_cpu_allocator {
+            crate::device::tune_cpu_allocator();
+        }
         let Fit {
             trainer,
             source,
@@ -327,6 +465,7 @@ impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
             evaluator,
             step,
         } = self;
+        fit_state::stateful(callbacks)?; // distinct state names, before any step
         let per_epoch = source.batches_per_epoch();
         let total_steps =
             (config.epochs as u64 * per_epoch as u64).min(config.max_steps.unwrap_or(u64::MAX));
@@ -339,8 +478,14 @@ impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
             let (mut loss_sum, mut loss_n) = (0.0, 0usize);
             let mut lr = trainer.learning_rate();
             let mut run_batch = |b: T::Batch| -> Result<Control> {
-                if let Some(s) = schedule.as_ref() {
-                    trainer.set_learning_rate(s.lr(*step));
+                match schedule.as_ref() {
+                    Some(LrSource::Steps(s)) => {
+                        trainer.set_learning_rate(checked_schedule_lr(s.as_ref(), *step)?)?
+                    }
+                    Some(LrSource::Plateau { plateau, .. }) => {
+                        trainer.set_learning_rate(plateau.lr())?
+                    }
+                    None => {}
                 }
                 lr = trainer.learning_rate();
                 let out = trainer.train_step(&b, *step)?;
@@ -393,10 +538,34 @@ impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
                 f64::NAN
             };
             let last = epoch == config.epochs || *step >= total_steps;
-            let metrics = match evaluator.as_mut() {
-                Some(ev) if epoch.is_multiple_of(config.eval_every) || last => ev(trainer, epoch)?,
-                _ => BTreeMap::new(),
+            let (metrics, evaluated) = match evaluator.as_mut() {
+                Some(ev) if epoch.is_multiple_of(config.eval_every) || last => {
+                    (ev(trainer, epoch)?, true)
+                }
+                _ => (BTreeMap::new(), false),
             };
+            if let Some(LrSource::Plateau { metric, plateau }) = schedule.as_mut() {
+                let value = match metric.as_str() {
+                    "train_loss" => Some(summary.train_loss),
+                    m => metrics.get(m).copied(),
+                };
+                match value {
+                    Some(v) => {
+                        plateau.step(v);
+                    }
+                    None if evaluated => {
+                        return Err(Error::config(
+                            "Fit::with_plateau_schedule",
+                            metric,
+                            format!(
+                                "no such epoch metric; available: train_loss, {}",
+                                metrics.keys().cloned().collect::<Vec<_>>().join(", ")
+                            ),
+                        ))
+                    }
+                    None => {}
+                }
+            }
             let info = EpochInfo {
                 epoch,
                 epochs: config.epochs,
@@ -406,23 +575,32 @@ impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
                 metrics: &metrics,
                 elapsed: start.elapsed(),
             };
-            let state = RunState {
-                trainer: &**trainer,
-                source: &**source,
-                step: *step,
-            };
             for cb in callbacks.iter_mut() {
-                if cb.on_epoch_end(&info, &state)? == Control::Stop {
+                if cb.on_epoch_end(&info)? == Control::Stop {
                     stop = true;
                     summary.stopped_early = true;
                 }
             }
+            // Every callback has seen the epoch: checkpoints taken now hold
+            // every callback's state after it.
+            let fit = fit_state::save(callbacks, schedule.as_ref())?;
+            let state = RunState {
+                trainer: &**trainer,
+                source: &**source,
+                step: *step,
+                fit: &fit,
+            };
+            for cb in callbacks.iter_mut() {
+                cb.after_epoch_end(&info, &state)?;
+            }
             summary.metrics = metrics;
         }
+        let fit = fit_state::save(callbacks, schedule.as_ref())?;
         let state = RunState {
             trainer: &**trainer,
             source: &**source,
             step: *step,
+            fit: &fit,
         };
         for cb in callbacks.iter_mut() {
             cb.on_end(&state)?;
@@ -433,6 +611,20 @@ impl<'a, T: TrainStep, S: BatchSource<Batch = T::Batch>> Fit<'a, T, S> {
         summary.stopped_early |= stop && summary.epochs < config.epochs && *step < total_steps;
         Ok(summary)
     }
+}
+
+/// The schedule's rate at `step`, or an error naming the step and the value
+/// when it is not finite or negative (nothing is applied then).
+fn checked_schedule_lr(schedule: &dyn Schedule, step: u64) -> Result<f64> {
+    let lr = schedule.lr(step);
+    if !(lr.is_finite() && lr >= 0.0) {
+        return Err(Error::config(
+            "Fit::with_schedule",
+            lr,
+            format!("the schedule's learning rate at step {step} is not finite and >= 0; the step was not taken (check the schedule's settings)"),
+        ));
+    }
+    Ok(lr)
 }
 
 /// (epoch, batch-within-epoch from 1) of the step just taken, for display.

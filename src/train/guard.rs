@@ -18,8 +18,9 @@
 //! ```
 
 use candle_core::backprop::GradStore;
-use candle_core::Var;
+use candle_core::{Tensor, Var};
 
+use crate::host::{self, Reduce};
 use crate::{Error, Result};
 
 /// What to do when a loss or gradient is NaN or infinite.
@@ -83,9 +84,10 @@ impl NonFiniteGuard {
         self.on_non_finite(quantity, value, step)
     }
 
-    /// Checks the loss and the gradients of `vars` at `step`. Gradients are
-    /// reduced to one sum of squares per var on the device, so the check
-    /// costs one small transfer per var.
+    /// Checks the loss and the gradients of `vars` at `step`. Each gradient
+    /// is reduced to its sum of squares on its device and all of them come
+    /// back in one host read (shared with norm clipping, which needs the
+    /// same sums: see [`NonFiniteGuard::check_step`]).
     pub fn check(
         &mut self,
         loss: f64,
@@ -96,19 +98,62 @@ impl NonFiniteGuard {
         if self.check_value("loss", loss, step)? == GuardAction::Skip {
             return Ok(GuardAction::Skip);
         }
-        for (name, var) in vars {
-            if let Some(g) = grads.get(var) {
-                let s = g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?;
-                if !s.is_finite() {
-                    return self.on_non_finite(&format!("gradient of `{name}`"), s, step);
-                }
+        let (action, _) = self.check_reduced(None, &[], grads, vars, step)?;
+        Ok(action)
+    }
+
+    /// Checks the loss, still a tensor, and the gradients of `vars` at
+    /// `step`, and returns the loss value with the action. The loss and
+    /// every gradient's sum of squares are computed on the device and read
+    /// in one transfer; an optimizer clipping by the 2-norm right after
+    /// (`GradClip::norm`) reuses those sums instead of reading again, so a
+    /// guarded, clipped step waits for the device once.
+    pub fn check_step(
+        &mut self,
+        loss: &Tensor,
+        grads: &GradStore,
+        vars: &[(String, Var)],
+        step: u64,
+    ) -> Result<(GuardAction, f64)> {
+        let (action, values) = self.check_reduced(Some(loss), &[], grads, vars, step)?;
+        Ok((action, values[0]))
+    }
+
+    /// [`NonFiniteGuard::check_step`] that also reads the one-element
+    /// tensors `extra` in the same transfer (a trainer's metrics). Returns
+    /// the values read: the loss (NaN when none is given), then `extra`.
+    pub(crate) fn check_reduced(
+        &mut self,
+        loss: Option<&Tensor>,
+        extra: &[&Tensor],
+        grads: &GradStore,
+        vars: &[(String, Var)],
+        step: u64,
+    ) -> Result<(GuardAction, Vec<f64>)> {
+        let with_grads: Vec<(&String, &Tensor)> = vars
+            .iter()
+            .filter_map(|(name, var)| grads.get(var).map(|g| (name, g)))
+            .collect();
+        let mut items: Vec<(&Tensor, Reduce)> = Vec::new();
+        if let Some(l) = loss {
+            items.push((l, Reduce::Value));
+        }
+        items.extend(extra.iter().map(|t| (*t, Reduce::Value)));
+        items.extend(with_grads.iter().map(|(_, g)| (*g, Reduce::SumSq)));
+        let mut values = host::reduce_and_read(&items)?;
+        let sums = values.split_off(values.len() - with_grads.len());
+        if loss.is_none() {
+            values.insert(0, f64::NAN);
+        } else if self.check_value("loss", values[0], step)? == GuardAction::Skip {
+            return Ok((GuardAction::Skip, values));
+        }
+        for ((name, _), s) in with_grads.iter().zip(sums) {
+            if !s.is_finite() {
+                let action = self.on_non_finite(&format!("gradient of `{name}`"), s, step)?;
+                return Ok((action, values));
             }
         }
-        Ok(GuardAction::Proceed)
+        Ok((GuardAction::Proceed, values))
     }
 
     fn on_non_finite(&mut self, quantity: &str, value: f64, step: u64) -> Result<GuardAction> {
@@ -130,7 +175,7 @@ impl NonFiniteGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Tensor};
+    use candle_core::Device;
 
     #[test]
     fn error_policy_names_quantity_and_step() {
@@ -177,5 +222,37 @@ mod tests {
             g.check(1.0, &grads, &vars, 4).unwrap(),
             GuardAction::Proceed
         );
+    }
+
+    #[test]
+    fn check_step_returns_the_loss_and_shares_its_read_with_clipping() {
+        let w = Var::new(&[3.0f32, 4.0], &Device::Cpu).unwrap();
+        let b = Var::new(&[0.5f32], &Device::Cpu).unwrap();
+        let vars = vec![("w".to_string(), w.clone()), ("b".to_string(), b.clone())];
+        // loss = 0.5·(w·w) + 2·b: gradients w = (3, 4) and b = 2, norm √29.
+        let loss = ((w.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap()
+            + (b.as_tensor() * 2.0).unwrap().sum_all().unwrap())
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        let mut g = NonFiniteGuard::default();
+        let start = crate::host::read_count();
+        let (action, value) = g.check_step(&loss, &grads, &vars, 1).unwrap();
+        assert_eq!((action, value), (GuardAction::Proceed, 13.5));
+        let norm = crate::optim::grad_norm(&grads, &[w.clone(), b.clone()], 2.0).unwrap();
+        assert!((norm - 29f64.sqrt()).abs() < 1e-6, "{norm}");
+        assert_eq!(crate::host::read_count() - start, 1);
+        // A NaN loss is skipped (policy Skip) and its value returned.
+        let mut g = NonFiniteGuard::new(NonFinitePolicy::Skip { max_skips: 1 });
+        let nan = (&loss * f64::NAN).unwrap();
+        let grads = nan.backward().unwrap();
+        let (action, value) = g.check_step(&nan, &grads, &vars, 2).unwrap();
+        assert_eq!(action, GuardAction::Skip);
+        assert!(value.is_nan());
+        // Then an error naming the loss and the limit.
+        let e = g
+            .check_step(&nan, &grads, &vars, 3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("loss") && e.contains("limit"), "{e}");
     }
 }

@@ -1,8 +1,8 @@
 //! k-nearest-neighbour classification on features: the yardstick of
 //! self-supervised learning.
 //!
-//! The protocol of InstDisc and lightly (and of the reference figures in
-//! `bench/torch_quality.py`): features L2-normalised, cosine similarity of
+//! The protocol of InstDisc and lightly (and of the reference figures, see
+//! docs/benchmarks.md, "Protocols"): features L2-normalised, cosine similarity of
 //! each query to every bank feature, the `k` most similar vote for their
 //! class with weight `exp(sim / temperature)`, the class with the largest
 //! total wins (ties go to the lowest class). Queries are processed in
@@ -110,6 +110,8 @@ pub fn knn_predict(
     while start < m {
         let len = config.batch_size.min(m - start);
         let sim = queries.narrow(0, start, len)?.matmul(&bank_t)?;
+        // host-ok: the votes are counted on the host, one read per chunk
+        // of queries (evaluation, not a training step).
         let rows = sim.to_vec2::<f32>()?;
         let batch: Vec<u32> = rows
             .par_iter()

@@ -4,7 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use super::callback::{Callback, Control, EpochInfo, StepInfo, TrainingState};
+use super::callback::{Callback, Control, EpochInfo, StepInfo};
 use crate::{Error, Result};
 
 /// Appends `{"event":"step",...}` and `{"event":"epoch",...}` lines to a file.
@@ -88,11 +88,7 @@ impl Callback for MetricsLog {
         Ok(Control::Continue)
     }
 
-    fn on_epoch_end(
-        &mut self,
-        info: &EpochInfo<'_>,
-        _state: &dyn TrainingState,
-    ) -> Result<Control> {
+    fn on_epoch_end(&mut self, info: &EpochInfo<'_>) -> Result<Control> {
         let mut f = vec![
             ("event", json_string("epoch")),
             ("epoch", info.epoch.to_string()),

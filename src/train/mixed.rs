@@ -48,6 +48,7 @@ use candle_nn::{VarBuilder, VarMap};
 
 use super::scaler::{LossScaler, LossScalerConfig};
 use crate::config::config;
+use crate::host::{self, Reduce};
 use crate::{Error, Result};
 
 /// The arithmetic of the forward and backward passes.
@@ -134,23 +135,33 @@ impl MixedPrecision {
     /// Backward pass of `loss` (any dtype), returning f32 gradients of the
     /// variables of `varmap`, or `None` when the step must be skipped (f16
     /// overflow: the scale is lowered for the next step).
+    ///
+    /// With f16, the overflow check reduces every unscaled gradient to its
+    /// sum of squares on the device and reads them, with the loss, in one
+    /// transfer; [`NonFiniteGuard::check_step`](super::NonFiniteGuard::check_step)
+    /// and 2-norm clipping afterwards reuse those values, so the step waits
+    /// for the device once.
     pub fn backward(&mut self, loss: &Tensor, varmap: &VarMap) -> Result<Option<GradStore>> {
-        let loss = loss.to_dtype(DType::F32)?;
+        let loss32 = loss.to_dtype(DType::F32)?;
         let Some(scaler) = self.scaler.as_mut() else {
-            return Ok(Some(loss.backward()?));
+            return Ok(Some(loss32.backward()?));
         };
         let scale = scaler.scale();
-        let mut grads = (loss * scale)?.backward()?;
+        let mut grads = (loss32 * scale)?.backward()?;
         let vars = crate::nn::params::named_vars(varmap)?;
-        let mut overflow = false;
+        let mut unscaled = Vec::with_capacity(vars.len());
         for (_, var) in &vars {
             if let Some(g) = grads.get(var) {
                 let g = (g.to_dtype(DType::F32)? / scale)?;
-                let s = g.sqr()?.sum_all()?.to_scalar::<f32>()?;
-                overflow |= !s.is_finite();
-                grads.insert(var, g);
+                grads.insert(var, g.clone());
+                unscaled.push(g);
             }
         }
+        // The loss rides along: a guard checking it next finds it read.
+        let mut items = vec![(loss, Reduce::Value)];
+        items.extend(unscaled.iter().map(|g| (g, Reduce::SumSq)));
+        let values = host::reduce_and_read(&items)?;
+        let overflow = values[1..].iter().any(|s| !s.is_finite());
         Ok(if scaler.update(overflow) {
             Some(grads)
         } else {

@@ -7,12 +7,17 @@
 //! [`MetricsLog`] of JSON lines, [`EarlyStopping`], [`PeriodicCheckpoint`]s
 //! and, with the `plot` feature, a [`CurvePlot`] of the curves.
 //!
-//! [`Checkpoint`]s are safetensors files written atomically and verified on
-//! load; [`Fit::checkpoint`] and [`Fit::resume`] continue a run exactly.
+//! [`Checkpoint`]s are safetensors files written atomically, never with
+//! non-finite weights, and verified on load (a checksum over every
+//! metadata entry and tensor); [`Fit::checkpoint`] and [`Fit::resume`]
+//! continue a run exactly, callback state included, and
+//! [`CheckpointDir::load_latest_valid`] finds the newest checkpoint that
+//! verifies.
 //! The [`NonFiniteGuard`] stops (or skips) a step whose loss or gradient is
 //! not finite before it reaches the weights. [`LossScaler`] is the dynamic
 //! loss scale of f16 training. Evaluation: [`evaluate_accuracy`],
-//! [`extract_features`], [`knn_accuracy`] and [`linear_probe`], the
+//! [`extract_features`], [`knn_accuracy`], [`linear_probe`] (mini-batch
+//! AdamW) and [`logistic_regression`] (L-BFGS to convergence), the
 //! yardsticks of self-supervised learning.
 //!
 //! [`Classifier`] is the supervised trainer (see its docs for a complete
@@ -22,13 +27,16 @@
 mod callback;
 mod checkpoint;
 mod checkpoint_dir;
+mod checkpoint_format;
 mod classifier;
 mod early_stopping;
 mod episodes;
 mod eval;
 mod fit;
+mod fit_state;
 mod guard;
 mod knn;
+mod logistic;
 mod metrics_log;
 mod mixed;
 #[cfg(feature = "plot")]
@@ -37,9 +45,10 @@ mod progress;
 mod scaler;
 
 pub use callback::{Callback, Control, EpochInfo, StepInfo, TrainingState};
-pub use checkpoint::{Checkpoint, FORMAT_VERSION};
-pub use checkpoint_dir::{CheckpointDir, PeriodicCheckpoint};
-pub(crate) use classifier::BufferSnapshot;
+pub use checkpoint::Checkpoint;
+pub use checkpoint_dir::{CheckpointDir, LatestValid, PeriodicCheckpoint, SkippedCheckpoint};
+pub use checkpoint_format::FORMAT_VERSION;
+pub(crate) use classifier::{optimizer_and_guard_steps, BufferSnapshot};
 pub use classifier::{Classifier, ClassifierConfig};
 pub use early_stopping::{EarlyStopping, EarlyStoppingConfig, MonitorMode};
 pub use episodes::EpisodeEpochs;
@@ -50,6 +59,7 @@ pub use eval::{
 pub use fit::{BatchSource, Evaluator, Fit, FitConfig, FitSummary, StepOutput, TrainStep};
 pub use guard::{GuardAction, NonFiniteGuard, NonFinitePolicy};
 pub use knn::{accuracy_of, knn_accuracy, knn_predict, KnnConfig};
+pub use logistic::{logistic_regression, LogisticRegressionConfig, LogisticRegressionResult};
 pub use metrics_log::MetricsLog;
 pub use mixed::{MixedPrecision, MixedPrecisionConfig, Precision};
 #[cfg(feature = "plot")]

@@ -125,11 +125,7 @@ impl Callback for CurvePlot {
         Ok(Control::Continue)
     }
 
-    fn on_epoch_end(
-        &mut self,
-        info: &EpochInfo<'_>,
-        _state: &dyn TrainingState,
-    ) -> Result<Control> {
+    fn on_epoch_end(&mut self, info: &EpochInfo<'_>) -> Result<Control> {
         for (k, v) in info.metrics {
             self.metrics
                 .entry(k.clone())

@@ -119,11 +119,7 @@ impl Callback for Progress {
         Ok(Control::Continue)
     }
 
-    fn on_epoch_end(
-        &mut self,
-        info: &EpochInfo<'_>,
-        _state: &dyn TrainingState,
-    ) -> Result<Control> {
+    fn on_epoch_end(&mut self, info: &EpochInfo<'_>) -> Result<Control> {
         if self.mode == ProgressMode::Silent {
             return Ok(Control::Continue);
         }

@@ -18,7 +18,8 @@ pub enum CropMode {
     /// (`align_corners=False`, no antialiasing).
     #[default]
     Torchvision,
-    /// The continuous crop of `torch_quality.py`: side fractions
+    /// The continuous crop of the reference figures' self-supervised views
+    /// (docs/benchmarks.md, "Protocols"): side fractions
     /// `w = sqrt(s·r)`, `h = sqrt(s/r)` clamped to 1, centre uniform where the
     /// crop fits, sampled like `affine_grid` + `grid_sample` (bilinear,
     /// `align_corners=False`, zeros outside).
@@ -308,7 +309,7 @@ config! {
         /// Output `(height, width)`. Default `(28, 28)`.
         size: (usize, usize) = (28, 28),
         /// Zero padding added on every side before cropping. Default 2
-        /// (`torch_quality.py`'s supervised recipe; torchvision's CIFAR recipe uses 4 on 32 px).
+        /// (the supervised reference recipe, docs/benchmarks.md; torchvision's CIFAR recipe uses 4 on 32 px).
         padding: usize = 2,
         /// Probability of cropping at a random offset; otherwise the centre. Default 1.0.
         p: f32 = 1.0,

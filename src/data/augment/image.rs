@@ -139,6 +139,7 @@ impl ImageBatch {
         let (n, c, h, w) = t
             .dims4()
             .context("ImageBatch::from_tensor expects N×C×H×W")?;
+        // host-ok: the augmentations run on the host; this is their input.
         let data = t
             .to_dtype(candle_core::DType::F32)
             .and_then(|t| t.flatten_all())
@@ -150,6 +151,7 @@ impl ImageBatch {
     /// The batch as an `f32` tensor `N×C×H×W` on `device`.
     pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
         let (n, c, h, w) = self.shape;
+        // host-ok: a batch of images goes to the device once, in f32.
         Tensor::from_slice(&self.data, (n, c, h, w), device).context("ImageBatch::to_tensor")
     }
 

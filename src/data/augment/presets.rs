@@ -1,5 +1,5 @@
 //! Ready-made pipelines: SimCLR, BYOL, and the exact pipelines of the
-//! PyTorch reference figures (`torch_quality.py`).
+//! PyTorch reference figures (docs/benchmarks.md, "Protocols").
 //!
 //! # Scaling to 28×28
 //!
@@ -129,7 +129,8 @@ pub fn byol_views(cfg: &PresetConfig) -> Result<MultiView> {
     ])
 }
 
-/// The view of the PyTorch reference figures (`torch_quality.py`, `ssl_view`):
+/// The view of the PyTorch reference figures (the self-supervised protocol
+/// of docs/benchmarks.md):
 /// continuous random resized crop to 28×28 (scale 0.3–1, ratio 3/4–4/3,
 /// sides clamped to the image, bilinear with zeros outside), horizontal flip
 /// 0.5, then with p 0.8 brightness `U(0.6, 1.4)` and contrast `U(0.6, 1.4)`
@@ -158,7 +159,7 @@ pub fn fashion_mnist_reference_views() -> Result<MultiView> {
     MultiView::repeat(fashion_mnist_reference()?, 2)
 }
 
-/// The supervised reference recipe (`torch_quality.py`, `pad_crop_flip`):
+/// The supervised reference recipe (docs/benchmarks.md, "Protocols"):
 /// zero-pad 2 px, random 28×28 crop, horizontal flip 0.5, normalise.
 pub fn fashion_mnist_supervised_reference() -> Result<Compose> {
     let cfg = PresetConfig::default();

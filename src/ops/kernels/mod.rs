@@ -74,7 +74,7 @@ mod simd;
 mod util;
 mod winograd;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::error::Context;
 use crate::{Error, Result};
@@ -82,7 +82,7 @@ use crate::{Error, Result};
 /// Whether the kernels of this module can run on `x`: a CPU tensor of dtype
 /// f32 or f64.
 pub fn supports(x: &Tensor) -> bool {
-    matches!(x.device(), Device::Cpu) && matches!(x.dtype(), DType::F32 | DType::F64)
+    crate::host::on_cpu(x.device()) && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
 /// Whether [`conv2d`] takes these operands (used by `ops::conv2d`).

@@ -1,0 +1,80 @@
+//! SimCLR (Chen et al. 2020, "A Simple Framework for Contrastive Learning
+//! of Visual Representations").
+//!
+//! Both views of a batch go through backbone and projection head as one
+//! batch of 2N (BatchNorm normalises over both views); the loss is NT-Xent
+//! over the 2N projections: each projection's positive is its other view,
+//! the 2N − 2 others are negatives ([`crate::loss::NtXentLoss`]).
+
+use candle_core::{Device, ModuleT};
+
+use super::backbone::{Backbone, Encoder};
+use super::core::{online_encoder, projection_step, Core};
+use super::optim::SslOptimConfig;
+use super::trainer::{impl_ssl_trainer, ExtraState};
+use crate::config::config;
+use crate::data::Batch;
+use crate::loss::{NtXentLoss, NtXentLossConfig};
+use crate::nn::{HeadConfig, Model};
+use crate::train::StepOutput;
+use crate::Result;
+
+config! {
+    /// Settings of [`SimClr`]; defaults from SimCLR (Chen et al. 2020).
+    pub struct SimClrConfig {
+        /// NT-Xent temperature (SimCLR, CIFAR-10: 0.5; 0.1 for ImageNet-size batches).
+        temperature: f64 = 0.5,
+        /// Projection head; its `input_dim` is set to the backbone's feature
+        /// width (SimCLR: Linear–BN–ReLU–Linear, 2048 → 2048 → 128).
+        projector: HeadConfig = HeadConfig::simclr(),
+        /// Optimizer and schedule (SimCLR: LARS, 0.3 × B/256, weight decay
+        /// 1e-6 without biases and norms, 10 warmup epochs, cosine).
+        optim: SslOptimConfig = SslOptimConfig::simclr(),
+        /// Seed of the initialisation (default 0).
+        seed: u64 = 0,
+    }
+}
+
+/// The SimCLR trainer (see the module docs and [`crate::ssl`]).
+pub struct SimClr<B> {
+    online: Model<Encoder<B>>,
+    core: Core,
+    loss: NtXentLoss,
+    cfg: SimClrConfig,
+}
+
+impl<B: ModuleT> SimClr<B> {
+    /// Builds backbone and projection head (seeded with `cfg.seed`) on
+    /// `device`, and the optimizer; validates the config.
+    pub fn new(backbone: Backbone<B>, cfg: SimClrConfig, device: &Device) -> Result<Self> {
+        let loss = NtXentLoss::new(NtXentLossConfig::default().with_temperature(cfg.temperature))?;
+        let online = online_encoder(&backbone, &cfg.projector, cfg.seed, device)?;
+        let core = Core::new(
+            vec![("online", online.varmap().clone())],
+            vec![],
+            &cfg.optim,
+        )?;
+        Ok(SimClr {
+            online,
+            core,
+            loss,
+            cfg,
+        })
+    }
+
+    fn step_impl(&mut self, batch: &Batch, step: u64) -> Result<StepOutput> {
+        let loss = &self.loss;
+        projection_step(
+            &mut self.core,
+            &self.online,
+            batch,
+            step,
+            "SimClr::train_step",
+            |z1, z2| loss.forward(z1, z2),
+        )
+    }
+}
+
+impl<B> ExtraState for SimClr<B> {}
+
+impl_ssl_trainer!(SimClr, SimClrConfig, "simclr");
