@@ -35,10 +35,10 @@ pub(crate) struct Stats {
 
 /// `(n, c, rest...)` viewed as `(n, c, hw)`.
 #[derive(Clone, Copy, Debug)]
-struct Dims {
-    n: usize,
-    c: usize,
-    hw: usize,
+pub(crate) struct Dims {
+    pub n: usize,
+    pub c: usize,
+    pub hw: usize,
 }
 
 impl Dims {
@@ -116,7 +116,7 @@ where
     total
 }
 
-fn stats<T: Elem>(d: Dims, x: &[T], eps: f64) -> candle_core::Result<Stats> {
+pub(crate) fn stats<T: Elem>(d: Dims, x: &[T], eps: f64) -> candle_core::Result<Stats> {
     let m = d.count();
     if m == 0 {
         candle_core::bail!(
@@ -163,7 +163,7 @@ impl Epilogue {
 
 /// The second pass of the forward: `y = a * x + b` per channel, then the
 /// epilogue (`s` is the shortcut, for [`Epilogue::AddRelu`] only).
-fn forward<T: Elem>(
+pub(crate) fn forward<T: Elem>(
     d: Dims,
     x: &[T],
     s: Option<&[T]>,
@@ -227,12 +227,57 @@ fn backward<T: Elem>(
     shortcut_grad: bool,
 ) -> candle_core::Result<Vec<T>> {
     let numel = x.len();
-    if dy.len() != numel || y.len() != numel || gamma.len() != d.c {
+    let planes_out = if shortcut_grad { 2 * numel } else { numel };
+    let total = planes_out + 2 * d.c;
+    let mut out: Vec<T> = Vec::with_capacity(total);
+    let (grads, tail) = out.spare_capacity_mut()[..total].split_at_mut(planes_out);
+    let (dx, ds) = grads.split_at_mut(numel);
+    let ds = shortcut_grad.then_some(ds);
+    let (dgamma, dbeta) = backward_into(d, x, dy, y, gamma, st, relu, dx, ds)?;
+    let tail = zero_init(tail);
+    for ch in 0..d.c {
+        tail[ch] = T::from_f64(dgamma[ch]);
+        tail[d.c + ch] = T::from_f64(dbeta[ch]);
+    }
+    // SAFETY: all `total` values were initialised: the tail just above, and
+    // the gradients (`dx`, then `ds` when asked for) by `backward_into`,
+    // which returned without error; `total <= capacity`.
+    unsafe { out.set_len(total) };
+    Ok(out)
+}
+
+/// The fused backward into the caller's buffers: writes `dx` (all `numel`
+/// values) and, when given, the shortcut's gradient `ds = dy * (y > 0)`
+/// (needs `relu`); returns the per-channel `(dgamma, dbeta)`.
+///
+/// `y` is only read under the ReLU (its mask); pass any slice of the
+/// input's length otherwise.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_into<T: Elem>(
+    d: Dims,
+    x: &[T],
+    dy: &[T],
+    y: &[T],
+    gamma: &[f64],
+    st: &Stats,
+    relu: bool,
+    dx: &mut [std::mem::MaybeUninit<T>],
+    ds: Option<&mut [std::mem::MaybeUninit<T>]>,
+) -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
+    let numel = x.len();
+    if dy.len() != numel
+        || y.len() != numel
+        || gamma.len() != d.c
+        || dx.len() != numel
+        || ds.as_ref().is_some_and(|s| s.len() != numel || !relu)
+        || numel != d.n * d.c * d.hw
+    {
         candle_core::bail!(
-            "batch_norm backward: lengths {numel}, {}, {}, {} (channels {})",
+            "batch_norm backward: lengths {numel}, {}, {}, {}, {} (channels {})",
             dy.len(),
             y.len(),
             gamma.len(),
+            dx.len(),
             d.c
         );
     }
@@ -256,14 +301,9 @@ fn backward<T: Elem>(
             (T::from_f64(a), T::from_f64(b), T::from_f64(c))
         })
         .collect();
-    let planes_out = if shortcut_grad { 2 * numel } else { numel };
-    let total = planes_out + 2 * d.c;
-    let mut out: Vec<T> = Vec::with_capacity(total);
-    let (grads, tail) = out.spare_capacity_mut()[..total].split_at_mut(planes_out);
     let img = (d.c * d.hw).max(1);
     let hw = d.hw.max(1);
-    if shortcut_grad {
-        let (dx, ds) = grads.split_at_mut(numel);
+    if let Some(ds) = ds {
         dx.par_chunks_mut(img)
             .zip(ds.par_chunks_mut(img))
             .zip(x.par_chunks(img))
@@ -284,8 +324,7 @@ fn backward<T: Elem>(
                 }
             });
     } else {
-        grads
-            .par_chunks_mut(img)
+        dx.par_chunks_mut(img)
             .zip(x.par_chunks(img))
             .zip(dy.par_chunks(img))
             .zip(y.par_chunks(img))
@@ -303,18 +342,7 @@ fn backward<T: Elem>(
                 }
             });
     }
-    let tail = zero_init(tail);
-    for ch in 0..d.c {
-        tail[ch] = T::from_f64(sums[ch].1);
-        tail[d.c + ch] = T::from_f64(sums[ch].0);
-    }
-    // SAFETY: all `total` values were initialised (`zero_init`): the tail
-    // just above, and the gradients (`dx`, then `ds` when written) by the
-    // parallel loop, which visits every `img`-sized chunk of them, paired one
-    // to one with the chunks of `x`, `dy` and `y` (all `numel` long), and
-    // does not exit early; `total <= capacity`.
-    unsafe { out.set_len(total) };
-    Ok(out)
+    Ok(sums.iter().map(|s| (s.1, s.0)).unzip())
 }
 
 fn to_f64_vec(t: &Tensor) -> candle_core::Result<Vec<f64>> {

@@ -33,16 +33,16 @@ pub(crate) struct ConvParams {
 /// Every size of one convolution.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Geom {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    o: usize,
-    kh: usize,
-    kw: usize,
-    oh: usize,
-    ow: usize,
-    p: ConvParams,
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub o: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub p: ConvParams,
 }
 
 fn out_size(i: usize, k: usize, s: usize, pad: usize, d: usize) -> Option<usize> {
