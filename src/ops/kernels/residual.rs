@@ -629,3 +629,139 @@ impl candle_core::CustomOp2 for ResidualOp {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::super::util::test_values;
+
+    /// resnet_tiny's blocks (stem, then stages of two BasicBlocks at widths
+    /// 16/32/64, strides 1/2/2) for 28x28 inputs.
+    fn resnet_tiny_specs() -> Vec<BlockSpec> {
+        let p = |stride: usize, padding: usize| ConvParams {
+            stride: (stride, stride),
+            padding: (padding, padding),
+            dilation: (1, 1),
+            groups: 1,
+        };
+        let st = |o, c, k, stride| StageSpec {
+            weight: (o, c, k, k),
+            p: p(stride, k / 2),
+            eps: 1e-5,
+        };
+        let mut v = vec![BlockSpec {
+            stages: vec![st(16, 1, 3, 1)],
+            shortcut: ShortcutSpec::None,
+        }];
+        let mut cin = 16;
+        for (i, w) in [16, 32, 64].into_iter().enumerate() {
+            for j in 0..2 {
+                let stride = if i > 0 && j == 0 { 2 } else { 1 };
+                let shortcut = if stride != 1 || cin != w {
+                    ShortcutSpec::Projection(st(w, cin, 1, stride))
+                } else {
+                    ShortcutSpec::Identity
+                };
+                v.push(BlockSpec {
+                    stages: vec![st(w, cin, 3, stride), st(w, w, 3, 1)],
+                    shortcut,
+                });
+                cin = w;
+            }
+        }
+        v
+    }
+
+    /// Times the passes of resnet_tiny's forward and backward (batch 256,
+    /// f32), each pass separately, by kind, in CPU time (`RAYON_NUM_THREADS=1
+    /// cargo test --release --lib residual_speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn residual_speed() {
+        crate::device::tune_cpu_allocator();
+        let n = 256;
+        let plan = Plan::new((n, 1, 28, 28), &resnet_tiny_specs()).unwrap();
+        let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+        let x = f(test_values(n * 784, 1));
+        let mut p = f(test_values(plan.params, 2));
+        for p in p.iter_mut() {
+            *p *= 0.3;
+        }
+        let (y, saved) = forward(&plan, &x, &p).unwrap();
+        let dy = f(test_values(y.len(), 3));
+        let reps = 5;
+        // Process CPU time (all threads), so that a loaded machine inflates
+        // the figures less than wall time; best of `reps`.
+        let cpu_ms = || {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `ts` is a valid timespec to write into.
+            unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+            ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
+        };
+        let best = |g: &mut dyn FnMut()| {
+            let mut b = f64::MAX;
+            for _ in 0..reps {
+                let t = cpu_ms();
+                g();
+                b = b.min(cpu_ms() - t);
+            }
+            b
+        };
+        let total_f = best(&mut || {
+            forward(&plan, &x, &p).unwrap();
+        });
+        let total_b = best(&mut || {
+            backward(&plan, &saved, &x, &p, &y, &dy, false, true).unwrap();
+        });
+        println!("resnet_tiny chain, batch {n}: forward {total_f:.1} ms, backward {total_b:.1} ms (CPU time)");
+        // Per pass, by kind.
+        let mut kinds: Vec<(String, f64)> = Vec::new();
+        let mut add = |k: String, t: f64| match kinds.iter_mut().find(|(n, _)| *n == k) {
+            Some(e) => e.1 += t,
+            None => kinds.push((k, t)),
+        };
+        for (bi, b) in plan.blocks.iter().enumerate() {
+            let h: &[f32] = if bi == 0 { &x } else { &saved.outs[bi - 1] };
+            let sv = &saved.blocks[bi];
+            for (i, s) in b.main.iter().chain(&b.proj).enumerate() {
+                let is_proj = i == b.main.len();
+                let input: &[f32] = if i == 0 || is_proj { h } else { &sv.a[i - 1] };
+                let z = if is_proj { sv.zp.as_ref().unwrap() } else { &sv.z[i] };
+                let kind = format!(
+                    "{}x{} s{} {}->{} {}x{}",
+                    s.g.kh, s.g.kw, s.g.p.stride.0, s.g.c, s.g.o, s.g.oh, s.g.ow
+                );
+                add(format!("conv fwd   {kind}"), best(&mut || {
+                    conv::forward(&s.g, input, s.w(&p), None, false).unwrap();
+                }));
+                add(format!("conv igrad {kind}"), best(&mut || {
+                    conv::input_grad(&s.g, z, s.w(&p)).unwrap();
+                }));
+                add(format!("conv wgrad {kind}"), best(&mut || {
+                    conv::weight_grad(&s.g, input, z).unwrap();
+                }));
+                let st = bn::stats(s.dims(), z, 1e-5).unwrap();
+                add("bn stats".into(), best(&mut || {
+                    bn::stats(s.dims(), z, 1e-5).unwrap();
+                }));
+                add("bn apply".into(), best(&mut || {
+                    bn_forward(s, z, &st, &p, None, true).unwrap();
+                }));
+                let mut dp = vec![0f32; plan.params];
+                add("bn backward".into(), best(&mut || {
+                    bn_backward(s, z, &st, z, z, true, false, &p, &mut dp).unwrap();
+                }));
+            }
+        }
+        let sum: f64 = kinds.iter().map(|k| k.1).sum();
+        for (k, t) in &kinds {
+            println!("{k:<34} {t:8.2} ms {:5.1}%", 100.0 * t / sum);
+        }
+        println!("sum of passes {sum:.1} ms");
+    }
+}

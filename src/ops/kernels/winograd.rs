@@ -225,13 +225,76 @@ fn half_row(tw: usize) -> usize {
     (tw + 1).div_ceil(L) * L + L
 }
 
+/// Splits the rows of one `h x w` plane into even and odd columns:
+/// padded row `r` (input row `r - 1`) holds `even[j]` = column `2j` and
+/// `odd[j]` = column `2j - 1` at `split[r * 2 * half..]` (even, then odd at
+/// `+ half`). Positions outside the plane are never written (the caller
+/// zeroes `split` once per geometry).
+fn split_rows<T: Elem>(s: &Same3x3, plane: &[T], split: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && avx512() {
+        let (h, w) = (s.h, s.w);
+        let half = half_row(s.tw());
+        assert!(plane.len() >= h * w && split.len() >= (h + 2) * 2 * half && w / 2 < half);
+        // SAFETY: T is f32 (checked above); the CPU has AVX-512F (`avx512`);
+        // the bounds of every access are asserted just above (each row's
+        // even values end at `w.div_ceil(2) <= half`, its odd values at
+        // `1 + w / 2 <= half`).
+        unsafe {
+            split_rows_avx512(
+                h,
+                w,
+                half,
+                std::slice::from_raw_parts(plane.as_ptr() as *const f32, plane.len()),
+                std::slice::from_raw_parts_mut(split.as_mut_ptr() as *mut f32, split.len()),
+            )
+        };
+        return;
+    }
+    split_rows_portable(s, plane, split)
+}
+
+/// Whether this CPU has AVX-512F (checked once).
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| std::is_x86_feature_detected!("avx512f"))
+}
+
+/// [`split_rows`] for f32 with AVX-512: each row in blocks of 32 columns,
+/// two masked loads and two permutes per block.
+///
+/// # Safety
+/// The CPU has AVX-512F; `plane` holds `h * w` values; `split` holds
+/// `(h + 2) * 2 * half` values with `w / 2 < half`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn split_rows_avx512(h: usize, w: usize, half: usize, plane: &[f32], split: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let even_idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd_idx = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let mask = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as __mmask16 };
+    for r in 0..h {
+        let src = plane.as_ptr().add(r * w);
+        let even = split.as_mut_ptr().add((r + 1) * 2 * half);
+        let odd = even.add(half + 1);
+        let mut c = 0;
+        while c < w {
+            let left = w - c;
+            let a = _mm512_maskz_loadu_ps(mask(left), src.add(c));
+            let b = _mm512_maskz_loadu_ps(mask(left.saturating_sub(16)), src.add(c + 16));
+            let e = _mm512_permutex2var_ps(a, even_idx, b);
+            let o = _mm512_permutex2var_ps(a, odd_idx, b);
+            _mm512_mask_storeu_ps(even.add(c / 2), mask(left.div_ceil(2)), e);
+            _mm512_mask_storeu_ps(odd.add(c / 2), mask(left / 2), o);
+            c += 32;
+        }
+    }
+}
+
 multiversion! {
-    /// Splits the rows of one `h x w` plane into even and odd columns:
-    /// padded row `r` (input row `r - 1`) holds `even[j]` = column `2j` and
-    /// `odd[j]` = column `2j - 1` at `split[r * 2 * half..]` (even, then odd
-    /// at `+ half`). Positions outside the plane are never written (the
-    /// caller zeroes `split` once per geometry).
-    fn split_rows<T>(s: &Same3x3, plane: &[T], split: &mut [T]) -> () {
+    /// [`split_rows`] in portable code (f64, CPUs without AVX-512).
+    fn split_rows_portable<T>(s: &Same3x3, plane: &[T], split: &mut [T]) -> () {
         let (h, w) = (s.h, s.w);
         let half = half_row(s.tw());
         for r in 0..h {
@@ -906,7 +969,15 @@ mod tests {
         use super::super::conv::{self, ConvParams, Geom};
         // As a training program does (large buffers stay mapped).
         crate::device::tune_cpu_allocator();
-        let shapes = [(32, 64, 14), (32, 32, 28), (64, 64, 14), (128, 128, 7)];
+        let shapes = [
+            (32, 64, 14),
+            (32, 32, 28),
+            (64, 64, 14),
+            (128, 128, 7),
+            (16, 16, 28),
+            (32, 32, 14),
+            (64, 64, 7),
+        ];
         let only: Option<usize> = std::env::var("WINOGRAD_SHAPE")
             .ok()
             .and_then(|v| v.parse().ok());
@@ -979,6 +1050,49 @@ mod tests {
                     flop / col / 1e9
                 );
             }
+        }
+    }
+
+    /// The AVX-512 row split against the portable one: same values, and
+    /// their speed on resnet_tiny's plane sizes (`cargo test --release --lib
+    /// split_rows_speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    #[cfg(target_arch = "x86_64")]
+    fn split_rows_speed() {
+        for hw in [28, 14, 7] {
+            let s = Same3x3 {
+                n: 1,
+                c: 1,
+                o: 1,
+                h: hw,
+                w: hw,
+            };
+            let planes = 4096 * 49 / (hw * hw);
+            let x = f32s(&values(planes * hw * hw, 1));
+            let len = (2 * s.th() + 2) * 2 * half_row(s.tw());
+            let (mut a, mut b) = (vec![0f32; len], vec![0f32; len]);
+            split_rows(&s, &x[..hw * hw], &mut a);
+            split_rows_portable(&s, &x[..hw * hw], &mut b);
+            assert_eq!(a, b);
+            let (mut fast, mut port) = (f64::MAX, f64::MAX);
+            for _ in 0..20 {
+                let t = std::time::Instant::now();
+                for p in x.chunks_exact(hw * hw) {
+                    split_rows(&s, p, &mut a);
+                }
+                fast = fast.min(t.elapsed().as_secs_f64());
+                let t = std::time::Instant::now();
+                for p in x.chunks_exact(hw * hw) {
+                    split_rows_portable(&s, p, &mut b);
+                }
+                port = port.min(t.elapsed().as_secs_f64());
+            }
+            println!(
+                "{hw}x{hw}: {planes} planes, split_rows {:.3} ms, portable {:.3} ms",
+                fast * 1e3,
+                port * 1e3
+            );
         }
     }
 
