@@ -22,18 +22,64 @@ use rand::Rng;
 
 type R<T> = aimass::Result<T>;
 
-fn median_ms(warmup: usize, iters: usize, mut f: impl FnMut() -> R<()>) -> R<f64> {
+fn median_ms(warmup: usize, iters: usize, f: impl FnMut() -> R<()>) -> R<f64> {
+    Ok(timed(warmup, iters, f)?.wall)
+}
+
+/// Medians of wall time and of the process's CPU time (all threads) per
+/// iteration, in ms.
+struct Timing {
+    wall: f64,
+    cpu: Option<f64>,
+}
+
+/// The process's CPU time so far (user + system, all threads), in ms.
+fn cpu_ms() -> Option<f64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec to write into.
+        let ok = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0;
+        ok.then(|| ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}
+
+fn timed(warmup: usize, iters: usize, mut f: impl FnMut() -> R<()>) -> R<Timing> {
+    // `AIMASS_BENCH_ITERS` overrides the timed iterations (A/B comparisons
+    // on a loaded machine want more).
+    let iters = std::env::var("AIMASS_BENCH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(iters);
     for _ in 0..warmup {
         f()?;
     }
     let mut xs = Vec::with_capacity(iters);
+    let mut cs = Vec::with_capacity(iters);
     for _ in 0..iters {
+        let c = cpu_ms();
         let t = Instant::now();
         f()?;
         xs.push(t.elapsed().as_secs_f64() * 1e3);
+        if let (Some(a), Some(b)) = (c, cpu_ms()) {
+            cs.push(b - a);
+        }
     }
-    xs.sort_by(|a, b| a.total_cmp(b));
-    Ok(xs[xs.len() / 2])
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied()
+    };
+    Ok(Timing {
+        wall: median(&mut xs).unwrap_or(f64::NAN),
+        cpu: median(&mut cs),
+    })
 }
 
 fn uniform(dims: &[usize], bound: f64, seed: u64) -> R<Tensor> {
@@ -133,14 +179,18 @@ impl Report {
     fn line(
         &self,
         name: &str,
-        ours: f64,
+        ours: Timing,
         candle: Option<f64>,
         gflop: Option<f64>,
         torch: Option<&str>,
         items: usize,
     ) {
+        let cpu = ours
+            .cpu
+            .map_or(String::new(), |c| format!(", CPU {c:.0} ms"));
+        let ours = ours.wall;
         let mut line = format!(
-            "{name:<22} aimass {ours:9.2} ms ({:7.0} items/s)",
+            "{name:<22} aimass {ours:9.2} ms ({:7.0} items/s{cpu})",
             items as f64 / ours * 1e3
         );
         if let Some(gf) = gflop {
@@ -568,7 +618,7 @@ fn main() -> R<()> {
                 }
                 Ok(())
             };
-            let ours = median_ms(2, 10, || run(Backend::Aimass))?;
+            let ours = timed(2, 10, || run(Backend::Aimass))?;
             let cand = rep.candle(1, 5, || run(Backend::Candle))?;
             let k = if backward { 3.0 } else { 1.0 };
             rep.line(
@@ -587,7 +637,7 @@ fn main() -> R<()> {
             max_pool(be, &x)?.sum_all()?.backward()?;
             Ok(())
         };
-        let ours = median_ms(2, 10, || run(Backend::Aimass))?;
+        let ours = timed(2, 10, || run(Backend::Aimass))?;
         let cand = rep.candle(1, 5, || run(Backend::Candle))?;
         rep.line("maxpool2x2_fwd_bwd", ours, cand, None, None, bs);
     }
@@ -603,7 +653,7 @@ fn main() -> R<()> {
                 .backward()?;
             Ok(())
         };
-        let ours = median_ms(2, 10, || run(Backend::Aimass))?;
+        let ours = timed(2, 10, || run(Backend::Aimass))?;
         let cand = rep.candle(1, 5, || run(Backend::Candle))?;
         rep.line("bn_relu_fwd_bwd", ours, cand, None, None, bs);
         // The end of a residual block: relu(bn(x) + s), s differentiable too.
@@ -615,16 +665,16 @@ fn main() -> R<()> {
                 .backward()?;
             Ok(())
         };
-        let ours = median_ms(2, 10, || run(Backend::Aimass))?;
+        let ours = timed(2, 10, || run(Backend::Aimass))?;
         let cand = rep.candle(1, 5, || run(Backend::Candle))?;
         rep.line("bn_add_relu_fwd_bwd", ours, cand, None, None, bs);
     }
     if want("convnet") {
-        let step_time = |be: Backend, warm: usize, iters: usize| -> R<f64> {
+        let step_time = |be: Backend, warm: usize, iters: usize| -> R<Timing> {
             let mut p = Params::new();
             let net = ConvNet::new(&mut p)?;
             let mut opt = Opt::adamw(be, &p.vars, 1e-3)?;
-            median_ms(warm, iters, || {
+            timed(warm, iters, || {
                 opt.step(&candle_nn::loss::cross_entropy(
                     &net.forward(be, &images)?,
                     &labels,
@@ -635,7 +685,7 @@ fn main() -> R<()> {
         let cand = if rep.skip_candle {
             None
         } else {
-            Some(step_time(Backend::Candle, 1, 3)?)
+            Some(step_time(Backend::Candle, 1, 3)?.wall)
         };
         rep.line(
             "convnet_step",
@@ -657,14 +707,14 @@ fn main() -> R<()> {
     {
         let name = format!("resnet{suffix}_step");
         if want(&name) {
-            let step_time = |be: Backend, warm: usize, iters: usize| -> R<f64> {
+            let step_time = |be: Backend, warm: usize, iters: usize| -> R<Timing> {
                 let mut p = Params::new();
                 let net = ResNet::new(&mut p, widths)?;
                 let d = widths[2];
                 let fc_w = p.add(&[10, d], d)?;
                 let fc_b = p.add(&[10], d)?;
                 let mut opt = Opt::sgd(be, &p.vars, 0.1)?;
-                median_ms(warm, iters, || {
+                timed(warm, iters, || {
                     let logits = linear(&net.forward(be, &images)?, &fc_w, &fc_b)?;
                     opt.step(&candle_nn::loss::cross_entropy(&logits, &labels)?)
                 })
@@ -673,14 +723,14 @@ fn main() -> R<()> {
             let cand = if rep.skip_candle {
                 None
             } else {
-                Some(step_time(Backend::Candle, 1, 2)?)
+                Some(step_time(Backend::Candle, 1, 2)?.wall)
             };
             rep.line(&name, ours, cand, None, Some(&name), bs);
         }
         let name = format!("simclr{suffix}_step");
         if want(&name) {
             let both = Tensor::cat(&[&images, &images2], 0)?;
-            let step_time = |be: Backend, warm: usize, iters: usize| -> R<f64> {
+            let step_time = |be: Backend, warm: usize, iters: usize| -> R<Timing> {
                 let mut p = Params::new();
                 let enc = ResNet::new(&mut p, widths)?;
                 // Head Linear(d, hd), BN, ReLU, Linear(hd, out): 128/128/64
@@ -696,7 +746,7 @@ fn main() -> R<()> {
                     linear(&h, &h2, &h2b)
                 };
                 let mut opt = Opt::sgd(be, &p.vars, 0.06)?;
-                median_ms(warm, iters, || {
+                timed(warm, iters, || {
                     let (z1, z2) = if views_as_one_batch {
                         let z = head(&enc.forward(be, &both)?)?;
                         (z.narrow(0, 0, bs)?, z.narrow(0, bs, bs)?)
@@ -713,7 +763,7 @@ fn main() -> R<()> {
             let cand = if rep.skip_candle {
                 None
             } else {
-                Some(step_time(Backend::Candle, 1, 2)?)
+                Some(step_time(Backend::Candle, 1, 2)?.wall)
             };
             rep.line(&name, ours, cand, None, Some(&name), 2 * bs);
         }

@@ -141,6 +141,95 @@ pub(crate) fn stats<T: Elem>(d: Dims, x: &[T], eps: f64) -> candle_core::Result<
     Ok(Stats { mean, var, invstd })
 }
 
+/// The normalisation `bn(x) = a * x + b` per channel: `(a, b)` in `T`,
+/// rounded once (the forward and every recomputation of its output use
+/// these same values).
+pub(crate) fn coefs<T: Elem>(gamma: &[f64], beta: &[f64], st: &Stats) -> (Vec<T>, Vec<T>) {
+    let c = st.mean.len();
+    let a = (0..c)
+        .map(|c| T::from_f64(st.invstd[c] * gamma[c]))
+        .collect();
+    let b = (0..c)
+        .map(|c| T::from_f64(beta[c] - st.mean[c] * st.invstd[c] * gamma[c]))
+        .collect();
+    (a, b)
+}
+
+/// Shifted sums of one plane (one image, one channel): `k` its first
+/// value, `s1 = sum (x - k)`, `s2 = sum (x - k)^2`.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PlaneSums {
+    pub k: f64,
+    pub s1: f64,
+    pub s2: f64,
+}
+
+impl PlaneSums {
+    /// The sums of `plane` (empty: all zero).
+    pub fn of<T: Elem>(plane: &[T]) -> Self {
+        let Some(&k) = plane.first() else {
+            return Self::default();
+        };
+        let (s1, s2) = simd::shifted_sums(plane, k);
+        PlaneSums {
+            k: k.to_f64(),
+            s1,
+            s2,
+        }
+    }
+}
+
+/// The batch statistics from the sums of every plane, `parts[i * c + ch]`
+/// for image `i` and channel `ch` (as a convolution writes them while its
+/// output is in cache): per channel, the planes' means and squared
+/// deviations combined image by image in order (Chan et al.), so the
+/// result does not depend on how the planes were shared among threads.
+pub(crate) fn stats_from_planes(
+    d: Dims,
+    parts: &[PlaneSums],
+    eps: f64,
+) -> candle_core::Result<Stats> {
+    if d.count() == 0 || parts.len() != d.n * d.c {
+        candle_core::bail!(
+            "batch_norm: {} plane sums for {} x {} planes of {} values",
+            parts.len(),
+            d.n,
+            d.c,
+            d.hw
+        );
+    }
+    let hw = d.hw as f64;
+    let (mut mean, mut var) = (Vec::with_capacity(d.c), Vec::with_capacity(d.c));
+    for ch in 0..d.c {
+        let (mut n, mut mu, mut m2) = (0f64, 0f64, 0f64);
+        for i in 0..d.n {
+            let p = parts[i * d.c + ch];
+            let (mb, m2b) = (p.k + p.s1 / hw, (p.s2 - p.s1 * p.s1 / hw).max(0.0));
+            let total = n + hw;
+            let delta = mb - mu;
+            mu += delta * hw / total;
+            m2 += m2b + delta * delta * n * hw / total;
+            n = total;
+        }
+        mean.push(mu);
+        var.push((m2 / n).max(0.0));
+    }
+    let invstd = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    Ok(Stats { mean, var, invstd })
+}
+
+/// Where the backward finds the ReLU mask of the forward's output.
+#[derive(Clone, Copy)]
+pub(crate) enum Mask<'a, T> {
+    /// No ReLU.
+    None,
+    /// `y > 0` of the stored output `y`.
+    Output(&'a [T]),
+    /// `a * x + b > 0`, the normalisation recomputed from the input with
+    /// the forward's coefficients ([`coefs`], from the `beta` given).
+    Recomputed,
+}
+
 /// What the fused op applies after the normalisation `bn(x) = a * x + b`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Epilogue {
@@ -176,12 +265,7 @@ pub(crate) fn forward<T: Elem>(
     if s.is_some_and(|s| s.len() != numel) {
         candle_core::bail!("batch_norm: the shortcut must have the input's length {numel}");
     }
-    let a: Vec<T> = (0..d.c)
-        .map(|c| T::from_f64(st.invstd[c] * gamma[c]))
-        .collect();
-    let b: Vec<T> = (0..d.c)
-        .map(|c| T::from_f64(beta[c] - st.mean[c] * st.invstd[c] * gamma[c]))
-        .collect();
+    let (a, b) = coefs::<T>(gamma, beta, st);
     let mut y: Vec<T> = Vec::with_capacity(numel);
     let img = (d.c * d.hw).max(1);
     let hw = d.hw.max(1);
@@ -233,7 +317,8 @@ fn backward<T: Elem>(
     let (grads, tail) = out.spare_capacity_mut()[..total].split_at_mut(planes_out);
     let (dx, ds) = grads.split_at_mut(numel);
     let ds = shortcut_grad.then_some(ds);
-    let (dgamma, dbeta) = backward_into(d, x, dy, y, gamma, st, relu, dx, ds)?;
+    let mask = if relu { Mask::Output(y) } else { Mask::None };
+    let (dgamma, dbeta) = backward_into(d, x, dy, mask, gamma, &[], st, dx, ds)?;
     let tail = zero_init(tail);
     for ch in 0..d.c {
         tail[ch] = T::from_f64(dgamma[ch]);
@@ -248,44 +333,57 @@ fn backward<T: Elem>(
 
 /// The fused backward into the caller's buffers: writes `dx` (all `numel`
 /// values) and, when given, the shortcut's gradient `ds = dy * (y > 0)`
-/// (needs `relu`); returns the per-channel `(dgamma, dbeta)`.
-///
-/// `y` is only read under the ReLU (its mask); pass any slice of the
-/// input's length otherwise.
+/// (needs the mask of a stored output, [`Mask::Output`]); returns the
+/// per-channel `(dgamma, dbeta)`. `beta` is read for [`Mask::Recomputed`]
+/// only.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_into<T: Elem>(
     d: Dims,
     x: &[T],
     dy: &[T],
-    y: &[T],
+    mask: Mask<'_, T>,
     gamma: &[f64],
+    beta: &[f64],
     st: &Stats,
-    relu: bool,
     dx: &mut [std::mem::MaybeUninit<T>],
     ds: Option<&mut [std::mem::MaybeUninit<T>]>,
 ) -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
     let numel = x.len();
+    let y_len = match mask {
+        Mask::Output(y) => y.len(),
+        _ => numel,
+    };
     if dy.len() != numel
-        || y.len() != numel
+        || y_len != numel
         || gamma.len() != d.c
+        || (matches!(mask, Mask::Recomputed) && beta.len() != d.c)
         || dx.len() != numel
-        || ds.as_ref().is_some_and(|s| s.len() != numel || !relu)
+        || ds
+            .as_ref()
+            .is_some_and(|s| s.len() != numel || !matches!(mask, Mask::Output(_)))
         || numel != d.n * d.c * d.hw
     {
         candle_core::bail!(
-            "batch_norm backward: lengths {numel}, {}, {}, {}, {} (channels {})",
+            "batch_norm backward: lengths {numel}, {}, {y_len}, {}, {} (channels {})",
             dy.len(),
-            y.len(),
             gamma.len(),
             dx.len(),
             d.c
         );
     }
     let m = d.count() as f64;
+    let (ma, mb) = match mask {
+        Mask::Recomputed => coefs::<T>(gamma, beta, st),
+        _ => (Vec::new(), Vec::new()),
+    };
     // Pass 1: sum(dy) and sum(dy * xhat) per channel (dy masked by the ReLU).
     let mu: Vec<T> = st.mean.iter().map(|&v| T::from_f64(v)).collect();
-    let sums: Vec<(f64, f64)> = channel_sums(d, |ch, r| {
-        simd::grad_sums(&x[r.clone()], &dy[r.clone()], &y[r], mu[ch], relu)
+    let sums: Vec<(f64, f64)> = channel_sums(d, |ch, r| match mask {
+        Mask::None => simd::grad_sums(&x[r.clone()], &dy[r.clone()], &dy[r], mu[ch], false),
+        Mask::Output(y) => simd::grad_sums(&x[r.clone()], &dy[r.clone()], &y[r], mu[ch], true),
+        Mask::Recomputed => {
+            simd::grad_sums_recomputed(&x[r.clone()], &dy[r], mu[ch], ma[ch], mb[ch])
+        }
     })
     .into_iter()
     .zip(&st.invstd)
@@ -303,6 +401,10 @@ pub(crate) fn backward_into<T: Elem>(
         .collect();
     let img = (d.c * d.hw).max(1);
     let hw = d.hw.max(1);
+    let y = match mask {
+        Mask::Output(y) => y,
+        _ => dy,
+    };
     if let Some(ds) = ds {
         dx.par_chunks_mut(img)
             .zip(ds.par_chunks_mut(img))
@@ -338,7 +440,13 @@ pub(crate) fn backward_into<T: Elem>(
                     .zip(yi.chunks(hw));
                 for (ch, (((o, xp), gp), yp)) in planes.enumerate() {
                     let (a, b, c) = coef[ch];
-                    simd::affine_grad(o, xp, gp, yp, a, b, c, relu);
+                    match mask {
+                        Mask::None => simd::affine_grad(o, xp, gp, yp, a, b, c, false),
+                        Mask::Output(_) => simd::affine_grad(o, xp, gp, yp, a, b, c, true),
+                        Mask::Recomputed => {
+                            simd::affine_grad_recomputed(o, xp, gp, a, b, c, ma[ch], mb[ch])
+                        }
+                    }
                 }
             });
     }

@@ -23,8 +23,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::batch_norm::{self as bn, Dims, Stats};
-use super::conv::{self, ConvParams, Geom};
+use super::batch_norm::{self as bn, Dims, Mask, PlaneSums, Stats};
+use super::conv::{self, ConvParams, Geom, Input};
 use super::gemm::Elem;
 use super::simd;
 use super::util::{contiguous_slice, needs_grad, second_order};
@@ -213,12 +213,29 @@ impl Plan {
 struct BlockSaved<T> {
     /// Each stage's convolution output.
     z: Vec<Vec<T>>,
-    /// Each stage's output after BatchNorm and ReLU, but the last's.
-    a: Vec<Vec<T>>,
+    /// Each stage's BatchNorm as `a * z + b` per channel ([`bn::coefs`]),
+    /// but the last's: the next stage reads `max(a * z + b, 0)` straight
+    /// from `z` (the activation is never stored).
+    ab: Vec<(Vec<T>, Vec<T>)>,
     /// The projection's convolution output.
     zp: Option<Vec<T>>,
     st: Vec<Stats>,
     stp: Option<Stats>,
+}
+
+impl<T: Elem> BlockSaved<T> {
+    /// The input of stage `i` as its convolution reads it.
+    fn input<'a>(&'a self, h: &'a [T], i: usize) -> Input<'a, T> {
+        if i == 0 {
+            Input::plain(h)
+        } else {
+            let (a, b) = &self.ab[i - 1];
+            Input {
+                x: &self.z[i - 1],
+                bn_relu: Some((a, b)),
+            }
+        }
+    }
 }
 
 /// What the chain keeps for its backward.
@@ -252,6 +269,19 @@ fn bn_forward<T: Elem>(
     bn::forward(s.dims(), z, short, &gamma, &beta, st, relu)
 }
 
+/// Stage `s`'s convolution of `input` and its batch statistics, summed
+/// while each output plane is in cache.
+fn conv_stats<T: Elem>(
+    s: &Stage,
+    input: Input<'_, T>,
+    p: &[T],
+) -> candle_core::Result<(Vec<T>, Stats)> {
+    let mut sums = vec![PlaneSums::default(); s.g.n * s.g.o];
+    let z = conv::forward_in(&s.g, input, s.w(p), None, false, Some(&mut sums))?;
+    let st = bn::stats_from_planes(s.dims(), &sums, s.eps)?;
+    Ok((z, st))
+}
+
 fn block_forward<T: Elem>(
     b: &Block,
     h: &[T],
@@ -260,26 +290,23 @@ fn block_forward<T: Elem>(
     let last = b.main.len() - 1;
     let mut sv = BlockSaved {
         z: Vec::with_capacity(b.main.len()),
-        a: Vec::with_capacity(last),
+        ab: Vec::with_capacity(last),
         zp: None,
         st: Vec::with_capacity(b.main.len()),
         stp: None,
     };
     for (i, s) in b.main.iter().enumerate() {
-        let input: &[T] = if i == 0 { h } else { &sv.a[i - 1] };
-        let z = conv::forward(&s.g, input, s.w(p), None, false)?;
-        let st = bn::stats(s.dims(), &z, s.eps)?;
+        let (z, st) = conv_stats(s, sv.input(h, i), p)?;
         if i < last {
-            let a = bn_forward(s, &z, &st, p, None, true)?;
-            sv.a.push(a);
+            let (gamma, beta) = s.gamma_beta(p);
+            sv.ab.push(bn::coefs(&gamma, &beta, &st));
             sv.z.push(z);
             sv.st.push(st);
             continue;
         }
         let y = match &b.proj {
             Some(ps) => {
-                let zp = conv::forward(&ps.g, h, ps.w(p), None, false)?;
-                let stp = bn::stats(ps.dims(), &zp, ps.eps)?;
+                let (zp, stp) = conv_stats(ps, Input::plain(h), p)?;
                 let sp = bn_forward(ps, &zp, &stp, p, None, false)?;
                 sv.zp = Some(zp);
                 sv.stp = Some(stp);
@@ -327,28 +354,27 @@ fn filled<T>(
     Ok(v)
 }
 
-/// BatchNorm backward of stage `s` (ReLU mask from `y` under `relu`):
+/// BatchNorm backward of stage `s` (the ReLU's mask as `mask` says):
 /// returns `dz` and, with `want_ds`, `dy * (y > 0)` (the shortcut's
-/// gradient); writes `dgamma`, `dbeta` into `dp`.
+/// gradient, for a stored output `y`); writes `dgamma`, `dbeta` into `dp`.
 #[allow(clippy::too_many_arguments)]
 fn bn_backward<T: Elem>(
     s: &Stage,
     z: &[T],
     st: &Stats,
     dy: &[T],
-    y: &[T],
-    relu: bool,
+    mask: Mask<'_, T>,
     want_ds: bool,
     p: &[T],
     dp: &mut [T],
 ) -> candle_core::Result<(Vec<T>, Option<Vec<T>>)> {
     let n = z.len();
-    let (gamma, _) = s.gamma_beta(p);
+    let (gamma, beta) = s.gamma_beta(p);
     let mut ds: Option<Vec<T>> = want_ds.then(|| Vec::with_capacity(n));
     let mut sums = (Vec::new(), Vec::new());
     let dz = filled(n, |dz| {
         let ds = ds.as_mut().map(|v| &mut v.spare_capacity_mut()[..n]);
-        sums = bn::backward_into(s.dims(), z, dy, y, &gamma, st, relu, dz, ds)?;
+        sums = bn::backward_into(s.dims(), z, dy, mask, &gamma, &beta, st, dz, ds)?;
         Ok(())
     })?;
     if let Some(v) = ds.as_mut() {
@@ -393,8 +419,7 @@ fn block_backward<T: Elem>(
         &sv.z[last],
         &sv.st[last],
         dy,
-        y,
-        true,
+        Mask::Output(y),
         want_ds,
         p,
         dp,
@@ -402,9 +427,8 @@ fn block_backward<T: Elem>(
     let mut dx = None;
     for i in (0..=last).rev() {
         let s = &b.main[i];
-        let input: &[T] = if i == 0 { h } else { &sv.a[i - 1] };
         if want_dp {
-            let dw = conv::weight_grad(&s.g, input, &dz)?;
+            let dw = conv::weight_grad_in(&s.g, sv.input(h, i), &dz)?;
             dp[s.at..s.at + s.wlen()].copy_from_slice(&dw);
         }
         if i == 0 && !want_dx {
@@ -416,23 +440,12 @@ fn block_backward<T: Elem>(
             break;
         }
         let prev = &b.main[i - 1];
-        let a = &sv.a[i - 1];
-        dz = bn_backward(
-            prev,
-            &sv.z[i - 1],
-            &sv.st[i - 1],
-            &din,
-            a,
-            true,
-            false,
-            p,
-            dp,
-        )?
-        .0;
+        let (zp, stp) = (&sv.z[i - 1], &sv.st[i - 1]);
+        dz = bn_backward(prev, zp, stp, &din, Mask::Recomputed, false, p, dp)?.0;
     }
     match (&b.proj, &sv.zp, &sv.stp, ds) {
         (Some(ps), Some(zp), Some(stp), Some(ds)) => {
-            let dzp = bn_backward(ps, zp, stp, &ds, &ds, false, false, p, dp)?.0;
+            let dzp = bn_backward(ps, zp, stp, &ds, Mask::None, false, p, dp)?.0;
             if want_dp {
                 let dw = conv::weight_grad(&ps.g, h, &dzp)?;
                 dp[ps.at..ps.at + ps.wlen()].copy_from_slice(&dw);
@@ -730,32 +743,52 @@ mod tests {
             let sv = &saved.blocks[bi];
             for (i, s) in b.main.iter().chain(&b.proj).enumerate() {
                 let is_proj = i == b.main.len();
-                let input: &[f32] = if i == 0 || is_proj { h } else { &sv.a[i - 1] };
-                let z = if is_proj { sv.zp.as_ref().unwrap() } else { &sv.z[i] };
+                let input = if is_proj {
+                    Input::plain(h)
+                } else {
+                    sv.input(h, i)
+                };
+                let z = if is_proj {
+                    sv.zp.as_ref().unwrap()
+                } else {
+                    &sv.z[i]
+                };
                 let kind = format!(
                     "{}x{} s{} {}->{} {}x{}",
                     s.g.kh, s.g.kw, s.g.p.stride.0, s.g.c, s.g.o, s.g.oh, s.g.ow
                 );
-                add(format!("conv fwd   {kind}"), best(&mut || {
-                    conv::forward(&s.g, input, s.w(&p), None, false).unwrap();
-                }));
-                add(format!("conv igrad {kind}"), best(&mut || {
-                    conv::input_grad(&s.g, z, s.w(&p)).unwrap();
-                }));
-                add(format!("conv wgrad {kind}"), best(&mut || {
-                    conv::weight_grad(&s.g, input, z).unwrap();
-                }));
+                add(
+                    format!("conv fwd   {kind}"),
+                    best(&mut || {
+                        conv::forward_in(&s.g, input, s.w(&p), None, false, None).unwrap();
+                    }),
+                );
+                add(
+                    format!("conv igrad {kind}"),
+                    best(&mut || {
+                        conv::input_grad(&s.g, z, s.w(&p)).unwrap();
+                    }),
+                );
+                add(
+                    format!("conv wgrad {kind}"),
+                    best(&mut || {
+                        conv::weight_grad_in(&s.g, input, z).unwrap();
+                    }),
+                );
                 let st = bn::stats(s.dims(), z, 1e-5).unwrap();
-                add("bn stats".into(), best(&mut || {
-                    bn::stats(s.dims(), z, 1e-5).unwrap();
-                }));
-                add("bn apply".into(), best(&mut || {
-                    bn_forward(s, z, &st, &p, None, true).unwrap();
-                }));
+                add(
+                    "bn apply".into(),
+                    best(&mut || {
+                        bn_forward(s, z, &st, &p, None, true).unwrap();
+                    }),
+                );
                 let mut dp = vec![0f32; plan.params];
-                add("bn backward".into(), best(&mut || {
-                    bn_backward(s, z, &st, z, z, true, false, &p, &mut dp).unwrap();
-                }));
+                add(
+                    "bn backward".into(),
+                    best(&mut || {
+                        bn_backward(s, z, &st, z, Mask::Recomputed, false, &p, &mut dp).unwrap();
+                    }),
+                );
             }
         }
         let sum: f64 = kinds.iter().map(|k| k.1).sum();

@@ -38,6 +38,8 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::batch_norm::PlaneSums;
+use super::conv::Input;
 use super::gemm::{matmul_abt, matmul_lhs, threads, Elem, Lhs, Parallelism, View};
 use super::simd::multiversion;
 use super::util::{sum_partials, zero_init};
@@ -230,9 +232,13 @@ fn half_row(tw: usize) -> usize {
 /// `odd[j]` = column `2j - 1` at `split[r * 2 * half..]` (even, then odd at
 /// `+ half`). Positions outside the plane are never written (the caller
 /// zeroes `split` once per geometry).
-fn split_rows<T: Elem>(s: &Same3x3, plane: &[T], split: &mut [T]) {
+///
+/// With `ab = (a, b)`, the values split are `max(a * x + b, 0)` (a
+/// BatchNorm and ReLU folded into the read, see `conv::Input`).
+fn split_rows<T: Elem>(s: &Same3x3, plane: &[T], ab: Option<(T, T)>, split: &mut [T]) {
     #[cfg(target_arch = "x86_64")]
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && avx512() {
+        let ab = ab.map(|(a, b)| (a.to_f64() as f32, b.to_f64() as f32));
         let (h, w) = (s.h, s.w);
         let half = half_row(s.tw());
         assert!(plane.len() >= h * w && split.len() >= (h + 2) * 2 * half && w / 2 < half);
@@ -245,13 +251,20 @@ fn split_rows<T: Elem>(s: &Same3x3, plane: &[T], split: &mut [T]) {
                 h,
                 w,
                 half,
+                ab,
                 std::slice::from_raw_parts(plane.as_ptr() as *const f32, plane.len()),
                 std::slice::from_raw_parts_mut(split.as_mut_ptr() as *mut f32, split.len()),
             )
         };
         return;
     }
-    split_rows_portable(s, plane, split)
+    split_rows_portable(
+        s,
+        plane,
+        ab.is_some(),
+        ab.unwrap_or((T::zero(), T::zero())),
+        split,
+    )
 }
 
 /// Whether this CPU has AVX-512F (checked once).
@@ -262,15 +275,29 @@ fn avx512() -> bool {
 }
 
 /// [`split_rows`] for f32 with AVX-512: each row in blocks of 32 columns,
-/// two masked loads and two permutes per block.
+/// two masked loads and two permutes per block (and, with `ab`, a multiply,
+/// an add and a max, rounded as the portable code rounds them).
 ///
 /// # Safety
 /// The CPU has AVX-512F; `plane` holds `h * w` values; `split` holds
 /// `(h + 2) * 2 * half` values with `w / 2 < half`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn split_rows_avx512(h: usize, w: usize, half: usize, plane: &[f32], split: &mut [f32]) {
+unsafe fn split_rows_avx512(
+    h: usize,
+    w: usize,
+    half: usize,
+    ab: Option<(f32, f32)>,
+    plane: &[f32],
+    split: &mut [f32],
+) {
     use std::arch::x86_64::*;
+    let (va, vb) = ab.map_or((0.0, 0.0), |v| v);
+    let (va, vb, zero) = (_mm512_set1_ps(va), _mm512_set1_ps(vb), _mm512_setzero_ps());
+    // max(x * a + b, 0) with the ReLU of `simd::affine` (`t > 0 ? t : 0`,
+    // NaN to 0): `max_ps(t, 0)` returns its second operand when either is
+    // NaN.
+    let act = |x: __m512| _mm512_max_ps(_mm512_add_ps(_mm512_mul_ps(x, va), vb), zero);
     let even_idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let odd_idx = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     let mask = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as __mmask16 };
@@ -281,8 +308,12 @@ unsafe fn split_rows_avx512(h: usize, w: usize, half: usize, plane: &[f32], spli
         let mut c = 0;
         while c < w {
             let left = w - c;
-            let a = _mm512_maskz_loadu_ps(mask(left), src.add(c));
-            let b = _mm512_maskz_loadu_ps(mask(left.saturating_sub(16)), src.add(c + 16));
+            let mut a = _mm512_maskz_loadu_ps(mask(left), src.add(c));
+            let mut b = _mm512_maskz_loadu_ps(mask(left.saturating_sub(16)), src.add(c + 16));
+            if ab.is_some() {
+                a = act(a);
+                b = act(b);
+            }
             let e = _mm512_permutex2var_ps(a, even_idx, b);
             let o = _mm512_permutex2var_ps(a, odd_idx, b);
             _mm512_mask_storeu_ps(even.add(c / 2), mask(left.div_ceil(2)), e);
@@ -293,20 +324,30 @@ unsafe fn split_rows_avx512(h: usize, w: usize, half: usize, plane: &[f32], spli
 }
 
 multiversion! {
-    /// [`split_rows`] in portable code (f64, CPUs without AVX-512).
-    fn split_rows_portable<T>(s: &Same3x3, plane: &[T], split: &mut [T]) -> () {
+    /// [`split_rows`] in portable code (f64, CPUs without AVX-512); with
+    /// `bn`, through `max(ab.0 * x + ab.1, 0)`.
+    fn split_rows_portable<T>(s: &Same3x3, plane: &[T], bn: bool, ab: (T, T), split: &mut [T]) -> () {
         let (h, w) = (s.h, s.w);
         let half = half_row(s.tw());
+        let zero = T::zero();
+        let act = |v: T| {
+            if bn {
+                let t = v * ab.0 + ab.1;
+                if t > zero { t } else { zero }
+            } else {
+                v
+            }
+        };
         for r in 0..h {
             let src = &plane[r * w..(r + 1) * w];
             let (even, odd) = split[(r + 1) * 2 * half..(r + 2) * 2 * half].split_at_mut(half);
             let pairs = src.chunks_exact(2);
             if let [last] = pairs.remainder() {
-                even[w / 2] = *last;
+                even[w / 2] = act(*last);
             }
             for ((p, e), o) in pairs.zip(even.iter_mut()).zip(odd[1..].iter_mut()) {
-                *e = p[0];
-                *o = p[1];
+                *e = act(p[0]);
+                *o = act(p[1]);
             }
         }
     }
@@ -444,13 +485,16 @@ multiversion! {
 
 /// Runs the convolution of `x` (`n x c x h x w`) with the prepared `U`
 /// (`o x c` per ξ) into a fresh `n x o x h x w` output; `epilogue(plane,
-/// channel)` runs on each finished output plane (bias, ReLU).
+/// channel)` runs on each finished output plane (bias, ReLU), and with
+/// `sums` (`n * o` entries) the plane's [`PlaneSums`] are written right
+/// after it.
 fn run<T: Elem>(
     s: &Same3x3,
-    x: &[T],
+    x: Input<'_, T>,
     u: &[Vec<Lhs<'_, T>>],
     ob: usize,
     epilogue: &(dyn Fn(&mut [T], usize) + Sync),
+    sums: Option<&mut [PlaneSums]>,
 ) -> candle_core::Result<Vec<T>> {
     let (c, o, hw, t) = (s.c, s.o, s.h * s.w, s.tiles());
     let b = s.images_per_chunk();
@@ -473,7 +517,8 @@ fn run<T: Elem>(
     // L values of room for the whole-vector stores of its last tile row; M,
     // `(block rows, 16, cols + L)` likewise for the output transform's
     // loads; the split rows of one plane; one tile row of outputs.
-    let work = |bufs: &mut [Vec<T>; 4], (ci, ychunk): (usize, &mut [T])| {
+    let want = sums.is_some();
+    let work = |bufs: &mut [Vec<T>; 4], (ci, ychunk, sc): (usize, &mut [T], &mut [PlaneSums])| {
         let [v, m, split, tile] = bufs;
         let imgs = ychunk.len() / (o * hw);
         let cols = imgs * t;
@@ -492,7 +537,7 @@ fn run<T: Elem>(
         for ch in 0..c {
             for li in 0..imgs {
                 let at = x0 + (li * c + ch) * hw;
-                split_rows(s, &x[at..at + hw], split);
+                split_rows(s, &x.x[at..at + hw], x.coef(ch), split);
                 input_tiles(s, split, &mut v[ch * 16 * cp + li * t..], cp);
             }
         }
@@ -532,6 +577,9 @@ fn run<T: Elem>(
                         tile,
                     );
                     epilogue(&mut ychunk[at..at + hw], o0 + k);
+                    if want {
+                        sc[li * o + o0 + k] = PlaneSums::of(&ychunk[at..at + hw]);
+                    }
                 }
             }
         }
@@ -541,15 +589,33 @@ fn run<T: Elem>(
     // cache, no serial memset of the whole output first).
     let chunk = b * o * hw;
     let spare = &mut y.spare_capacity_mut()[..total];
+    // Without sums, one dummy entry per chunk that nothing writes.
+    let mut dummy = Vec::new();
+    let (sums, per_chunk) = match sums {
+        Some(v) if v.len() == s.n * o => (v, b * o),
+        Some(_) => candle_core::bail!("conv2d (winograd): plane sums for another shape"),
+        None => {
+            dummy.resize(nchunks, PlaneSums::default());
+            (&mut dummy[..], 1)
+        }
+    };
     if matches!(inner, Parallelism::None) && nt > 1 {
-        spare.par_chunks_mut(chunk).enumerate().try_for_each_init(
-            || std::array::from_fn(|_| Vec::new()),
-            |bufs, (ci, c)| work(bufs, (ci, zero_init(c))),
-        )?;
+        spare
+            .par_chunks_mut(chunk)
+            .zip(sums.par_chunks_mut(per_chunk))
+            .enumerate()
+            .try_for_each_init(
+                || std::array::from_fn(|_| Vec::new()),
+                |bufs, (ci, (c, sc))| work(bufs, (ci, zero_init(c), sc)),
+            )?;
     } else {
         let mut bufs = std::array::from_fn(|_| Vec::new());
-        for (ci, c) in spare.chunks_mut(chunk).enumerate() {
-            work(&mut bufs, (ci, zero_init(c)))?;
+        for (ci, (c, sc)) in spare
+            .chunks_mut(chunk)
+            .zip(sums.chunks_mut(per_chunk))
+            .enumerate()
+        {
+            work(&mut bufs, (ci, zero_init(c), sc))?;
         }
     }
     // SAFETY: every chunk of the first `total` values was initialised by
@@ -567,17 +633,18 @@ fn kernel_at<T: Elem>(w: &[T], c: usize, oi: usize, ci: usize) -> [T; 9] {
 /// `y = conv(x, w)` (+ bias, then ReLU) for a "same" 3x3 convolution.
 pub(crate) fn forward<T: Elem>(
     s: &Same3x3,
-    x: &[T],
+    x: Input<'_, T>,
     w: &[T],
     epilogue: &(dyn Fn(&mut [T], usize) + Sync),
+    sums: Option<&mut [PlaneSums]>,
 ) -> candle_core::Result<Vec<T>> {
-    if x.len() != s.n * s.c * s.h * s.w || w.len() != s.o * s.c * 9 {
+    if x.x.len() != s.n * s.c * s.h * s.w || w.len() != s.o * s.c * 9 {
         candle_core::bail!("conv2d (winograd): input or weight size does not match {s:?}");
     }
     let ob = s.out_block(s.images_per_chunk() * s.tiles());
     let mut store = Vec::new();
     let u = transformed_weights(s.o, s.c, ob, |oi, ci| kernel_at(w, s.c, oi, ci), &mut store)?;
-    run(s, x, &u, ob, epilogue)
+    run(s, x, &u, ob, epilogue, sums)
 }
 
 /// `dx` of a "same" 3x3 convolution from `dy` (`n x o x h x w`): the
@@ -603,7 +670,7 @@ pub(crate) fn input_grad<T: Elem>(s: &Same3x3, dy: &[T], w: &[T]) -> candle_core
         },
         &mut store,
     )?;
-    run(&t, dy, &u, ob, &|_, _| {})
+    run(&t, Input::plain(dy), &u, ob, &|_, _| {}, None)
 }
 
 multiversion! {
@@ -674,9 +741,13 @@ fn kernel_grad_transform<T: Elem>(z: [T; 16]) -> [T; 9] {
 /// and output gradient `dy`: per ξ, `Z[ξ] (o x c) = Σ_tiles (A dy Aᵀ)[ξ] ·
 /// (Bᵀ x B)[ξ]ᵀ`, a GEMM over the tiles of the batch, then `dw = Gᵀ Z G`
 /// (the adjoint of the forward's `Aᵀ [U ⊙ V] A` in `U = G g Gᵀ`).
-pub(crate) fn weight_grad<T: Elem>(s: &Same3x3, x: &[T], dy: &[T]) -> candle_core::Result<Vec<T>> {
+pub(crate) fn weight_grad<T: Elem>(
+    s: &Same3x3,
+    x: Input<'_, T>,
+    dy: &[T],
+) -> candle_core::Result<Vec<T>> {
     let (c, o, hw, t) = (s.c, s.o, s.h * s.w, s.tiles());
-    if x.len() != s.n * c * hw || dy.len() != s.n * o * hw {
+    if x.x.len() != s.n * c * hw || dy.len() != s.n * o * hw {
         candle_core::bail!("conv2d weight grad (winograd): x or dy size does not match {s:?}");
     }
     // About 512 tiles per chunk: the products run along the tiles (a long
@@ -710,14 +781,14 @@ pub(crate) fn weight_grad<T: Elem>(s: &Same3x3, x: &[T], dy: &[T]) -> candle_cor
                 for ch in 0..c {
                     for li in 0..imgs {
                         let at = ((n0 + li) * c + ch) * hw;
-                        split_rows(s, &x[at..at + hw], &mut split);
+                        split_rows(s, &x.x[at..at + hw], x.coef(ch), &mut split);
                         input_tiles(s, &split, &mut v[ch * 16 * cp + li * t..], cp);
                     }
                 }
                 for oc in 0..o {
                     for li in 0..imgs {
                         let at = ((n0 + li) * o + oc) * hw;
-                        split_rows(s, &dy[at..at + hw], &mut split);
+                        split_rows(s, &dy[at..at + hw], None, &mut split);
                         grad_tiles(s, &split, &mut g[oc * 16 * cp + li * t..], cp);
                     }
                 }
@@ -810,7 +881,7 @@ mod tests {
             }
             let x = values(n * c * h * w, 1);
             let wt = values(o * c * 9, 2);
-            let got = forward(&s, &x, &wt, &|_, _| {}).unwrap();
+            let got = forward(&s, Input::plain(&x), &wt, &|_, _| {}, None).unwrap();
             let want = direct(&s, &x, &wt);
             for (a, b) in got.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-12, "{s:?}: {a} vs {b}");
@@ -829,9 +900,13 @@ mod tests {
         };
         let x = values(3 * 2 * 25, 6);
         let wt = values(4 * 2 * 9, 7);
-        let y = forward(&s, &x, &wt, &|p, ch| {
-            p.iter_mut().for_each(|v| *v = ch as f64)
-        })
+        let y = forward(
+            &s,
+            Input::plain(&x),
+            &wt,
+            &|p, ch| p.iter_mut().for_each(|v| *v = ch as f64),
+            None,
+        )
         .unwrap();
         for (i, plane) in y.chunks(25).enumerate() {
             assert!(plane.iter().all(|v| *v == (i % 4) as f64));
@@ -846,7 +921,7 @@ mod tests {
         let x = values(n * c * h * w, seed);
         let wt = values(o * c * 9, seed + 1);
         let dy = values(n * o * h * w, seed + 2);
-        let y = forward(s, &x, &wt, &|_, _| {}).unwrap();
+        let y = forward(s, Input::plain(&x), &wt, &|_, _| {}, None).unwrap();
         let want_y = direct(s, &x, &wt);
         for (a, b) in y.iter().zip(&want_y) {
             assert!((a - b).abs() < 1e-12, "forward {s:?}: {a} vs {b}");
@@ -865,7 +940,7 @@ mod tests {
             .map(|k| dot(&direct(s, &x, &unit(wt.len(), k))))
             .collect();
         let dx = input_grad(s, &dy, &wt).unwrap();
-        let dw = weight_grad(s, &x, &dy).unwrap();
+        let dw = weight_grad(s, Input::plain(&x), &dy).unwrap();
         for (what, got, want) in [("dx", &dx, &want_dx), ("dw", &dw, &want_dw)] {
             for (a, b) in got.iter().zip(want.iter()) {
                 assert!(
@@ -876,9 +951,12 @@ mod tests {
         }
         let (xf, wf, dyf) = (f32s(&x), f32s(&wt), f32s(&dy));
         for (got, want) in [
-            (forward(s, &xf, &wf, &|_, _| {}).unwrap(), &want_y),
+            (
+                forward(s, Input::plain(&xf), &wf, &|_, _| {}, None).unwrap(),
+                &want_y,
+            ),
             (input_grad(s, &dyf, &wf).unwrap(), &want_dx),
-            (weight_grad(s, &xf, &dyf).unwrap(), &want_dw),
+            (weight_grad(s, Input::plain(&xf), &dyf).unwrap(), &want_dw),
         ] {
             let scale = want.iter().fold(1e-3f64, |a, b| a.max(b.abs()));
             for (a, b) in got.iter().zip(want.iter()) {
@@ -940,13 +1018,14 @@ mod tests {
                     let wt = values(o * c * 9, 4);
                     let add_channel =
                         |p: &mut [f64], ch: usize| p.iter_mut().for_each(|v| *v += ch as f64);
-                    let got = forward(&s, &x, &wt, &add_channel).unwrap();
+                    let got = forward(&s, Input::plain(&x), &wt, &add_channel, None).unwrap();
                     let want = direct(&s, &x, &wt);
                     for (idx, (a, b)) in got.iter().zip(&want).enumerate() {
                         let ch = (idx / (h * w)) % o;
                         assert!((a - b - ch as f64).abs() < 1e-12, "{s:?}: {a} vs {b}");
                     }
-                    let got = forward(&s, &f32s(&x), &f32s(&wt), &|_, _| {}).unwrap();
+                    let got =
+                        forward(&s, Input::plain(&f32s(&x)), &f32s(&wt), &|_, _| {}, None).unwrap();
                     let scale = want.iter().fold(0.0f64, |a, b| a.max(b.abs()));
                     for (a, b) in got.iter().zip(&want) {
                         assert!(
@@ -1027,7 +1106,11 @@ mod tests {
             for (what, wino, col) in [
                 (
                     "forward",
-                    time(&|| forward(&s, &x, &wt, &|_, _| {}).unwrap().len()),
+                    time(&|| {
+                        forward(&s, Input::plain(&x), &wt, &|_, _| {}, None)
+                            .unwrap()
+                            .len()
+                    }),
                     time(&|| conv::forward(&g, &x, &wt, None, false).unwrap().len()),
                 ),
                 (
@@ -1037,7 +1120,7 @@ mod tests {
                 ),
                 (
                     "weight grad",
-                    time(&|| weight_grad(&s, &x, &dy).unwrap().len()),
+                    time(&|| weight_grad(&s, Input::plain(&x), &dy).unwrap().len()),
                     time(&|| conv::weight_grad(&g, &x, &dy).unwrap().len()),
                 ),
             ] {
@@ -1053,14 +1136,15 @@ mod tests {
         }
     }
 
-    /// The AVX-512 row split against the portable one: same values, and
-    /// their speed on resnet_tiny's plane sizes (`cargo test --release --lib
+    /// The AVX-512 row split against the portable one (same values, with
+    /// and without a folded BatchNorm + ReLU, NaN included), and their
+    /// speed on resnet_tiny's plane sizes (`cargo test --release --lib
     /// split_rows_speed -- --ignored --nocapture`).
     #[test]
     #[ignore]
     #[cfg(target_arch = "x86_64")]
     fn split_rows_speed() {
-        for hw in [28, 14, 7] {
+        for hw in [28, 14, 7, 33] {
             let s = Same3x3 {
                 n: 1,
                 c: 1,
@@ -1069,22 +1153,27 @@ mod tests {
                 w: hw,
             };
             let planes = 4096 * 49 / (hw * hw);
-            let x = f32s(&values(planes * hw * hw, 1));
+            let mut x = f32s(&values(planes * hw * hw, 1));
+            x[3] = f32::NAN;
             let len = (2 * s.th() + 2) * 2 * half_row(s.tw());
             let (mut a, mut b) = (vec![0f32; len], vec![0f32; len]);
-            split_rows(&s, &x[..hw * hw], &mut a);
-            split_rows_portable(&s, &x[..hw * hw], &mut b);
-            assert_eq!(a, b);
+            for ab in [None, Some((0.7f32, -0.1f32))] {
+                split_rows(&s, &x[..hw * hw], ab, &mut a);
+                let (bn, coef) = (ab.is_some(), ab.unwrap_or((0.0, 0.0)));
+                split_rows_portable(&s, &x[..hw * hw], bn, coef, &mut b);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "{hw}x{hw} {ab:?}");
+            }
             let (mut fast, mut port) = (f64::MAX, f64::MAX);
             for _ in 0..20 {
                 let t = std::time::Instant::now();
                 for p in x.chunks_exact(hw * hw) {
-                    split_rows(&s, p, &mut a);
+                    split_rows(&s, p, None, &mut a);
                 }
                 fast = fast.min(t.elapsed().as_secs_f64());
                 let t = std::time::Instant::now();
                 for p in x.chunks_exact(hw * hw) {
-                    split_rows_portable(&s, p, &mut b);
+                    split_rows_portable(&s, p, false, (0.0, 0.0), &mut b);
                 }
                 port = port.min(t.elapsed().as_secs_f64());
             }
@@ -1109,7 +1198,7 @@ mod tests {
         let wt = values(16 * 32 * 9, 9);
         let want = direct(&s, &x, &wt);
         let (xf, wf) = (f32s(&x), f32s(&wt));
-        let got = forward(&s, &xf, &wf, &|_, _| {}).unwrap();
+        let got = forward(&s, Input::plain(&xf), &wf, &|_, _| {}, None).unwrap();
         let scale = want.iter().fold(0.0f64, |a, b| a.max(b.abs()));
         for (a, b) in got.iter().zip(&want) {
             assert!((*a as f64 - b).abs() < 1e-5 * scale, "{a} vs {b}");
@@ -1124,8 +1213,8 @@ mod tests {
                 input_grad(&s, &dy, &wt).unwrap(),
             ),
             (
-                weight_grad(&s, &xf, &dyf).unwrap(),
-                weight_grad(&s, &x, &dy).unwrap(),
+                weight_grad(&s, Input::plain(&xf), &dyf).unwrap(),
+                weight_grad(&s, Input::plain(&x), &dy).unwrap(),
             ),
         ] {
             let scale = want.iter().fold(0.0f64, |a, b| a.max(b.abs()));
