@@ -532,10 +532,11 @@ fn run<T: Elem>(
         }
         tile.resize(4 * tp, T::zero());
         let x0 = ci * b * c * hw;
-        // Images in order, tile rows in order: every spill of a tile row
-        // lands on values written after it (or on the row's slack).
-        for ch in 0..c {
-            for li in 0..imgs {
+        // Images in order (per channel), tile rows in order: every spill of
+        // a tile row lands on values written after it (or on the row's
+        // slack). Planes in memory order: one sequential read of the chunk.
+        for li in 0..imgs {
+            for ch in 0..c {
                 let at = x0 + (li * c + ch) * hw;
                 split_rows(s, &x.x[at..at + hw], x.coef(ch), split);
                 input_tiles(s, split, &mut v[ch * 16 * cp + li * t..], cp);
@@ -778,15 +779,17 @@ pub(crate) fn weight_grad<T: Elem>(
                 let cp = cols + L;
                 v.resize(c * 16 * cp, T::zero());
                 g.resize(o * 16 * cp, T::zero());
-                for ch in 0..c {
-                    for li in 0..imgs {
+                // Planes in memory order (images in order per channel, as
+                // the spills of the tile rows need).
+                for li in 0..imgs {
+                    for ch in 0..c {
                         let at = ((n0 + li) * c + ch) * hw;
                         split_rows(s, &x.x[at..at + hw], x.coef(ch), &mut split);
                         input_tiles(s, &split, &mut v[ch * 16 * cp + li * t..], cp);
                     }
                 }
-                for oc in 0..o {
-                    for li in 0..imgs {
+                for li in 0..imgs {
+                    for oc in 0..o {
                         let at = ((n0 + li) * o + oc) * hw;
                         split_rows(s, &dy[at..at + hw], None, &mut split);
                         grad_tiles(s, &split, &mut g[oc * 16 * cp + li * t..], cp);
