@@ -161,13 +161,7 @@ impl Geom {
             && self.p.padding == (1, 1)
             && self.p.dilation == (1, 1)
             && self.p.groups == 1;
-        let s = Same3x3 {
-            n: self.n,
-            c: self.c,
-            o: self.o,
-            h: self.h,
-            w: self.w,
-        };
+        let s = Same3x3::new(self.n, self.c, self.o, self.h, self.w);
         (same && s.worthwhile()).then_some(s)
     }
     fn x_shape(&self) -> Shape {

@@ -74,6 +74,7 @@ mod sgemm;
 mod simd;
 mod util;
 mod winograd;
+mod winograd4;
 
 use candle_core::{DType, Tensor};
 
