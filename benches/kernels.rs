@@ -1,8 +1,10 @@
 //! Benchmarks of the CPU kernels (`aimass::ops::kernels`) against plain
 //! candle and PyTorch, on the workloads of `../shared/bench/torch_peer.py`.
 //!
-//! Run: `cargo bench --bench kernels [-- NAME...]` (names: `gemm`, `conv`,
-//! `pool`, `bn`, `convnet`, `resnet`, `simclr`). Each line prints the median
+//! Run: `cargo bench --bench kernels [-- NAME...]` (a line runs when its
+//! name contains one of the NAMEs: `conv` (the layer), `pool`, `bn`,
+//! `convnet`, `resnet` (both ResNets), `resnet_tiny`, `simclr` (both),
+//! `simclr_tiny`). Each line prints the median
 //! time of aimass and of plain candle (set `AIMASS_BENCH_NO_CANDLE=1` to skip
 //! candle, which takes minutes on the ResNet workloads) and, when `python3`
 //! (skipped with `AIMASS_BENCH_NO_TORCH=1`)
@@ -20,18 +22,64 @@ use rand::Rng;
 
 type R<T> = aimass::Result<T>;
 
-fn median_ms(warmup: usize, iters: usize, mut f: impl FnMut() -> R<()>) -> R<f64> {
+fn median_ms(warmup: usize, iters: usize, f: impl FnMut() -> R<()>) -> R<f64> {
+    Ok(timed(warmup, iters, f)?.wall)
+}
+
+/// Medians of wall time and of the process's CPU time (all threads) per
+/// iteration, in ms.
+struct Timing {
+    wall: f64,
+    cpu: Option<f64>,
+}
+
+/// The process's CPU time so far (user + system, all threads), in ms.
+fn cpu_ms() -> Option<f64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec to write into.
+        let ok = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0;
+        ok.then(|| ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}
+
+fn timed(warmup: usize, iters: usize, mut f: impl FnMut() -> R<()>) -> R<Timing> {
+    // `AIMASS_BENCH_ITERS` overrides the timed iterations (A/B comparisons
+    // on a loaded machine want more).
+    let iters = std::env::var("AIMASS_BENCH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(iters);
     for _ in 0..warmup {
         f()?;
     }
     let mut xs = Vec::with_capacity(iters);
+    let mut cs = Vec::with_capacity(iters);
     for _ in 0..iters {
+        let c = cpu_ms();
         let t = Instant::now();
         f()?;
         xs.push(t.elapsed().as_secs_f64() * 1e3);
+        if let (Some(a), Some(b)) = (c, cpu_ms()) {
+            cs.push(b - a);
+        }
     }
-    xs.sort_by(|a, b| a.total_cmp(b));
-    Ok(xs[xs.len() / 2])
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied()
+    };
+    Ok(Timing {
+        wall: median(&mut xs).unwrap_or(f64::NAN),
+        cpu: median(&mut cs),
+    })
 }
 
 fn uniform(dims: &[usize], bound: f64, seed: u64) -> R<Tensor> {
@@ -131,14 +179,18 @@ impl Report {
     fn line(
         &self,
         name: &str,
-        ours: f64,
+        ours: Timing,
         candle: Option<f64>,
         gflop: Option<f64>,
         torch: Option<&str>,
         items: usize,
     ) {
+        let cpu = ours
+            .cpu
+            .map_or(String::new(), |c| format!(", CPU {c:.0} ms"));
+        let ours = ours.wall;
         let mut line = format!(
-            "{name:<22} aimass {ours:9.2} ms ({:7.0} items/s)",
+            "{name:<22} aimass {ours:9.2} ms ({:7.0} items/s{cpu})",
             items as f64 / ours * 1e3
         );
         if let Some(gf) = gflop {
@@ -360,7 +412,46 @@ impl ResNet {
             blocks,
         })
     }
+    /// The stem and every block as `kernels` residual blocks.
+    fn blocks(&self) -> Vec<kernels::ResidualBlock<'_>> {
+        fn stage<'a>(
+            w: &'a Tensor,
+            bn: &'a (Tensor, Tensor),
+            stride: usize,
+        ) -> kernels::ConvBn<'a> {
+            let pad = w.dims()[2] / 2;
+            kernels::ConvBn {
+                weight: w,
+                stride: (stride, stride),
+                padding: (pad, pad),
+                bn_weight: Some(&bn.0),
+                bn_bias: Some(&bn.1),
+                eps: 1e-5,
+            }
+        }
+        let mut v = vec![kernels::ResidualBlock {
+            stages: vec![stage(&self.stem, &self.stem_bn, 1)],
+            shortcut: kernels::Shortcut::None,
+        }];
+        for blk in &self.blocks {
+            v.push(kernels::ResidualBlock {
+                stages: vec![
+                    stage(&blk.c1, &blk.b1, blk.stride),
+                    stage(&blk.c2, &blk.b2, 1),
+                ],
+                shortcut: match &blk.short {
+                    Some((w, bn)) => kernels::Shortcut::Projection(stage(w, bn, blk.stride)),
+                    None => kernels::Shortcut::Identity,
+                },
+            });
+        }
+        v
+    }
     fn forward(&self, b: Backend, x: &Tensor) -> R<Tensor> {
+        if b == Backend::Aimass && std::env::var("AIMASS_BENCH_LAYERS").is_err() {
+            let h = kernels::residual_blocks_train(x, &self.blocks())?.output;
+            return Ok(h.mean(D::Minus1)?.mean(D::Minus1)?);
+        }
         let mut h = conv(b, x, &self.stem, None, 1, 1, false)?;
         h = bn(b, &h, &self.stem_bn.0, &self.stem_bn.1, true)?;
         for blk in &self.blocks {
@@ -527,7 +618,7 @@ fn main() -> R<()> {
                 }
                 Ok(())
             };
-            let ours = median_ms(2, 10, || run(Backend::Aimass))?;
+            let ours = timed(2, 10, || run(Backend::Aimass))?;
             let cand = rep.candle(1, 5, || run(Backend::Candle))?;
             let k = if backward { 3.0 } else { 1.0 };
             rep.line(
@@ -546,7 +637,7 @@ fn main() -> R<()> {
             max_pool(be, &x)?.sum_all()?.backward()?;
             Ok(())
         };
-        let ours = median_ms(2, 10, || run(Backend::Aimass))?;
+        let ours = timed(2, 10, || run(Backend::Aimass))?;
         let cand = rep.candle(1, 5, || run(Backend::Candle))?;
         rep.line("maxpool2x2_fwd_bwd", ours, cand, None, None, bs);
     }
@@ -562,7 +653,7 @@ fn main() -> R<()> {
                 .backward()?;
             Ok(())
         };
-        let ours = median_ms(2, 10, || run(Backend::Aimass))?;
+        let ours = timed(2, 10, || run(Backend::Aimass))?;
         let cand = rep.candle(1, 5, || run(Backend::Candle))?;
         rep.line("bn_relu_fwd_bwd", ours, cand, None, None, bs);
         // The end of a residual block: relu(bn(x) + s), s differentiable too.
@@ -574,16 +665,16 @@ fn main() -> R<()> {
                 .backward()?;
             Ok(())
         };
-        let ours = median_ms(2, 10, || run(Backend::Aimass))?;
+        let ours = timed(2, 10, || run(Backend::Aimass))?;
         let cand = rep.candle(1, 5, || run(Backend::Candle))?;
         rep.line("bn_add_relu_fwd_bwd", ours, cand, None, None, bs);
     }
     if want("convnet") {
-        let step_time = |be: Backend, warm: usize, iters: usize| -> R<f64> {
+        let step_time = |be: Backend, warm: usize, iters: usize| -> R<Timing> {
             let mut p = Params::new();
             let net = ConvNet::new(&mut p)?;
             let mut opt = Opt::adamw(be, &p.vars, 1e-3)?;
-            median_ms(warm, iters, || {
+            timed(warm, iters, || {
                 opt.step(&candle_nn::loss::cross_entropy(
                     &net.forward(be, &images)?,
                     &labels,
@@ -594,7 +685,7 @@ fn main() -> R<()> {
         let cand = if rep.skip_candle {
             None
         } else {
-            Some(step_time(Backend::Candle, 1, 3)?)
+            Some(step_time(Backend::Candle, 1, 3)?.wall)
         };
         rep.line(
             "convnet_step",
@@ -605,54 +696,77 @@ fn main() -> R<()> {
             bs,
         );
     }
-    if want("resnet") {
-        let step_time = |be: Backend, warm: usize, iters: usize| -> R<f64> {
-            let mut p = Params::new();
-            let net = ResNet::new(&mut p, [32, 64, 128])?;
-            let fc_w = p.add(&[10, 128], 128)?;
-            let fc_b = p.add(&[10], 128)?;
-            let mut opt = Opt::sgd(be, &p.vars, 0.1)?;
-            median_ms(warm, iters, || {
-                let logits = linear(&net.forward(be, &images)?, &fc_w, &fc_b)?;
-                opt.step(&candle_nn::loss::cross_entropy(&logits, &labels)?)
-            })
-        };
-        let ours = step_time(Backend::Aimass, 1, 5)?;
-        let cand = if rep.skip_candle {
-            None
-        } else {
-            Some(step_time(Backend::Candle, 1, 2)?)
-        };
-        rep.line("resnet_step", ours, cand, None, Some("resnet_step"), bs);
-    }
-    if want("simclr") {
-        let images2 = uniform(&[bs, 1, 28, 28], 1.0, 8)?;
-        let step_time = |be: Backend, warm: usize, iters: usize| -> R<f64> {
-            let mut p = Params::new();
-            let enc = ResNet::new(&mut p, [32, 64, 128])?;
-            let h1 = p.add(&[128, 128], 128)?;
-            let h1b = p.add(&[128], 128)?;
-            let (hg, hbeta) = bn_params(&mut p, 128)?;
-            let h2 = p.add(&[64, 128], 128)?;
-            let h2b = p.add(&[64], 128)?;
-            let head = |x: &Tensor| -> R<Tensor> {
-                let h = bn(be, &linear(x, &h1, &h1b)?, &hg, &hbeta, true)?;
-                linear(&h, &h2, &h2b)
+    let images2 = uniform(&[bs, 1, 28, 28], 1.0, 8)?;
+    // The small ResNet (32/64/128) and resnet_tiny (16/32/64, the default
+    // examples' backbone): a supervised step, and a SimCLR step (the small
+    // one with its two views as two forward passes, as the peer's
+    // `simclr_step`; the tiny one with both views as one batch of 512, as
+    // `simclr_tiny_step` and the examples).
+    for (suffix, widths, views_as_one_batch) in
+        [("", [32, 64, 128], false), ("_tiny", [16, 32, 64], true)]
+    {
+        let name = format!("resnet{suffix}_step");
+        if want(&name) {
+            let step_time = |be: Backend, warm: usize, iters: usize| -> R<Timing> {
+                let mut p = Params::new();
+                let net = ResNet::new(&mut p, widths)?;
+                let d = widths[2];
+                let fc_w = p.add(&[10, d], d)?;
+                let fc_b = p.add(&[10], d)?;
+                let mut opt = Opt::sgd(be, &p.vars, 0.1)?;
+                timed(warm, iters, || {
+                    let logits = linear(&net.forward(be, &images)?, &fc_w, &fc_b)?;
+                    opt.step(&candle_nn::loss::cross_entropy(&logits, &labels)?)
+                })
             };
-            let mut opt = Opt::sgd(be, &p.vars, 0.06)?;
-            median_ms(warm, iters, || {
-                let z1 = head(&enc.forward(be, &images)?)?;
-                let z2 = head(&enc.forward(be, &images2)?)?;
-                opt.step(&nt_xent(&z1, &z2, 0.5)?)
-            })
-        };
-        let ours = step_time(Backend::Aimass, 1, 3)?;
-        let cand = if rep.skip_candle {
-            None
-        } else {
-            Some(step_time(Backend::Candle, 1, 2)?)
-        };
-        rep.line("simclr_step", ours, cand, None, Some("simclr_step"), 2 * bs);
+            let ours = step_time(Backend::Aimass, 1, 5)?;
+            let cand = if rep.skip_candle {
+                None
+            } else {
+                Some(step_time(Backend::Candle, 1, 2)?.wall)
+            };
+            rep.line(&name, ours, cand, None, Some(&name), bs);
+        }
+        let name = format!("simclr{suffix}_step");
+        if want(&name) {
+            let both = Tensor::cat(&[&images, &images2], 0)?;
+            let step_time = |be: Backend, warm: usize, iters: usize| -> R<Timing> {
+                let mut p = Params::new();
+                let enc = ResNet::new(&mut p, widths)?;
+                // Head Linear(d, hd), BN, ReLU, Linear(hd, out): 128/128/64
+                // on the small ResNet, 64/64/32 on resnet_tiny.
+                let (d, out) = (widths[2], widths[2] / 2);
+                let h1 = p.add(&[d, d], d)?;
+                let h1b = p.add(&[d], d)?;
+                let (hg, hbeta) = bn_params(&mut p, d)?;
+                let h2 = p.add(&[out, d], d)?;
+                let h2b = p.add(&[out], d)?;
+                let head = |x: &Tensor| -> R<Tensor> {
+                    let h = bn(be, &linear(x, &h1, &h1b)?, &hg, &hbeta, true)?;
+                    linear(&h, &h2, &h2b)
+                };
+                let mut opt = Opt::sgd(be, &p.vars, 0.06)?;
+                timed(warm, iters, || {
+                    let (z1, z2) = if views_as_one_batch {
+                        let z = head(&enc.forward(be, &both)?)?;
+                        (z.narrow(0, 0, bs)?, z.narrow(0, bs, bs)?)
+                    } else {
+                        (
+                            head(&enc.forward(be, &images)?)?,
+                            head(&enc.forward(be, &images2)?)?,
+                        )
+                    };
+                    opt.step(&nt_xent(&z1, &z2, 0.5)?)
+                })
+            };
+            let ours = step_time(Backend::Aimass, 1, 3)?;
+            let cand = if rep.skip_candle {
+                None
+            } else {
+                Some(step_time(Backend::Candle, 1, 2)?.wall)
+            };
+            rep.line(&name, ours, cand, None, Some(&name), 2 * bs);
+        }
     }
     Ok(())
 }

@@ -180,18 +180,36 @@ impl BatchNorm {
             Tail::AddRelu(s) => kernels::batch_norm_add_relu_train(x, w, b, s, eps)?,
         };
         if train {
-            if let (Some(rm), Some(rv)) = (&self.running_mean, &self.running_var) {
-                let m = self.cfg.momentum;
-                let unbiased = (out.var * (count as f64 / (count as f64 - 1.0)))?;
-                let new_m = ((rm.as_tensor().detach() * (1.0 - m))?
-                    + (out.mean.to_dtype(rm.dtype())? * m)?)?;
-                let new_v = ((rv.as_tensor().detach() * (1.0 - m))?
-                    + (unbiased.to_dtype(rv.dtype())? * m)?)?;
-                rm.set(&new_m)?;
-                rv.set(&new_v)?;
-            }
+            self.update_running_stats(&out.mean, &out.var, count)?;
         }
         Ok(Some(out.output))
+    }
+
+    /// The learnable scale and shift (`None` without `affine`).
+    pub(crate) fn affine_params(&self) -> (Option<&Tensor>, Option<&Tensor>) {
+        (self.weight.as_ref(), self.bias.as_ref())
+    }
+
+    /// Moves the running statistics towards a training batch's `mean` and
+    /// biased `var` over `count` values per channel (unbiased in the
+    /// running variance, as torch); nothing without running statistics.
+    pub(crate) fn update_running_stats(
+        &self,
+        mean: &Tensor,
+        var: &Tensor,
+        count: usize,
+    ) -> Result<()> {
+        if let (Some(rm), Some(rv)) = (&self.running_mean, &self.running_var) {
+            let m = self.cfg.momentum;
+            let unbiased = (var * (count as f64 / (count as f64 - 1.0)))?;
+            let new_m =
+                ((rm.as_tensor().detach() * (1.0 - m))? + (mean.to_dtype(rm.dtype())? * m)?)?;
+            let new_v =
+                ((rv.as_tensor().detach() * (1.0 - m))? + (unbiased.to_dtype(rv.dtype())? * m)?)?;
+            rm.set(&new_m)?;
+            rv.set(&new_v)?;
+        }
+        Ok(())
     }
 
     fn forward_impl(&self, x: &Tensor, train: bool, tail: Tail) -> Result<Tensor> {

@@ -109,6 +109,11 @@ impl Conv2d {
         self.bias.as_ref()
     }
 
+    /// Stride, padding, dilation and groups.
+    pub(crate) fn params(&self) -> &ops::Conv2dParams {
+        &self.params
+    }
+
     /// Applies the convolution to an NCHW input.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.weight.rank() != 4 {

@@ -1,6 +1,6 @@
 //! ResNet (He et al. 2016) with torchvision's layout and parameter names.
 
-use candle_core::{ModuleT, Tensor};
+use candle_core::{DType, ModuleT, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::config;
@@ -8,6 +8,7 @@ use crate::nn::{
     global_avg_pool, BatchNorm, BatchNormConfig, Conv2d, Conv2dConfig, FeatureExtractor, Features,
     Linear, MaxPool2d,
 };
+use crate::ops::kernels;
 use crate::{Error, Result};
 
 /// The residual block type.
@@ -230,6 +231,96 @@ impl Block {
     }
 }
 
+/// `conv` then `bn` as a stage of the fused residual kernel, when the
+/// kernel takes it (no bias, one group, no dilation, parameters of `dt`).
+fn fused_stage<'a>(conv: &'a Conv2d, bn: &'a BatchNorm, dt: DType) -> Option<kernels::ConvBn<'a>> {
+    let p = conv.params();
+    let (weight, bias) = bn.affine_params();
+    let same = |t: Option<&Tensor>| t.is_none_or(|t| t.dtype() == dt);
+    if conv.bias().is_some()
+        || p.groups != 1
+        || p.dilation != 1
+        || conv.weight().dtype() != dt
+        || !same(weight)
+        || !same(bias)
+    {
+        return None;
+    }
+    Some(kernels::ConvBn {
+        weight: conv.weight(),
+        stride: (p.stride, p.stride),
+        padding: (p.padding, p.padding),
+        bn_weight: weight,
+        bn_bias: bias,
+        eps: bn.config().eps,
+    })
+}
+
+/// Consecutive blocks run by one call of the fused training kernel
+/// ([`kernels::residual_blocks_train`]), with their BatchNorm layers in the
+/// order of the statistics it returns.
+#[derive(Default)]
+struct FusedRun<'a> {
+    blocks: Vec<kernels::ResidualBlock<'a>>,
+    bns: Vec<&'a BatchNorm>,
+}
+
+impl<'a> FusedRun<'a> {
+    /// Appends `convs` (all ReLU'd but the last, whose ReLU follows the
+    /// shortcut); `None` when a layer does not fit the kernel.
+    fn push(
+        &mut self,
+        convs: &'a [(Conv2d, BatchNorm)],
+        shortcut: Option<Option<&'a (Conv2d, BatchNorm)>>,
+        dt: DType,
+    ) -> Option<()> {
+        let mut stages = Vec::with_capacity(convs.len());
+        for (c, b) in convs {
+            stages.push(fused_stage(c, b, dt)?);
+            self.bns.push(b);
+        }
+        let shortcut = match shortcut {
+            None => kernels::Shortcut::None,
+            Some(None) => kernels::Shortcut::Identity,
+            Some(Some((c, b))) => {
+                self.bns.push(b);
+                kernels::Shortcut::Projection(fused_stage(c, b, dt)?)
+            }
+        };
+        self.blocks
+            .push(kernels::ResidualBlock { stages, shortcut });
+        Some(())
+    }
+
+    /// Runs the blocks gathered so far on `x` (returns `x` when there are
+    /// none) and updates the BatchNorm running statistics.
+    fn flush(&mut self, x: Tensor) -> Result<Tensor> {
+        if self.blocks.is_empty() {
+            return Ok(x);
+        }
+        let out = kernels::residual_blocks_train(&x, &self.blocks)?;
+        if out.stats.len() != self.bns.len() {
+            return Err(Error::invalid(
+                "ResNet (fused training step)",
+                "the kernel returned statistics for another number of BatchNorm layers",
+            ));
+        }
+        for (bn, st) in self.bns.iter().zip(&out.stats) {
+            if st.count <= 1 {
+                return Err(Error::shape(
+                    "BatchNorm (train mode)",
+                    "more than one value per channel (batch of ≥ 2, or spatial size > 1)",
+                    x.dims(),
+                ));
+            }
+            bn.update_running_stats(&st.mean, &st.var, st.count)?;
+        }
+        self.blocks.clear();
+        self.bns.clear();
+        Ok(out.output)
+    }
+}
+
 /// A residual network with torchvision's parameter names (`conv1.weight`,
 /// `bn1.running_mean`, `layer1.0.conv1.weight`, `layer2.0.downsample.0.weight`,
 /// `layer2.0.downsample.1.*`, `fc.weight`, ...), so a torchvision state dict
@@ -254,8 +345,8 @@ impl Block {
 /// ```
 #[derive(Debug, Clone)]
 pub struct ResNet {
-    conv1: Conv2d,
-    bn1: BatchNorm,
+    /// `conv1` and `bn1`.
+    stem: (Conv2d, BatchNorm),
     maxpool: Option<MaxPool2d>,
     stages: Vec<Vec<Block>>,
     fc: Option<Linear>,
@@ -298,8 +389,7 @@ impl ResNet {
             None => None,
         };
         Ok(Self {
-            conv1,
-            bn1,
+            stem: (conv1, bn1),
             maxpool,
             stages,
             fc,
@@ -317,6 +407,60 @@ impl ResNet {
         self.cfg.feature_dim()
     }
 
+    /// The convolutions up to the global pooling in training mode through
+    /// the fused kernel ([`kernels::residual_blocks_train`]: the stem and
+    /// all blocks as one op, split only where a max pool or a recorded
+    /// feature sits between them), or `None` when it does not take these
+    /// tensors (not on the CPU, another dtype).
+    fn body_fused(
+        &self,
+        x: &Tensor,
+        record: bool,
+        push: &mut dyn FnMut(String, &Tensor),
+    ) -> Result<Option<Tensor>> {
+        let dt = x.dtype();
+        if !kernels::supports(x) {
+            return Ok(None);
+        }
+        let mut run = FusedRun::default();
+        let stem = std::slice::from_ref(&self.stem);
+        if run.push(stem, None, dt).is_none() {
+            return Ok(None);
+        }
+        for blocks in &self.stages {
+            for b in blocks {
+                if run
+                    .push(&b.convs, Some(b.downsample.as_ref()), dt)
+                    .is_none()
+                {
+                    return Ok(None);
+                }
+            }
+        }
+        // Every layer fits: run them, flushing at the stem's max pool and
+        // at each recorded feature.
+        let mut run = FusedRun::default();
+        let mut h = x.clone();
+        run.push(stem, None, dt);
+        if let Some(mp) = &self.maxpool {
+            h = mp.forward(&run.flush(h)?)?;
+        }
+        if record {
+            h = run.flush(h)?;
+            push("stem".into(), &h);
+        }
+        for (i, blocks) in self.stages.iter().enumerate() {
+            for b in blocks {
+                run.push(&b.convs, Some(b.downsample.as_ref()), dt);
+            }
+            if record {
+                h = run.flush(h)?;
+                push(format!("layer{}", i + 1), &h);
+            }
+        }
+        Ok(Some(run.flush(h)?))
+    }
+
     fn run(
         &self,
         x: &Tensor,
@@ -331,22 +475,35 @@ impl ResNet {
                 x.dims(),
             ));
         }
+        let record = rec.is_some();
         let mut push = |name: String, t: &Tensor| {
             if let Some(r) = rec.as_deref_mut() {
                 r.push(name, t.clone());
             }
         };
-        let mut h = self.bn1.forward_relu_t(&self.conv1.forward(x)?, train)?;
-        if let Some(mp) = &self.maxpool {
-            h = mp.forward(&h)?;
-        }
-        push("stem".into(), &h);
-        for (i, blocks) in self.stages.iter().enumerate() {
-            for b in blocks {
-                h = b.forward_t(&h, train)?;
+        let fused = if train {
+            self.body_fused(x, record, &mut push)?
+        } else {
+            None
+        };
+        let h = match fused {
+            Some(h) => h,
+            None => {
+                let (conv1, bn1) = &self.stem;
+                let mut h = bn1.forward_relu_t(&conv1.forward(x)?, train)?;
+                if let Some(mp) = &self.maxpool {
+                    h = mp.forward(&h)?;
+                }
+                push("stem".into(), &h);
+                for (i, blocks) in self.stages.iter().enumerate() {
+                    for b in blocks {
+                        h = b.forward_t(&h, train)?;
+                    }
+                    push(format!("layer{}", i + 1), &h);
+                }
+                h
             }
-            push(format!("layer{}", i + 1), &h);
-        }
+        };
         let f = global_avg_pool(&h)?;
         push("pool".into(), &f);
         match (&self.fc, classify) {

@@ -35,10 +35,10 @@ pub(crate) struct Stats {
 
 /// `(n, c, rest...)` viewed as `(n, c, hw)`.
 #[derive(Clone, Copy, Debug)]
-struct Dims {
-    n: usize,
-    c: usize,
-    hw: usize,
+pub(crate) struct Dims {
+    pub n: usize,
+    pub c: usize,
+    pub hw: usize,
 }
 
 impl Dims {
@@ -116,7 +116,7 @@ where
     total
 }
 
-fn stats<T: Elem>(d: Dims, x: &[T], eps: f64) -> candle_core::Result<Stats> {
+pub(crate) fn stats<T: Elem>(d: Dims, x: &[T], eps: f64) -> candle_core::Result<Stats> {
     let m = d.count();
     if m == 0 {
         candle_core::bail!(
@@ -141,6 +141,95 @@ fn stats<T: Elem>(d: Dims, x: &[T], eps: f64) -> candle_core::Result<Stats> {
     Ok(Stats { mean, var, invstd })
 }
 
+/// The normalisation `bn(x) = a * x + b` per channel: `(a, b)` in `T`,
+/// rounded once (the forward and every recomputation of its output use
+/// these same values).
+pub(crate) fn coefs<T: Elem>(gamma: &[f64], beta: &[f64], st: &Stats) -> (Vec<T>, Vec<T>) {
+    let c = st.mean.len();
+    let a = (0..c)
+        .map(|c| T::from_f64(st.invstd[c] * gamma[c]))
+        .collect();
+    let b = (0..c)
+        .map(|c| T::from_f64(beta[c] - st.mean[c] * st.invstd[c] * gamma[c]))
+        .collect();
+    (a, b)
+}
+
+/// Shifted sums of one plane (one image, one channel): `k` its first
+/// value, `s1 = sum (x - k)`, `s2 = sum (x - k)^2`.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PlaneSums {
+    pub k: f64,
+    pub s1: f64,
+    pub s2: f64,
+}
+
+impl PlaneSums {
+    /// The sums of `plane` (empty: all zero).
+    pub fn of<T: Elem>(plane: &[T]) -> Self {
+        let Some(&k) = plane.first() else {
+            return Self::default();
+        };
+        let (s1, s2) = simd::shifted_sums(plane, k);
+        PlaneSums {
+            k: k.to_f64(),
+            s1,
+            s2,
+        }
+    }
+}
+
+/// The batch statistics from the sums of every plane, `parts[i * c + ch]`
+/// for image `i` and channel `ch` (as a convolution writes them while its
+/// output is in cache): per channel, the planes' means and squared
+/// deviations combined image by image in order (Chan et al.), so the
+/// result does not depend on how the planes were shared among threads.
+pub(crate) fn stats_from_planes(
+    d: Dims,
+    parts: &[PlaneSums],
+    eps: f64,
+) -> candle_core::Result<Stats> {
+    if d.count() == 0 || parts.len() != d.n * d.c {
+        candle_core::bail!(
+            "batch_norm: {} plane sums for {} x {} planes of {} values",
+            parts.len(),
+            d.n,
+            d.c,
+            d.hw
+        );
+    }
+    let hw = d.hw as f64;
+    let (mut mean, mut var) = (Vec::with_capacity(d.c), Vec::with_capacity(d.c));
+    for ch in 0..d.c {
+        let (mut n, mut mu, mut m2) = (0f64, 0f64, 0f64);
+        for i in 0..d.n {
+            let p = parts[i * d.c + ch];
+            let (mb, m2b) = (p.k + p.s1 / hw, (p.s2 - p.s1 * p.s1 / hw).max(0.0));
+            let total = n + hw;
+            let delta = mb - mu;
+            mu += delta * hw / total;
+            m2 += m2b + delta * delta * n * hw / total;
+            n = total;
+        }
+        mean.push(mu);
+        var.push((m2 / n).max(0.0));
+    }
+    let invstd = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    Ok(Stats { mean, var, invstd })
+}
+
+/// Where the backward finds the ReLU mask of the forward's output.
+#[derive(Clone, Copy)]
+pub(crate) enum Mask<'a, T> {
+    /// No ReLU.
+    None,
+    /// `y > 0` of the stored output `y`.
+    Output(&'a [T]),
+    /// `a * x + b > 0`, the normalisation recomputed from the input with
+    /// the forward's coefficients ([`coefs`], from the `beta` given).
+    Recomputed,
+}
+
 /// What the fused op applies after the normalisation `bn(x) = a * x + b`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Epilogue {
@@ -163,7 +252,7 @@ impl Epilogue {
 
 /// The second pass of the forward: `y = a * x + b` per channel, then the
 /// epilogue (`s` is the shortcut, for [`Epilogue::AddRelu`] only).
-fn forward<T: Elem>(
+pub(crate) fn forward<T: Elem>(
     d: Dims,
     x: &[T],
     s: Option<&[T]>,
@@ -176,12 +265,7 @@ fn forward<T: Elem>(
     if s.is_some_and(|s| s.len() != numel) {
         candle_core::bail!("batch_norm: the shortcut must have the input's length {numel}");
     }
-    let a: Vec<T> = (0..d.c)
-        .map(|c| T::from_f64(st.invstd[c] * gamma[c]))
-        .collect();
-    let b: Vec<T> = (0..d.c)
-        .map(|c| T::from_f64(beta[c] - st.mean[c] * st.invstd[c] * gamma[c]))
-        .collect();
+    let (a, b) = coefs::<T>(gamma, beta, st);
     let mut y: Vec<T> = Vec::with_capacity(numel);
     let img = (d.c * d.hw).max(1);
     let hw = d.hw.max(1);
@@ -227,20 +311,79 @@ fn backward<T: Elem>(
     shortcut_grad: bool,
 ) -> candle_core::Result<Vec<T>> {
     let numel = x.len();
-    if dy.len() != numel || y.len() != numel || gamma.len() != d.c {
+    let planes_out = if shortcut_grad { 2 * numel } else { numel };
+    let total = planes_out + 2 * d.c;
+    let mut out: Vec<T> = Vec::with_capacity(total);
+    let (grads, tail) = out.spare_capacity_mut()[..total].split_at_mut(planes_out);
+    let (dx, ds) = grads.split_at_mut(numel);
+    let ds = shortcut_grad.then_some(ds);
+    let mask = if relu { Mask::Output(y) } else { Mask::None };
+    let (dgamma, dbeta) = backward_into(d, x, dy, mask, gamma, &[], st, dx, ds)?;
+    let tail = zero_init(tail);
+    for ch in 0..d.c {
+        tail[ch] = T::from_f64(dgamma[ch]);
+        tail[d.c + ch] = T::from_f64(dbeta[ch]);
+    }
+    // SAFETY: all `total` values were initialised: the tail just above, and
+    // the gradients (`dx`, then `ds` when asked for) by `backward_into`,
+    // which returned without error; `total <= capacity`.
+    unsafe { out.set_len(total) };
+    Ok(out)
+}
+
+/// The fused backward into the caller's buffers: writes `dx` (all `numel`
+/// values) and, when given, the shortcut's gradient `ds = dy * (y > 0)`
+/// (needs the mask of a stored output, [`Mask::Output`]); returns the
+/// per-channel `(dgamma, dbeta)`. `beta` is read for [`Mask::Recomputed`]
+/// only.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_into<T: Elem>(
+    d: Dims,
+    x: &[T],
+    dy: &[T],
+    mask: Mask<'_, T>,
+    gamma: &[f64],
+    beta: &[f64],
+    st: &Stats,
+    dx: &mut [std::mem::MaybeUninit<T>],
+    ds: Option<&mut [std::mem::MaybeUninit<T>]>,
+) -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
+    let numel = x.len();
+    let y_len = match mask {
+        Mask::Output(y) => y.len(),
+        _ => numel,
+    };
+    if dy.len() != numel
+        || y_len != numel
+        || gamma.len() != d.c
+        || (matches!(mask, Mask::Recomputed) && beta.len() != d.c)
+        || dx.len() != numel
+        || ds
+            .as_ref()
+            .is_some_and(|s| s.len() != numel || !matches!(mask, Mask::Output(_)))
+        || numel != d.n * d.c * d.hw
+    {
         candle_core::bail!(
-            "batch_norm backward: lengths {numel}, {}, {}, {} (channels {})",
+            "batch_norm backward: lengths {numel}, {}, {y_len}, {}, {} (channels {})",
             dy.len(),
-            y.len(),
             gamma.len(),
+            dx.len(),
             d.c
         );
     }
     let m = d.count() as f64;
+    let (ma, mb) = match mask {
+        Mask::Recomputed => coefs::<T>(gamma, beta, st),
+        _ => (Vec::new(), Vec::new()),
+    };
     // Pass 1: sum(dy) and sum(dy * xhat) per channel (dy masked by the ReLU).
     let mu: Vec<T> = st.mean.iter().map(|&v| T::from_f64(v)).collect();
-    let sums: Vec<(f64, f64)> = channel_sums(d, |ch, r| {
-        simd::grad_sums(&x[r.clone()], &dy[r.clone()], &y[r], mu[ch], relu)
+    let sums: Vec<(f64, f64)> = channel_sums(d, |ch, r| match mask {
+        Mask::None => simd::grad_sums(&x[r.clone()], &dy[r.clone()], &dy[r], mu[ch], false),
+        Mask::Output(y) => simd::grad_sums(&x[r.clone()], &dy[r.clone()], &y[r], mu[ch], true),
+        Mask::Recomputed => {
+            simd::grad_sums_recomputed(&x[r.clone()], &dy[r], mu[ch], ma[ch], mb[ch])
+        }
     })
     .into_iter()
     .zip(&st.invstd)
@@ -256,14 +399,13 @@ fn backward<T: Elem>(
             (T::from_f64(a), T::from_f64(b), T::from_f64(c))
         })
         .collect();
-    let planes_out = if shortcut_grad { 2 * numel } else { numel };
-    let total = planes_out + 2 * d.c;
-    let mut out: Vec<T> = Vec::with_capacity(total);
-    let (grads, tail) = out.spare_capacity_mut()[..total].split_at_mut(planes_out);
     let img = (d.c * d.hw).max(1);
     let hw = d.hw.max(1);
-    if shortcut_grad {
-        let (dx, ds) = grads.split_at_mut(numel);
+    let y = match mask {
+        Mask::Output(y) => y,
+        _ => dy,
+    };
+    if let Some(ds) = ds {
         dx.par_chunks_mut(img)
             .zip(ds.par_chunks_mut(img))
             .zip(x.par_chunks(img))
@@ -284,8 +426,7 @@ fn backward<T: Elem>(
                 }
             });
     } else {
-        grads
-            .par_chunks_mut(img)
+        dx.par_chunks_mut(img)
             .zip(x.par_chunks(img))
             .zip(dy.par_chunks(img))
             .zip(y.par_chunks(img))
@@ -299,22 +440,17 @@ fn backward<T: Elem>(
                     .zip(yi.chunks(hw));
                 for (ch, (((o, xp), gp), yp)) in planes.enumerate() {
                     let (a, b, c) = coef[ch];
-                    simd::affine_grad(o, xp, gp, yp, a, b, c, relu);
+                    match mask {
+                        Mask::None => simd::affine_grad(o, xp, gp, yp, a, b, c, false),
+                        Mask::Output(_) => simd::affine_grad(o, xp, gp, yp, a, b, c, true),
+                        Mask::Recomputed => {
+                            simd::affine_grad_recomputed(o, xp, gp, a, b, c, ma[ch], mb[ch])
+                        }
+                    }
                 }
             });
     }
-    let tail = zero_init(tail);
-    for ch in 0..d.c {
-        tail[ch] = T::from_f64(sums[ch].1);
-        tail[d.c + ch] = T::from_f64(sums[ch].0);
-    }
-    // SAFETY: all `total` values were initialised (`zero_init`): the tail
-    // just above, and the gradients (`dx`, then `ds` when written) by the
-    // parallel loop, which visits every `img`-sized chunk of them, paired one
-    // to one with the chunks of `x`, `dy` and `y` (all `numel` long), and
-    // does not exit early; `total <= capacity`.
-    unsafe { out.set_len(total) };
-    Ok(out)
+    Ok(sums.iter().map(|s| (s.1, s.0)).unzip())
 }
 
 fn to_f64_vec(t: &Tensor) -> candle_core::Result<Vec<f64>> {

@@ -16,9 +16,10 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::batch_norm::PlaneSums;
 use super::gemm::{matmul_lhs, threads, Elem, Lhs, Parallelism, View};
 use super::simd;
-use super::util::{contiguous_slice, needs_grad, sum_partials, zero_grad};
+use super::util::{contiguous_slice, needs_grad, sum_partials, zero_grad, zero_init};
 use super::winograd::{self, Same3x3};
 
 /// Stride, padding, dilation and groups of a convolution (each `(h, w)`).
@@ -30,19 +31,48 @@ pub(crate) struct ConvParams {
     pub groups: usize,
 }
 
+/// A convolution's input as the kernels read it: the stored values `x`,
+/// or, with `bn_relu = (a, b)`, `max(a[c] * x + b[c], 0)` per input channel
+/// `c` (a BatchNorm and ReLU folded into the read, rounded as
+/// `simd::affine` rounds them), so that the activation is never written
+/// out. Zero padding stays zero (it pads the activation).
+#[derive(Clone, Copy)]
+pub(crate) struct Input<'a, T> {
+    pub x: &'a [T],
+    pub bn_relu: Option<(&'a [T], &'a [T])>,
+}
+
+impl<'a, T: Elem> Input<'a, T> {
+    /// The stored values.
+    pub fn plain(x: &'a [T]) -> Self {
+        Input { x, bn_relu: None }
+    }
+    /// The coefficients of input channel `c`.
+    pub fn coef(&self, c: usize) -> Option<(T, T)> {
+        self.bn_relu.map(|(a, b)| (a[c], b[c]))
+    }
+}
+
+/// `max(v * a + b, 0)` over `v`, in place (with `ab`; nothing without).
+fn apply_bn_relu<T: Elem>(v: &mut [T], ab: Option<(T, T)>) {
+    if let Some((a, b)) = ab {
+        simd::affine_relu_in_place(v, a, b);
+    }
+}
+
 /// Every size of one convolution.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Geom {
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    o: usize,
-    kh: usize,
-    kw: usize,
-    oh: usize,
-    ow: usize,
-    p: ConvParams,
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub o: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub oh: usize,
+    pub ow: usize,
+    pub p: ConvParams,
 }
 
 fn out_size(i: usize, k: usize, s: usize, pad: usize, d: usize) -> Option<usize> {
@@ -131,13 +161,7 @@ impl Geom {
             && self.p.padding == (1, 1)
             && self.p.dilation == (1, 1)
             && self.p.groups == 1;
-        let s = Same3x3 {
-            n: self.n,
-            c: self.c,
-            o: self.o,
-            h: self.h,
-            w: self.w,
-        };
+        let s = Same3x3::new(self.n, self.c, self.o, self.h, self.w);
         (same && s.worthwhile()).then_some(s)
     }
     fn x_shape(&self) -> Shape {
@@ -177,17 +201,20 @@ impl Geom {
     }
 
     /// Writes the im2col matrix (`kk x np`, row-major) of one image group
-    /// (`cg x h x w`) into `col`.
-    fn im2col<T: Elem>(&self, x: &[T], col: &mut [T]) {
+    /// (`cg x h x w`) into `col`; `ab(ci)` are the BatchNorm + ReLU
+    /// coefficients of the group's input channel `ci`, if any.
+    fn im2col<T: Elem>(&self, x: &[T], ab: &dyn Fn(usize) -> Option<(T, T)>, col: &mut [T]) {
         let np = self.np();
+        let taps = self.kh * self.kw;
         for (row, dst) in col.chunks_exact_mut(np).take(self.kk()).enumerate() {
-            self.im2col_row(x, row, dst);
+            self.im2col_row(x, ab(row / taps), row, dst);
         }
     }
 
     /// Writes row `row` (one input channel and kernel tap) of the im2col
-    /// matrix of one image group into `dst` (`np` values).
-    fn im2col_row<T: Elem>(&self, x: &[T], row: usize, dst: &mut [T]) {
+    /// matrix of one image group into `dst` (`np` values), the channel's
+    /// values through `max(a * x + b, 0)` when `ab = (a, b)`.
+    fn im2col_row<T: Elem>(&self, x: &[T], ab: Option<(T, T)>, row: usize, dst: &mut [T]) {
         let (sh, sw) = self.p.stride;
         let (ph, pw) = self.p.padding;
         let (dh, dw) = self.p.dilation;
@@ -207,7 +234,11 @@ impl Geom {
             let shift = (ki * dh * w + kj * dw) as isize - (ph * w + pw) as isize;
             let (first, last) = (olo * w + wlo, (ohi - 1) * w + whi);
             let from = (first as isize + shift) as usize;
-            dst[first..last].copy_from_slice(&plane[from..from + (last - first)]);
+            let src = &plane[from..from + (last - first)];
+            match ab {
+                Some((a, b)) => simd::affine(&mut dst[first..last], src, a, b, true),
+                None => dst[first..last].copy_from_slice(src),
+            }
             dst[..first].fill(T::zero());
             dst[last..].fill(T::zero());
             for oi in olo..ohi {
@@ -235,6 +266,7 @@ impl Geom {
                     *d = src[base + t * sw];
                 }
             }
+            apply_bn_relu(&mut drow[wlo..whi], ab);
         }
     }
 
@@ -280,7 +312,17 @@ impl Geom {
 /// threads, otherwise image by image with threaded GEMMs. Each chunk is
 /// zeroed by the thread that fills it, right before `f` (no serial
 /// `memset` of the whole output, and the chunk is in cache for `f`).
-fn per_image<T, F>(n: usize, chunk: usize, scratch: usize, f: F) -> candle_core::Result<Vec<T>>
+///
+/// With `sums`, each image's chunk is cut into `sums.len() / n` planes
+/// whose [`PlaneSums`] are written (image-major) right after `f`, while the
+/// chunk is still in cache.
+fn per_image<T, F>(
+    n: usize,
+    chunk: usize,
+    scratch: usize,
+    sums: Option<&mut [PlaneSums]>,
+    f: F,
+) -> candle_core::Result<Vec<T>>
 where
     T: Elem,
     F: Fn(&mut Vec<T>, usize, &mut [T], Parallelism) -> candle_core::Result<()> + Sync,
@@ -290,14 +332,37 @@ where
     if total == 0 {
         return Ok(out);
     }
-    let spare = &mut out.spare_capacity_mut()[..total];
-    let zeroed = |c: &mut [std::mem::MaybeUninit<T>]| -> &mut [T] {
-        for v in c.iter_mut() {
-            v.write(T::zero());
+    let per = sums.as_ref().map_or(0, |s| s.len() / n);
+    if sums
+        .as_ref()
+        .is_some_and(|s| per == 0 || s.len() != per * n || chunk % per != 0)
+    {
+        candle_core::bail!("conv2d: plane sums do not match {n} images of {chunk} values");
+    }
+    // Without sums, one dummy entry per image that nothing reads.
+    let mut dummy = Vec::new();
+    let (sums, per, want) = match sums {
+        Some(s) => (s, per, true),
+        None => {
+            dummy.resize(n, PlaneSums::default());
+            (&mut dummy[..], 1, false)
         }
-        // SAFETY: every element of `c` was initialised just above, and
-        // `MaybeUninit<T>` has the layout of `T`.
-        unsafe { &mut *(c as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
+    };
+    let plane = chunk / per;
+    let spare = &mut out.spare_capacity_mut()[..total];
+    let run = |buf: &mut Vec<T>,
+               i: usize,
+               c: &mut [std::mem::MaybeUninit<T>],
+               sc: &mut [PlaneSums],
+               par: Parallelism| {
+        let img = zero_init(c);
+        f(buf, i, img, par)?;
+        if want {
+            for (p, s) in img.chunks_exact(plane).zip(sc.iter_mut()) {
+                *s = PlaneSums::of(p);
+            }
+        }
+        Ok::<(), candle_core::Error>(())
     };
     let nt = threads();
     if nt > 1 && n >= nt {
@@ -305,11 +370,12 @@ where
         // enough that each scratch buffer serves many images.
         spare
             .par_chunks_mut(chunk)
+            .zip(sums.par_chunks_mut(per))
             .with_min_len(n.div_ceil(4 * nt).max(1))
             .enumerate()
             .try_for_each_init(
                 || vec![T::zero(); scratch],
-                |buf, (i, c)| f(buf, i, zeroed(c), Parallelism::None),
+                |buf, (i, (c, sc))| run(buf, i, c, sc, Parallelism::None),
             )?;
     } else {
         let par = if nt > 1 {
@@ -318,12 +384,16 @@ where
             Parallelism::None
         };
         let mut buf = vec![T::zero(); scratch];
-        for (i, c) in spare.chunks_mut(chunk).enumerate() {
-            f(&mut buf, i, zeroed(c), par)?;
+        for (i, (c, sc)) in spare
+            .chunks_mut(chunk)
+            .zip(sums.chunks_mut(per))
+            .enumerate()
+        {
+            run(&mut buf, i, c, sc, par)?;
         }
     }
-    // SAFETY: every chunk was initialised (`zeroed`) and the loops above
-    // returned early on any error; `total <= capacity`.
+    // SAFETY: every chunk was initialised (`zero_init` in `run`) and the
+    // loops above returned early on any error; `total <= capacity`.
     unsafe { out.set_len(total) };
     Ok(out)
 }
@@ -336,6 +406,21 @@ pub(crate) fn forward<T: Elem>(
     bias: Option<&[T]>,
     relu: bool,
 ) -> candle_core::Result<Vec<T>> {
+    forward_in(g, Input::plain(x), w, bias, relu, None)
+}
+
+/// `y = conv(x, w)` (+ bias, then ReLU) from an [`Input`]; with `sums`
+/// (`n * o` entries), the [`PlaneSums`] of every output plane too,
+/// computed while the plane is in cache (BatchNorm statistics without a
+/// pass of their own).
+pub(crate) fn forward_in<T: Elem>(
+    g: &Geom,
+    x: Input<'_, T>,
+    w: &[T],
+    bias: Option<&[T]>,
+    relu: bool,
+    sums: Option<&mut [PlaneSums]>,
+) -> candle_core::Result<Vec<T>> {
     if let Some(b) = bias {
         if b.len() != g.o {
             candle_core::bail!(
@@ -344,6 +429,16 @@ pub(crate) fn forward<T: Elem>(
                 g.o
             );
         }
+    }
+    if x.x.len() != g.n * g.in_img()
+        || x.bn_relu
+            .is_some_and(|(a, b)| a.len() != g.c || b.len() != g.c)
+    {
+        candle_core::bail!(
+            "conv2d: input of {} values for {:?}",
+            x.x.len(),
+            g.x_shape()
+        );
     }
     if let Some(s) = g.winograd() {
         let epilogue = |plane: &mut [T], ch: usize| {
@@ -354,22 +449,35 @@ pub(crate) fn forward<T: Elem>(
                 simd::relu_in_place(plane);
             }
         };
-        return winograd::forward(&s, x, w, &epilogue);
+        return winograd::forward(&s, x, w, &epilogue, sums);
     }
     let (og, kk, np) = (g.og(), g.kk(), g.np());
-    let cghw = g.cg() * g.h * g.w;
-    let scratch = if g.pointwise() { 0 } else { kk * np };
+    let (cg, cghw) = (g.cg(), g.cg() * g.h * g.w);
+    // The pointwise path reads the input in place, unless a BatchNorm is
+    // folded into it: then the transformed image goes through the scratch.
+    let in_place = g.pointwise() && x.bn_relu.is_none();
+    let scratch = if in_place { 0 } else { kk * np };
     // The weights of each group, prepared once for every image.
     let lhs = (0..g.p.groups)
         .map(|gi| Lhs::new(&w[gi * og * kk..(gi + 1) * og * kk], View::rm(og, kk)))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let y = per_image(g.n, g.out_img(), scratch, |col, ni, yimg, par| {
+    let y = per_image(g.n, g.out_img(), scratch, sums, |col, ni, yimg, par| {
         for (gi, lhs) in lhs.iter().enumerate() {
-            let xs = &x[ni * g.in_img() + gi * cghw..ni * g.in_img() + (gi + 1) * cghw];
-            let rhs: &[T] = if g.pointwise() {
+            let xs = &x.x[ni * g.in_img() + gi * cghw..ni * g.in_img() + (gi + 1) * cghw];
+            let rhs: &[T] = if in_place {
                 xs
+            } else if g.pointwise() {
+                for (ci, (dst, src)) in col
+                    .chunks_exact_mut(np)
+                    .zip(xs.chunks_exact(np))
+                    .enumerate()
+                {
+                    dst.copy_from_slice(src);
+                    apply_bn_relu(dst, x.coef(gi * cg + ci));
+                }
+                col
             } else {
-                g.im2col(xs, col);
+                g.im2col(xs, &|ci| x.coef(gi * cg + ci), col);
                 col
             };
             matmul_lhs(
@@ -450,7 +558,7 @@ pub(crate) fn input_grad<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> candle_core::R
     let lhs = (0..g.p.groups)
         .map(|gi| Lhs::new(&w[gi * og * kk..(gi + 1) * og * kk], View::rm(og, kk).t()))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let dx = per_image(g.n, g.in_img(), scratch, |col, ni, dximg, par| {
+    let dx = per_image(g.n, g.in_img(), scratch, None, |col, ni, dximg, par| {
         for (gi, wt) in lhs.iter().enumerate() {
             let dys = &dy[ni * g.out_img() + gi * og * np..ni * g.out_img() + (gi + 1) * og * np];
             let dst = &mut dximg[gi * cghw..(gi + 1) * cghw];
@@ -473,9 +581,29 @@ pub(crate) fn input_grad<T: Elem>(g: &Geom, dy: &[T], w: &[T]) -> candle_core::R
 /// into the GEMM's packed layout (never written out whole), and only the
 /// small `dy` is transposed.
 pub(crate) fn weight_grad<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> candle_core::Result<Vec<T>> {
+    weight_grad_in(g, Input::plain(x), dy)
+}
+
+/// [`weight_grad`] from an [`Input`].
+pub(crate) fn weight_grad_in<T: Elem>(
+    g: &Geom,
+    x: Input<'_, T>,
+    dy: &[T],
+) -> candle_core::Result<Vec<T>> {
+    if x.x.len() != g.n * g.in_img()
+        || x.bn_relu
+            .is_some_and(|(a, b)| a.len() != g.c || b.len() != g.c)
+    {
+        candle_core::bail!(
+            "conv2d weight grad: input of {} values for {:?}",
+            x.x.len(),
+            g.x_shape()
+        );
+    }
     if let Some(s) = g.winograd() {
         return winograd::weight_grad(&s, x, dy);
     }
+    let cg = g.cg();
     let (og, kk, np) = (g.og(), g.kk(), g.np());
     let cghw = g.cg() * g.h * g.w;
     let wlen = g.o * kk;
@@ -494,11 +622,14 @@ pub(crate) fn weight_grad<T: Elem>(g: &Geom, x: &[T], dy: &[T]) -> candle_core::
             let mut dwt = vec![T::zero(); wlen];
             for ni in (ci * per)..((ci + 1) * per).min(g.n) {
                 for gi in 0..g.p.groups {
-                    let xs = &x[ni * g.in_img() + gi * cghw..ni * g.in_img() + (gi + 1) * cghw];
-                    let lhs = if g.pointwise() {
+                    let xs = &x.x[ni * g.in_img() + gi * cghw..ni * g.in_img() + (gi + 1) * cghw];
+                    let taps = g.kh * g.kw;
+                    let lhs = if g.pointwise() && x.bn_relu.is_none() {
                         Lhs::new(xs, View::rm(kk, np))?
                     } else {
-                        Lhs::from_rows(kk, np, |r, dst| g.im2col_row(xs, r, dst))
+                        Lhs::from_rows(kk, np, |r, dst| {
+                            g.im2col_row(xs, x.coef(gi * cg + r / taps), r, dst)
+                        })
                     };
                     let dys =
                         &dy[ni * g.out_img() + gi * og * np..ni * g.out_img() + (gi + 1) * og * np];

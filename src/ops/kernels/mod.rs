@@ -68,11 +68,13 @@ mod batch_norm;
 mod conv;
 mod gemm;
 mod pool;
+mod residual;
 #[cfg(target_arch = "x86_64")]
 mod sgemm;
 mod simd;
 mod util;
 mod winograd;
+mod winograd4;
 
 use candle_core::{DType, Tensor};
 
@@ -531,4 +533,281 @@ fn bn_impl(
         var,
         count,
     })
+}
+
+/// A convolution without bias (one group, no dilation) followed by
+/// training-mode BatchNorm: one stage of a [`ResidualBlock`].
+#[derive(Clone, Copy, Debug)]
+pub struct ConvBn<'a> {
+    /// The kernel, `(c_out, c_in, kh, kw)`.
+    pub weight: &'a Tensor,
+    /// `(height, width)` stride.
+    pub stride: (usize, usize),
+    /// `(height, width)` zero padding.
+    pub padding: (usize, usize),
+    /// BatchNorm scale `(c_out,)`; `None` means 1.
+    pub bn_weight: Option<&'a Tensor>,
+    /// BatchNorm shift `(c_out,)`; `None` means 0.
+    pub bn_bias: Option<&'a Tensor>,
+    /// Added to the batch variance (torch's default 1e-5).
+    pub eps: f64,
+}
+
+/// What a [`ResidualBlock`] adds to its last stage's normalised output,
+/// before the final ReLU.
+#[derive(Clone, Copy, Debug)]
+pub enum Shortcut<'a> {
+    /// Nothing: every stage ends in a ReLU (a stem: conv, BN, ReLU).
+    None,
+    /// The block's input (its output must have the input's shape).
+    Identity,
+    /// A convolution and BatchNorm of the block's input, without ReLU
+    /// (torchvision's `downsample`).
+    Projection(ConvBn<'a>),
+}
+
+/// A residual block in training mode: with input `x`, each stage computes
+/// `h = relu(bn(conv(h)))` from `h = x`, except that the last stage adds
+/// the shortcut before its ReLU: `y = relu(bn(conv(h)) + shortcut(x))`.
+/// ResNet's BasicBlock is two 3x3 stages, its Bottleneck three stages
+/// (1x1, 3x3, 1x1).
+#[derive(Clone, Debug)]
+pub struct ResidualBlock<'a> {
+    /// The stages of the main branch, in order (at least one).
+    pub stages: Vec<ConvBn<'a>>,
+    /// What the last stage adds before its ReLU.
+    pub shortcut: Shortcut<'a>,
+}
+
+/// The batch statistics of one BatchNorm, for its running averages.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct BatchStats {
+    /// Per-channel batch mean `(c,)`, detached.
+    pub mean: Tensor,
+    /// Per-channel biased batch variance `(c,)` (divided by `count`),
+    /// detached; torch's running variance uses `var * count / (count - 1)`.
+    pub var: Tensor,
+    /// Values per channel, `n * h * w`.
+    pub count: usize,
+}
+
+/// What [`residual_blocks_train`] returns.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ResidualOutput {
+    /// The last block's output. Differentiable in the input and in every
+    /// weight, BatchNorm scale and shift.
+    pub output: Tensor,
+    /// The statistics of every BatchNorm: block by block, the main stages
+    /// in order, then the projection.
+    pub stats: Vec<BatchStats>,
+}
+
+/// A chain of residual blocks (see [`ResidualBlock`]) in training mode,
+/// run as **one** op: forward and backward of every convolution,
+/// BatchNorm, ReLU and shortcut happen inside it, so candle's backward
+/// keeps no per-layer gradient (it adds every gradient into a fresh zero
+/// tensor, two passes over memory per layer, which at small widths cost as
+/// much as the convolutions). The result equals the composition of
+/// [`conv2d`], [`batch_norm_relu_train`], [`batch_norm_train`] and
+/// [`batch_norm_add_relu_train`] up to rounding.
+///
+/// In candle's second-order mode (`CANDLE_GRAD_DO_NOT_DETACH` set) the
+/// blocks are that composition, so gradients of gradients stay exact.
+///
+/// ```
+/// use aimass::candle::{DType, Device, Tensor, Var};
+/// use aimass::ops::kernels::{self, ConvBn, ResidualBlock, Shortcut};
+///
+/// let dev = Device::Cpu;
+/// let x = Tensor::randn(0f32, 1.0, (4, 8, 10, 10), &dev)?;
+/// let w1 = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (8, 8, 3, 3), &dev)? * 0.1)?)?;
+/// let w2 = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (8, 8, 3, 3), &dev)? * 0.1)?)?;
+/// let stage = |w: &Var| ConvBn {
+///     weight: w.as_tensor(),
+///     stride: (1, 1),
+///     padding: (1, 1),
+///     bn_weight: None,
+///     bn_bias: None,
+///     eps: 1e-5,
+/// };
+/// // A BasicBlock: conv-BN-ReLU, conv-BN, plus the input, ReLU.
+/// let block = ResidualBlock {
+///     stages: vec![stage(&w1), stage(&w2)],
+///     shortcut: Shortcut::Identity,
+/// };
+/// let out = kernels::residual_blocks_train(&x, &[block])?;
+/// assert_eq!(out.output.dims(), &[4, 8, 10, 10]);
+/// assert_eq!(out.stats.len(), 2);
+/// let grads = out.output.sqr()?.sum_all()?.backward()?;
+/// assert!(grads.get(&w1).is_some() && grads.get(&w2).is_some());
+/// # Ok::<(), aimass::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// [`Error::Shape`] when the shapes do not chain (channels, an identity
+/// shortcut whose block changes the shape, a projection whose output
+/// differs from the main branch's, BatchNorm parameters that are not
+/// `(c_out,)`) or a block has no stage; [`Error::InvalidArgument`] for a
+/// zero stride, a negative or non-finite `eps`, or tensors the kernels do
+/// not support (see [`supports`]).
+pub fn residual_blocks_train(x: &Tensor, blocks: &[ResidualBlock<'_>]) -> Result<ResidualOutput> {
+    let op = "kernels::residual_blocks_train";
+    let specs = residual_specs(op, x, blocks)?;
+    if util::second_order() {
+        return residual_composed(x, blocks);
+    }
+    let xd = x
+        .dims4()
+        .map_err(|_| Error::shape(op, "input (n, c, h, w)", x.dims()))?;
+    let plan = residual::Plan::new(xd, &specs)
+        .map_err(|e| Error::shape(op, format!("blocks that chain ({e})"), x.dims()))?;
+    let counts = plan.counts();
+    let mut parts = Vec::new();
+    for b in blocks {
+        let proj = match &b.shortcut {
+            Shortcut::Projection(p) => Some(p),
+            _ => None,
+        };
+        for s in b.stages.iter().chain(proj) {
+            let c = s.weight.dim(0)?;
+            parts.push(s.weight.flatten_all()?);
+            parts.push(match s.bn_weight {
+                Some(g) => g.clone(),
+                None => Tensor::ones(c, x.dtype(), x.device())?,
+            });
+            parts.push(match s.bn_bias {
+                Some(b) => b.clone(),
+                None => Tensor::zeros(c, x.dtype(), x.device())?,
+            });
+        }
+    }
+    let packed = Tensor::cat(&parts, 0)?;
+    let stats = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let fused = residual::ResidualOp {
+        plan: std::sync::Arc::new(plan),
+        saved: std::sync::Arc::new(std::sync::Mutex::new(None)),
+        stats: stats.clone(),
+    };
+    let output = x
+        .contiguous()?
+        .apply_op2(&packed, fused)
+        .context("residual blocks kernel")?;
+    let st = stats
+        .lock()
+        .map(|g| g.clone())
+        .map_err(|_| Error::invalid(op, "the kernel's statistics lock was poisoned"))?;
+    if st.len() != counts.len() {
+        return Err(Error::invalid(op, "the kernel returned no statistics"));
+    }
+    let mut out = Vec::with_capacity(st.len());
+    for (s, count) in st.into_iter().zip(counts) {
+        let c = s.mean.len();
+        out.push(BatchStats {
+            mean: Tensor::from_vec(s.mean, c, &candle_core::Device::Cpu)?.to_dtype(x.dtype())?,
+            var: Tensor::from_vec(s.var, c, &candle_core::Device::Cpu)?.to_dtype(x.dtype())?,
+            count,
+        });
+    }
+    Ok(ResidualOutput { output, stats: out })
+}
+
+/// Checks the operands of [`residual_blocks_train`] and describes its
+/// blocks for the fused op.
+fn residual_specs(
+    op: &str,
+    x: &Tensor,
+    blocks: &[ResidualBlock<'_>],
+) -> Result<Vec<residual::BlockSpec>> {
+    check_supported(op, &[x])?;
+    if blocks.is_empty() {
+        return Err(Error::shape(op, "at least one block", 0));
+    }
+    let stage = |s: &ConvBn<'_>| -> Result<residual::StageSpec> {
+        check_supported(op, &[x, s.weight])?;
+        check_pair(op, "stride", s.stride, 1)?;
+        if !(s.eps.is_finite() && s.eps >= 0.0) {
+            return Err(Error::invalid(
+                op,
+                format!("eps must be finite and >= 0, got {}", s.eps),
+            ));
+        }
+        let wd = s
+            .weight
+            .dims4()
+            .map_err(|_| Error::shape(op, "weight (c_out, c_in, kh, kw)", s.weight.dims()))?;
+        for (name, t) in [("bn_weight", s.bn_weight), ("bn_bias", s.bn_bias)] {
+            if let Some(t) = t {
+                if t.dims() != [wd.0] {
+                    return Err(Error::shape(op, format!("{name} ({},)", wd.0), t.dims()));
+                }
+                check_supported(op, &[x, t])?;
+            }
+        }
+        Ok(residual::StageSpec {
+            weight: wd,
+            p: conv::ConvParams {
+                stride: s.stride,
+                padding: s.padding,
+                dilation: (1, 1),
+                groups: 1,
+            },
+            eps: s.eps,
+        })
+    };
+    blocks
+        .iter()
+        .map(|b| {
+            if b.stages.is_empty() {
+                return Err(Error::shape(op, "a block with at least one stage", 0));
+            }
+            Ok(residual::BlockSpec {
+                stages: b.stages.iter().map(stage).collect::<Result<_>>()?,
+                shortcut: match &b.shortcut {
+                    Shortcut::None => residual::ShortcutSpec::None,
+                    Shortcut::Identity => residual::ShortcutSpec::Identity,
+                    Shortcut::Projection(p) => residual::ShortcutSpec::Projection(stage(p)?),
+                },
+            })
+        })
+        .collect()
+}
+
+/// [`residual_blocks_train`] composed of the single-layer kernels (second
+/// order, and the reference the fused op is tested against).
+fn residual_composed(x: &Tensor, blocks: &[ResidualBlock<'_>]) -> Result<ResidualOutput> {
+    let mut h = x.clone();
+    let mut stats = Vec::new();
+    let keep = |o: &BatchNormTrainOutput| BatchStats {
+        mean: o.mean.clone(),
+        var: o.var.clone(),
+        count: o.count,
+    };
+    for b in blocks {
+        let input = h.clone();
+        let last = b.stages.len().saturating_sub(1);
+        let mut proj_stats = None;
+        for (i, s) in b.stages.iter().enumerate() {
+            let z = conv2d(&h, s.weight, None, s.stride, s.padding, (1, 1), 1)?;
+            let (w, bias) = (s.bn_weight, s.bn_bias);
+            let out = match (i == last, &b.shortcut) {
+                (false, _) | (true, Shortcut::None) => batch_norm_relu_train(&z, w, bias, s.eps)?,
+                (true, Shortcut::Identity) => {
+                    batch_norm_add_relu_train(&z, w, bias, &input, s.eps)?
+                }
+                (true, Shortcut::Projection(p)) => {
+                    let zp = conv2d(&input, p.weight, None, p.stride, p.padding, (1, 1), 1)?;
+                    let sp = batch_norm_train(&zp, p.bn_weight, p.bn_bias, p.eps)?;
+                    proj_stats = Some(keep(&sp));
+                    batch_norm_add_relu_train(&z, w, bias, &sp.output, s.eps)?
+                }
+            };
+            stats.push(keep(&out));
+            h = out.output;
+        }
+        stats.extend(proj_stats);
+    }
+    Ok(ResidualOutput { output: h, stats })
 }

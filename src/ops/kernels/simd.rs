@@ -218,3 +218,60 @@ multiversion! {
         }
     }
 }
+
+multiversion! {
+    /// [`grad_sums`] under the ReLU whose input is `x * ma + mb` (a
+    /// BatchNorm output recomputed from its input `x`, rounded as
+    /// [`affine`] rounds it): the mask is `x * ma + mb > 0`.
+    fn grad_sums_recomputed<T>(x: &[T], g: &[T], mu: T, ma: T, mb: T) -> (f64, f64) {
+        let zero = T::zero();
+        let (mut a1, mut a2) = ([zero; 8], [zero; 8]);
+        let (mut b1, mut b2) = ([zero; 8], [zero; 8]);
+        let n16 = x.len().min(g.len()) / 16 * 16;
+        let chunks = x[..n16].chunks_exact(16).zip(g[..n16].chunks_exact(16));
+        for (xc, gc) in chunks {
+            let (Ok(xc), Ok(gc)) = (<&[T; 16]>::try_from(xc), <&[T; 16]>::try_from(gc)) else {
+                continue;
+            };
+            for j in 0..8 {
+                let g0 = gc[j].gate(xc[j] * ma + mb);
+                let g1 = gc[j + 8].gate(xc[j + 8] * ma + mb);
+                a1[j] += g0;
+                a2[j] += g0 * (xc[j] - mu);
+                b1[j] += g1;
+                b2[j] += g1 * (xc[j + 8] - mu);
+            }
+        }
+        for (&xv, &gv) in x[n16..].iter().zip(&g[n16..]) {
+            let gv = gv.gate(xv * ma + mb);
+            a1[0] += gv;
+            a2[0] += gv * (xv - mu);
+        }
+        (
+            a1.iter().chain(&b1).map(|v| v.to_f64()).sum(),
+            a2.iter().chain(&b2).map(|v| v.to_f64()).sum(),
+        )
+    }
+}
+
+multiversion! {
+    /// `o = a * g' + b * x + c` with `g' = g * (x * ma + mb > 0)`: the
+    /// backward of BatchNorm + ReLU with the mask recomputed from the
+    /// input (see [`grad_sums_recomputed`]).
+    fn affine_grad_recomputed<T>(o: &mut [T], x: &[T], g: &[T], a: T, b: T, c: T, ma: T, mb: T) -> () {
+        for ((o, &xv), &gv) in o.iter_mut().zip(x).zip(g) {
+            *o = a * gv.gate(xv * ma + mb) + b * xv + c;
+        }
+    }
+}
+
+multiversion! {
+    /// `y = max(y * a + b, 0)` in place, exactly as [`affine`] with its ReLU.
+    fn affine_relu_in_place<T>(y: &mut [T], a: T, b: T) -> () {
+        let zero = T::zero();
+        for v in y.iter_mut() {
+            let t = *v * a + b;
+            *v = if t > zero { t } else { zero };
+        }
+    }
+}

@@ -38,22 +38,32 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::batch_norm::PlaneSums;
+use super::conv::Input;
 use super::gemm::{matmul_abt, matmul_lhs, threads, Elem, Lhs, Parallelism, View};
 use super::simd::multiversion;
 use super::util::{sum_partials, zero_init};
+use super::winograd4;
 
 /// Vector width the transforms are written for (fixed-size arrays the
 /// compiler turns into SIMD).
-const L: usize = 8;
+pub(crate) const L: usize = 8;
+
+/// `AIMASS_CPU_CONV`: `im2col` turns the Winograd path off, `winograd2`
+/// keeps it to F(2x2, 3x3).
+fn conv_env() -> &'static str {
+    static V: OnceLock<String> = OnceLock::new();
+    V.get_or_init(|| std::env::var("AIMASS_CPU_CONV").unwrap_or_default())
+}
 
 /// Whether the Winograd path may run (`AIMASS_CPU_CONV=im2col` turns it off).
 fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("AIMASS_CPU_CONV").map_or(true, |v| v != "im2col"))
+    conv_env() != "im2col"
 }
 
 /// Sizes of one "same" 3x3 convolution: `n` images of `c x h x w` in,
-/// `o x h x w` out.
+/// `o x h x w` out, computed in `m x m` output tiles (F(m x m, 3x3), `m` 2
+/// or 4).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Same3x3 {
     pub n: usize,
@@ -61,31 +71,55 @@ pub(crate) struct Same3x3 {
     pub o: usize,
     pub h: usize,
     pub w: usize,
+    pub m: usize,
 }
 
 impl Same3x3 {
+    /// The sizes with the tile this crate uses for them: F(4x4, 3x3) (2.25
+    /// multiplications per output against F(2x2, 3x3)'s 4) on planes at
+    /// least 24 wide, F(2x2, 3x3) on narrower ones, where F(4x4)'s few
+    /// tiles per row leave most lanes of the transforms' vectors idle (the
+    /// `tile_sizes` test times both; `AIMASS_CPU_CONV=winograd2` or
+    /// `winograd4` forces one).
+    pub fn new(n: usize, c: usize, o: usize, h: usize, w: usize) -> Self {
+        let m = match conv_env() {
+            "winograd2" => 2,
+            "winograd4" => 4,
+            _ if w >= 24 => 4,
+            _ => 2,
+        };
+        Same3x3 { n, c, o, h, w, m }
+    }
+    /// Positions of the transform domain, `(m + 2)^2`.
+    pub fn xi(&self) -> usize {
+        (self.m + 2) * (self.m + 2)
+    }
     /// Whether the Winograd form pays for these sizes: both channel counts
     /// are the GEMM's inner and row dimensions, too few of either and the
     /// transforms cost more than they save (a 1-channel stem).
     pub fn worthwhile(&self) -> bool {
         enabled() && self.c >= 8 && self.o >= 8 && self.h >= 2 && self.w >= 2
     }
-    fn th(&self) -> usize {
-        self.h.div_ceil(2)
+    pub(crate) fn th(&self) -> usize {
+        self.h.div_ceil(self.m)
     }
-    fn tw(&self) -> usize {
-        self.w.div_ceil(2)
+    pub(crate) fn tw(&self) -> usize {
+        self.w.div_ceil(self.m)
+    }
+    /// Values of the split rows of one plane ([`split_rows`]).
+    fn split_len(&self) -> usize {
+        (self.m * self.th() + 2) * self.m * half_row(self.tw())
     }
     /// Tiles per image.
     fn tiles(&self) -> usize {
         self.th() * self.tw()
     }
     /// Images per work item: enough tiles for full 32-column GEMM strips,
-    /// few enough that the transformed input (16 x c x tiles) stays within
+    /// few enough that the transformed input (ξ x c x tiles) stays within
     /// half of a 1 MiB L2 cache.
     fn images_per_chunk(&self) -> usize {
         let t = self.tiles().max(1);
-        let bytes = |b: usize| 16 * self.c * b * t * std::mem::size_of::<f32>();
+        let bytes = |b: usize| self.xi() * self.c * b * t * std::mem::size_of::<f32>();
         let mut best = (1, 0.0f64);
         for b in 1..=self.n.clamp(1, 16) {
             if b > 1 && bytes(b) > 512 << 10 {
@@ -105,15 +139,24 @@ impl Same3x3 {
         best.0.min(per_thread)
     }
     /// Output channels per block of the GEMMs and output transform: the
-    /// block's 16 x rows x cols products stay within a quarter of L2.
+    /// block's ξ x rows x cols products stay within a quarter of L2.
     fn out_block(&self, cols: usize) -> usize {
-        let rows = (256 << 10) / (16 * std::mem::size_of::<f32>() * cols.max(1));
+        let rows = (256 << 10) / (self.xi() * std::mem::size_of::<f32>() * cols.max(1));
         (rows / 8 * 8).clamp(8, (self.o.div_ceil(8) * 8).max(8))
     }
 }
 
-/// `U = G g Gᵀ` of one 3x3 kernel `g` (row-major) into 16 values.
-fn kernel_transform<T: Elem>(g: [T; 9]) -> [T; 16] {
+/// `U = G g Gᵀ` of one 3x3 kernel `g` (row-major) into `(m + 2)^2` values.
+fn kernel_transform<T: Elem>(m: usize, g: [T; 9]) -> Vec<T> {
+    if m == 4 {
+        winograd4::kernel_transform(g)
+    } else {
+        kernel_transform2(g).to_vec()
+    }
+}
+
+/// [`kernel_transform`] of F(2x2, 3x3).
+fn kernel_transform2<T: Elem>(g: [T; 9]) -> [T; 16] {
     let half = T::from_f64(0.5);
     // G g: 4x3.
     let mut t = [T::zero(); 12];
@@ -141,6 +184,7 @@ fn kernel_transform<T: Elem>(g: [T; 9]) -> [T; 16] {
 /// `block` rows: entry `[blk][ξ]`. `kernel(r, q)` returns the 3x3 kernel
 /// linking product row `r` to inner index `q`.
 fn transformed_weights<'a, T: Elem>(
+    s: &Same3x3,
     rows: usize,
     cols: usize,
     block: usize,
@@ -148,11 +192,12 @@ fn transformed_weights<'a, T: Elem>(
     store: &'a mut Vec<T>,
 ) -> candle_core::Result<Vec<Vec<Lhs<'a, T>>>> {
     let plane = rows * cols;
+    let xis = s.xi();
     store.clear();
-    store.resize(16 * plane, T::zero());
+    store.resize(xis * plane, T::zero());
     for r in 0..rows {
         for q in 0..cols {
-            let u = kernel_transform(kernel(r, q));
+            let u = kernel_transform(s.m, kernel(r, q));
             for (xi, v) in u.iter().enumerate() {
                 store[xi * plane + r * cols + q] = *v;
             }
@@ -163,7 +208,7 @@ fn transformed_weights<'a, T: Elem>(
         .step_by(block.max(1))
         .map(|r0| {
             let n = block.min(rows - r0);
-            (0..16)
+            (0..xis)
                 .map(|xi| {
                     let at = xi * plane + r0 * cols;
                     Lhs::new(&store[at..at + n * cols], View::rm(n, cols))
@@ -175,7 +220,7 @@ fn transformed_weights<'a, T: Elem>(
 
 /// `L` values of `s` from `at` (the caller keeps `at + L <= s.len()`).
 #[inline(always)]
-fn load<T: Elem>(s: &[T], at: usize) -> [T; L] {
+pub(crate) fn load<T: Elem>(s: &[T], at: usize) -> [T; L] {
     let mut v = [T::zero(); L];
     v.copy_from_slice(&s[at..at + L]);
     v
@@ -186,7 +231,7 @@ fn load<T: Elem>(s: &[T], at: usize) -> [T; L] {
 /// # Safety
 /// `at + L <= s.len()`.
 #[inline(always)]
-unsafe fn load_unchecked<T: Elem>(s: &[T], at: usize) -> [T; L] {
+pub(crate) unsafe fn load_unchecked<T: Elem>(s: &[T], at: usize) -> [T; L] {
     debug_assert!(at + L <= s.len());
     std::ptr::read_unaligned(s.as_ptr().add(at) as *const [T; L])
 }
@@ -196,7 +241,7 @@ unsafe fn load_unchecked<T: Elem>(s: &[T], at: usize) -> [T; L] {
 /// # Safety
 /// `at + L <= s.len()`.
 #[inline(always)]
-unsafe fn store_unchecked<T: Elem>(s: &mut [T], at: usize, v: &[T; L]) {
+pub(crate) unsafe fn store_unchecked<T: Elem>(s: &mut [T], at: usize, v: &[T; L]) {
     debug_assert!(at + L <= s.len());
     std::ptr::write_unaligned(s.as_mut_ptr().add(at) as *mut [T; L], *v)
 }
@@ -219,31 +264,170 @@ fn sub<T: Elem>(a: [T; L], b: [T; L]) -> [T; L] {
     r
 }
 
-/// Length of one half (even or odd columns) of a split input row: room for
+/// Length of one stream (of the `m` a split input row has): room for
 /// `tw + 1` values and the transform's full-vector loads at `j + 1`.
-fn half_row(tw: usize) -> usize {
+pub(crate) fn half_row(tw: usize) -> usize {
     (tw + 1).div_ceil(L) * L + L
 }
 
+/// Splits the rows of one `h x w` plane into `m` streams by column (`m`
+/// the tile size): padded row `r` (input row `r - 1`) holds, at
+/// `split[r * m * half..]`, stream `q < m - 1` (`S_q[j]` = column `m j +
+/// q`) at `+ q * half` and stream `m - 1` (`S_{m-1}[j]` = column `m j - 1`)
+/// at `+ (m - 1) * half`. For F(2x2) these are the even columns and the odd
+/// ones shifted by one. Positions outside the plane are never written (the
+/// caller zeroes `split` once per geometry).
+///
+/// With `ab = (a, b)`, the values split are `max(a * x + b, 0)` (a
+/// BatchNorm and ReLU folded into the read, see `conv::Input`).
+fn split_rows<T: Elem>(s: &Same3x3, plane: &[T], ab: Option<(T, T)>, split: &mut [T]) {
+    let (h, w, m) = (s.h, s.w, s.m);
+    let half = half_row(s.tw());
+    // Every stream of a row ends at `w.div_ceil(m) + 1 <= half` (asserted
+    // with the row count).
+    assert!(
+        plane.len() >= h * w
+            && split.len() >= (h + 2) * m * half
+            && w.div_ceil(m) < half
+            && (m == 2 || m == 4)
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && avx512() {
+        let ab = ab.map(|(a, b)| (a.to_f64() as f32, b.to_f64() as f32));
+        // SAFETY: T is f32 (checked above); the CPU has AVX-512F (`avx512`);
+        // the bounds of every access are asserted above.
+        unsafe {
+            split_rows_avx512(
+                h,
+                w,
+                m,
+                half,
+                ab,
+                std::slice::from_raw_parts(plane.as_ptr() as *const f32, plane.len()),
+                std::slice::from_raw_parts_mut(split.as_mut_ptr() as *mut f32, split.len()),
+            )
+        };
+        return;
+    }
+    split_rows_portable(
+        s,
+        plane,
+        ab.is_some(),
+        ab.unwrap_or((T::zero(), T::zero())),
+        split,
+    )
+}
+
+/// How many planes ahead [`prefetch`] asks for while splitting one.
+const PREFETCH: usize = 2;
+
+/// Asks the CPU to bring the first plane-sized part of `v` into cache (up
+/// to 4 KiB; the planes are read in memory order, so this runs
+/// [`PREFETCH`] planes ahead of the split).
+#[inline(always)]
+fn prefetch<T>(v: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let bytes = std::mem::size_of_val(v).min(4096);
+        let p = v.as_ptr() as *const i8;
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: `off < size_of_val(v)`: the address lies inside `v`
+            // (a prefetch never faults anyway).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(off)) };
+        }
+    }
+}
+
+/// Whether this CPU has AVX-512F (checked once).
+#[cfg(target_arch = "x86_64")]
+fn avx512() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| std::is_x86_feature_detected!("avx512f"))
+}
+
+/// [`split_rows`] for f32 with AVX-512: each row in blocks of 32 columns,
+/// two masked loads and one permute per stream per block (and, with `ab`,
+/// a multiply, an add and a max, rounded as the portable code rounds
+/// them).
+///
+/// # Safety
+/// The CPU has AVX-512F; `m` is 2 or 4; `plane` holds `h * w` values;
+/// `split` holds `(h + 2) * m * half` values with `w.div_ceil(m) < half`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn split_rows_avx512(
+    h: usize,
+    w: usize,
+    m: usize,
+    half: usize,
+    ab: Option<(f32, f32)>,
+    plane: &[f32],
+    split: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (va, vb) = ab.map_or((0.0, 0.0), |v| v);
+    let (va, vb, zero) = (_mm512_set1_ps(va), _mm512_set1_ps(vb), _mm512_setzero_ps());
+    // max(x * a + b, 0) with the ReLU of `simd::affine` (`t > 0 ? t : 0`,
+    // NaN to 0): `max_ps(t, 0)` returns its second operand when either is
+    // NaN.
+    let act = |x: __m512| _mm512_max_ps(_mm512_add_ps(_mm512_mul_ps(x, va), vb), zero);
+    // Stream q takes columns q, q + m, q + 2m, ... of the 32 loaded.
+    let idx: [__m512i; 4] = std::array::from_fn(|q| {
+        let v: [i32; 16] = std::array::from_fn(|k| ((q + m * k) % 32) as i32);
+        _mm512_loadu_si512(v.as_ptr() as *const __m512i)
+    });
+    let mask = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as __mmask16 };
+    for r in 0..h {
+        let src = plane.as_ptr().add(r * w);
+        let row = split.as_mut_ptr().add((r + 1) * m * half);
+        let mut c = 0;
+        while c < w {
+            let left = w - c;
+            let mut a = _mm512_maskz_loadu_ps(mask(left), src.add(c));
+            let mut b = _mm512_maskz_loadu_ps(mask(left.saturating_sub(16)), src.add(c + 16));
+            if ab.is_some() {
+                a = act(a);
+                b = act(b);
+            }
+            let block = left.min(32);
+            for (q, ix) in idx.iter().enumerate().take(m) {
+                let count = if block > q {
+                    (block - q).div_ceil(m)
+                } else {
+                    0
+                };
+                let shift = usize::from(q == m - 1);
+                let dst = row.add(q * half + c / m + shift);
+                _mm512_mask_storeu_ps(dst, mask(count), _mm512_permutex2var_ps(a, *ix, b));
+            }
+            c += 32;
+        }
+    }
+}
+
 multiversion! {
-    /// Splits the rows of one `h x w` plane into even and odd columns:
-    /// padded row `r` (input row `r - 1`) holds `even[j]` = column `2j` and
-    /// `odd[j]` = column `2j - 1` at `split[r * 2 * half..]` (even, then odd
-    /// at `+ half`). Positions outside the plane are never written (the
-    /// caller zeroes `split` once per geometry).
-    fn split_rows<T>(s: &Same3x3, plane: &[T], split: &mut [T]) -> () {
-        let (h, w) = (s.h, s.w);
+    /// [`split_rows`] in portable code (f64, CPUs without AVX-512); with
+    /// `bn`, through `max(ab.0 * x + ab.1, 0)`.
+    fn split_rows_portable<T>(s: &Same3x3, plane: &[T], bn: bool, ab: (T, T), split: &mut [T]) -> () {
+        let (h, w, m) = (s.h, s.w, s.m);
         let half = half_row(s.tw());
+        let zero = T::zero();
+        let act = |v: T| {
+            if bn {
+                let t = v * ab.0 + ab.1;
+                if t > zero { t } else { zero }
+            } else {
+                v
+            }
+        };
         for r in 0..h {
             let src = &plane[r * w..(r + 1) * w];
-            let (even, odd) = split[(r + 1) * 2 * half..(r + 2) * 2 * half].split_at_mut(half);
-            let pairs = src.chunks_exact(2);
-            if let [last] = pairs.remainder() {
-                even[w / 2] = *last;
-            }
-            for ((p, e), o) in pairs.zip(even.iter_mut()).zip(odd[1..].iter_mut()) {
-                *e = p[0];
-                *o = p[1];
+            let row = &mut split[(r + 1) * m * half..(r + 2) * m * half];
+            for (c, &v) in src.iter().enumerate() {
+                let (j, q) = (c / m, c % m);
+                let at = if q == m - 1 { q * half + j + 1 } else { q * half + j };
+                row[at] = act(v);
             }
         }
     }
@@ -254,7 +438,7 @@ multiversion! {
     /// tile `t = i * tw + j` goes to `dst[ξ * stride + t]`. Each tile row is
     /// written in whole vectors, so up to `L - 1` values past its end are
     /// overwritten (the caller writes those later or leaves them unused).
-    fn input_tiles<T>(s: &Same3x3, split: &[T], dst: &mut [T], stride: usize) -> () {
+    fn input_tiles2<T>(s: &Same3x3, split: &[T], dst: &mut [T], stride: usize) -> () {
         let (th, tw) = (s.th(), s.tw());
         let half = half_row(tw);
         // Every index below stays under these bounds (tile rows are written
@@ -311,7 +495,7 @@ multiversion! {
     /// Rows are written in whole vectors, spilling up to `2L - 1` values
     /// past a row's end into what comes after it in `out` (written later by
     /// the caller), except where `out` ends. `tile` is scratch.
-    fn output_tiles<T>(
+    fn output_tiles2<T>(
         s: &Same3x3,
         m: &[T],
         stride: usize,
@@ -379,15 +563,63 @@ multiversion! {
     }
 }
 
+/// `V = Bᵀ d B` of every tile of one split plane, for the tile size of `s`
+/// (see [`input_tiles2`] and `winograd4::input_tiles`).
+fn input_tiles<T: Elem>(s: &Same3x3, split: &[T], dst: &mut [T], stride: usize) {
+    if s.m == 4 {
+        winograd4::input_tiles(s, split, dst, stride)
+    } else {
+        input_tiles2(s, split, dst, stride)
+    }
+}
+
+/// `A dy Aᵀ` of every tile of one split output-gradient plane, for the tile
+/// size of `s`.
+fn grad_tiles<T: Elem>(s: &Same3x3, split: &[T], dst: &mut [T], stride: usize) {
+    if s.m == 4 {
+        winograd4::grad_tiles(s, split, dst, stride)
+    } else {
+        grad_tiles2(s, split, dst, stride)
+    }
+}
+
+/// `Y = Aᵀ M A` of every tile of one output plane, for the tile size of `s`.
+fn output_tiles<T: Elem>(
+    s: &Same3x3,
+    m: &[T],
+    stride: usize,
+    out: &mut [T],
+    at: usize,
+    tile: &mut [T],
+) {
+    if s.m == 4 {
+        winograd4::output_tiles(s, m, stride, out, at, tile)
+    } else {
+        output_tiles2(s, m, stride, out, at, tile)
+    }
+}
+
+/// `Gᵀ Z G` of one transformed kernel gradient (`(m + 2)^2` values).
+fn kernel_grad_transform<T: Elem>(m: usize, z: &[T]) -> [T; 9] {
+    if m == 4 {
+        winograd4::kernel_grad_transform(z)
+    } else {
+        kernel_grad_transform2(std::array::from_fn(|k| z[k]))
+    }
+}
+
 /// Runs the convolution of `x` (`n x c x h x w`) with the prepared `U`
 /// (`o x c` per ξ) into a fresh `n x o x h x w` output; `epilogue(plane,
-/// channel)` runs on each finished output plane (bias, ReLU).
+/// channel)` runs on each finished output plane (bias, ReLU), and with
+/// `sums` (`n * o` entries) the plane's [`PlaneSums`] are written right
+/// after it.
 fn run<T: Elem>(
     s: &Same3x3,
-    x: &[T],
+    x: Input<'_, T>,
     u: &[Vec<Lhs<'_, T>>],
     ob: usize,
     epilogue: &(dyn Fn(&mut [T], usize) + Sync),
+    sums: Option<&mut [PlaneSums]>,
 ) -> candle_core::Result<Vec<T>> {
     let (c, o, hw, t) = (s.c, s.o, s.h * s.w, s.tiles());
     let b = s.images_per_chunk();
@@ -403,37 +635,41 @@ fn run<T: Elem>(
     } else {
         Parallelism::None
     };
-    let split_len = (2 * s.th() + 2) * 2 * half_row(s.tw());
+    let split_len = s.split_len();
     let tp = s.tw().div_ceil(L) * L;
+    let xis = s.xi();
     // Per worker: V, `(c, 16, cols + L)`: the 16 transformed rows of a
     // channel lie together (one sequential region per plane), each row with
     // L values of room for the whole-vector stores of its last tile row; M,
     // `(block rows, 16, cols + L)` likewise for the output transform's
     // loads; the split rows of one plane; one tile row of outputs.
-    let work = |bufs: &mut [Vec<T>; 4], (ci, ychunk): (usize, &mut [T])| {
+    let want = sums.is_some();
+    let work = |bufs: &mut [Vec<T>; 4], (ci, ychunk, sc): (usize, &mut [T], &mut [PlaneSums])| {
         let [v, m, split, tile] = bufs;
         let imgs = ychunk.len() / (o * hw);
         let cols = imgs * t;
         let cp = cols + L;
-        v.resize(c * 16 * cp, T::zero());
-        m.resize(ob.min(o) * 16 * cp, T::zero());
+        v.resize(c * xis * cp, T::zero());
+        m.resize(ob.min(o) * xis * cp, T::zero());
         // Zeroed once per worker: every plane of this geometry writes the
         // same positions, the padding stays zero.
         if split.is_empty() {
             split.resize(split_len, T::zero());
         }
-        tile.resize(4 * tp, T::zero());
+        tile.resize(s.m * s.m * tp, T::zero());
         let x0 = ci * b * c * hw;
-        // Images in order, tile rows in order: every spill of a tile row
-        // lands on values written after it (or on the row's slack).
-        for ch in 0..c {
-            for li in 0..imgs {
+        // Images in order (per channel), tile rows in order: every spill of
+        // a tile row lands on values written after it (or on the row's
+        // slack). Planes in memory order: one sequential read of the chunk.
+        for li in 0..imgs {
+            for ch in 0..c {
                 let at = x0 + (li * c + ch) * hw;
-                split_rows(s, &x[at..at + hw], split);
-                input_tiles(s, split, &mut v[ch * 16 * cp + li * t..], cp);
+                prefetch(&x.x[(at + PREFETCH * hw).min(x.x.len())..]);
+                split_rows(s, &x.x[at..at + hw], x.coef(ch), split);
+                input_tiles(s, split, &mut v[ch * xis * cp + li * t..], cp);
             }
         }
-        // Per block of output channels: the 16 products, then the output
+        // Per block of output channels: the ξ products, then the output
         // transform of the block's planes, in memory order within each
         // image (row spills land on later planes; the planes of the next
         // block are written by its own pass).
@@ -443,7 +679,7 @@ fn run<T: Elem>(
                 let rows = |r: usize| View {
                     rows: r,
                     cols,
-                    rs: 16 * cp,
+                    rs: xis * cp,
                     cs: 1,
                 };
                 matmul_lhs(
@@ -462,13 +698,16 @@ fn run<T: Elem>(
                     let end = (li * o + o0 + on) * hw;
                     output_tiles(
                         s,
-                        &m[k * 16 * cp + li * t..],
+                        &m[k * xis * cp + li * t..],
                         cp,
                         &mut ychunk[..end],
                         at,
                         tile,
                     );
                     epilogue(&mut ychunk[at..at + hw], o0 + k);
+                    if want {
+                        sc[li * o + o0 + k] = PlaneSums::of(&ychunk[at..at + hw]);
+                    }
                 }
             }
         }
@@ -478,15 +717,33 @@ fn run<T: Elem>(
     // cache, no serial memset of the whole output first).
     let chunk = b * o * hw;
     let spare = &mut y.spare_capacity_mut()[..total];
+    // Without sums, one dummy entry per chunk that nothing writes.
+    let mut dummy = Vec::new();
+    let (sums, per_chunk) = match sums {
+        Some(v) if v.len() == s.n * o => (v, b * o),
+        Some(_) => candle_core::bail!("conv2d (winograd): plane sums for another shape"),
+        None => {
+            dummy.resize(nchunks, PlaneSums::default());
+            (&mut dummy[..], 1)
+        }
+    };
     if matches!(inner, Parallelism::None) && nt > 1 {
-        spare.par_chunks_mut(chunk).enumerate().try_for_each_init(
-            || std::array::from_fn(|_| Vec::new()),
-            |bufs, (ci, c)| work(bufs, (ci, zero_init(c))),
-        )?;
+        spare
+            .par_chunks_mut(chunk)
+            .zip(sums.par_chunks_mut(per_chunk))
+            .enumerate()
+            .try_for_each_init(
+                || std::array::from_fn(|_| Vec::new()),
+                |bufs, (ci, (c, sc))| work(bufs, (ci, zero_init(c), sc)),
+            )?;
     } else {
         let mut bufs = std::array::from_fn(|_| Vec::new());
-        for (ci, c) in spare.chunks_mut(chunk).enumerate() {
-            work(&mut bufs, (ci, zero_init(c)))?;
+        for (ci, (c, sc)) in spare
+            .chunks_mut(chunk)
+            .zip(sums.chunks_mut(per_chunk))
+            .enumerate()
+        {
+            work(&mut bufs, (ci, zero_init(c), sc))?;
         }
     }
     // SAFETY: every chunk of the first `total` values was initialised by
@@ -504,17 +761,25 @@ fn kernel_at<T: Elem>(w: &[T], c: usize, oi: usize, ci: usize) -> [T; 9] {
 /// `y = conv(x, w)` (+ bias, then ReLU) for a "same" 3x3 convolution.
 pub(crate) fn forward<T: Elem>(
     s: &Same3x3,
-    x: &[T],
+    x: Input<'_, T>,
     w: &[T],
     epilogue: &(dyn Fn(&mut [T], usize) + Sync),
+    sums: Option<&mut [PlaneSums]>,
 ) -> candle_core::Result<Vec<T>> {
-    if x.len() != s.n * s.c * s.h * s.w || w.len() != s.o * s.c * 9 {
+    if x.x.len() != s.n * s.c * s.h * s.w || w.len() != s.o * s.c * 9 {
         candle_core::bail!("conv2d (winograd): input or weight size does not match {s:?}");
     }
     let ob = s.out_block(s.images_per_chunk() * s.tiles());
     let mut store = Vec::new();
-    let u = transformed_weights(s.o, s.c, ob, |oi, ci| kernel_at(w, s.c, oi, ci), &mut store)?;
-    run(s, x, &u, ob, epilogue)
+    let u = transformed_weights(
+        s,
+        s.o,
+        s.c,
+        ob,
+        |oi, ci| kernel_at(w, s.c, oi, ci),
+        &mut store,
+    )?;
+    run(s, x, &u, ob, epilogue, sums)
 }
 
 /// `dx` of a "same" 3x3 convolution from `dy` (`n x o x h x w`): the
@@ -531,6 +796,7 @@ pub(crate) fn input_grad<T: Elem>(s: &Same3x3, dy: &[T], w: &[T]) -> candle_core
     let ob = t.out_block(t.images_per_chunk() * t.tiles());
     let mut store = Vec::new();
     let u = transformed_weights(
+        &t,
         s.c,
         s.o,
         ob,
@@ -540,14 +806,14 @@ pub(crate) fn input_grad<T: Elem>(s: &Same3x3, dy: &[T], w: &[T]) -> candle_core
         },
         &mut store,
     )?;
-    run(&t, dy, &u, ob, &|_, _| {})
+    run(&t, Input::plain(dy), &u, ob, &|_, _| {}, None)
 }
 
 multiversion! {
     /// `A dy Aᵀ` of every 2x2 tile of one output-gradient plane (split by
     /// [`split_rows`]): tile `t` goes to `dst[ξ * stride + t]`, written in
     /// whole vectors per tile row as [`input_tiles`] does.
-    fn grad_tiles<T>(s: &Same3x3, split: &[T], dst: &mut [T], stride: usize) -> () {
+    fn grad_tiles2<T>(s: &Same3x3, split: &[T], dst: &mut [T], stride: usize) -> () {
         let (th, tw) = (s.th(), s.tw());
         let half = half_row(tw);
         // As in `input_tiles`: the stores stay under this bound.
@@ -586,7 +852,7 @@ multiversion! {
 }
 
 /// `Gᵀ Z G` of one 4x4 `Z` (row-major) into the 3x3 kernel gradient.
-fn kernel_grad_transform<T: Elem>(z: [T; 16]) -> [T; 9] {
+fn kernel_grad_transform2<T: Elem>(z: [T; 16]) -> [T; 9] {
     let half = T::from_f64(0.5);
     // Gᵀ Z: 3x4 (rows z0 + (z1 + z2)/2, (z1 - z2)/2, (z1 + z2)/2 + z3).
     let mut t = [T::zero(); 12];
@@ -611,9 +877,13 @@ fn kernel_grad_transform<T: Elem>(z: [T; 16]) -> [T; 9] {
 /// and output gradient `dy`: per ξ, `Z[ξ] (o x c) = Σ_tiles (A dy Aᵀ)[ξ] ·
 /// (Bᵀ x B)[ξ]ᵀ`, a GEMM over the tiles of the batch, then `dw = Gᵀ Z G`
 /// (the adjoint of the forward's `Aᵀ [U ⊙ V] A` in `U = G g Gᵀ`).
-pub(crate) fn weight_grad<T: Elem>(s: &Same3x3, x: &[T], dy: &[T]) -> candle_core::Result<Vec<T>> {
+pub(crate) fn weight_grad<T: Elem>(
+    s: &Same3x3,
+    x: Input<'_, T>,
+    dy: &[T],
+) -> candle_core::Result<Vec<T>> {
     let (c, o, hw, t) = (s.c, s.o, s.h * s.w, s.tiles());
-    if x.len() != s.n * c * hw || dy.len() != s.n * o * hw {
+    if x.x.len() != s.n * c * hw || dy.len() != s.n * o * hw {
         candle_core::bail!("conv2d weight grad (winograd): x or dy size does not match {s:?}");
     }
     // About 512 tiles per chunk: the products run along the tiles (a long
@@ -626,13 +896,13 @@ pub(crate) fn weight_grad<T: Elem>(s: &Same3x3, x: &[T], dy: &[T]) -> candle_cor
     // smaller than the thread count runs as one part).
     let parts = threads().min(nchunks).max(1);
     let per = nchunks.div_ceil(parts);
-    let half = half_row(s.tw());
-    let split_len = (2 * s.th() + 2) * 2 * half;
+    let split_len = s.split_len();
+    let xis = s.xi();
     // Per part of the chunks: Z of every ξ, (16, o, c).
     let partial: Vec<candle_core::Result<Vec<T>>> = (0..parts)
         .into_par_iter()
         .map(|pi| {
-            let mut z = vec![T::zero(); 16 * o * c];
+            let mut z = vec![T::zero(); xis * o * c];
             let (mut v, mut g) = (Vec::new(), Vec::new());
             // Zeroed once: the planes of x and of dy share this geometry,
             // so they write the same positions and the padding stays zero.
@@ -642,28 +912,32 @@ pub(crate) fn weight_grad<T: Elem>(s: &Same3x3, x: &[T], dy: &[T]) -> candle_cor
                 let imgs = b.min(s.n - n0);
                 let cols = imgs * t;
                 let cp = cols + L;
-                v.resize(c * 16 * cp, T::zero());
-                g.resize(o * 16 * cp, T::zero());
-                for ch in 0..c {
-                    for li in 0..imgs {
+                v.resize(c * xis * cp, T::zero());
+                g.resize(o * xis * cp, T::zero());
+                // Planes in memory order (images in order per channel, as
+                // the spills of the tile rows need).
+                for li in 0..imgs {
+                    for ch in 0..c {
                         let at = ((n0 + li) * c + ch) * hw;
-                        split_rows(s, &x[at..at + hw], &mut split);
-                        input_tiles(s, &split, &mut v[ch * 16 * cp + li * t..], cp);
+                        prefetch(&x.x[(at + PREFETCH * hw).min(x.x.len())..]);
+                        split_rows(s, &x.x[at..at + hw], x.coef(ch), &mut split);
+                        input_tiles(s, &split, &mut v[ch * xis * cp + li * t..], cp);
                     }
                 }
-                for oc in 0..o {
-                    for li in 0..imgs {
+                for li in 0..imgs {
+                    for oc in 0..o {
                         let at = ((n0 + li) * o + oc) * hw;
-                        split_rows(s, &dy[at..at + hw], &mut split);
-                        grad_tiles(s, &split, &mut g[oc * 16 * cp + li * t..], cp);
+                        prefetch(&dy[(at + PREFETCH * hw).min(dy.len())..]);
+                        split_rows(s, &dy[at..at + hw], None, &mut split);
+                        grad_tiles(s, &split, &mut g[oc * xis * cp + li * t..], cp);
                     }
                 }
                 // Z[ξ] += G[ξ] · V[ξ]ᵀ: both are read along the tiles, rows
                 // 16 * cp apart. With one part only (a batch smaller than
-                // the thread count), the 16 products run in parallel.
+                // the thread count), the ξ products run in parallel.
                 let product = |xi: usize, zx: &mut [T]| {
                     let (gx, vx) = (&g[xi * cp..], &v[xi * cp..]);
-                    matmul_abt(zx, c, gx, 16 * cp, vx, 16 * cp, (o, c, cols))
+                    matmul_abt(zx, c, gx, xis * cp, vx, xis * cp, (o, c, cols))
                 };
                 if parts == 1 && threads() > 1 {
                     z.par_chunks_mut((o * c).max(1))
@@ -678,11 +952,11 @@ pub(crate) fn weight_grad<T: Elem>(s: &Same3x3, x: &[T], dy: &[T]) -> candle_cor
             Ok(z)
         })
         .collect();
-    let z = sum_partials(partial, 16 * o * c)?;
+    let z = sum_partials(partial, xis * o * c)?;
     let mut dw = vec![T::zero(); o * c * 9];
     for (pair, out) in dw.chunks_exact_mut(9).enumerate() {
-        let zz = std::array::from_fn(|xi| z[xi * o * c + pair]);
-        out.copy_from_slice(&kernel_grad_transform(zz));
+        let zz: Vec<T> = (0..xis).map(|xi| z[xi * o * c + pair]).collect();
+        out.copy_from_slice(&kernel_grad_transform(s.m, &zz));
     }
     Ok(dw)
 }
@@ -741,16 +1015,18 @@ mod tests {
             // Several blocks of output channels (16 + 8).
             (2, 8, 24, 30, 29),
         ] {
-            let s = Same3x3 { n, c, o, h, w };
-            if (n, o) == (2, 24) {
-                assert!(s.out_block(s.images_per_chunk() * s.tiles()) < o);
-            }
-            let x = values(n * c * h * w, 1);
-            let wt = values(o * c * 9, 2);
-            let got = forward(&s, &x, &wt, &|_, _| {}).unwrap();
-            let want = direct(&s, &x, &wt);
-            for (a, b) in got.iter().zip(&want) {
-                assert!((a - b).abs() < 1e-12, "{s:?}: {a} vs {b}");
+            for m in [2, 4] {
+                let s = Same3x3 { n, c, o, h, w, m };
+                if (n, o, m) == (2, 24, 2) {
+                    assert!(s.out_block(s.images_per_chunk() * s.tiles()) < o);
+                }
+                let x = values(n * c * h * w, 1);
+                let wt = values(o * c * 9, 2);
+                let got = forward(&s, Input::plain(&x), &wt, &|_, _| {}, None).unwrap();
+                let want = direct(&s, &x, &wt);
+                for (a, b) in got.iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-12, "{s:?}: {a} vs {b}");
+                }
             }
         }
     }
@@ -763,12 +1039,17 @@ mod tests {
             o: 4,
             h: 5,
             w: 5,
+            m: 4,
         };
         let x = values(3 * 2 * 25, 6);
         let wt = values(4 * 2 * 9, 7);
-        let y = forward(&s, &x, &wt, &|p, ch| {
-            p.iter_mut().for_each(|v| *v = ch as f64)
-        })
+        let y = forward(
+            &s,
+            Input::plain(&x),
+            &wt,
+            &|p, ch| p.iter_mut().for_each(|v| *v = ch as f64),
+            None,
+        )
         .unwrap();
         for (i, plane) in y.chunks(25).enumerate() {
             assert!(plane.iter().all(|v| *v == (i % 4) as f64));
@@ -783,7 +1064,7 @@ mod tests {
         let x = values(n * c * h * w, seed);
         let wt = values(o * c * 9, seed + 1);
         let dy = values(n * o * h * w, seed + 2);
-        let y = forward(s, &x, &wt, &|_, _| {}).unwrap();
+        let y = forward(s, Input::plain(&x), &wt, &|_, _| {}, None).unwrap();
         let want_y = direct(s, &x, &wt);
         for (a, b) in y.iter().zip(&want_y) {
             assert!((a - b).abs() < 1e-12, "forward {s:?}: {a} vs {b}");
@@ -802,7 +1083,7 @@ mod tests {
             .map(|k| dot(&direct(s, &x, &unit(wt.len(), k))))
             .collect();
         let dx = input_grad(s, &dy, &wt).unwrap();
-        let dw = weight_grad(s, &x, &dy).unwrap();
+        let dw = weight_grad(s, Input::plain(&x), &dy).unwrap();
         for (what, got, want) in [("dx", &dx, &want_dx), ("dw", &dw, &want_dw)] {
             for (a, b) in got.iter().zip(want.iter()) {
                 assert!(
@@ -813,9 +1094,12 @@ mod tests {
         }
         let (xf, wf, dyf) = (f32s(&x), f32s(&wt), f32s(&dy));
         for (got, want) in [
-            (forward(s, &xf, &wf, &|_, _| {}).unwrap(), &want_y),
+            (
+                forward(s, Input::plain(&xf), &wf, &|_, _| {}, None).unwrap(),
+                &want_y,
+            ),
             (input_grad(s, &dyf, &wf).unwrap(), &want_dx),
-            (weight_grad(s, &xf, &dyf).unwrap(), &want_dw),
+            (weight_grad(s, Input::plain(&xf), &dyf).unwrap(), &want_dw),
         ] {
             let scale = want.iter().fold(1e-3f64, |a, b| a.max(b.abs()));
             for (a, b) in got.iter().zip(want.iter()) {
@@ -856,7 +1140,9 @@ mod tests {
                 .unwrap();
             pool.install(|| {
                 for (i, &(n, c, o, h, w)) in shapes.iter().enumerate() {
-                    check_all_passes(&Same3x3 { n, c, o, h, w }, 40 + i as u64);
+                    for m in [2, 4] {
+                        check_all_passes(&Same3x3 { n, c, o, h, w, m }, 40 + i as u64);
+                    }
                 }
             });
         }
@@ -871,19 +1157,20 @@ mod tests {
                 .unwrap();
             pool.install(|| {
                 for (n, c, o, h, w) in [(5, 3, 40, 40, 30), (3, 2, 17, 60, 60)] {
-                    let s = Same3x3 { n, c, o, h, w };
+                    let s = Same3x3::new(n, c, o, h, w);
                     assert!(s.out_block(s.images_per_chunk() * s.tiles()) < o);
                     let x = values(n * c * h * w, 3);
                     let wt = values(o * c * 9, 4);
                     let add_channel =
                         |p: &mut [f64], ch: usize| p.iter_mut().for_each(|v| *v += ch as f64);
-                    let got = forward(&s, &x, &wt, &add_channel).unwrap();
+                    let got = forward(&s, Input::plain(&x), &wt, &add_channel, None).unwrap();
                     let want = direct(&s, &x, &wt);
                     for (idx, (a, b)) in got.iter().zip(&want).enumerate() {
                         let ch = (idx / (h * w)) % o;
                         assert!((a - b - ch as f64).abs() < 1e-12, "{s:?}: {a} vs {b}");
                     }
-                    let got = forward(&s, &f32s(&x), &f32s(&wt), &|_, _| {}).unwrap();
+                    let got =
+                        forward(&s, Input::plain(&f32s(&x)), &f32s(&wt), &|_, _| {}, None).unwrap();
                     let scale = want.iter().fold(0.0f64, |a, b| a.max(b.abs()));
                     for (a, b) in got.iter().zip(&want) {
                         assert!(
@@ -906,7 +1193,15 @@ mod tests {
         use super::super::conv::{self, ConvParams, Geom};
         // As a training program does (large buffers stay mapped).
         crate::device::tune_cpu_allocator();
-        let shapes = [(32, 64, 14), (32, 32, 28), (64, 64, 14), (128, 128, 7)];
+        let shapes = [
+            (32, 64, 14),
+            (32, 32, 28),
+            (64, 64, 14),
+            (128, 128, 7),
+            (16, 16, 28),
+            (32, 32, 14),
+            (64, 64, 7),
+        ];
         let only: Option<usize> = std::env::var("WINOGRAD_SHAPE")
             .ok()
             .and_then(|v| v.parse().ok());
@@ -924,13 +1219,7 @@ mod tests {
                 continue;
             }
             let n = 256;
-            let s = Same3x3 {
-                n,
-                c,
-                o,
-                h: hw,
-                w: hw,
-            };
+            let s = Same3x3::new(n, c, o, hw, hw);
             let x = f32s(&values(n * c * hw * hw, 1));
             let wt = f32s(&values(o * c * 9, 2));
             let dy = f32s(&values(n * o * hw * hw, 3));
@@ -956,7 +1245,11 @@ mod tests {
             for (what, wino, col) in [
                 (
                     "forward",
-                    time(&|| forward(&s, &x, &wt, &|_, _| {}).unwrap().len()),
+                    time(&|| {
+                        forward(&s, Input::plain(&x), &wt, &|_, _| {}, None)
+                            .unwrap()
+                            .len()
+                    }),
                     time(&|| conv::forward(&g, &x, &wt, None, false).unwrap().len()),
                 ),
                 (
@@ -966,7 +1259,7 @@ mod tests {
                 ),
                 (
                     "weight grad",
-                    time(&|| weight_grad(&s, &x, &dy).unwrap().len()),
+                    time(&|| weight_grad(&s, Input::plain(&x), &dy).unwrap().len()),
                     time(&|| conv::weight_grad(&g, &x, &dy).unwrap().len()),
                 ),
             ] {
@@ -982,6 +1275,131 @@ mod tests {
         }
     }
 
+    /// The AVX-512 row split against the portable one (same values, with
+    /// and without a folded BatchNorm + ReLU, NaN included), and their
+    /// speed on resnet_tiny's plane sizes (`cargo test --release --lib
+    /// split_rows_speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    #[cfg(target_arch = "x86_64")]
+    fn split_rows_speed() {
+        for hw in [28, 14, 7, 33] {
+            let s = Same3x3 {
+                n: 1,
+                c: 1,
+                o: 1,
+                h: hw,
+                w: hw,
+                m: 2,
+            };
+            let planes = 4096 * 49 / (hw * hw);
+            let mut x = f32s(&values(planes * hw * hw, 1));
+            x[3] = f32::NAN;
+            let len = (2 * s.th() + 2) * 2 * half_row(s.tw());
+            let (mut a, mut b) = (vec![0f32; len], vec![0f32; len]);
+            for ab in [None, Some((0.7f32, -0.1f32))] {
+                split_rows(&s, &x[..hw * hw], ab, &mut a);
+                let (bn, coef) = (ab.is_some(), ab.unwrap_or((0.0, 0.0)));
+                split_rows_portable(&s, &x[..hw * hw], bn, coef, &mut b);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&b), "{hw}x{hw} {ab:?}");
+            }
+            let (mut fast, mut port) = (f64::MAX, f64::MAX);
+            for _ in 0..20 {
+                let t = std::time::Instant::now();
+                for p in x.chunks_exact(hw * hw) {
+                    split_rows(&s, p, None, &mut a);
+                }
+                fast = fast.min(t.elapsed().as_secs_f64());
+                let t = std::time::Instant::now();
+                for p in x.chunks_exact(hw * hw) {
+                    split_rows_portable(&s, p, false, (0.0, 0.0), &mut b);
+                }
+                port = port.min(t.elapsed().as_secs_f64());
+            }
+            println!(
+                "{hw}x{hw}: {planes} planes, split_rows {:.3} ms, portable {:.3} ms",
+                fast * 1e3,
+                port * 1e3
+            );
+        }
+    }
+
+    /// F(2x2, 3x3) against F(4x4, 3x3) on every pass of resnet_tiny's and
+    /// the bench's 3x3 convolutions, interleaved, best of 15 in process CPU
+    /// time (`RAYON_NUM_THREADS=1 cargo test --release --lib tile_sizes --
+    /// --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn tile_sizes() {
+        crate::device::tune_cpu_allocator();
+        let cpu_ms = || {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: `ts` is a valid timespec to write into.
+            unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+            ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
+        };
+        // `TILE_ONLY=shape,m,pass` (indices) runs one pass only (profiling).
+        let only: Option<Vec<usize>> = std::env::var("TILE_ONLY")
+            .ok()
+            .map(|v| v.split(',').filter_map(|t| t.parse().ok()).collect());
+        let shapes = [
+            (16, 16, 28),
+            (32, 32, 14),
+            (64, 64, 7),
+            (32, 64, 14),
+            (128, 128, 7),
+        ];
+        for (si, &(c, o, hw)) in shapes.iter().enumerate() {
+            if only.as_ref().is_some_and(|v| v[0] != si) {
+                continue;
+            }
+            let n = 256;
+            let x = f32s(&values(n * c * hw * hw, 1));
+            let wt = f32s(&values(o * c * 9, 2));
+            let dy = f32s(&values(n * o * hw * hw, 3));
+            let mut best = [[f64::MAX; 3]; 2];
+            for _ in 0..15 {
+                for (k, m) in [2, 4].into_iter().enumerate() {
+                    let s = Same3x3 {
+                        n,
+                        c,
+                        o,
+                        h: hw,
+                        w: hw,
+                        m,
+                    };
+                    let passes: [&dyn Fn() -> usize; 3] = [
+                        &|| {
+                            forward(&s, Input::plain(&x), &wt, &|_, _| {}, None)
+                                .unwrap()
+                                .len()
+                        },
+                        &|| input_grad(&s, &dy, &wt).unwrap().len(),
+                        &|| weight_grad(&s, Input::plain(&x), &dy).unwrap().len(),
+                    ];
+                    for (p, f) in passes.iter().enumerate() {
+                        if only.as_ref().is_some_and(|v| v[1] != m || v[2] != p) {
+                            continue;
+                        }
+                        let t = cpu_ms();
+                        assert!(f() > 0);
+                        best[k][p] = best[k][p].min(cpu_ms() - t);
+                    }
+                }
+            }
+            println!(
+                "{c}->{o} {hw}x{hw}: F(2x2) fwd {:.2} igrad {:.2} wgrad {:.2} ms | F(4x4) fwd \
+                 {:.2} igrad {:.2} wgrad {:.2} ms",
+                best[0][0], best[0][1], best[0][2], best[1][0], best[1][1], best[1][2]
+            );
+        }
+    }
+
     #[test]
     fn f32_stays_close_to_the_direct_form() {
         let s = Same3x3 {
@@ -990,12 +1408,13 @@ mod tests {
             o: 16,
             h: 7,
             w: 7,
+            m: 4,
         };
         let x = values(4 * 32 * 49, 8);
         let wt = values(16 * 32 * 9, 9);
         let want = direct(&s, &x, &wt);
         let (xf, wf) = (f32s(&x), f32s(&wt));
-        let got = forward(&s, &xf, &wf, &|_, _| {}).unwrap();
+        let got = forward(&s, Input::plain(&xf), &wf, &|_, _| {}, None).unwrap();
         let scale = want.iter().fold(0.0f64, |a, b| a.max(b.abs()));
         for (a, b) in got.iter().zip(&want) {
             assert!((*a as f64 - b).abs() < 1e-5 * scale, "{a} vs {b}");
@@ -1010,8 +1429,8 @@ mod tests {
                 input_grad(&s, &dy, &wt).unwrap(),
             ),
             (
-                weight_grad(&s, &xf, &dyf).unwrap(),
-                weight_grad(&s, &x, &dy).unwrap(),
+                weight_grad(&s, Input::plain(&xf), &dyf).unwrap(),
+                weight_grad(&s, Input::plain(&x), &dy).unwrap(),
             ),
         ] {
             let scale = want.iter().fold(0.0f64, |a, b| a.max(b.abs()));
