@@ -1,7 +1,7 @@
 //! AdamW step over 10 M parameters (10 tensors of 1000×1000, f32): aimass
 //! (fused CPU path and candle-op path) beside candle-nn's AdamW and, when
 //! python3 with torch is available, torch.optim.AdamW(foreach=True) from
-//! `../shared/bench/torch_peer.py --only adamw_10m` (same workload).
+//! `benches/peers/torch_peer.py --only adamw_10m` (same workload).
 //!
 //! Run: `cargo bench --bench adamw` (env `AIMASS_BENCH_ITERS`, default 10;
 //! `AIMASS_TORCH_PEER` overrides the peer script's path).
@@ -46,7 +46,7 @@ fn setup(dev: &Device) -> (Vec<Var>, GradStore) {
 
 fn torch_peer() -> Option<f64> {
     let path = std::env::var("AIMASS_TORCH_PEER").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/bench/torch_peer.py").to_string()
+        concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers/torch_peer.py").to_string()
     });
     if !std::path::Path::new(&path).exists() {
         println!("torch peer: {path} not found, skipped");

@@ -83,11 +83,10 @@ fn main() {
         iters,
     );
 
-    let peer = [
-        "/work/shared/bench/torch_peer.py",
-        "../shared/bench/torch_peer.py",
-        "shared/bench/torch_peer.py",
-    ]
+    let peer = [concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/benches/peers/torch_peer.py"
+    )]
     .into_iter()
     .find(|p| std::path::Path::new(p).exists());
     let Some(peer) = peer else {

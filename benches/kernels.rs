@@ -1,5 +1,5 @@
 //! Benchmarks of the CPU kernels (`aimass::ops::kernels`) against plain
-//! candle and PyTorch, on the workloads of `../shared/bench/torch_peer.py`.
+//! candle and PyTorch, on the workloads of `benches/peers/torch_peer.py`.
 //!
 //! Run: `cargo bench --bench kernels [-- NAME...]` (a line runs when its
 //! name contains one of the NAMEs: `conv` (the layer), `pool`, `bn`,
@@ -9,7 +9,7 @@
 //! candle, which takes minutes on the ResNet workloads) and, when `python3`
 //! (skipped with `AIMASS_BENCH_NO_TORCH=1`)
 //! with torch is installed, runs the same workload of `torch_peer.py` (found
-//! at `../shared/bench/`, `/work/shared/bench/` or `$AIMASS_TORCH_PEER`) with
+//! at `benches/peers/` or `$AIMASS_TORCH_PEER`) with
 //! the same thread count right after, so the ratio comes from one run on one
 //! machine. Threads: `RAYON_NUM_THREADS` (default: all cores).
 
@@ -98,8 +98,7 @@ fn torch_ms(name: &str) -> Option<f64> {
     }
     let candidates = [
         std::env::var("AIMASS_TORCH_PEER").unwrap_or_default(),
-        "../shared/bench/torch_peer.py".to_string(),
-        "/work/shared/bench/torch_peer.py".to_string(),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers/torch_peer.py").to_string(),
     ];
     let script = candidates
         .iter()

@@ -1,6 +1,6 @@
 //! Distillation with few labels: a ResNet teacher taught to small students
 //! on Fashion-MNIST, with 10, 50 or all labels per class. The protocol of
-//! `bench/torch_quality.py distill_transfer` (see `docs/benchmarks.md`).
+//! `benches/peers/torch_quality.py distill_transfer` (see `docs/benchmarks.md`).
 //!
 //! ```text
 //! cargo run --release --example distill                                  # train the teacher, then 36 student runs

@@ -8,14 +8,15 @@
 //! * first-order MAML on a conv-4 with a 5-way head (`--maml-second-order`
 //!   for exact MAML),
 //! * the floor: raw-pixel nearest centroid on the same episodes,
-//! * with `--ssl-encoder FILE` (a `resnet_tiny` backbone pretrained without
-//!   labels, e.g. by the self-supervised trainers, saved as safetensors):
-//!   that encoder as the ProtoNet embedding, frozen, and fine-tuned by
-//!   episodes. Without a file these keys are `nan`.
+//! * a `resnet_tiny` encoder pretrained by SimCLR (`aimass::ssl`) on all
+//!   8,000 training images without their labels (`--ssl-epochs`, default
+//!   10; or `--ssl-encoder FILE`, a backbone written by `examples/ssl.rs
+//!   --out`), as the ProtoNet embedding: frozen, and fine-tuned by episodes.
 //!
 //! ```text
 //! cargo run --release --example few_shot
 //! cargo run --release --example few_shot -- --ssl-encoder runs/ssl/backbone.safetensors
+//! cargo run --release --example few_shot -- --ssl-epochs 0          # skip the SSL rows (nan)
 //! cargo run --release --example few_shot -- --protonet-episodes 100 --maml-iterations 50   # quick look
 //! ```
 //!
@@ -24,13 +25,13 @@
 //! … secs=…` (accuracies in percent; `_ci95` keys are the interval's
 //! half-widths).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use aimass::data::augment::Normalize;
+use aimass::data::augment::{presets, Normalize};
 use aimass::data::{
-    embedded_fashion_mnist, EpisodeConfig, EpisodeSampler, InMemoryDataset, FASHION_MNIST_MEAN,
-    FASHION_MNIST_STD,
+    embedded_fashion_mnist, DataLoader, DataLoaderConfig, EpisodeConfig, EpisodeSampler,
+    InMemoryDataset, FASHION_MNIST_MEAN, FASHION_MNIST_STD,
 };
 use aimass::meta::{
     mean_ci95, nearest_prototype_accuracy, Distance, Maml, MamlConfig, ProtoNet, ProtoNetConfig,
@@ -39,11 +40,12 @@ use aimass::meta::{
 use aimass::nn::params::load_with;
 use aimass::nn::{
     init::seeded_var_builder, params::LoadConfig, seq, Activation, BatchNorm, BatchNormConfig,
-    Conv2d, Conv2dConfig, Flatten, ForwardMode, Linear, MaxPool2d, Model, ResNet, ResNetConfig,
-    SequentialT,
+    Conv2d, Conv2dConfig, Flatten, ForwardMode, HeadConfig, Linear, MaxPool2d, Model, ResNet,
+    ResNetConfig, SequentialT,
 };
 use aimass::optim::{Adam, AdamConfig};
 use aimass::prelude::*;
+use aimass::ssl::{Backbone, SimClr, SimClrConfig, SslOptimConfig, SslOptimizer, SslTrainer};
 use aimass::train::{BatchSource, Progress, ProgressMode};
 use clap::Parser;
 
@@ -63,9 +65,18 @@ struct Args {
     /// Test episodes per shot count.
     #[arg(long, default_value_t = 600)]
     test_episodes: u64,
-    /// A resnet_tiny backbone (safetensors) used as the ProtoNet embedding.
+    /// A resnet_tiny backbone (safetensors) used as the ProtoNet embedding,
+    /// instead of pretraining one here.
     #[arg(long)]
     ssl_encoder: Option<PathBuf>,
+    /// SimCLR pretraining epochs of the encoder on the 8,000 training
+    /// images without labels (when no --ssl-encoder; 0: skip, the ssl_*
+    /// keys are nan).
+    #[arg(long, default_value_t = 10)]
+    ssl_epochs: usize,
+    /// Where the pretrained encoder is written.
+    #[arg(long, default_value = "runs/few_shot/ssl_backbone.safetensors")]
+    ssl_out: PathBuf,
     /// A prefix of the tensor names in --ssl-encoder to strip (e.g. "backbone.").
     #[arg(long, default_value = "")]
     ssl_prefix: String,
@@ -234,6 +245,65 @@ fn train_protonet<M: ModuleT>(
     Ok(protonet)
 }
 
+/// Pretrains resnet_tiny with SimCLR on `images` without their labels
+/// (the recipe of `examples/ssl.rs`: temperature 0.2, head 64→256→128, SGD
+/// 0.3 × B/256 with 2 warmup epochs and cosine, batch 256 × 2 views) and
+/// writes the backbone to `out`.
+fn pretrain_simclr(
+    images: &InMemoryDataset,
+    epochs: usize,
+    seed: u64,
+    out: &Path,
+    dev: &Device,
+) -> Result<()> {
+    let batch = 256;
+    let mut loader = DataLoader::new(
+        images.clone(),
+        DataLoaderConfig::default()
+            .with_batch_size(batch)
+            .with_drop_last(true)
+            .with_seed(seed + 5),
+        dev,
+    )?
+    .with_views(presets::fashion_mnist_reference_views()?);
+    let optim = SslOptimConfig::default()
+        .with_optimizer(SslOptimizer::Sgd)
+        .with_lr(0.3)
+        .with_momentum(0.9)
+        .with_weight_decay(5e-4)
+        .with_exclude_bias_and_norm(false)
+        .with_warmup_epochs(2);
+    let head = HeadConfig::simclr()
+        .with_hidden_dim(256)
+        .with_output_dim(128);
+    let cfg = SimClrConfig::default()
+        .with_temperature(0.2)
+        .with_projector(head)
+        .with_optim(optim)
+        .with_seed(seed + 4);
+    let mut simclr = SimClr::new(Backbone::resnet(ResNetConfig::resnet_tiny()), cfg, dev)?;
+    let schedule = simclr
+        .optim_config()
+        .schedule(batch, loader.len(), epochs)?;
+    eprintln!(
+        "SimCLR pretraining of the encoder: {epochs} epochs of {} steps on {} images without labels",
+        loader.len(),
+        images.len()
+    );
+    Fit::new(
+        &mut simclr,
+        &mut loader,
+        FitConfig::default().with_epochs(epochs),
+    )?
+    .with_schedule(schedule)
+    .with_callback(Progress::new(ProgressMode::Auto, 10))
+    .run()?;
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    simclr.export_backbone(out)
+}
+
 /// A resnet_tiny with the weights of `path` (every variable must be there).
 fn load_encoder(path: &PathBuf, prefix: &str, seed: u64, dev: &Device) -> Result<Model<ResNet>> {
     let varmap = VarMap::new();
@@ -359,9 +429,22 @@ fn run(args: Args) -> Result<()> {
         report(&mut keys, "maml", *shots, Some(eval.accuracies(3)?));
     }
 
-    match &args.ssl_encoder {
+    let ssl_encoder = match &args.ssl_encoder {
+        Some(path) => Some(path.clone()),
+        None if args.ssl_epochs > 0 => {
+            let t = Instant::now();
+            pretrain_simclr(&data.train, args.ssl_epochs, args.seed, &args.ssl_out, &dev)?;
+            keys.push(format!(
+                "ssl_pretrain_secs={:.1}",
+                t.elapsed().as_secs_f64()
+            ));
+            Some(args.ssl_out.clone())
+        }
+        None => None,
+    };
+    match &ssl_encoder {
         None => {
-            eprintln!("no --ssl-encoder: the ssl_* keys are nan");
+            eprintln!("--ssl-epochs 0 and no --ssl-encoder: the ssl_* keys are nan");
             for name in ["ssl_protonet", "ssl_finetuned_protonet"] {
                 for shots in [1, 5] {
                     report(&mut keys, name, shots, None);

@@ -334,7 +334,13 @@ fn a_rank_that_fails_makes_the_others_stop_with_an_error() {
             assert!(e.to_string().contains("simulated failure"));
         } else {
             assert!(matches!(e, Error::Communication { .. }), "{e}");
-            assert!(e.to_string().contains("rank 1 left the group"), "{e}");
+            // Rank 1 left first; a rank may instead see rank 0 leave (after
+            // rank 0 stopped on rank 1's departure): either way, no hang.
+            let msg = e.to_string();
+            assert!(
+                msg.contains("rank 1 left the group") || msg.contains("rank 0 left the group"),
+                "{e}"
+            );
         }
     }
 }

@@ -354,9 +354,12 @@ fn maml_meta_gradient_of_a_relu_mlp_matches_finite_differences() {
             learned_rates: false,
             loss: TaskLoss::Mse,
         };
-        let fd = finite_differences(&vm, |_| true, 1e-6, || {
-            post_adaptation_loss(&vm, &relu_mlp, &tasks, inner)
-        });
+        let fd = finite_differences(
+            &vm,
+            |_| true,
+            1e-6,
+            || post_adaptation_loss(&vm, &relu_mlp, &tasks, inner),
+        );
         let e = rel_error(&got, &fd);
         assert!(e <= 1e-6, "batch_tasks {batch_tasks}: rel {e:e}");
     }

@@ -142,7 +142,7 @@ fn fixed_batch() -> Batch {
 /// The loss of the first and of the 30th step on the same batch.
 fn first_and_last<T: SslTrainer>(mut t: T, lr: f64) -> (f64, f64) {
     let batch = fixed_batch();
-    t.set_learning_rate(lr);
+    t.set_learning_rate(lr).unwrap();
     let first = t.train_step(&batch, 0).unwrap().loss;
     let mut last = first;
     for step in 1..30 {
@@ -178,7 +178,7 @@ fn moco_lowers_the_loss_of_a_batch_against_the_same_negatives() {
         .with_projector(head(8).with_batch_norm(false))
         .with_optim(sgd());
     let mut m = MoCo::new(mlp(), cfg, &Device::Cpu).unwrap();
-    m.set_learning_rate(0.05);
+    m.set_learning_rate(0.05).unwrap();
     let l = loader();
     let batches: Vec<Batch> = (0..4).map(|b| l.batch_at(0, b).unwrap()).collect();
     let mut losses = Vec::new();
@@ -229,7 +229,7 @@ fn check_ema(
 #[test]
 fn byol_target_changes_only_by_the_ema_and_gets_no_gradient() {
     let mut b = byol();
-    b.set_learning_rate(0.1);
+    b.set_learning_rate(0.1).unwrap();
     let batch = fixed_batch();
     for step in 0..3u64 {
         let before = b.target().named_parameters().unwrap();
@@ -260,7 +260,7 @@ fn byol_target_changes_only_by_the_ema_and_gets_no_gradient() {
 #[test]
 fn moco_key_encoder_changes_only_by_the_ema_and_gets_no_gradient() {
     let mut m = moco();
-    m.set_learning_rate(0.1);
+    m.set_learning_rate(0.1).unwrap();
     let batch = fixed_batch();
     for step in 0..3u64 {
         let before = m.key_encoder().named_parameters().unwrap();
@@ -289,7 +289,7 @@ fn rows(t: &Tensor) -> Vec<Vec<f32>> {
 fn moco_queue_rotates_the_first_views_keys_in() {
     // Queue of 12, batches of 8: writes rows 0..8, then 8..12 and 0..4 (wrap), then 4..12.
     let mut m = moco();
-    m.set_learning_rate(0.1);
+    m.set_learning_rate(0.1).unwrap();
     let l = loader();
     let mut expect_ptr = 0usize;
     for step in 0..3u64 {
@@ -408,7 +408,7 @@ fn every_trainer_resumes_bit_for_bit() {
 #[test]
 fn a_checkpoint_of_another_trainer_or_shape_is_refused_without_change() {
     let mut half = byol();
-    half.set_learning_rate(0.1);
+    half.set_learning_rate(0.1).unwrap();
     half.train_step(&fixed_batch(), 0).unwrap();
     let mut ckpt = Checkpoint::new("byol");
     half.save_state(&mut ckpt).unwrap();
@@ -452,7 +452,7 @@ fn the_exported_backbone_reloads_with_identical_features() {
         &Device::Cpu,
     )
     .unwrap();
-    s.set_learning_rate(0.1);
+    s.set_learning_rate(0.1).unwrap();
     s.train_step(&fixed_batch(), 0).unwrap(); // BatchNorm statistics move too
     let dir = std::env::temp_dir().join(format!("aimass-ssl-export-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -149,6 +149,7 @@ impl TeacherCache {
         if filled == 0 {
             return Ok(cache);
         }
+        // host-ok: checkpoint loading.
         let idx = ckpt
             .tensor(&format!("{prefix}/index"))?
             .to_dtype(DType::U32)?

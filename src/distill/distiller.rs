@@ -4,7 +4,6 @@
 use candle_core::{Tensor, Var};
 
 use super::cache::TeacherCache;
-use super::recipe::scalar;
 use super::{DistillLoss, DistillTerms};
 use crate::config::config;
 use crate::data::{Batch, DataLoader};
@@ -111,6 +110,7 @@ fn model_crc<T>(m: &FrozenModel<T>) -> Result<u32> {
     all.extend(m.named_buffers()?);
     for (name, t) in all {
         h.update(name.as_bytes());
+        // host-ok: the teacher's fingerprint, once at construction.
         for v in t
             .flatten_all()?
             .to_dtype(candle_core::DType::F32)?
@@ -359,6 +359,7 @@ impl<T: FeatureExtractor, S: FeatureExtractor, O: Optimizer> Distiller<T, S, O> 
                 (images.clone(), indices.to_vec())
             } else {
                 let pos: Vec<u32> = missing.iter().map(|&j| j as u32).collect();
+                // host-ok: the batch rows the cache lacks, a small upload.
                 let pos = Tensor::from_vec(pos, missing.len(), images.device())?;
                 let ids = missing.iter().map(|&j| indices[j]).collect();
                 (images.index_select(&pos, 0)?, ids)
@@ -399,12 +400,19 @@ impl<T: FeatureExtractor, S: FeatureExtractor, O: Optimizer> Distiller<T, S, O> 
         let saved = BufferSnapshot::take(&self.buffers)?;
         let result = (|| {
             let terms = self.compute_loss(batch)?;
-            let loss = scalar(&terms.total)?;
-            let grads = terms.total.backward()?;
-            let action = self.guard.check(loss, &grads, &self.params, step)?;
-            Ok((terms, loss, grads, action))
+            let mut grads = terms.total.backward()?;
+            // Data-parallel: the mean over ranks, before the checks.
+            self.optimizer.sync_gradients(&mut grads)?;
+            // One host read for the step: the loss, each term, the
+            // labelled count and the gradients' sums of squares.
+            let mut extra: Vec<&Tensor> = terms.terms.iter().map(|(_, t)| t).collect();
+            extra.push(&terms.labelled);
+            let (action, values) =
+                self.guard
+                    .check_reduced(Some(&terms.total), &extra, &grads, &self.params, step)?;
+            Ok((DistillTerms::unpack(&terms.terms, &values), grads, action))
         })();
-        let (terms, loss, grads, action) = match result {
+        let ((loss, values, labelled), grads, action) = match result {
             Ok(r) => r,
             Err(e) => {
                 saved.restore()?;
@@ -422,9 +430,9 @@ impl<T: FeatureExtractor, S: FeatureExtractor, O: Optimizer> Distiller<T, S, O> 
         self.optimizer.set_lr(self.schedule.lr(step + 1))?;
         Ok(DistillOutput {
             loss,
-            terms: terms.values()?,
+            terms: values,
             samples: batch.images()?.dim(0)?,
-            labelled: terms.labelled,
+            labelled,
             skipped,
         })
     }

@@ -18,13 +18,13 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 
 use super::adapter::Adapter;
-use super::transfer::is_unlabelled;
 use super::FeatureLoss;
 use super::FeatureTerm;
 use crate::config::config;
+use crate::host::Reduce;
 use crate::loss::{
     hint_loss, AttentionTransferLoss, CrossEntropyLoss, CrossEntropyLossConfig, DkdLoss,
-    DkdLossConfig, KdLoss, KdLossConfig, RkdLoss,
+    DkdLossConfig, KdLoss, KdLossConfig, Reduction, RkdLoss,
 };
 use crate::nn::{FeatureExtractor, Features};
 use crate::{Error, Result};
@@ -105,8 +105,9 @@ pub struct DistillTerms {
     /// Each weighted term, by name (`kd`, `dkd`, `ce`, `hint.conv2.layer3`, ...),
     /// in recipe order; they add up to `total`.
     pub terms: Vec<(String, Tensor)>,
-    /// How many samples of the batch carry a label.
-    pub labelled: usize,
+    /// How many samples of the batch carry a label (a scalar on the
+    /// batch's device, read back with the loss).
+    pub labelled: Tensor,
 }
 
 impl DistillTerms {
@@ -115,18 +116,29 @@ impl DistillTerms {
         self.terms.iter().find(|(n, _)| n == name).map(|(_, t)| t)
     }
 
-    /// The terms' values as numbers.
-    pub fn values(&self) -> Result<Vec<(String, f64)>> {
-        self.terms
-            .iter()
-            .map(|(n, t)| Ok((n.clone(), scalar(t)?)))
-            .collect()
+    /// The terms' values, the total and the labelled count as numbers,
+    /// in one host read: `(total, [(name, value)], labelled)`.
+    pub fn values(&self) -> Result<(f64, Vec<(String, f64)>, usize)> {
+        let mut items: Vec<(&Tensor, Reduce)> = vec![(&self.total, Reduce::Value)];
+        items.extend(self.terms.iter().map(|(_, t)| (t, Reduce::Value)));
+        items.push((&self.labelled, Reduce::Value));
+        let v = crate::host::reduce_and_read(&items)?;
+        Ok(Self::unpack(&self.terms, &v))
     }
-}
 
-/// A scalar tensor as `f64`.
-pub(crate) fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    /// `(total, terms, labelled)` from values read in the order of
+    /// [`DistillTerms::values`].
+    pub(crate) fn unpack(
+        terms: &[(String, Tensor)],
+        v: &[f64],
+    ) -> (f64, Vec<(String, f64)>, usize) {
+        let named = terms
+            .iter()
+            .zip(&v[1..])
+            .map(|((n, _), x)| (n.clone(), *x))
+            .collect();
+        (v[0], named, v[v.len() - 1].max(0.0) as usize)
+    }
 }
 
 /// A feature term with its adapter and loss built.
@@ -285,7 +297,11 @@ impl DistillLoss {
             teacher_stages.push(t_name.to_string());
         }
         Ok(DistillLoss {
-            ce: CrossEntropyLoss::new(CrossEntropyLossConfig::default())?,
+            ce: CrossEntropyLoss::new(
+                CrossEntropyLossConfig::default()
+                    .with_reduction(Reduction::None)
+                    .with_ignore_index(None),
+            )?,
             cfg,
             kd,
             dkd,
@@ -359,10 +375,7 @@ impl DistillLoss {
         let s = student.require(&self.student_output)?;
         let t = teacher.require(&self.teacher_output)?;
         let n = s.dim(0)?;
-        let y = crate::loss::class_indices(OP, labels, n)?;
-        let labelled: Vec<u32> = (0..n as u32)
-            .filter(|&i| !is_unlabelled(y[i as usize]))
-            .collect();
+        let (keep, y) = labelled_rows(OP, labels, n)?;
         let mut terms: Vec<(String, Tensor)> = Vec::new();
         let check_logits = || {
             if t.dims() != s.dims() {
@@ -383,24 +396,17 @@ impl DistillLoss {
         }
         if let Some(dkd) = &self.dkd {
             check_logits()?;
-            let guess = t.argmax(1)?.to_dtype(DType::I64)?.to_vec1::<i64>()?;
-            let target: Vec<i64> = (0..n)
-                .map(|i| if is_unlabelled(y[i]) { guess[i] } else { y[i] })
-                .collect();
-            let target = Tensor::from_vec(target, n, s.device())?;
+            // The label where there is one, the teacher's guess elsewhere.
+            let target = keep.where_cond(&y, &t.argmax(1)?.to_dtype(DType::U32)?)?;
             terms.push(("dkd".into(), dkd.forward(s, t, &target)?));
         }
         if self.ce_weight > 0.0 {
-            let ce = if labelled.is_empty() {
-                Tensor::zeros((), s.dtype(), s.device())?
-            } else if labelled.len() == n {
-                self.ce.forward(s, labels)?
-            } else {
-                let rows = Tensor::from_vec(labelled.clone(), labelled.len(), s.device())?;
-                let yl: Vec<i64> = labelled.iter().map(|&i| y[i as usize]).collect();
-                let yl = Tensor::from_vec(yl, labelled.len(), s.device())?;
-                self.ce.forward(&s.index_select(&rows, 0)?, &yl)?
-            };
+            // The mean over the labelled rows (0 when there are none):
+            // per-row cross-entropy, unlabelled rows (target 0) selected out.
+            let rows = self.ce.forward(s, &y)?;
+            let kept = keep.where_cond(&rows, &rows.zeros_like()?)?;
+            let count = keep.to_dtype(s.dtype())?.sum_all()?;
+            let ce = (kept.sum_all()? / count.maximum(1.0)?)?;
             terms.push(("ce".into(), (ce * self.ce_weight)?));
         }
         for f in &self.features {
@@ -424,7 +430,7 @@ impl DistillLoss {
         Ok(DistillTerms {
             total,
             terms,
-            labelled: labelled.len(),
+            labelled: keep.to_dtype(DType::F32)?.sum_all()?,
         })
     }
 }
@@ -442,4 +448,35 @@ impl BuiltTerm {
         };
         run().map_err(|e| in_term(&self.label, e))
     }
+}
+
+/// The labelled rows of `labels` `(n,)` (u8, u32 or i64): a u8 mask, 1
+/// where the sample has a label (not [`UNLABELLED`](super::UNLABELLED), not
+/// negative), and the labels as u32 with 0 in the unlabelled rows. On the
+/// device, nothing read back.
+fn labelled_rows(op: &str, labels: &Tensor, n: usize) -> Result<(Tensor, Tensor)> {
+    if labels.rank() != 1 || labels.dim(0)? != n {
+        return Err(Error::shape(
+            op,
+            format!("labels of shape [{n}]"),
+            labels.dims(),
+        ));
+    }
+    let keep = match labels.dtype() {
+        DType::U8 => labels.ones_like()?,
+        DType::U32 => labels.ne(super::UNLABELLED)?,
+        DType::I64 => labels
+            .ge(0i64)?
+            .mul(&labels.ne(i64::from(super::UNLABELLED))?)?,
+        other => {
+            return Err(Error::invalid(
+                op,
+                format!("labels must be u8, u32 or i64, got {other:?}"),
+            ))
+        }
+    };
+    let y = keep
+        .where_cond(labels, &labels.zeros_like()?)?
+        .to_dtype(DType::U32)?;
+    Ok((keep, y))
 }

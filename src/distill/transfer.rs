@@ -23,11 +23,6 @@ use crate::{Error, Result};
 /// unlabelled.
 pub const UNLABELLED: u32 = u32::MAX;
 
-/// Whether a label read back as `i64` marks an unlabelled sample.
-pub(crate) fn is_unlabelled(label: i64) -> bool {
-    label < 0 || label == i64::from(UNLABELLED)
-}
-
 config! {
     /// Which samples of a [`TransferSet`] keep their label.
     #[derive(Copy, Eq)]

@@ -289,10 +289,7 @@ where
         if self.guard.check_value("query loss", loss, step)? == GuardAction::Skip {
             return Ok(GuardAction::Skip);
         }
-        let mut sq = 0.0;
-        for (_, g) in grads.iter() {
-            sq += scalar(&g.sqr()?.sum_all()?)?;
-        }
+        let sq = sum_of_squares(grads.iter().map(|(_, g)| g))?;
         self.guard.check_value("meta-gradient norm²", sq, step)
     }
 
@@ -373,9 +370,18 @@ pub(crate) fn load_model_and_optimizer(
     Ok(())
 }
 
-/// A scalar tensor's value as f64.
+/// A one-element tensor's value, read through the host gateway.
 pub(crate) fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    Ok(crate::host::reduce_and_read(&[(t, crate::host::Reduce::Value)])?[0])
+}
+
+/// `Σ ‖g‖²` over `grads`, in one host read.
+pub(crate) fn sum_of_squares<'a>(grads: impl IntoIterator<Item = &'a Tensor>) -> Result<f64> {
+    let items: Vec<(&Tensor, crate::host::Reduce)> = grads
+        .into_iter()
+        .map(|g| (g, crate::host::Reduce::SumSq))
+        .collect();
+    Ok(crate::host::reduce_and_read(&items)?.iter().sum())
 }
 
 /// The fraction of correct predictions, for classification.
@@ -399,7 +405,7 @@ pub(crate) fn fraction_correct(logits: &Tensor, labels: &Tensor) -> Result<f64> 
         ));
     }
     let hits = logits.argmax(1)?.to_dtype(DType::U32)?.eq(&labels)?;
-    Ok(scalar(&hits.to_dtype(DType::F64)?.sum_all()?)? / n.max(1) as f64)
+    Ok(scalar(&hits.to_dtype(DType::F32)?.sum_all()?)? / n.max(1) as f64)
 }
 
 /// Implements the shared API and [`crate::train::TrainStep`] for a public

@@ -52,10 +52,16 @@ impl TaskLoss {
         tasks: usize,
     ) -> Result<(Vec<f64>, Option<Vec<f64>>)> {
         let per = |t: Tensor| -> Result<Vec<f64>> {
-            Ok(t.to_dtype(DType::F64)?
-                .reshape((tasks, ()))?
-                .mean(1)?
-                .to_vec1::<f64>()?)
+            let acc = crate::host::accumulator(&t);
+            let m = t.to_dtype(acc)?.reshape((tasks, ()))?.mean(1)?;
+            // host-ok: one value per task, in one read (evaluation, Reptile's
+            // report); f64 only where the tensor already is.
+            Ok(if acc == DType::F64 {
+                m.to_vec1::<f64>()? // host-ok: as above.
+            } else {
+                let v = m.to_vec1::<f32>()?; // host-ok: as above.
+                v.into_iter().map(f64::from).collect()
+            })
         };
         match self {
             TaskLoss::Mse => {

@@ -1,12 +1,10 @@
 //! Prototypical networks: classify by the nearest class mean in an
 //! embedding space.
 
-use candle_core::{DType, ModuleT, Tensor, Var};
+use candle_core::{DType, Device, ModuleT, Tensor, Var};
 
 use crate::config::config;
-use crate::meta::gradient::{
-    fraction_correct, load_model_and_optimizer, save_model_and_optimizer, scalar,
-};
+use crate::meta::gradient::{fraction_correct, load_model_and_optimizer, save_model_and_optimizer};
 use crate::meta::{Task, TaskBatch};
 use crate::nn::{Model, StepScope};
 use crate::ops::{cosine_similarity_matrix, pairwise_squared_distances};
@@ -51,6 +49,8 @@ pub fn prototypes(embeddings: &Tensor, labels: &Tensor, n_way: usize) -> Result<
     let (n, _) = embeddings
         .dims2()
         .map_err(|_| Error::shape("prototypes", "embeddings (n, D)", embeddings.dims()))?;
+    // host-ok: an episode's support labels (made on the host by the task
+    // sampler), read to build the averaging matrix.
     let labels = labels
         .flatten_all()?
         .to_dtype(DType::U32)?
@@ -80,8 +80,9 @@ pub fn prototypes(embeddings: &Tensor, labels: &Tensor, n_way: usize) -> Result<
     for (i, &l) in labels.iter().enumerate() {
         avg[l as usize * n + i] = 1.0 / counts[l as usize] as f64;
     }
-    let avg =
-        Tensor::from_vec(avg, (n_way, n), embeddings.device())?.to_dtype(embeddings.dtype())?;
+    let avg = Tensor::from_vec(avg, (n_way, n), &Device::Cpu)?
+        .to_dtype(embeddings.dtype())?
+        .to_device(embeddings.device())?;
     Ok(avg.matmul(embeddings)?)
 }
 
@@ -96,6 +97,7 @@ pub fn prototype_logits(query: &Tensor, prototypes: &Tensor, distance: Distance)
 
 /// The number of classes of a task: one more than its largest support label.
 fn n_way(task: &Task) -> Result<usize> {
+    // host-ok: the support labels' maximum, one value per task.
     let max = task
         .support_targets
         .to_dtype(DType::U32)?
@@ -286,9 +288,15 @@ impl<M: ModuleT, O: Optimizer> TrainStep for ProtoNet<M, O> {
             ));
         };
         let loss = (total / n as f64)?;
-        let value = scalar(&loss)?;
-        let grads = loss.backward()?;
-        match self.guard.check(value, &grads, &self.params, step) {
+        let mut grads = loss.backward()?;
+        // Data-parallel: the mean over ranks, before the checks.
+        self.optimizer.sync_gradients(&mut grads)?;
+        // One host read: the loss and the gradients' sums of squares.
+        let checked = self
+            .guard
+            .check_reduced(Some(&loss), &[], &grads, &self.params, step);
+        let value = checked.as_ref().map_or(f64::NAN, |(_, v)| v[0]);
+        match checked.map(|(a, _)| a) {
             Ok(GuardAction::Proceed) => {}
             Ok(_) => {
                 saved.restore()?;

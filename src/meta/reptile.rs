@@ -6,7 +6,7 @@ use candle_core::{ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::config::config;
-use crate::meta::gradient::scalar;
+use crate::meta::gradient::sum_of_squares;
 use crate::meta::{Evaluation, Task, TaskBatch, TaskLoss};
 use crate::nn::params::{deep_copy, dtype_device, named_vars};
 use crate::nn::{Model, StepScope};
@@ -229,10 +229,7 @@ where
         }
         let n = batch.len() as f64;
         let loss = loss_sum / n;
-        let mut sq = 0.0;
-        for s in sum.values() {
-            sq += scalar(&s.sqr()?.sum_all()?)?;
-        }
+        let sq = sum_of_squares(sum.values())?;
         let ok = self
             .guard
             .check_value("query loss after adaptation", loss, step)?

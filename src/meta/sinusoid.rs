@@ -53,10 +53,7 @@ impl SinusoidConfig {
                 ));
             }
         }
-        if !matches!(
-            self.dtype,
-            DType::F16 | DType::BF16 | DType::F32 | DType::F64
-        ) {
+        if !self.dtype.is_float() {
             return Err(Error::config(
                 "SinusoidConfig::dtype",
                 format!("{:?}", self.dtype),
@@ -136,7 +133,9 @@ impl TaskSampler for Sinusoid {
             let x: Vec<f64> = (0..k).map(|_| uniform(&mut r, cfg.x_range)).collect();
             let y: Vec<f64> = x.iter().map(|x| a * (x + phase).sin()).collect();
             let t = |v: Vec<f64>| -> Result<Tensor> {
-                Ok(Tensor::from_vec(v, (k, 1), &self.device)?.to_dtype(cfg.dtype)?)
+                Ok(Tensor::from_vec(v, (k, 1), &Device::Cpu)?
+                    .to_dtype(cfg.dtype)?
+                    .to_device(&self.device)?)
             };
             Ok((t(x)?, t(y)?))
         };

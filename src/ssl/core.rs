@@ -96,23 +96,29 @@ impl Core {
         let saved = BufferSnapshot::take(&self.buffers)?;
         let run = || -> Result<_> {
             let (loss, extra) = f()?;
-            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let grads = loss.backward()?;
-            Ok((value, grads, extra))
+            let mut grads = loss.backward()?;
+            // Data-parallel: the mean over ranks, before the checks.
+            self.optimizer.sync_gradients(&mut grads)?;
+            Ok((loss, grads, extra))
         };
-        let (value, grads, extra) = match run() {
+        let (loss, grads, extra) = match run() {
             Ok(r) => r,
             Err(e) => {
                 saved.restore()?;
                 return Err(e);
             }
         };
-        match self.guard.check(value, &grads, &self.params, step) {
-            Ok(GuardAction::Proceed) => {}
-            Ok(_) => {
+        // One host read for the step: the loss and the gradients' sums of
+        // squares.
+        let value = match self
+            .guard
+            .check_reduced(Some(&loss), &[], &grads, &self.params, step)
+        {
+            Ok((GuardAction::Proceed, v)) => v[0],
+            Ok((_, v)) => {
                 saved.restore()?;
                 return Ok(Stepped {
-                    out: StepOutput::new(value, samples).skipped(true),
+                    out: StepOutput::new(v[0], samples).skipped(true),
                     extra: None,
                 });
             }
@@ -120,7 +126,7 @@ impl Core {
                 saved.restore()?;
                 return Err(e);
             }
-        }
+        };
         self.optimizer.step(&grads)?;
         Ok(Stepped {
             out: StepOutput::new(value, samples),

@@ -182,6 +182,7 @@ pub fn probe_features(
         let (mut lin, mut knn) = (Vec::new(), Vec::new());
         for s in 0..config.subsets as u64 {
             let idx = label_subset(train_y, n, config.seed + s)?;
+            // host-ok: evaluation, the label subset's row indices.
             let ids = Tensor::from_vec(
                 idx.iter().map(|&i| i as u32).collect::<Vec<u32>>(),
                 idx.len(),

@@ -29,7 +29,7 @@
 //! # Ok::<(), aimass::Error>(())
 //! ```
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::knn::accuracy_of;
 use crate::config::config;
@@ -131,10 +131,11 @@ impl Problem {
     /// Loss and gradient at `p` = [W row-major (c×d), b (c)].
     fn eval(&self, p: &[f64]) -> Result<(f64, Vec<f64>)> {
         let (n, d, c) = (self.n, self.d, self.c);
-        let dev = self.x.device();
         let w: Vec<f32> = p[..c * d].iter().map(|&v| v as f32).collect();
-        let w = Tensor::from_vec(w, (c, d), dev)?;
+        let w = Tensor::from_vec(w, (c, d), &Device::Cpu)?;
+        // host-ok: evaluation; the probe's features live on the CPU.
         let logits = self.x.matmul(&w.t()?)?.to_dtype(DType::F64)?;
+        // host-ok: evaluation; the probe's features live on the CPU.
         let logits = logits.flatten_all()?.to_vec1::<f64>()?;
         let b = &p[c * d..];
         let mut g = vec![0f64; n * c];
@@ -161,12 +162,11 @@ impl Problem {
         loss /= n as f64;
         let wsq: f64 = p[..c * d].iter().map(|v| v * v).sum();
         loss += 0.5 * self.wd * wsq;
-        let gt = Tensor::from_vec(
-            g.iter().map(|&v| v as f32).collect::<Vec<f32>>(),
-            (n, c),
-            dev,
-        )?;
+        let g32: Vec<f32> = g.iter().map(|&v| v as f32).collect();
+        let gt = Tensor::from_vec(g32, (n, c), &Device::Cpu)?;
+        // host-ok: evaluation; the probe's features live on the CPU.
         let gw = gt.t()?.matmul(&self.x)?.to_dtype(DType::F64)?;
+        // host-ok: evaluation; the probe's features live on the CPU.
         let gw = gw.flatten_all()?.to_vec1::<f64>()?;
         let mut grad = Vec::with_capacity(c * d + c);
         grad.extend(gw.iter().zip(&p[..c * d]).map(|(gv, wv)| gv + self.wd * wv));
@@ -459,11 +459,15 @@ pub fn logistic_regression(
 ) -> Result<LogisticRegressionResult> {
     const OP: &str = "logistic_regression";
     config.validate()?;
-    let tx = train_x.flatten_from(1)?.to_dtype(DType::F32)?;
+    // The probe runs on the CPU (L-BFGS reads the logits every evaluation).
+    let tx = train_x
+        .flatten_from(1)?
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?;
     let vx = test_x
         .flatten_from(1)?
         .to_dtype(DType::F32)?
-        .to_device(tx.device())?;
+        .to_device(&Device::Cpu)?;
     let (n, d) = tx.dims2()?;
     if n == 0 || n != train_y.len() {
         return Err(Error::shape(
@@ -511,18 +515,12 @@ pub fn logistic_regression(
     if !loss.is_finite() {
         return Err(Error::non_finite("logistic_regression loss", loss, None));
     }
-    let dev = tx.device();
-    let weight = Tensor::from_vec(
-        p[..c * d].iter().map(|&v| v as f32).collect::<Vec<f32>>(),
-        (c, d),
-        dev,
-    )?;
-    let bias = Tensor::from_vec(
-        p[c * d..].iter().map(|&v| v as f32).collect::<Vec<f32>>(),
-        c,
-        dev,
-    )?;
+    let w32: Vec<f32> = p[..c * d].iter().map(|&v| v as f32).collect();
+    let weight = Tensor::from_vec(w32, (c, d), &Device::Cpu)?;
+    let b32: Vec<f32> = p[c * d..].iter().map(|&v| v as f32).collect();
+    let bias = Tensor::from_vec(b32, c, &Device::Cpu)?;
     let predict = |x: &Tensor| -> Result<Vec<u32>> {
+        // host-ok: evaluation on the CPU.
         Ok(x.matmul(&weight.t()?)?
             .broadcast_add(&bias)?
             .argmax(1)?

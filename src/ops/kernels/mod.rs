@@ -624,14 +624,16 @@ pub struct ResidualOutput {
 /// let x = Tensor::randn(0f32, 1.0, (4, 8, 10, 10), &dev)?;
 /// let w1 = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (8, 8, 3, 3), &dev)? * 0.1)?)?;
 /// let w2 = Var::from_tensor(&(Tensor::randn(0f32, 1.0, (8, 8, 3, 3), &dev)? * 0.1)?)?;
-/// let stage = |w: &Var| ConvBn {
-///     weight: w.as_tensor(),
-///     stride: (1, 1),
-///     padding: (1, 1),
-///     bn_weight: None,
-///     bn_bias: None,
-///     eps: 1e-5,
-/// };
+/// fn stage(w: &Var) -> ConvBn<'_> {
+///     ConvBn {
+///         weight: w.as_tensor(),
+///         stride: (1, 1),
+///         padding: (1, 1),
+///         bn_weight: None,
+///         bn_bias: None,
+///         eps: 1e-5,
+///     }
+/// }
 /// // A BasicBlock: conv-BN-ReLU, conv-BN, plus the input, ReLU.
 /// let block = ResidualBlock {
 ///     stages: vec![stage(&w1), stage(&w2)],
