@@ -390,7 +390,7 @@ fn cross_entropy_ignores_unlabelled_samples_as_pytorch_does() {
     let terms = kd
         .forward(&feats(s), &feats(t), &f["labels_mixed"])
         .unwrap();
-    assert_eq!(terms.values().unwrap().2, 3);
+    assert_eq!(terms.values().unwrap().labelled, 3);
     let ce = scalar(terms.get("ce").unwrap());
     assert!((ce - f["ce_mixed"].to_vec1::<f64>().unwrap()[0]).abs() < 1e-12);
     let none_terms = kd.forward(&feats(s), &feats(t), &none).unwrap();

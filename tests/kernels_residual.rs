@@ -183,11 +183,14 @@ struct Run {
     grads: Vec<Vec<f64>>,
 }
 
+/// The output and each stage's BatchNorm statistics (mean, variance).
+type Outputs = (Tensor, Vec<(Tensor, Tensor)>);
+
 fn run(
     x: &Var,
     p: &Params,
     r: &Tensor,
-    f: &dyn Fn(&Tensor, &[ResidualBlock]) -> (Tensor, Vec<(Tensor, Tensor)>),
+    f: &dyn Fn(&Tensor, &[ResidualBlock]) -> Outputs,
     defs: &[BlockDef],
 ) -> Run {
     let blocks = p.blocks(defs);

@@ -94,7 +94,7 @@ fn reptile_moves_towards_the_mean_of_the_adapted_weights() {
         }
     }
     // ε is the trainer's learning rate.
-    reptile.set_learning_rate(0.5);
+    reptile.set_learning_rate(0.5).unwrap();
     assert_eq!(reptile.learning_rate(), 0.5);
 }
 

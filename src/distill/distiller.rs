@@ -412,7 +412,7 @@ impl<T: FeatureExtractor, S: FeatureExtractor, O: Optimizer> Distiller<T, S, O> 
                     .check_reduced(Some(&terms.total), &extra, &grads, &self.params, step)?;
             Ok((DistillTerms::unpack(&terms.terms, &values), grads, action))
         })();
-        let ((loss, values, labelled), grads, action) = match result {
+        let (values, grads, action) = match result {
             Ok(r) => r,
             Err(e) => {
                 saved.restore()?;
@@ -429,10 +429,10 @@ impl<T: FeatureExtractor, S: FeatureExtractor, O: Optimizer> Distiller<T, S, O> 
         // So that `learning_rate()` before the next step reports its rate.
         self.optimizer.set_lr(self.schedule.lr(step + 1))?;
         Ok(DistillOutput {
-            loss,
-            terms: values,
+            loss: values.total,
+            terms: values.terms,
             samples: batch.images()?.dim(0)?,
-            labelled,
+            labelled: values.labelled,
             skipped,
         })
     }

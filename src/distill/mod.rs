@@ -88,5 +88,5 @@ pub use adapter::AdapterKind;
 pub use cache::TeacherCache;
 pub use distiller::{DistillOutput, Distiller, DistillerConfig, TeacherMode};
 pub use feature::{FeatureLoss, FeatureTerm};
-pub use recipe::{DistillLoss, DistillLossConfig, DistillTerms, LogitTerm};
+pub use recipe::{DistillLoss, DistillLossConfig, DistillTerms, DistillValues, LogitTerm};
 pub use transfer::{TransferSet, TransferSetConfig, UNLABELLED};

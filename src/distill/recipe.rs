@@ -116,9 +116,9 @@ impl DistillTerms {
         self.terms.iter().find(|(n, _)| n == name).map(|(_, t)| t)
     }
 
-    /// The terms' values, the total and the labelled count as numbers,
-    /// in one host read: `(total, [(name, value)], labelled)`.
-    pub fn values(&self) -> Result<(f64, Vec<(String, f64)>, usize)> {
+    /// The total, each term and the labelled count as numbers, in one
+    /// host read.
+    pub fn values(&self) -> Result<DistillValues> {
         let mut items: Vec<(&Tensor, Reduce)> = vec![(&self.total, Reduce::Value)];
         items.extend(self.terms.iter().map(|(_, t)| (t, Reduce::Value)));
         items.push((&self.labelled, Reduce::Value));
@@ -126,19 +126,32 @@ impl DistillTerms {
         Ok(Self::unpack(&self.terms, &v))
     }
 
-    /// `(total, terms, labelled)` from values read in the order of
-    /// [`DistillTerms::values`].
-    pub(crate) fn unpack(
-        terms: &[(String, Tensor)],
-        v: &[f64],
-    ) -> (f64, Vec<(String, f64)>, usize) {
+    /// The values read in the order of [`DistillTerms::values`] (total,
+    /// each term, labelled count).
+    pub(crate) fn unpack(terms: &[(String, Tensor)], v: &[f64]) -> DistillValues {
         let named = terms
             .iter()
             .zip(&v[1..])
             .map(|((n, _), x)| (n.clone(), *x))
             .collect();
-        (v[0], named, v[v.len() - 1].max(0.0) as usize)
+        DistillValues {
+            total: v[0],
+            terms: named,
+            labelled: v[v.len() - 1].max(0.0) as usize,
+        }
     }
+}
+
+/// [`DistillTerms`] read back as numbers.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct DistillValues {
+    /// The loss.
+    pub total: f64,
+    /// Each weighted term, by name, in recipe order.
+    pub terms: Vec<(String, f64)>,
+    /// Samples of the batch with a label.
+    pub labelled: usize,
 }
 
 /// A feature term with its adapter and loss built.

@@ -335,7 +335,7 @@ where
     let per = sums.as_ref().map_or(0, |s| s.len() / n);
     if sums
         .as_ref()
-        .is_some_and(|s| per == 0 || s.len() != per * n || chunk % per != 0)
+        .is_some_and(|s| per == 0 || s.len() != per * n || !chunk.is_multiple_of(per))
     {
         candle_core::bail!("conv2d: plane sums do not match {n} images of {chunk} values");
     }
