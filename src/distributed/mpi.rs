@@ -35,7 +35,7 @@ struct State {
 // from two threads at once.
 unsafe impl Send for State {}
 
-/// The MPI world as a [`Communicator`]: every process of an `mpirun` (or
+/// The MPI world as a [`Communicator`](super::Communicator): every process of an `mpirun` (or
 /// `srun`) launch is one rank.
 ///
 /// ```no_run

@@ -39,7 +39,7 @@ struct Group {
 }
 
 /// A rank of a group of threads in one process: the collectives of
-/// [`Communicator`] through shared memory.
+/// [`Communicator`](super::Communicator) through shared memory.
 ///
 /// [`ThreadCommunicator::group`] makes the `world_size` communicators of a
 /// group; give one to each thread (each thread one rank, e.g. one CUDA
