@@ -2,7 +2,7 @@
 //! few-label probes of the pretrained features.
 //!
 //! ```text
-//! cargo run --release --example ssl                          # SimCLR, embedded split, ~10 min on 2 cores
+//! cargo run --release --example ssl                          # SimCLR, embedded split: ~9 min on 2 AVX-512 cores, ~23 on 2 AVX2 cores
 //! cargo run --release --example ssl -- --method byol         # simclr|byol|simsiam|moco|barlow|vicreg
 //! cargo run --release --example ssl -- --data /usr/share/datasets/fashion-mnist   # full 60k / 10k
 //! cargo run --release --example ssl -- --recipe reference --epochs 19             # the PyTorch reference recipe
