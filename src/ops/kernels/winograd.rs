@@ -408,28 +408,61 @@ unsafe fn split_rows_avx512(
 
 multiversion! {
     /// [`split_rows`] in portable code (f64, CPUs without AVX-512); with
-    /// `bn`, through `max(ab.0 * x + ab.1, 0)`.
+    /// `bn`, through `max(ab.0 * x + ab.1, 0)`. The tile size is a constant
+    /// of each loop ([`split_row`]), so no index is divided per value.
     fn split_rows_portable<T>(s: &Same3x3, plane: &[T], bn: bool, ab: (T, T), split: &mut [T]) -> () {
         let (h, w, m) = (s.h, s.w, s.m);
         let half = half_row(s.tw());
-        let zero = T::zero();
-        let act = |v: T| {
-            if bn {
-                let t = v * ab.0 + ab.1;
-                if t > zero { t } else { zero }
-            } else {
-                v
-            }
-        };
         for r in 0..h {
             let src = &plane[r * w..(r + 1) * w];
             let row = &mut split[(r + 1) * m * half..(r + 2) * m * half];
-            for (c, &v) in src.iter().enumerate() {
-                let (j, q) = (c / m, c % m);
-                let at = if q == m - 1 { q * half + j + 1 } else { q * half + j };
-                row[at] = act(v);
+            match (m, bn) {
+                (2, false) => split_row::<T, 2>(src, row, half, |v| v),
+                (2, true) => split_row::<T, 2>(src, row, half, |v| bn_relu(v, ab)),
+                (_, false) => split_row::<T, 4>(src, row, half, |v| v),
+                (_, true) => split_row::<T, 4>(src, row, half, |v| bn_relu(v, ab)),
             }
         }
+    }
+}
+
+/// `max(a * v + b, 0)` as `simd::affine` rounds it (NaN to 0).
+#[inline(always)]
+fn bn_relu<T: Elem>(v: T, (a, b): (T, T)) -> T {
+    let t = v * a + b;
+    if t > T::zero() {
+        t
+    } else {
+        T::zero()
+    }
+}
+
+/// One row of [`split_rows`] with the tile size `M` known to the compiler:
+/// the row's `M` streams (`half` values each) in `row`, column `M j + q` to
+/// stream `q` at `j` (`q < M - 1`) and column `M j - 1` to stream `M - 1`
+/// at `j`, through `act`.
+#[inline(always)]
+fn split_row<T: Elem, const M: usize>(src: &[T], row: &mut [T], half: usize, act: impl Fn(T) -> T) {
+    let w = src.len();
+    let full = w / M;
+    let streams: [&mut [T]; M] = {
+        let mut rest = row;
+        std::array::from_fn(|_| {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(half);
+            rest = tail;
+            head
+        })
+    };
+    // Whole groups of M columns: stream q < M - 1 at j, the last at j + 1.
+    for (j, group) in src.chunks_exact(M).enumerate() {
+        for q in 0..M - 1 {
+            streams[q][j] = act(group[q]);
+        }
+        streams[M - 1][j + 1] = act(group[M - 1]);
+    }
+    // The last w % M columns (never the last stream's: q < M - 1).
+    for c in full * M..w {
+        streams[c - full * M][full] = act(src[c]);
     }
 }
 
@@ -1275,35 +1308,77 @@ mod tests {
         }
     }
 
-    /// The AVX-512 row split against the portable one (same values, with
-    /// and without a folded BatchNorm + ReLU, NaN included), and their
-    /// speed on resnet_tiny's plane sizes (`cargo test --release --lib
-    /// split_rows_speed -- --ignored --nocapture`).
+    /// Shapes of the row-split tests: both tile sizes, planes whose width
+    /// is and is not a multiple of the SIMD blocks.
+    const SPLIT_SHAPES: [(usize, usize); 8] =
+        [(28, 2), (14, 2), (7, 2), (33, 2), (28, 4), (14, 4), (7, 4), (37, 4)];
+
+    /// Every row split (AVX-512 or portable, whichever this CPU runs, and
+    /// the portable one) against the definition: column `m j + q` of
+    /// input row `r` at stream `q`, position `j` (`j + 1` for the last
+    /// stream) of padded row `r + 1`, through the folded BatchNorm + ReLU
+    /// (NaN to 0), nothing else written.
     #[test]
-    #[ignore]
-    #[cfg(target_arch = "x86_64")]
-    fn split_rows_speed() {
-        for hw in [28, 14, 7, 33] {
+    fn split_rows_match_the_definition() {
+        for (hw, m) in SPLIT_SHAPES {
             let s = Same3x3 {
                 n: 1,
                 c: 1,
                 o: 1,
                 h: hw,
                 w: hw,
-                m: 2,
+                m,
+            };
+            let mut x = f32s(&values(hw * hw, 1));
+            x[3] = f32::NAN;
+            x[5] = -0.0;
+            let half = half_row(s.tw());
+            let len = (m * s.th() + 2) * m * half;
+            for ab in [None, Some((0.7f32, -0.1f32))] {
+                let mut want = vec![f32::MAX; len];
+                for r in 0..hw {
+                    for c in 0..hw {
+                        let (j, q) = (c / m, c % m);
+                        let v = x[r * hw + c];
+                        let v = match ab {
+                            Some((a, b)) if (v * a + b) > 0.0 => v * a + b,
+                            Some(_) => 0.0,
+                            None => v,
+                        };
+                        want[(r + 1) * m * half + q * half + j + usize::from(q == m - 1)] = v;
+                    }
+                }
+                let (bn, coef) = (ab.is_some(), ab.unwrap_or((0.0, 0.0)));
+                let (mut a, mut b) = (vec![f32::MAX; len], vec![f32::MAX; len]);
+                split_rows(&s, &x, ab, &mut a);
+                split_rows_portable(&s, &x, bn, coef, &mut b);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a), bits(&want), "split_rows {hw}x{hw} m {m} {ab:?}");
+                assert_eq!(bits(&b), bits(&want), "portable {hw}x{hw} m {m} {ab:?}");
+            }
+        }
+    }
+
+    /// The row split this CPU runs against the portable one on
+    /// resnet_tiny's plane sizes (`cargo test --release --lib
+    /// split_rows_speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    #[cfg(target_arch = "x86_64")]
+    fn split_rows_speed() {
+        for (hw, m) in SPLIT_SHAPES {
+            let s = Same3x3 {
+                n: 1,
+                c: 1,
+                o: 1,
+                h: hw,
+                w: hw,
+                m,
             };
             let planes = 4096 * 49 / (hw * hw);
-            let mut x = f32s(&values(planes * hw * hw, 1));
-            x[3] = f32::NAN;
-            let len = (2 * s.th() + 2) * 2 * half_row(s.tw());
+            let x = f32s(&values(planes * hw * hw, 1));
+            let len = (m * s.th() + 2) * m * half_row(s.tw());
             let (mut a, mut b) = (vec![0f32; len], vec![0f32; len]);
-            for ab in [None, Some((0.7f32, -0.1f32))] {
-                split_rows(&s, &x[..hw * hw], ab, &mut a);
-                let (bn, coef) = (ab.is_some(), ab.unwrap_or((0.0, 0.0)));
-                split_rows_portable(&s, &x[..hw * hw], bn, coef, &mut b);
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&a), bits(&b), "{hw}x{hw} {ab:?}");
-            }
             let (mut fast, mut port) = (f64::MAX, f64::MAX);
             for _ in 0..20 {
                 let t = std::time::Instant::now();
@@ -1318,7 +1393,7 @@ mod tests {
                 port = port.min(t.elapsed().as_secs_f64());
             }
             println!(
-                "{hw}x{hw}: {planes} planes, split_rows {:.3} ms, portable {:.3} ms",
+                "{hw}x{hw} F({m}x{m}): {planes} planes, split_rows {:.3} ms, portable {:.3} ms",
                 fast * 1e3,
                 port * 1e3
             );
