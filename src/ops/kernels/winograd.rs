@@ -1310,8 +1310,16 @@ mod tests {
 
     /// Shapes of the row-split tests: both tile sizes, planes whose width
     /// is and is not a multiple of the SIMD blocks.
-    const SPLIT_SHAPES: [(usize, usize); 8] =
-        [(28, 2), (14, 2), (7, 2), (33, 2), (28, 4), (14, 4), (7, 4), (37, 4)];
+    const SPLIT_SHAPES: [(usize, usize); 8] = [
+        (28, 2),
+        (14, 2),
+        (7, 2),
+        (33, 2),
+        (28, 4),
+        (14, 4),
+        (7, 4),
+        (37, 4),
+    ];
 
     /// Every row split (AVX-512 or portable, whichever this CPU runs, and
     /// the portable one) against the definition: column `m j + q` of
