@@ -40,12 +40,12 @@ use aimass::meta::{
 use aimass::nn::params::load_with;
 use aimass::nn::{
     init::seeded_var_builder, params::LoadConfig, seq, Activation, BatchNorm, BatchNormConfig,
-    Conv2d, Conv2dConfig, Flatten, ForwardMode, HeadConfig, Linear, MaxPool2d, Model, ResNet,
-    ResNetConfig, SequentialT,
+    Conv2d, Conv2dConfig, Flatten, ForwardMode, Linear, MaxPool2d, Model, ResNet, ResNetConfig,
+    SequentialT,
 };
 use aimass::optim::{Adam, AdamConfig};
 use aimass::prelude::*;
-use aimass::ssl::{Backbone, SimClr, SimClrConfig, SslOptimConfig, SslOptimizer, SslTrainer};
+use aimass::ssl::{Backbone, SimClr, SimClrConfig, SslTrainer};
 use aimass::train::{BatchSource, Progress, ProgressMode};
 use clap::Parser;
 
@@ -266,21 +266,8 @@ fn pretrain_simclr(
         dev,
     )?
     .with_views(presets::fashion_mnist_reference_views()?);
-    let optim = SslOptimConfig::default()
-        .with_optimizer(SslOptimizer::Sgd)
-        .with_lr(0.3)
-        .with_momentum(0.9)
-        .with_weight_decay(5e-4)
-        .with_exclude_bias_and_norm(false)
-        .with_warmup_epochs(2);
-    let head = HeadConfig::simclr()
-        .with_hidden_dim(256)
-        .with_output_dim(128);
-    let cfg = SimClrConfig::default()
-        .with_temperature(0.2)
-        .with_projector(head)
-        .with_optim(optim)
-        .with_seed(seed + 4);
+    // The SimCLR example's recipe for small images (docs/ssl.md).
+    let cfg = SimClrConfig::small_images().with_seed(seed + 4);
     let mut simclr = SimClr::new(Backbone::resnet(ResNetConfig::resnet_tiny()), cfg, dev)?;
     let schedule = simclr
         .optim_config()

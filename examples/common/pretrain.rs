@@ -3,6 +3,7 @@
 //! without their labels, then the question users ask: how good a
 //! classifier do the pretrained features give with few labels?
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -17,7 +18,7 @@ use aimass::prelude::*;
 use aimass::ssl::{
     probe_features, Backbone, BarlowTwins, BarlowTwinsConfig, Byol, ByolConfig, MoCo, MoCoConfig,
     ProbeConfig, ProbeReport, SimClr, SimClrConfig, SimSiam, SimSiamConfig, SslOptimConfig,
-    SslOptimizer, SslTrainer, VicReg, VicRegConfig,
+    SslTrainer, VicReg, VicRegConfig,
 };
 use aimass::train::{
     extract, knn_accuracy, Checkpoint, CheckpointDir, KnnConfig, PeriodicCheckpoint, Progress,
@@ -98,7 +99,8 @@ pub struct Args {
     /// Where the pretrained backbone is written.
     #[arg(long, default_value = "runs/ssl/backbone.safetensors")]
     out: PathBuf,
-    /// kNN evaluation every this many epochs (0: only at the end).
+    /// kNN evaluation every this many epochs, and at epoch 0 (default or 0:
+    /// once, after the last epoch).
     #[arg(long)]
     eval_every: Option<usize>,
     /// Continue from the latest checkpoint next to --out.
@@ -224,13 +226,12 @@ fn run(args: Args, fixed: Option<Method>) -> Result<()> {
     let seed = args.seed;
     let out = match method {
         Method::Simclr => {
-            let projector = match args.recipe {
-                Recipe::Reference => small(64, 32),
-                Recipe::Tuned => small(256, 128),
+            let cfg = match args.recipe {
+                Recipe::Reference => SimClrConfig::default().with_projector(small(64, 32)),
+                Recipe::Tuned => SimClrConfig::small_images(),
             };
-            let cfg = SimClrConfig::default()
+            let cfg = cfg
                 .with_temperature(temperature)
-                .with_projector(projector)
                 .with_optim(optim)
                 .with_seed(seed);
             pretrain(
@@ -398,16 +399,14 @@ fn defaults(method: Method, recipe: Recipe) -> (usize, usize, f64, f64) {
 }
 
 /// SGD with momentum 0.9 and weight decay 5e-4 on every parameter, cosine
-/// to 0: the reference runs' optimizer (no warmup), and ours (with 2 epochs
-/// of warmup, for the higher learning rate).
+/// to 0: ours (`SslOptimConfig::small_images`, 2 epochs of warmup for the
+/// higher learning rate) and the reference runs' (no warmup).
 fn optim_config(recipe: Recipe, lr: f64) -> SslOptimConfig {
-    SslOptimConfig::default()
-        .with_optimizer(SslOptimizer::Sgd)
-        .with_lr(lr)
-        .with_momentum(0.9)
-        .with_weight_decay(5e-4)
-        .with_exclude_bias_and_norm(false)
-        .with_warmup_epochs(if recipe == Recipe::Tuned { 2 } else { 0 })
+    let optim = SslOptimConfig::small_images().with_lr(lr);
+    match recipe {
+        Recipe::Tuned => optim,
+        Recipe::Reference => optim.with_warmup_epochs(0),
+    }
 }
 
 /// What pretraining produced.
@@ -464,33 +463,39 @@ fn pretrain<T: SslTrainer>(
     } else {
         None
     };
-    let eval_every = args.eval_every.unwrap_or(s.epochs.div_ceil(5)).max(1);
+    // By default one kNN evaluation, after the last epoch (its features
+    // serve the probes too); `--eval-every N` adds the curve from epoch 0.
+    let eval_every = match args.eval_every {
+        None | Some(0) => s.epochs,
+        Some(n) => n,
+    };
     let features =
         |t: &T, l: &DataLoader| -> Result<Tensor> { Ok(extract(l, |x| t.features(x))?.0) };
     let t0 = Instant::now();
-    let knn0 = knn(
-        &features(&trainer, &s.train_eval)?,
-        &features(&trainer, &s.test_eval)?,
-        s,
-    )?;
-    eprintln!("epoch 0: knn_acc {:.2}%", 100.0 * knn0);
-    let config =
-        FitConfig::default()
-            .with_epochs(s.epochs)
-            .with_eval_every(if args.eval_every == Some(0) {
-                s.epochs
-            } else {
-                eval_every
-            });
+    if args.eval_every.is_some_and(|n| n > 0) {
+        let knn0 = knn(
+            &features(&trainer, &s.train_eval)?,
+            &features(&trainer, &s.test_eval)?,
+            s,
+        )?;
+        eprintln!("epoch 0: knn_acc {:.2}%", 100.0 * knn0);
+    }
+    // The features of the last evaluation, with the epoch they belong to.
+    let last: RefCell<Option<(usize, Tensor, Tensor)>> = RefCell::new(None);
+    let config = FitConfig::default()
+        .with_epochs(s.epochs)
+        .with_eval_every(eval_every);
     let mut fit = Fit::new(&mut trainer, train, config)?
         .with_schedule(schedule)
         .with_evaluator(|t: &mut T, epoch| {
-            let acc = knn(&features(t, &s.train_eval)?, &features(t, &s.test_eval)?, s)?;
+            let (tr, te) = (features(t, &s.train_eval)?, features(t, &s.test_eval)?);
+            let acc = knn(&tr, &te, s)?;
             eprintln!(
                 "epoch {epoch}: knn_acc {:.2}% ({:.0} s)",
                 100.0 * acc,
                 t0.elapsed().as_secs_f64()
             );
+            *last.borrow_mut() = Some((epoch, tr, te));
             Ok(BTreeMap::from([("knn_acc".to_string(), acc)]))
         })
         .with_callback(Progress::new(ProgressMode::Auto, 10))
@@ -508,9 +513,16 @@ fn pretrain<T: SslTrainer>(
         summary.steps,
         args.out.display()
     );
+    let (train_features, test_features) = match last.into_inner() {
+        Some((epoch, tr, te)) if epoch == summary.epochs => (tr, te),
+        _ => (
+            features(&trainer, &s.train_eval)?,
+            features(&trainer, &s.test_eval)?,
+        ),
+    };
     Ok(Pretrained {
-        train_features: features(&trainer, &s.train_eval)?,
-        test_features: features(&trainer, &s.test_eval)?,
+        train_features,
+        test_features,
         epochs: summary.epochs,
         steps: summary.steps,
         secs,

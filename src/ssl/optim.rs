@@ -96,6 +96,17 @@ impl SslOptimConfig {
         Self::default().with_lr(0.2)
     }
 
+    /// Short runs on small images (this crate's SimCLR example, see
+    /// [`SimClrConfig::small_images`](super::SimClrConfig::small_images)):
+    /// SGD, lr 0.3 × B/256, momentum 0.9, weight decay 5e-4 on every
+    /// parameter, 2 warmup epochs.
+    pub fn small_images() -> Self {
+        Self::simsiam()
+            .with_lr(0.3)
+            .with_weight_decay(5e-4)
+            .with_warmup_epochs(2)
+    }
+
     /// The peak learning rate for batches of `batch_size`: `lr × batch_size / 256`.
     pub fn scaled_lr(&self, batch_size: usize) -> f64 {
         self.lr * batch_size as f64 / 256.0
