@@ -1321,6 +1321,18 @@ mod tests {
         (37, 4),
     ];
 
+    /// One `hw x hw` plane in `m x m` tiles.
+    fn one_plane(hw: usize, m: usize) -> Same3x3 {
+        Same3x3 {
+            n: 1,
+            c: 1,
+            o: 1,
+            h: hw,
+            w: hw,
+            m,
+        }
+    }
+
     /// Every row split (AVX-512 or portable, whichever this CPU runs, and
     /// the portable one) against the definition: column `m j + q` of
     /// input row `r` at stream `q`, position `j` (`j + 1` for the last
@@ -1329,14 +1341,7 @@ mod tests {
     #[test]
     fn split_rows_match_the_definition() {
         for (hw, m) in SPLIT_SHAPES {
-            let s = Same3x3 {
-                n: 1,
-                c: 1,
-                o: 1,
-                h: hw,
-                w: hw,
-                m,
-            };
+            let s = one_plane(hw, m);
             let mut x = f32s(&values(hw * hw, 1));
             x[3] = f32::NAN;
             x[5] = -0.0;
@@ -1375,14 +1380,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     fn split_rows_speed() {
         for (hw, m) in SPLIT_SHAPES {
-            let s = Same3x3 {
-                n: 1,
-                c: 1,
-                o: 1,
-                h: hw,
-                w: hw,
-                m,
-            };
+            let s = one_plane(hw, m);
             let planes = 4096 * 49 / (hw * hw);
             let x = f32s(&values(planes * hw * hw, 1));
             let len = (m * s.th() + 2) * m * half_row(s.tw());
