@@ -18,7 +18,7 @@ use aimass::prelude::*;
 use aimass::ssl::{
     probe_features, Backbone, BarlowTwins, BarlowTwinsConfig, Byol, ByolConfig, MoCo, MoCoConfig,
     ProbeConfig, ProbeReport, SimClr, SimClrConfig, SimSiam, SimSiamConfig, SslOptimConfig,
-    SslTrainer, VicReg, VicRegConfig,
+    SslOptimizer, SslTrainer, VicReg, VicRegConfig,
 };
 use aimass::train::{
     extract, knn_accuracy, Checkpoint, CheckpointDir, KnnConfig, PeriodicCheckpoint, Progress,
@@ -398,14 +398,20 @@ fn defaults(method: Method, recipe: Recipe) -> (usize, usize, f64, f64) {
     }
 }
 
-/// SGD with momentum 0.9 and weight decay 5e-4 on every parameter, cosine
-/// to 0: ours (`SslOptimConfig::small_images`, 2 epochs of warmup for the
-/// higher learning rate) and the reference runs' (no warmup).
+/// Ours (`SslOptimConfig::small_images`: 2 epochs of warmup for the higher
+/// learning rate) or the reference runs' (`torch_quality.py`: SGD with
+/// momentum 0.9, weight decay 5e-4 on every parameter, no warmup), cosine
+/// to 0. The reference is spelled out so that tuning ours never moves it.
 fn optim_config(recipe: Recipe, lr: f64) -> SslOptimConfig {
-    let optim = SslOptimConfig::small_images().with_lr(lr);
     match recipe {
-        Recipe::Tuned => optim,
-        Recipe::Reference => optim.with_warmup_epochs(0),
+        Recipe::Tuned => SslOptimConfig::small_images().with_lr(lr),
+        Recipe::Reference => SslOptimConfig::default()
+            .with_optimizer(SslOptimizer::Sgd)
+            .with_lr(lr)
+            .with_momentum(0.9)
+            .with_weight_decay(5e-4)
+            .with_exclude_bias_and_norm(false)
+            .with_warmup_epochs(0),
     }
 }
 
