@@ -412,3 +412,178 @@ fn step_reports_are_averaged_and_disagreeing_skips_are_errors() {
         assert_eq!(second.loss, 1.0);
     }
 }
+
+// ---------------------------------------------------------------- trainers
+
+/// 8 samples × 2 views of 8×8 noise, the global batch of the trainer
+/// scenarios; rank `r` of `world` gets its rows `r·8/W ..`.
+fn two_view_batch(rank: usize, world: usize) -> aimass::data::Batch {
+    let n = 8 / world;
+    // Deterministic "noise": sin of a fast ramp, a different phase per view.
+    let view = |phase: f64| {
+        Tensor::arange(0u32, 8 * 64, &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.affine(0.737, phase))
+            .and_then(|t| t.sin())
+            .and_then(|t| t.reshape((8, 1, 8, 8)))
+            .and_then(|t| t.narrow(0, rank * n, n))
+            .unwrap()
+    };
+    let v1 = view(0.0);
+    let v2 = view(0.3);
+    aimass::data::Batch {
+        views: vec![v1, v2],
+        labels: Tensor::zeros(n, DType::U32, &Device::Cpu).unwrap(),
+        indices: (rank * n..(rank + 1) * n).collect(),
+        epoch: 0,
+        batch: 0,
+    }
+}
+
+/// SimCLR on an MLP without BatchNorm (so the ranks' local batches do not
+/// change the normalisation), 3 steps on `world` ranks; the online
+/// network's weights.
+fn simclr_on_ranks(comm: Arc<dyn Communicator>, gather: bool) -> aimass::Result<Weights> {
+    use aimass::nn::{seq, HeadConfig, Mlp, MlpConfig};
+    use aimass::ssl::{Backbone, SimClr, SimClrConfig, SslOptimConfig, SslOptimizer, SslTrainer};
+    let backbone = Backbone::new(16, |vb| {
+        let mlp = Mlp::new(MlpConfig::new(vec![64, 32, 16]), vb)?;
+        Ok(seq().add_fn(|x, _| x.flatten_from(1)).add(mlp))
+    });
+    let cfg = SimClrConfig::default()
+        .with_temperature(0.2)
+        .with_projector(
+            HeadConfig::simclr()
+                .with_hidden_dim(16)
+                .with_output_dim(8)
+                .with_batch_norm(false),
+        )
+        .with_optim(
+            SslOptimConfig::default()
+                .with_optimizer(SslOptimizer::Sgd)
+                .with_lr(0.5)
+                .with_exclude_bias_and_norm(false),
+        )
+        .with_gather_distributed(gather);
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let mut t =
+        SimClr::new(backbone, cfg, &Device::Cpu)?.data_parallel(comm, Default::default())?;
+    let batch = two_view_batch(rank, world);
+    for step in 0..3 {
+        t.train_step(&batch, step)?;
+    }
+    assert_eq!(t.skipped_steps(), 0);
+    scenarios::weights(t.encoder().varmap())
+}
+
+#[test]
+fn simclr_with_gathered_negatives_on_two_ranks_matches_one_process() {
+    let one = simclr_on_ranks(Arc::new(SingleProcess::new()), true).unwrap();
+    for gather in [true, false] {
+        let got: Vec<Weights> = on_ranks(2, 60.0, |c| simclr_on_ranks(c, gather))
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(max_rel_diff(&got[1], &got[0]), 0.0, "ranks disagree");
+        let d = max_rel_diff(&got[0], &one);
+        if gather {
+            assert!(
+                d < 1e-5,
+                "gathered negatives: rel diff {d:e} to one process"
+            );
+        } else {
+            // Each rank's own negatives: a different loss, visibly.
+            assert!(d > 1e-4, "local negatives should differ, rel diff {d:e}");
+        }
+    }
+}
+
+/// Sinusoid tasks 0..4 (global meta-batch); rank `r` of `world` gets its
+/// share.
+fn sinusoid_share(rank: usize, world: usize) -> aimass::meta::TaskBatch {
+    use aimass::meta::{Sinusoid, SinusoidConfig, TaskBatch, TaskSampler};
+    let s = Sinusoid::new(SinusoidConfig::default().with_seed(9), &Device::Cpu).unwrap();
+    let per = 4 / world;
+    let tasks = (rank * per..(rank + 1) * per)
+        .map(|i| s.task(i as u64).unwrap())
+        .collect();
+    TaskBatch::new(tasks).unwrap()
+}
+
+fn sine_mlp(vb: aimass::candle_nn::VarBuilder) -> aimass::Result<aimass::nn::Mlp> {
+    aimass::nn::Mlp::new(aimass::nn::MlpConfig::new([1, 16, 16, 1]), vb)
+}
+
+/// First-order MAML (Adam meta-optimizer) or Reptile, 4 steps, on the
+/// ranks of `comm` sharing a meta-batch of 4 tasks; the weights.
+fn meta_on_ranks(comm: Arc<dyn Communicator>, reptile: bool) -> aimass::Result<Weights> {
+    let share = (comm.rank(), comm.world_size());
+    meta_run(comm, reptile, share)
+}
+
+/// As [`meta_on_ranks`], on the tasks of `share` = (rank, world).
+fn meta_run(
+    comm: Arc<dyn Communicator>,
+    reptile: bool,
+    (rank, world): (usize, usize),
+) -> aimass::Result<Weights> {
+    use aimass::distributed::{DistributedOptimizer, DistributedOptimizerConfig};
+    use aimass::meta::{Maml, MamlConfig, Reptile, ReptileConfig, TaskLoss};
+    use aimass::nn::{init::seeded_var_builder, Model};
+    use aimass::optim::{Adam, AdamConfig};
+    let varmap = aimass::candle_nn::VarMap::new();
+    let model = Model::new(
+        sine_mlp(seeded_var_builder(&varmap, 4, DType::F32, &Device::Cpu))?,
+        varmap.clone(),
+    );
+    let batch = sinusoid_share(rank, world);
+    if reptile {
+        let cfg = ReptileConfig::default()
+            .with_loss(TaskLoss::Mse)
+            .with_inner_steps(3)
+            .with_inner_lr(0.01)
+            .with_epsilon(0.5);
+        let mut r = Reptile::new(model, sine_mlp, cfg)?.data_parallel(comm)?;
+        for step in 0..4 {
+            r.train_step(&batch, step)?;
+        }
+    } else {
+        let opt = Adam::from_varmap(&varmap, AdamConfig::default().with_lr(0.01))?;
+        let opt =
+            DistributedOptimizer::new(opt, &varmap, comm, DistributedOptimizerConfig::default())?;
+        let cfg = MamlConfig::default()
+            .with_loss(TaskLoss::Mse)
+            .with_first_order(true)
+            .with_inner_lr(0.05);
+        let mut m = Maml::new(model, sine_mlp, opt, cfg)?;
+        for step in 0..4 {
+            m.train_step(&batch, step)?;
+        }
+    }
+    scenarios::weights(&varmap)
+}
+
+#[test]
+fn maml_and_reptile_on_two_ranks_match_one_process() {
+    for reptile in [false, true] {
+        let one = meta_on_ranks(Arc::new(SingleProcess::new()), reptile).unwrap();
+        let got: Vec<Weights> = on_ranks(2, 60.0, |c| meta_on_ranks(c, reptile))
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(
+            max_rel_diff(&got[1], &got[0]),
+            0.0,
+            "ranks disagree (reptile {reptile})"
+        );
+        let d = max_rel_diff(&got[0], &one);
+        assert!(d < 1e-5, "reptile {reptile}: rel diff {d:e} to one process");
+        // One process on rank 0's share alone is far from it (the other
+        // rank's tasks matter).
+        let alone = meta_run(Arc::new(SingleProcess::new()), reptile, (0, 2)).unwrap();
+        assert!(
+            max_rel_diff(&alone, &one) > 1e-3,
+            "reptile {reptile}: the shares must matter"
+        );
+    }
+}

@@ -91,6 +91,38 @@ pub use threads::ThreadCommunicator;
 
 use crate::Result;
 
+/// Bucket size of the collectives of trainers that synchronise without a
+/// [`DistributedOptimizer`] (Reptile): the optimizer's default.
+const TRAINER_BUCKET_BYTES: usize = 25 * 1024 * 1024;
+
+/// Sets every variable of `vars` to rank 0's value (a collective).
+pub(crate) fn broadcast_vars(comm: &dyn Communicator, vars: &[candle_core::Var]) -> Result<()> {
+    if comm.world_size() == 1 || vars.is_empty() {
+        return Ok(());
+    }
+    let ts: Vec<candle_core::Tensor> = vars.iter().map(|v| v.as_tensor().detach()).collect();
+    let refs: Vec<&candle_core::Tensor> = ts.iter().collect();
+    let mut moved = buckets::Moved::default();
+    let got = buckets::broadcast(comm, &refs, 0, TRAINER_BUCKET_BYTES, &mut moved)?;
+    for (v, t) in vars.iter().zip(got) {
+        v.set(&t)?;
+    }
+    Ok(())
+}
+
+/// The elementwise mean over the ranks of every tensor of `ts`, bucketed
+/// (a collective).
+pub(crate) fn mean_over_ranks(
+    comm: &dyn Communicator,
+    ts: &[&candle_core::Tensor],
+) -> Result<Vec<candle_core::Tensor>> {
+    if comm.world_size() == 1 {
+        return Ok(ts.iter().map(|t| (*t).clone()).collect());
+    }
+    let mut moved = buckets::Moved::default();
+    buckets::all_reduce_mean(comm, ts, TRAINER_BUCKET_BYTES, &mut moved)
+}
+
 /// Environment variables an MPI launcher sets in every rank (Open MPI,
 /// MPICH / Intel MPI / PMI, PMIx, Slurm's `srun --mpi`).
 const MPI_LAUNCH_VARS: &[&str] = &[

@@ -394,6 +394,19 @@ impl<O: Optimizer> DistributedOptimizer<O> {
         Ok(())
     }
 
+    /// An error naming the first gradient in `grads` that is not one of
+    /// this optimizer's parameters (nothing is changed).
+    fn check_names(&self, grads: &Gradients, op: &str) -> Result<()> {
+        let known: HashSet<&str> = self.params.iter().map(|(n, _)| n.as_str()).collect();
+        match grads.names().into_iter().find(|n| !known.contains(n)) {
+            Some(unknown) => Err(Error::invalid(
+                op,
+                format!("`{unknown}` is not a parameter of this optimizer; nothing was changed"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Whether gradients are averaged before each update.
     fn averages_gradients(&self) -> bool {
         self.cfg.sync == SyncMode::Gradients && self.comm.world_size() > 1
@@ -445,6 +458,30 @@ impl<O: Optimizer> Optimizer for DistributedOptimizer<O> {
         Ok(())
     }
 
+    /// Averages the named gradients of this optimizer's parameters over
+    /// the ranks, in place (synchronous mode; local SGD leaves them). A
+    /// name that is not a parameter of this optimizer is an error.
+    fn sync_named_gradients(&mut self, grads: &mut Gradients) -> Result<()> {
+        self.check_names(grads, "DistributedOptimizer::sync_named_gradients")?;
+        if !self.averages_gradients() {
+            return Ok(());
+        }
+        let local: Vec<Option<Tensor>> = self
+            .params
+            .iter()
+            .map(|(n, _)| grads.get(n).cloned())
+            .collect();
+        let averaged = self.average(&local)?;
+        self.synced.clear();
+        for ((n, _), g) in self.params.iter().zip(averaged) {
+            if let Some(g) = g {
+                self.synced.insert(g.id());
+                grads.insert(n.clone(), g);
+            }
+        }
+        Ok(())
+    }
+
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         let local = self
             .params
@@ -455,13 +492,7 @@ impl<O: Optimizer> Optimizer for DistributedOptimizer<O> {
     }
 
     fn step_gradients(&mut self, grads: &Gradients) -> Result<()> {
-        let known: HashSet<&str> = self.params.iter().map(|(n, _)| n.as_str()).collect();
-        if let Some(unknown) = grads.names().into_iter().find(|n| !known.contains(n)) {
-            return Err(Error::invalid(
-                "DistributedOptimizer::step_gradients",
-                format!("`{unknown}` is not a parameter of this optimizer; nothing was updated"),
-            ));
-        }
+        self.check_names(grads, "DistributedOptimizer::step_gradients")?;
         let local = self
             .params
             .iter()

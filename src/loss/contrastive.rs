@@ -97,6 +97,70 @@ impl NtXentLoss {
     }
 }
 
+impl NtXentLoss {
+    /// NT-Xent of the anchors `rows` of both views against every embedding
+    /// of `z1`, `z2` `(M, D)`: the loss of one rank of a data-parallel run
+    /// whose negatives come from every rank (`z1`, `z2` gathered in rank
+    /// order, `rows` this rank's). The mean over the ranks of their losses
+    /// is [`NtXentLoss::forward`] of the whole batch; `rows = 0..M` is
+    /// `forward` itself.
+    ///
+    /// ```
+    /// use aimass::candle::{Device, Tensor};
+    /// use aimass::loss::{NtXentLoss, NtXentLossConfig};
+    /// let z1 = Tensor::randn(0f32, 1., (4, 8), &Device::Cpu)?;
+    /// let z2 = Tensor::randn(0f32, 1., (4, 8), &Device::Cpu)?;
+    /// let loss = NtXentLoss::new(NtXentLossConfig::default())?;
+    /// let halves = (loss.forward_rows(&z1, &z2, 0..2)? + loss.forward_rows(&z1, &z2, 2..4)?)?;
+    /// let whole = loss.forward(&z1, &z2)?.to_scalar::<f32>()?;
+    /// assert!((halves.to_scalar::<f32>()? / 2.0 - whole).abs() < 1e-5);
+    /// # Ok::<(), aimass::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`NtXentLoss::forward`], and [`Error::InvalidArgument`] for an
+    /// empty `rows` or one past `M`.
+    pub fn forward_rows(
+        &self,
+        z1: &Tensor,
+        z2: &Tensor,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Tensor> {
+        const OP: &str = "nt_xent_loss (rows)";
+        check_rank(OP, "embeddings (M, D)", z1, 2)?;
+        check_float(OP, "embeddings", z1)?;
+        check_same_shape(OP, z1, z2)?;
+        let m = check_batch(OP, z1, 2)?;
+        if rows.is_empty() || rows.end > m {
+            return Err(Error::invalid(
+                OP,
+                format!("anchor rows {rows:?} must be a non-empty range within the {m} rows"),
+            ));
+        }
+        let (start, n) = (rows.start, rows.len());
+        let z2 = z2.to_dtype(z1.dtype())?;
+        let eps = self.cfg.eps;
+        let u1 = ops::l2_normalize(z1, 1, eps)?;
+        let u2 = ops::l2_normalize(&z2, 1, eps)?;
+        let (a1, a2) = (u1.narrow(0, start, n)?, u2.narrow(0, start, n)?);
+        let u = Tensor::cat(&[&u1, &u2], 0)?;
+        let anchors = Tensor::cat(&[&a1, &a2], 0)?;
+        let tau = self.cfg.temperature;
+        let s = (anchors.matmul(&u.t()?)? / tau)?;
+        // Each anchor's own column (row `start + i` of view 1 is column
+        // `start + i`, of view 2 column `M + start + i`) is left out.
+        let eye = Tensor::eye(2 * m, DType::U8, s.device())?;
+        let own = Tensor::cat(&[eye.narrow(0, start, n)?, eye.narrow(0, m + start, n)?], 0)?;
+        let neg_inf = crate::host::full(f64::NEG_INFINITY, (2 * n, 2 * m), s.dtype(), s.device())?;
+        let s = own.where_cond(&neg_inf, &s)?;
+        let lse = ops::logsumexp(&s, 1, false)?;
+        let pos = ((a1 * a2)?.sum(1)? / tau)?;
+        let pos = Tensor::cat(&[&pos, &pos], 0)?;
+        Ok((lse - pos)?.mean_all()?)
+    }
+}
+
 /// NT-Xent of two views' embeddings `(N, D)` at `temperature` (see the
 /// module docs); N >= 2.
 pub fn nt_xent_loss(z1: &Tensor, z2: &Tensor, temperature: f64) -> Result<Tensor> {

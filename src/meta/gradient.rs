@@ -215,12 +215,31 @@ where
     /// One update of the meta-parameters from `grads` (parameters the
     /// optimizer does not hold stay as they are).
     pub(crate) fn meta_step(&mut self, grads: &Gradients) -> Result<()> {
-        let kept: Gradients = grads
+        let kept = self.optimized_only(grads);
+        self.optimizer.step_gradients(&kept)
+    }
+
+    /// The gradients of the parameters the optimizer holds.
+    fn optimized_only(&self, grads: &Gradients) -> Gradients {
+        grads
             .iter()
             .filter(|(n, _)| self.optimized.contains(*n))
             .map(|(n, g)| (n.to_string(), g.clone()))
-            .collect();
-        self.optimizer.step_gradients(&kept)
+            .collect()
+    }
+
+    /// The meta-gradient of `batch` restricted to the optimized parameters
+    /// and, with a data-parallel optimizer, averaged over the ranks; the
+    /// guard's verdict on it; the loss and accuracy of this rank's tasks.
+    fn checked_gradient(
+        &mut self,
+        batch: &TaskBatch,
+        step: u64,
+    ) -> Result<(GuardAction, Gradients, f64, Option<f64>)> {
+        let (grads, loss, acc) = self.meta_batch_gradient(batch)?;
+        let mut grads = self.optimized_only(&grads);
+        self.optimizer.sync_named_gradients(&mut grads)?;
+        Ok((self.check(loss, &grads, step)?, grads, loss, acc))
     }
 
     /// The meta-gradient of a meta-batch (the mean over its tasks of the
@@ -261,10 +280,7 @@ where
         // Train-mode forwards update BatchNorm running statistics: undo
         // them if the step is rejected.
         let saved = BufferSnapshot::take(&self.buffers)?;
-        let outcome = self
-            .meta_batch_gradient(batch)
-            .and_then(|(g, loss, acc)| Ok((self.check(loss, &g, step)?, g, loss, acc)));
-        let (action, grads, loss, acc) = match outcome {
+        let (action, grads, loss, acc) = match self.checked_gradient(batch, step) {
             Ok(o) => o,
             Err(e) => {
                 saved.restore()?;

@@ -1,11 +1,13 @@
 //! Reptile: move the initialisation towards each task's adapted weights.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::{ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::config::config;
+use crate::distributed::Communicator;
 use crate::meta::gradient::sum_of_squares;
 use crate::meta::{Evaluation, Task, TaskBatch, TaskLoss};
 use crate::nn::params::{deep_copy, dtype_device, named_vars};
@@ -99,6 +101,7 @@ pub struct Reptile<M, B> {
     cfg: ReptileConfig,
     epsilon: f64,
     guard: NonFiniteGuard,
+    comm: Option<Arc<dyn Communicator>>,
 }
 
 impl<M, B> Reptile<M, B>
@@ -115,7 +118,68 @@ where
             epsilon: cfg.epsilon,
             guard: NonFiniteGuard::new(cfg.non_finite),
             cfg,
+            comm: None,
         })
+    }
+
+    /// The same trainer, data-parallel over the ranks of `comm` (a
+    /// collective: every rank calls it): the model's variables are
+    /// broadcast from rank 0, and each step moves θ towards the mean of the
+    /// adapted weights over every rank's tasks (each rank adapts to its own
+    /// share of the meta-batch; with equal shares this is the
+    /// single-process step on the whole meta-batch). The reported loss and
+    /// accuracy are the means over all ranks' tasks.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Communication`] if the broadcast fails;
+    /// [`Error::InvalidArgument`] for a trainer that is data-parallel
+    /// already.
+    pub fn data_parallel(mut self, comm: Arc<dyn Communicator>) -> Result<Self> {
+        if self.comm.is_some() {
+            return Err(Error::invalid(
+                "Reptile::data_parallel",
+                "the trainer is data-parallel already",
+            ));
+        }
+        let vars: Vec<_> = named_vars(self.model.varmap())?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        crate::distributed::broadcast_vars(comm.as_ref(), &vars)?;
+        self.comm = Some(comm);
+        Ok(self)
+    }
+
+    /// With [`Reptile::data_parallel`]: the means over the ranks of the
+    /// summed adapted weights, of the summed loss and accuracy and of the
+    /// task count; without: the local values.
+    fn across_ranks(
+        &self,
+        sum: BTreeMap<String, Tensor>,
+        loss_sum: f64,
+        acc_sum: f64,
+        n: f64,
+    ) -> Result<(BTreeMap<String, Tensor>, f64, f64, f64)> {
+        let Some(comm) = self.comm.as_ref().filter(|c| c.world_size() > 1) else {
+            return Ok((sum, loss_sum, acc_sum, n));
+        };
+        let (dtype, device) = dtype_device(self.model.varmap())?;
+        // host-ok: three per-step statistics join the collective.
+        let stats = Tensor::new(&[loss_sum, acc_sum, n], &candle_core::Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(&device)?;
+        let mut refs: Vec<&Tensor> = sum.values().collect();
+        refs.push(&stats);
+        let mut means = crate::distributed::mean_over_ranks(comm.as_ref(), &refs)?;
+        let stats = means.pop().expect("the statistics were pushed last");
+        // host-ok: the three means, once per step.
+        let s = stats
+            .to_device(&candle_core::Device::Cpu)?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1::<f64>()?;
+        let sum = sum.into_keys().zip(means).collect();
+        Ok((sum, s[0], s[1], s[2]))
     }
 
     /// The model being meta-learned.
@@ -227,7 +291,8 @@ where
             loss_sum += l.first().copied().unwrap_or(f64::NAN);
             acc_sum += a.and_then(|a| a.first().copied()).unwrap_or(0.0);
         }
-        let n = batch.len() as f64;
+        let (sum, loss_sum, acc_sum, n) =
+            self.across_ranks(sum, loss_sum, acc_sum, batch.len() as f64)?;
         let loss = loss_sum / n;
         let sq = sum_of_squares(sum.values())?;
         let ok = self

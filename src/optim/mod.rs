@@ -117,6 +117,15 @@ pub trait Optimizer {
         Ok(())
     }
 
+    /// [`Optimizer::sync_gradients`] for gradients held by name (a
+    /// [`Gradients`] value, as the meta-learning trainers compute them):
+    /// a data-parallel optimizer replaces its parameters' gradients by
+    /// their mean over all ranks, so every rank checks and applies the same
+    /// values. The default does nothing.
+    fn sync_named_gradients(&mut self, _grads: &mut Gradients) -> Result<()> {
+        Ok(())
+    }
+
     /// The base learning rate (each group multiplies it by its `lr_scale`).
     fn lr(&self) -> f64;
 
@@ -158,6 +167,9 @@ impl<O: Optimizer + ?Sized> Optimizer for Box<O> {
     }
     fn sync_gradients(&mut self, grads: &mut GradStore) -> Result<()> {
         (**self).sync_gradients(grads)
+    }
+    fn sync_named_gradients(&mut self, grads: &mut Gradients) -> Result<()> {
+        (**self).sync_named_gradients(grads)
     }
     fn lr(&self) -> f64 {
         (**self).lr()

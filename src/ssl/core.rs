@@ -3,12 +3,15 @@
 //! checkpoint state and the backbone export.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Tensor, Var};
 use candle_nn::VarMap;
 
 use super::optim::SslOptimConfig;
+use crate::autograd::Replicas;
 use crate::data::Batch;
+use crate::distributed::{Communicator, DistributedOptimizer, DistributedOptimizerConfig};
 use crate::nn::params;
 use crate::optim::Optimizer;
 use crate::train::{BufferSnapshot, Checkpoint, GuardAction, NonFiniteGuard, StepOutput};
@@ -24,6 +27,9 @@ pub(crate) struct Core {
     guard: NonFiniteGuard,
     params: Vec<(String, Var)>,
     buffers: Vec<Var>,
+    /// The other ranks, once [`Core::distribute`] made the trainer
+    /// data-parallel.
+    replicas: Option<Arc<dyn Replicas>>,
 }
 
 /// The result of [`Core::step`]: the step output and, when the update was
@@ -58,7 +64,59 @@ impl Core {
             guard: NonFiniteGuard::new(optim.non_finite),
             params: params_all,
             buffers,
+            replicas: None,
         })
+    }
+
+    /// The same core, data-parallel over the ranks of `comm`: the optimizer
+    /// becomes a [`DistributedOptimizer`] (gradients averaged over the
+    /// ranks before the checks and the update), and every variable of
+    /// every network, trained or not, is broadcast from rank 0 (a
+    /// collective: every rank calls it). The untrained networks (targets)
+    /// join under their checkpoint prefix, so their BatchNorm statistics
+    /// follow rank 0's as the trained ones do.
+    pub fn distribute(
+        self,
+        comm: Arc<dyn Communicator>,
+        config: DistributedOptimizerConfig,
+    ) -> Result<Self> {
+        if self.replicas.is_some() {
+            return Err(Error::invalid(
+                "ssl trainer data_parallel",
+                "the trainer is data-parallel already",
+            ));
+        }
+        let all = VarMap::new();
+        {
+            let mut data = all.data().lock().map_err(|_| {
+                Error::invalid("ssl trainer data_parallel", "a VarMap lock is poisoned")
+            })?;
+            for (_, m) in &self.trained {
+                data.extend(params::named_vars(m)?);
+            }
+            for (prefix, m) in &self.frozen {
+                for (name, var) in params::named_vars(m)? {
+                    data.insert(format!("{prefix}.{name}"), var);
+                }
+            }
+        }
+        let replicas = crate::distributed::replicas(&comm);
+        let optimizer: Box<dyn Optimizer> = Box::new(DistributedOptimizer::new(
+            self.optimizer,
+            &all,
+            comm,
+            config,
+        )?);
+        Ok(Core {
+            optimizer,
+            replicas: Some(replicas),
+            ..self
+        })
+    }
+
+    /// The other ranks of a data-parallel trainer ([`Core::distribute`]).
+    pub fn replicas(&self) -> Option<&Arc<dyn Replicas>> {
+        self.replicas.as_ref()
     }
 
     /// The optimizer.

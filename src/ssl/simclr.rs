@@ -6,6 +6,8 @@
 //! over the 2N projections: each projection's positive is its other view,
 //! the 2N − 2 others are negatives ([`crate::loss::NtXentLoss`]).
 
+use std::sync::Arc;
+
 use candle_core::{Device, ModuleT};
 
 use super::backbone::{Backbone, Encoder};
@@ -32,6 +34,14 @@ config! {
         optim: SslOptimConfig = SslOptimConfig::simclr(),
         /// Seed of the initialisation (default 0).
         seed: u64 = 0,
+        /// In a data-parallel run ([`SimClr::data_parallel`]), take the
+        /// negatives from every rank's batch (SimCLR's global batch; lightly's
+        /// `gather_distributed`): the embeddings are gathered, and their
+        /// gradients flow back to the rank that computed them. The loss is
+        /// then that of one process with the global batch. Default false:
+        /// each rank's negatives are its own batch's (cheaper, a smaller
+        /// effective batch for the loss). No effect in one process.
+        gather_distributed: bool = false,
     }
 }
 
@@ -90,13 +100,24 @@ impl<B: ModuleT> SimClr<B> {
 
     fn step_impl(&mut self, batch: &Batch, step: u64) -> Result<StepOutput> {
         let loss = &self.loss;
+        let replicas = match self.core.replicas() {
+            Some(r) if self.cfg.gather_distributed && r.world_size() > 1 => Some(Arc::clone(r)),
+            _ => None,
+        };
         projection_step(
             &mut self.core,
             &self.online,
             batch,
             step,
             "SimClr::train_step",
-            |z1, z2| loss.forward(z1, z2),
+            |z1, z2| match &replicas {
+                None => loss.forward(z1, z2),
+                Some(r) => {
+                    let (g1, g2) = (r.gather(z1)?, r.gather(z2)?);
+                    let rows = g1.offset..g1.offset + z1.dim(0)?;
+                    loss.forward_rows(&g1.all, &g2.all, rows)
+                }
+            },
         )
     }
 }

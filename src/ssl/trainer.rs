@@ -136,6 +136,36 @@ macro_rules! impl_ssl_trainer {
             pub fn optimizer(&self) -> &dyn $crate::optim::Optimizer {
                 self.core.optimizer()
             }
+
+            /// The same trainer, data-parallel over the ranks of `comm`
+            /// (a collective: every rank calls it, each with its own
+            /// trainer built from the same config): every network's
+            /// variables are broadcast from rank 0, and the optimizer
+            /// becomes a
+            /// [`DistributedOptimizer`]($crate::distributed::DistributedOptimizer)
+            /// with `config`, so gradients are averaged over the ranks
+            /// before the non-finite check and the update (or, with local
+            /// SGD, the online networks are averaged every H steps; target
+            /// networks follow them by EMA). Each rank steps on its own
+            /// shard of every batch ([`crate::data::Shard`]); wrap the
+            /// result in [`DataParallel`]($crate::distributed::DataParallel)
+            /// for synchronised BatchNorm and metrics averaged over the
+            /// ranks. Checkpoints keep the single-process layout, so a run
+            /// resumes with a different number of ranks.
+            ///
+            /// # Errors
+            ///
+            /// As [`DistributedOptimizer::new`]($crate::distributed::DistributedOptimizer::new);
+            /// [`Error::InvalidArgument`]($crate::Error::InvalidArgument)
+            /// for a trainer that is data-parallel already.
+            pub fn data_parallel(
+                mut self,
+                comm: std::sync::Arc<dyn $crate::distributed::Communicator>,
+                config: $crate::distributed::DistributedOptimizerConfig,
+            ) -> $crate::Result<Self> {
+                self.core = self.core.distribute(comm, config)?;
+                Ok(self)
+            }
         }
     };
 }
