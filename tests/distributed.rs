@@ -440,12 +440,14 @@ fn two_view_batch(rank: usize, world: usize) -> aimass::data::Batch {
     }
 }
 
-/// SimCLR on an MLP without BatchNorm (so the ranks' local batches do not
-/// change the normalisation), 3 steps on `world` ranks; the online
-/// network's weights.
-fn simclr_on_ranks(comm: Arc<dyn Communicator>, gather: bool) -> aimass::Result<Weights> {
+/// SimCLR (or MoCo) on an MLP without BatchNorm (so the ranks' local
+/// batches do not change the normalisation), 3 steps on the ranks of
+/// `comm`; the online network's weights (and MoCo's queue).
+fn ssl_on_ranks(comm: Arc<dyn Communicator>, gather: bool, moco: bool) -> aimass::Result<Weights> {
     use aimass::nn::{seq, HeadConfig, Mlp, MlpConfig};
-    use aimass::ssl::{Backbone, SimClr, SimClrConfig, SslOptimConfig, SslOptimizer, SslTrainer};
+    use aimass::ssl::{
+        Backbone, MoCo, MoCoConfig, SimClr, SimClrConfig, SslOptimConfig, SslOptimizer, SslTrainer,
+    };
     let backbone = Backbone::new(16, |vb| {
         let mlp = Mlp::new(MlpConfig::new(vec![64, 32, 16]), vb)?;
         Ok(seq().add_fn(|x, _| x.flatten_from(1)).add(mlp))
@@ -466,9 +468,31 @@ fn simclr_on_ranks(comm: Arc<dyn Communicator>, gather: bool) -> aimass::Result<
         )
         .with_gather_distributed(gather);
     let (rank, world) = (comm.rank(), comm.world_size());
+    let batch = two_view_batch(rank, world);
+    if moco {
+        let cfg = MoCoConfig::default()
+            .with_queue_size(32)
+            .with_projector(cfg.projector)
+            .with_optim(cfg.optim);
+        let mut t =
+            MoCo::new(backbone, cfg, &Device::Cpu)?.data_parallel(comm, Default::default())?;
+        for step in 0..3 {
+            t.train_step(&batch, step)?;
+        }
+        let mut w = scenarios::weights(t.encoder().varmap())?;
+        // The queue too (every rank's keys, in order).
+        w.insert(
+            "queue".into(),
+            t.queue()
+                .keys()
+                .flatten_all()?
+                .to_dtype(DType::F64)?
+                .to_vec1()?,
+        );
+        return Ok(w);
+    }
     let mut t =
         SimClr::new(backbone, cfg, &Device::Cpu)?.data_parallel(comm, Default::default())?;
-    let batch = two_view_batch(rank, world);
     for step in 0..3 {
         t.train_step(&batch, step)?;
     }
@@ -477,10 +501,10 @@ fn simclr_on_ranks(comm: Arc<dyn Communicator>, gather: bool) -> aimass::Result<
 }
 
 #[test]
-fn simclr_with_gathered_negatives_on_two_ranks_matches_one_process() {
-    let one = simclr_on_ranks(Arc::new(SingleProcess::new()), true).unwrap();
+fn simclr_with_gathered_negatives_and_moco_on_two_ranks_match_one_process() {
+    let one = ssl_on_ranks(Arc::new(SingleProcess::new()), true, false).unwrap();
     for gather in [true, false] {
-        let got: Vec<Weights> = on_ranks(2, 60.0, |c| simclr_on_ranks(c, gather))
+        let got: Vec<Weights> = on_ranks(2, 60.0, |c| ssl_on_ranks(c, gather, false))
             .into_iter()
             .map(|r| r.unwrap())
             .collect();
@@ -496,6 +520,14 @@ fn simclr_with_gathered_negatives_on_two_ranks_matches_one_process() {
             assert!(d > 1e-4, "local negatives should differ, rel diff {d:e}");
         }
     }
+    let one = ssl_on_ranks(Arc::new(SingleProcess::new()), false, true).unwrap();
+    let got: Vec<Weights> = on_ranks(2, 60.0, |c| ssl_on_ranks(c, false, true))
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(max_rel_diff(&got[1], &got[0]), 0.0, "MoCo ranks disagree");
+    let d = max_rel_diff(&got[0], &one);
+    assert!(d < 1e-5, "MoCo: rel diff {d:e} to one process");
 }
 
 /// Sinusoid tasks 0..4 (global meta-batch); rank `r` of `world` gets its

@@ -12,7 +12,9 @@
 //! ([`crate::loss::InfoNceLoss`]); after the update the first view's keys
 //! replace the oldest entries of the queue (each image enters it once per
 //! epoch, as in MoCo). The queue starts as random unit vectors and is part
-//! of the checkpoint, with its write pointer.
+//! of the checkpoint, with its write pointer. In a data-parallel run
+//! ([`MoCo::data_parallel`]) the keys of every rank enter every rank's
+//! queue, in rank order, as in MoCo's reference code.
 
 use candle_core::{DType, Device, ModuleT, Tensor};
 
@@ -134,11 +136,13 @@ impl<B: ModuleT> MoCo<B> {
 
     fn step_impl(&mut self, batch: &Batch, step: u64) -> Result<StepOutput> {
         let (x, n) = stack_views(batch, "MoCo::train_step")?;
-        if n > self.queue.len() {
+        let replicas = self.core.replicas().cloned();
+        let ranks = replicas.as_ref().map_or(1, |r| r.world_size());
+        if n * ranks > self.queue.len() {
             return Err(Error::config(
                 "MoCoConfig::queue_size",
                 self.queue.len(),
-                format!("must be at least the batch size ({n})"),
+                format!("must be at least the (global) batch size ({})", n * ranks),
             ));
         }
         let (online, key_encoder, queue, loss) =
@@ -154,6 +158,12 @@ impl<B: ModuleT> MoCo<B> {
         })?;
         if let Some(k1) = stepped.extra {
             self.ema.update(step + 1)?;
+            // Data-parallel: every rank's keys, in rank order (MoCo's
+            // reference gathers them too), so the queues stay identical.
+            let k1 = match &replicas {
+                Some(r) if ranks > 1 => r.gather(&k1.detach())?.all,
+                _ => k1,
+            };
             self.queue.push(&k1)?;
         }
         Ok(stepped.out)
