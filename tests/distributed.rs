@@ -415,6 +415,16 @@ fn step_reports_are_averaged_and_disagreeing_skips_are_errors() {
 
 // ---------------------------------------------------------------- trainers
 
+/// The weights `train` returns on each of two thread ranks.
+fn weights_on_two_ranks(
+    train: impl Fn(Arc<dyn Communicator>) -> aimass::Result<Weights> + Sync,
+) -> Vec<Weights> {
+    on_ranks(2, 60.0, train)
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
 /// 8 samples × 2 views of 8×8 noise, the global batch of the trainer
 /// scenarios; rank `r` of `world` gets its rows `r·8/W ..`.
 fn two_view_batch(rank: usize, world: usize) -> aimass::data::Batch {
@@ -504,10 +514,7 @@ fn ssl_on_ranks(comm: Arc<dyn Communicator>, gather: bool, moco: bool) -> aimass
 fn simclr_with_gathered_negatives_and_moco_on_two_ranks_match_one_process() {
     let one = ssl_on_ranks(Arc::new(SingleProcess::new()), true, false).unwrap();
     for gather in [true, false] {
-        let got: Vec<Weights> = on_ranks(2, 60.0, |c| ssl_on_ranks(c, gather, false))
-            .into_iter()
-            .map(|r| r.unwrap())
-            .collect();
+        let got = weights_on_two_ranks(|c| ssl_on_ranks(c, gather, false));
         assert_eq!(max_rel_diff(&got[1], &got[0]), 0.0, "ranks disagree");
         let d = max_rel_diff(&got[0], &one);
         if gather {
@@ -521,10 +528,7 @@ fn simclr_with_gathered_negatives_and_moco_on_two_ranks_match_one_process() {
         }
     }
     let one = ssl_on_ranks(Arc::new(SingleProcess::new()), false, true).unwrap();
-    let got: Vec<Weights> = on_ranks(2, 60.0, |c| ssl_on_ranks(c, false, true))
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect();
+    let got = weights_on_two_ranks(|c| ssl_on_ranks(c, false, true));
     assert_eq!(max_rel_diff(&got[1], &got[0]), 0.0, "MoCo ranks disagree");
     let d = max_rel_diff(&got[0], &one);
     assert!(d < 1e-5, "MoCo: rel diff {d:e} to one process");
@@ -599,10 +603,7 @@ fn meta_run(
 fn maml_and_reptile_on_two_ranks_match_one_process() {
     for reptile in [false, true] {
         let one = meta_on_ranks(Arc::new(SingleProcess::new()), reptile).unwrap();
-        let got: Vec<Weights> = on_ranks(2, 60.0, |c| meta_on_ranks(c, reptile))
-            .into_iter()
-            .map(|r| r.unwrap())
-            .collect();
+        let got = weights_on_two_ranks(|c| meta_on_ranks(c, reptile));
         assert_eq!(
             max_rel_diff(&got[1], &got[0]),
             0.0,

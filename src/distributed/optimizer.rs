@@ -321,6 +321,37 @@ impl<O: Optimizer> DistributedOptimizer<O> {
             .collect())
     }
 
+    /// This rank's gradient of each parameter, in order, as `get` finds it.
+    fn gradients_by_param(
+        &self,
+        get: impl Fn(&str, &Var) -> Option<Tensor>,
+    ) -> Vec<Option<Tensor>> {
+        self.params.iter().map(|(n, v)| get(n, v)).collect()
+    }
+
+    /// The sync of [`Optimizer::sync_gradients`]: in synchronous mode, the
+    /// mean over ranks of `local` (by parameter) goes back through `put`,
+    /// and is remembered as synchronised (the update that applies it does
+    /// not average it again).
+    fn sync_in_place(
+        &mut self,
+        local: Vec<Option<Tensor>>,
+        mut put: impl FnMut(&str, &Var, Tensor),
+    ) -> Result<()> {
+        if !self.averages_gradients() {
+            return Ok(());
+        }
+        let averaged = self.average(&local)?;
+        self.synced.clear();
+        for ((n, v), g) in self.params.iter().zip(averaged) {
+            if let Some(g) = g {
+                self.synced.insert(g.id());
+                put(n, v, g);
+            }
+        }
+        Ok(())
+    }
+
     /// Replaces every variable of `vars` by its mean over the ranks.
     fn average_vars(&mut self, vars: &[Var]) -> Result<()> {
         if vars.is_empty() {
@@ -439,23 +470,10 @@ impl<O: Optimizer> Optimizer for DistributedOptimizer<O> {
     /// Averages the gradients of this optimizer's parameters in `grads`
     /// over the ranks, in place (synchronous mode; local SGD leaves them).
     fn sync_gradients(&mut self, grads: &mut GradStore) -> Result<()> {
-        if !self.averages_gradients() {
-            return Ok(());
-        }
-        let local: Vec<Option<Tensor>> = self
-            .params
-            .iter()
-            .map(|(_, v)| grads.get(v).cloned())
-            .collect();
-        let averaged = self.average(&local)?;
-        self.synced.clear();
-        for ((_, v), g) in self.params.iter().zip(averaged) {
-            if let Some(g) = g {
-                self.synced.insert(g.id());
-                grads.insert(v, g);
-            }
-        }
-        Ok(())
+        let local = self.gradients_by_param(|_, v| grads.get(v).cloned());
+        self.sync_in_place(local, |_, v, g| {
+            grads.insert(v, g);
+        })
     }
 
     /// Averages the named gradients of this optimizer's parameters over
@@ -463,23 +481,10 @@ impl<O: Optimizer> Optimizer for DistributedOptimizer<O> {
     /// name that is not a parameter of this optimizer is an error.
     fn sync_named_gradients(&mut self, grads: &mut Gradients) -> Result<()> {
         self.check_names(grads, "DistributedOptimizer::sync_named_gradients")?;
-        if !self.averages_gradients() {
-            return Ok(());
-        }
-        let local: Vec<Option<Tensor>> = self
-            .params
-            .iter()
-            .map(|(n, _)| grads.get(n).cloned())
-            .collect();
-        let averaged = self.average(&local)?;
-        self.synced.clear();
-        for ((n, _), g) in self.params.iter().zip(averaged) {
-            if let Some(g) = g {
-                self.synced.insert(g.id());
-                grads.insert(n.clone(), g);
-            }
-        }
-        Ok(())
+        let local = self.gradients_by_param(|n, _| grads.get(n).cloned());
+        self.sync_in_place(local, |n, _, g| {
+            grads.insert(n, g);
+        })
     }
 
     fn step(&mut self, grads: &GradStore) -> Result<()> {

@@ -73,31 +73,10 @@ impl NtXentLoss {
 
     /// The loss of two views' embeddings `z1`, `z2` of shape `(N, D)`, N >= 2.
     pub fn forward(&self, z1: &Tensor, z2: &Tensor) -> Result<Tensor> {
-        const OP: &str = "nt_xent_loss";
-        check_rank(OP, "embeddings (N, D)", z1, 2)?;
-        check_float(OP, "embeddings", z1)?;
-        check_same_shape(OP, z1, z2)?;
-        let n = check_batch(OP, z1, 2)?;
-        let z2 = z2.to_dtype(z1.dtype())?;
-        let eps = self.cfg.eps;
-        let u1 = ops::l2_normalize(z1, 1, eps)?;
-        let u2 = ops::l2_normalize(&z2, 1, eps)?;
-        let u = Tensor::cat(&[&u1, &u2], 0)?;
-        let tau = self.cfg.temperature;
-        let s = (u.matmul(&u.t()?)? / tau)?;
-        // Exclude each row's self-similarity from the log-sum-exp.
-        let eye = Tensor::eye(2 * n, DType::U8, s.device())?;
-        let neg_inf = crate::host::full(f64::NEG_INFINITY, (2 * n, 2 * n), s.dtype(), s.device())?;
-        let s = eye.where_cond(&neg_inf, &s)?;
-        let lse = ops::logsumexp(&s, 1, false)?;
-        // Positive similarities, the same for both views of a pair.
-        let pos = ((u1 * u2)?.sum(1)? / tau)?;
-        let pos = Tensor::cat(&[&pos, &pos], 0)?;
-        Ok((lse - pos)?.mean_all()?)
+        let n = z1.dims().first().copied().unwrap_or(0);
+        self.forward_rows(z1, z2, 0..n)
     }
-}
 
-impl NtXentLoss {
     /// NT-Xent of the anchors `rows` of both views against every embedding
     /// of `z1`, `z2` `(M, D)`: the loss of one rank of a data-parallel run
     /// whose negatives come from every rank (`z1`, `z2` gathered in rank
@@ -127,8 +106,8 @@ impl NtXentLoss {
         z2: &Tensor,
         rows: std::ops::Range<usize>,
     ) -> Result<Tensor> {
-        const OP: &str = "nt_xent_loss (rows)";
-        check_rank(OP, "embeddings (M, D)", z1, 2)?;
+        const OP: &str = "nt_xent_loss";
+        check_rank(OP, "embeddings (N, D)", z1, 2)?;
         check_float(OP, "embeddings", z1)?;
         check_same_shape(OP, z1, z2)?;
         let m = check_batch(OP, z1, 2)?;
