@@ -125,10 +125,10 @@ where
     /// The same trainer, data-parallel over the ranks of `comm` (a
     /// collective: every rank calls it): the model's variables are
     /// broadcast from rank 0, and each step moves θ towards the mean of the
-    /// adapted weights over every rank's tasks (each rank adapts to its own
-    /// share of the meta-batch; with equal shares this is the
-    /// single-process step on the whole meta-batch). The reported loss and
-    /// accuracy are the means over all ranks' tasks.
+    /// adapted weights over every task of every rank (each rank adapts to
+    /// its own share of the meta-batch): the single-process step on the
+    /// whole meta-batch. The reported loss and accuracy are the means over
+    /// all ranks' tasks.
     ///
     /// # Errors
     ///
@@ -164,10 +164,11 @@ where
         let Some(comm) = self.comm.as_ref().filter(|c| c.world_size() > 1) else {
             return Ok((sum, loss_sum, acc_sum, n));
         };
-        let (dtype, device) = dtype_device(self.model.varmap())?;
-        // host-ok: three per-step statistics join the collective.
+        let (_, device) = dtype_device(self.model.varmap())?;
+        // host-ok: three per-step statistics join the collective (in f32,
+        // which every device has, whatever the model's dtype).
         let stats = Tensor::new(&[loss_sum, acc_sum, n], &candle_core::Device::Cpu)?
-            .to_dtype(dtype)?
+            .to_dtype(candle_core::DType::F32)?
             .to_device(&device)?;
         let mut refs: Vec<&Tensor> = sum.values().collect();
         refs.push(&stats);

@@ -150,8 +150,8 @@ macro_rules! impl_ssl_trainer {
             /// shard of every batch ([`crate::data::Shard`]); wrap the
             /// result in [`DataParallel`]($crate::distributed::DataParallel)
             /// for synchronised BatchNorm and metrics averaged over the
-            /// ranks. Checkpoints keep the single-process layout, so a run
-            /// resumes with a different number of ranks.
+            /// ranks. Checkpoints have the single-process layout (the
+            /// optimizer state is the wrapped optimizer's).
             ///
             /// # Errors
             ///
