@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
 use aimass::data::augment::{presets, Normalize};
 use aimass::data::{
@@ -52,9 +52,8 @@ use aimass::train::{
 )]
 struct Args {
     /// The model.
-    #[arg(long, default_value = "resnet_tiny",
-          value_parser = ["resnet_tiny", "resnet_small", "resnet18", "convnet"])]
-    model: String,
+    #[arg(long, value_enum, default_value_t = ModelKind::ResnetTiny)]
+    model: ModelKind,
     /// Fashion-MNIST directory (the four *-ubyte.gz files): train on the
     /// full 60,000, test on the 10,000. Default: the embedded split.
     #[arg(long)]
@@ -90,6 +89,26 @@ struct Args {
     labels_per_class: Option<usize>,
 }
 
+/// The models `--model` offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ModelKind {
+    #[value(name = "resnet_tiny")]
+    ResnetTiny,
+    #[value(name = "resnet_small")]
+    ResnetSmall,
+    #[value(name = "resnet18")]
+    Resnet18,
+    #[value(name = "convnet")]
+    Convnet,
+}
+
+impl std::fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = self.to_possible_value().expect("every model has a name");
+        f.write_str(v.get_name())
+    }
+}
+
 /// An error ends the example with status 1 and its message (`aimass::Error`'s
 /// `Debug` is its message).
 fn main() -> Result<()> {
@@ -113,7 +132,7 @@ fn main() -> Result<()> {
     );
     eprintln!("device: {}", aimass::device::device_name(&device));
 
-    let is_convnet = args.model == "convnet";
+    let is_convnet = args.model == ModelKind::Convnet;
     // Few labels: N labelled images per class, the rest of the training set unused.
     let train_set = match args.labels_per_class {
         Some(n) => {
@@ -149,30 +168,23 @@ fn main() -> Result<()> {
 
     let varmap = VarMap::new();
     let vb = seeded_var_builder(&varmap, args.seed, DType::F32, &device);
-    let model: SequentialT = match args.model.as_str() {
-        "convnet" => seq().add(ConvNet::new(ConvNetConfig::default(), vb)?),
-        "resnet_tiny" => seq().add(ResNet::new(
+    let model: SequentialT = match args.model {
+        ModelKind::Convnet => seq().add(ConvNet::new(ConvNetConfig::default(), vb)?),
+        ModelKind::ResnetTiny => seq().add(ResNet::new(
             ResNetConfig::resnet_tiny().with_num_classes(Some(10)),
             vb,
         )?),
-        "resnet_small" => seq().add(ResNet::new(
+        ModelKind::ResnetSmall => seq().add(ResNet::new(
             ResNetConfig::resnet_small().with_num_classes(Some(10)),
             vb,
         )?),
-        "resnet18" => seq().add(ResNet::new(
+        ModelKind::Resnet18 => seq().add(ResNet::new(
             ResNetConfig::resnet18()
                 .with_in_channels(1)
                 .with_stem(Stem::Small)
                 .with_num_classes(Some(10)),
             vb,
         )?),
-        other => {
-            return Err(Error::config(
-                "--model",
-                other,
-                "expected resnet_tiny, resnet_small, resnet18 or convnet",
-            ))
-        }
     };
     let params = aimass::nn::params::num_params(&varmap)?;
     if let Some(path) = &args.init {
