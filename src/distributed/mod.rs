@@ -93,17 +93,22 @@ use crate::Result;
 
 /// Bucket size of the collectives of trainers that synchronise without a
 /// [`DistributedOptimizer`] (Reptile): the optimizer's default.
-const TRAINER_BUCKET_BYTES: usize = 25 * 1024 * 1024;
+pub(crate) const TRAINER_BUCKET_BYTES: usize = 25 * 1024 * 1024;
 
-/// Sets every variable of `vars` to rank 0's value (a collective).
-pub(crate) fn broadcast_vars(comm: &dyn Communicator, vars: &[candle_core::Var]) -> Result<()> {
+/// Sets every variable of `vars` to rank 0's value, in buckets of at most
+/// `cap` bytes (a collective).
+pub(crate) fn broadcast_vars(
+    comm: &dyn Communicator,
+    vars: &[candle_core::Var],
+    cap: usize,
+) -> Result<()> {
     if comm.world_size() == 1 || vars.is_empty() {
         return Ok(());
     }
     let ts: Vec<candle_core::Tensor> = vars.iter().map(|v| v.as_tensor().detach()).collect();
     let refs: Vec<&candle_core::Tensor> = ts.iter().collect();
     let mut moved = buckets::Moved::default();
-    let got = buckets::broadcast(comm, &refs, 0, TRAINER_BUCKET_BYTES, &mut moved)?;
+    let got = buckets::broadcast(comm, &refs, 0, cap, &mut moved)?;
     for (v, t) in vars.iter().zip(got) {
         v.set(&t)?;
     }

@@ -213,7 +213,7 @@ impl<O: Optimizer> DistributedOptimizer<O> {
             .into_iter()
             .map(|(_, v)| v)
             .collect();
-        let mut opt = DistributedOptimizer {
+        let opt = DistributedOptimizer {
             inner,
             comm,
             cfg: config,
@@ -228,7 +228,8 @@ impl<O: Optimizer> DistributedOptimizer<O> {
             .into_iter()
             .map(|(_, v)| v)
             .collect();
-        opt.broadcast_vars(&vars)?;
+        // The construction-time broadcast, not counted in the stats.
+        super::broadcast_vars(opt.comm.as_ref(), &vars, opt.cap())?;
         Ok(opt)
     }
 
@@ -260,22 +261,6 @@ impl<O: Optimizer> DistributedOptimizer<O> {
 
     fn cap(&self) -> usize {
         (self.cfg.bucket_mb * 1024.0 * 1024.0) as usize
-    }
-
-    /// Replaces `vars` by rank 0's values (the construction-time broadcast,
-    /// not counted in the stats).
-    fn broadcast_vars(&mut self, vars: &[Var]) -> Result<()> {
-        if self.comm.world_size() == 1 || vars.is_empty() {
-            return Ok(());
-        }
-        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().detach()).collect();
-        let refs: Vec<&Tensor> = ts.iter().collect();
-        let mut moved = Moved::default();
-        let got = buckets::broadcast(self.comm.as_ref(), &refs, 0, self.cap(), &mut moved)?;
-        for (v, t) in vars.iter().zip(got) {
-            v.set(&t)?;
-        }
-        Ok(())
     }
 
     /// The mean over ranks of `ts`, bucketed and timed.

@@ -292,7 +292,8 @@ where
             saved.restore()?;
             return Ok(StepOutput::new(loss, tasks).skipped(true));
         }
-        self.meta_step(&grads)?;
+        // Already restricted to the optimized parameters (and synced).
+        self.optimizer.step_gradients(&grads)?;
         let out = StepOutput::new(loss, tasks);
         Ok(match acc {
             Some(a) => out.with_metric("query_acc", a),

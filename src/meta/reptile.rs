@@ -146,7 +146,11 @@ where
             .into_iter()
             .map(|(_, v)| v)
             .collect();
-        crate::distributed::broadcast_vars(comm.as_ref(), &vars)?;
+        crate::distributed::broadcast_vars(
+            comm.as_ref(),
+            &vars,
+            crate::distributed::TRAINER_BUCKET_BYTES,
+        )?;
         self.comm = Some(comm);
         Ok(self)
     }
