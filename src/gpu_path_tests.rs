@@ -401,3 +401,63 @@ fn bad_targets_off_the_cpu_poison_the_loss_and_the_classifier_names_them() {
     let e = clf.train_step(&b, 1).unwrap_err().to_string();
     assert!(e.contains("target 7 at row 3"), "{e}");
 }
+
+/// Losses, query accuracies and host reads of three first-order MAML
+/// steps on 3-way tasks (one after the other or batched), and the
+/// parameters after them.
+fn maml_run(batch_tasks: bool) -> (Vec<(f64, f64)>, Vec<Vec<f32>>, Vec<u64>) {
+    use crate::meta::{Maml, MamlConfig, Task, TaskBatch};
+    use crate::nn::{Mlp, MlpConfig, Model};
+    use crate::optim::{Adam, AdamConfig};
+    use crate::train::TrainStep;
+    let build = |vb: candle_nn::VarBuilder<'static>| Mlp::new(MlpConfig::new([5, 8, 3]), vb);
+    let vm = candle_nn::VarMap::new();
+    let vb = crate::nn::init::seeded_var_builder(&vm, 13, DType::F32, &Device::Cpu);
+    let model = Model::new(build(vb).unwrap(), vm.clone());
+    let opt = Adam::from_varmap(&vm, AdamConfig::default().with_lr(0.01)).unwrap();
+    let cfg = MamlConfig::default()
+        .with_inner_lr(0.3)
+        .with_inner_steps(2)
+        .with_first_order(true)
+        .with_batch_tasks(batch_tasks);
+    let mut maml = Maml::new(model, build, opt, cfg).unwrap();
+    let task = |seed: u64| {
+        let y = Tensor::new(&[0u32, 1, 2, 0, 1, 2], &Device::Cpu).unwrap();
+        Task::new(randn(&[6, 5], seed), y.clone(), randn(&[6, 5], seed + 1), y).unwrap()
+    };
+    let (mut out, mut reads) = (Vec::new(), Vec::new());
+    for step in 1..=3u64 {
+        let batch =
+            TaskBatch::new((0..4).map(|t| task(900 + 10 * step + 2 * t)).collect()).unwrap();
+        let before = crate::host::read_count();
+        let o = maml.train_step(&batch, step).unwrap();
+        reads.push(crate::host::read_count() - before);
+        out.push((o.loss, o.metrics["query_acc"]));
+    }
+    let params = crate::nn::params::named_vars(&vm)
+        .unwrap()
+        .iter()
+        .map(|(_, v)| flat(v.as_tensor()))
+        .collect();
+    (out, params, reads)
+}
+
+#[test]
+fn maml_step_off_the_cpu_reads_once_and_trains_like_the_cpu() {
+    for batch_tasks in [false, true] {
+        let (cpu_out, cpu_params, _) = maml_run(batch_tasks);
+        let _e = Emulate::start();
+        let (out, params, reads) = maml_run(batch_tasks);
+        // The query losses, the correct rows and the meta-gradient's norm
+        // (the guard's) in one transfer.
+        assert_eq!(reads, vec![1, 1, 1], "batch_tasks {batch_tasks}");
+        for ((l, a), (cl, ca)) in out.iter().zip(&cpu_out) {
+            assert!((l - cl).abs() < 1e-5 * (1.0 + cl.abs()), "loss {l} vs {cl}");
+            assert_eq!(a, ca);
+            assert!((0.0..=1.0).contains(a));
+        }
+        for (i, (a, b)) in params.iter().zip(&cpu_params).enumerate() {
+            assert_close(&format!("parameter {i}"), a, b, 1e-5);
+        }
+    }
+}

@@ -7,10 +7,12 @@ use candle_core::{DType, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::autograd::{second_order_enabled, GradAccumulator, Gradients, SECOND_ORDER_ENV_VAR};
+use crate::host::{reduce_and_read, Reduce};
 use crate::meta::learner::AdaptRule;
 use crate::meta::task::stack_tasks;
 use crate::meta::{Evaluation, Learner, Task, TaskBatch, TaskLoss};
 use crate::nn::{Model, ParamMap, StepScope};
+use crate::optim::clip::global_norm;
 use crate::optim::Optimizer;
 use crate::train::{
     BufferSnapshot, Checkpoint, GuardAction, NonFiniteGuard, NonFinitePolicy, StepOutput,
@@ -236,16 +238,18 @@ where
         batch: &TaskBatch,
         step: u64,
     ) -> Result<(GuardAction, Gradients, f64, Option<f64>)> {
-        let (grads, loss, acc) = self.meta_batch_gradient(batch)?;
+        let (grads, stats) = self.meta_batch_gradient(batch)?;
         let mut grads = self.optimized_only(&grads);
         self.optimizer.sync_named_gradients(&mut grads)?;
+        let (loss, acc) = stats.read_with(&grads)?;
         Ok((self.check(loss, &grads, step)?, grads, loss, acc))
     }
 
     /// The meta-gradient of a meta-batch (the mean over its tasks of the
-    /// gradient of the post-adaptation query loss), the mean query loss
-    /// and, for classification, the mean query accuracy.
-    fn meta_batch_gradient(&self, batch: &TaskBatch) -> Result<(Gradients, f64, Option<f64>)> {
+    /// gradient of the post-adaptation query loss) and what the step
+    /// reports (query losses and correct rows, still on the device: they
+    /// are read with the meta-gradient's norm, in one transfer).
+    fn meta_batch_gradient(&self, batch: &TaskBatch) -> Result<(Gradients, BatchStats)> {
         let steps = self.settings.inner_steps;
         let loss_fn = self.settings.loss;
         if self.settings.batch_tasks {
@@ -254,24 +258,21 @@ where
             self.adapt_on(&mut learner, &task, steps)?;
             let pred = learner.forward(&task.query)?;
             let q = loss_fn.loss(&pred, &task.query_targets)?;
-            let acc = accuracy(loss_fn, &pred, &task.query_targets)?;
-            let value = scalar(&q)?;
-            return Ok((self.meta_gradients(&q)?, value, acc));
+            let mut stats = BatchStats::default();
+            stats.add(loss_fn, &q, &pred, &task.query_targets)?;
+            return Ok((self.meta_gradients(&q)?, stats));
         }
         let mut grads = GradAccumulator::new();
-        let (mut loss_sum, mut acc_sum) = (0.0, 0.0);
+        let mut stats = BatchStats::default();
         for task in &batch.tasks {
             let mut learner = self.clone_for(None)?;
             self.adapt_on(&mut learner, task, steps)?;
             let pred = learner.forward(&task.query)?;
             let q = loss_fn.loss(&pred, &task.query_targets)?;
-            acc_sum += accuracy(loss_fn, &pred, &task.query_targets)?.unwrap_or(0.0);
-            loss_sum += scalar(&q)?;
+            stats.add(loss_fn, &q, &pred, &task.query_targets)?;
             grads.add(&self.meta_gradients(&q)?)?;
         }
-        let n = batch.len() as f64;
-        let acc = (loss_fn == TaskLoss::CrossEntropy).then_some(acc_sum / n);
-        Ok((grads.take_mean()?, loss_sum / n, acc))
+        Ok((grads.take_mean()?, stats))
     }
 
     /// One meta-training step on `batch`.
@@ -306,8 +307,8 @@ where
         if self.guard.check_value("query loss", loss, step)? == GuardAction::Skip {
             return Ok(GuardAction::Skip);
         }
-        let sq = sum_of_squares(grads.iter().map(|(_, g)| g))?;
-        self.guard.check_value("meta-gradient norm²", sq, step)
+        let norm = global_norm(grads.iter().map(|(_, g)| g), 2.0)?;
+        self.guard.check_value("meta-gradient norm", norm, step)
     }
 
     /// Query losses (and accuracies) of `tasks` after each count in
@@ -389,29 +390,69 @@ pub(crate) fn load_model_and_optimizer(
 
 /// A one-element tensor's value, read through the host gateway.
 pub(crate) fn scalar(t: &Tensor) -> Result<f64> {
-    Ok(crate::host::reduce_and_read(&[(t, crate::host::Reduce::Value)])?[0])
+    Ok(reduce_and_read(&[(t, Reduce::Value)])?[0])
 }
 
-/// `Σ ‖g‖²` over `grads`, in one host read.
-pub(crate) fn sum_of_squares<'a>(grads: impl IntoIterator<Item = &'a Tensor>) -> Result<f64> {
-    let items: Vec<(&Tensor, crate::host::Reduce)> = grads
-        .into_iter()
-        .map(|g| (g, crate::host::Reduce::SumSq))
-        .collect();
-    Ok(crate::host::reduce_and_read(&items)?.iter().sum())
+/// What a meta-step reports, still on the device: the detached query loss
+/// of each task (or of the stacked tasks) and, for classification, the
+/// number of correct query predictions with the number of query rows.
+#[derive(Default)]
+struct BatchStats {
+    losses: Vec<Tensor>,
+    hits: Vec<(Tensor, usize)>,
 }
 
-/// The fraction of correct predictions, for classification.
-fn accuracy(loss: TaskLoss, pred: &Tensor, targets: &Tensor) -> Result<Option<f64>> {
-    if loss != TaskLoss::CrossEntropy {
-        return Ok(None);
+impl BatchStats {
+    /// Records one query prediction: its loss and, for classification,
+    /// its correct rows.
+    fn add(
+        &mut self,
+        loss_fn: TaskLoss,
+        q: &Tensor,
+        pred: &Tensor,
+        targets: &Tensor,
+    ) -> Result<()> {
+        self.losses.push(q.detach());
+        if loss_fn == TaskLoss::CrossEntropy {
+            let c = pred.dims().last().copied().unwrap_or(0);
+            self.hits
+                .push(correct_rows(&pred.detach().reshape(((), c))?, targets)?);
+        }
+        Ok(())
     }
-    let c = pred.dims().last().copied().unwrap_or(0);
-    fraction_correct(&pred.detach().reshape(((), c))?, targets).map(Some)
+
+    /// Reads the statistics and the squared norms of `grads` in one host
+    /// transfer (the guard's norm is then served from memory); returns the
+    /// mean loss and the mean accuracy (each entry's fraction, averaged).
+    fn read_with(&self, grads: &Gradients) -> Result<(f64, Option<f64>)> {
+        let mut items: Vec<(&Tensor, Reduce)> =
+            self.losses.iter().map(|l| (l, Reduce::Value)).collect();
+        items.extend(self.hits.iter().map(|(h, _)| (h, Reduce::Value)));
+        items.extend(grads.iter().map(|(_, g)| (g, Reduce::SumSq)));
+        let v = reduce_and_read(&items)?;
+        let n = self.losses.len();
+        let loss = v[..n].iter().sum::<f64>() / n.max(1) as f64;
+        let acc = (!self.hits.is_empty()).then(|| {
+            let fractions = self
+                .hits
+                .iter()
+                .zip(&v[n..])
+                .map(|((_, rows), h)| h / (*rows).max(1) as f64);
+            fractions.sum::<f64>() / self.hits.len() as f64
+        });
+        Ok((loss, acc))
+    }
 }
 
 /// The fraction of rows of `logits` `(n, C)` whose argmax is the label.
 pub(crate) fn fraction_correct(logits: &Tensor, labels: &Tensor) -> Result<f64> {
+    let (hits, n) = correct_rows(logits, labels)?;
+    Ok(scalar(&hits)? / n.max(1) as f64)
+}
+
+/// The number of rows of `logits` `(n, C)` whose argmax is the label (a
+/// one-element f32 tensor, exact up to 2²⁴ rows), and `n`.
+fn correct_rows(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
     let labels = labels.flatten_all()?.to_dtype(DType::U32)?;
     let n = labels.dim(0)?;
     if logits.dims().first() != Some(&n) {
@@ -422,7 +463,7 @@ pub(crate) fn fraction_correct(logits: &Tensor, labels: &Tensor) -> Result<f64> 
         ));
     }
     let hits = logits.argmax(1)?.to_dtype(DType::U32)?.eq(&labels)?;
-    Ok(scalar(&hits.to_dtype(DType::F32)?.sum_all()?)? / n.max(1) as f64)
+    Ok((hits.to_dtype(DType::F32)?.sum_all()?, n))
 }
 
 /// Implements the shared API and [`crate::train::TrainStep`] for a public

@@ -8,10 +8,10 @@ use candle_nn::{VarBuilder, VarMap};
 
 use crate::config::config;
 use crate::distributed::Communicator;
-use crate::meta::gradient::sum_of_squares;
 use crate::meta::{Evaluation, Task, TaskBatch, TaskLoss};
 use crate::nn::params::{deep_copy, dtype_device, named_vars};
 use crate::nn::{Model, StepScope};
+use crate::optim::clip::global_norm;
 use crate::optim::{Adam, AdamConfig, Optimizer, Sgd, SgdConfig};
 use crate::train::{
     Checkpoint, GuardAction, NonFiniteGuard, NonFinitePolicy, StepOutput, TrainStep,
@@ -299,12 +299,15 @@ where
         let (sum, loss_sum, acc_sum, n) =
             self.across_ranks(sum, loss_sum, acc_sum, batch.len() as f64)?;
         let loss = loss_sum / n;
-        let sq = sum_of_squares(sum.values())?;
+        let norm = global_norm(sum.values(), 2.0)?;
         let ok = self
             .guard
             .check_value("query loss after adaptation", loss, step)?
             == GuardAction::Proceed
-            && self.guard.check_value("adapted weights' norm²", sq, step)? == GuardAction::Proceed;
+            && self
+                .guard
+                .check_value("adapted weights' norm", norm, step)?
+                == GuardAction::Proceed;
         if !ok {
             return Ok(StepOutput::new(loss, batch.len()).skipped(true));
         }
