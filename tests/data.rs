@@ -22,11 +22,34 @@ use rand::Rng;
 
 // ------------------------------------------------------------------ helpers
 
-fn tmpdir(name: &str) -> PathBuf {
+/// A fresh directory under the system's temporary directory, removed
+/// (with its contents) when dropped.
+struct TmpDir(PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TmpDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tmpdir(name: &str) -> TmpDir {
     let d = std::env::temp_dir().join(format!("aimass-data-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
 }
 
 fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
