@@ -402,10 +402,19 @@ fn bad_targets_off_the_cpu_poison_the_loss_and_the_classifier_names_them() {
     assert!(e.contains("target 7 at row 3"), "{e}");
 }
 
-/// Losses, query accuracies and host reads of three first-order MAML
-/// steps on 3-way tasks (one after the other or batched), and the
-/// parameters after them.
-fn maml_run(batch_tasks: bool) -> (Vec<(f64, f64)>, Vec<Vec<f32>>, Vec<u64>) {
+/// What three first-order MAML steps on 3-way tasks left behind.
+struct MamlRun {
+    /// (query loss, query accuracy) of each step.
+    out: Vec<(f64, f64)>,
+    /// The parameters after the last step, flattened.
+    params: Vec<Vec<f32>>,
+    /// Host reads of each step.
+    reads: Vec<u64>,
+}
+
+/// Three first-order MAML steps on 3-way tasks (one after the other or
+/// batched).
+fn maml_run(batch_tasks: bool) -> MamlRun {
     use crate::meta::{Maml, MamlConfig, Task, TaskBatch};
     use crate::nn::{Mlp, MlpConfig, Model};
     use crate::optim::{Adam, AdamConfig};
@@ -439,15 +448,19 @@ fn maml_run(batch_tasks: bool) -> (Vec<(f64, f64)>, Vec<Vec<f32>>, Vec<u64>) {
         .iter()
         .map(|(_, v)| flat(v.as_tensor()))
         .collect();
-    (out, params, reads)
+    MamlRun { out, params, reads }
 }
 
 #[test]
 fn maml_step_off_the_cpu_reads_once_and_trains_like_the_cpu() {
     for batch_tasks in [false, true] {
-        let (cpu_out, cpu_params, _) = maml_run(batch_tasks);
+        let MamlRun {
+            out: cpu_out,
+            params: cpu_params,
+            ..
+        } = maml_run(batch_tasks);
         let _e = Emulate::start();
-        let (out, params, reads) = maml_run(batch_tasks);
+        let MamlRun { out, params, reads } = maml_run(batch_tasks);
         // The query losses, the correct rows and the meta-gradient's norm
         // (the guard's) in one transfer.
         assert_eq!(reads, vec![1, 1, 1], "batch_tasks {batch_tasks}");
