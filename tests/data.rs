@@ -718,6 +718,45 @@ fn pipelines_keep_shapes_and_ranges_for_one_and_three_channels() {
 }
 
 #[test]
+fn fashion_mnist_simclr_view_jitters_brightness_at_simclr_strength() {
+    // A flat grey image stays flat under crop and flip, so the centre pixel
+    // of each view is 0.5 times its brightness factor (contrast around the
+    // mean leaves a flat image alone): U(0.6, 1.4) for the reference view,
+    // U(0.2, 1.8) for the SimCLR example's, each applied with p 0.8.
+    let grey = Image::new(vec![0.5; 28 * 28], 1, 28, 28).unwrap();
+    let batch = ImageBatch::from_images(vec![grey; 400]).unwrap();
+    let centres = |pipe: Compose| -> Vec<f32> {
+        let out = batch.augment(&pipe, 5, None).unwrap();
+        (0..400)
+            .map(|i| {
+                out.image_data(i).unwrap()[14 * 28 + 14] * FASHION_MNIST_STD + FASHION_MNIST_MEAN
+            })
+            .collect()
+    };
+    let range = |v: &[f32]| {
+        let lo = v.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        (lo, hi)
+    };
+    let unchanged = |v: &[f32]| v.iter().filter(|&&x| (x - 0.5).abs() < 1e-5).count();
+    let reference = centres(presets::fashion_mnist_reference().unwrap());
+    let (lo, hi) = range(&reference);
+    assert!(lo >= 0.3 - 0.02 && hi <= 0.7 + 0.02, "reference {lo}..{hi}");
+    assert!(lo < 0.35 && hi > 0.65, "reference {lo}..{hi}");
+    let simclr = centres(presets::fashion_mnist_simclr().unwrap());
+    let (lo, hi) = range(&simclr);
+    assert!(lo >= 0.1 - 0.02 && hi <= 0.9 + 0.02, "simclr {lo}..{hi}");
+    assert!(lo < 0.2 && hi > 0.8, "simclr {lo}..{hi}");
+    // p 0.8: about a fifth of the views keep their brightness.
+    for v in [&reference, &simclr] {
+        let n = unchanged(v);
+        assert!((40..=120).contains(&n), "{n} of 400 unchanged");
+    }
+    let views = presets::fashion_mnist_simclr_views().unwrap();
+    assert_eq!(views.apply(&batch, 0, None).unwrap().len(), 2);
+}
+
+#[test]
 fn augmentation_is_deterministic_thread_independent_and_per_sample() {
     let pipe = presets::simclr(&Default::default()).unwrap();
     let img = rand_image(1, 28, 28, 9);

@@ -174,9 +174,12 @@ fn run(args: Args, fixed: Option<Method>) -> Result<()> {
     let temperature = args.temperature.unwrap_or(def_t);
 
     // Pretraining sees images only: the loader's labels are never read.
-    let views = match args.recipe {
-        Recipe::Reference => presets::fashion_mnist_reference_views()?,
-        Recipe::Tuned => presets::fashion_mnist_reference_views()?,
+    // Our SimCLR recipe jitters brightness and contrast at SimCLR's
+    // strength (0.8, not the reference's 0.4).
+    let views = if args.recipe == Recipe::Tuned && method == Method::Simclr {
+        presets::fashion_mnist_simclr_views()?
+    } else {
+        presets::fashion_mnist_reference_views()?
     };
     let mut train = DataLoader::new(
         data.train.clone(),
